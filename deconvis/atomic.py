@@ -1,0 +1,93 @@
+"""Atomic file writes: write to a temporary file in the target's folder, then ``os.replace``.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one, never a
+half-written file, even when the process is killed mid-write. Parent folders are created.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()  # mkstemp makes 0600 files; give results the usual permissions
+
+
+@contextlib.contextmanager
+def atomic_path(path: "str | os.PathLike[str]") -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on normal exit move it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _MODE)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (flushed and fsync'ed before the rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(path: "str | os.PathLike[str]", text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: "str | os.PathLike[str]", obj: Any, indent: int = 1) -> None:
+    """Write ``obj`` as JSON (UTF-8, no NaN/Infinity) to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray) -> None:
+    """Write an RGB (``[H, W, 3]``) or grey (``[H, W]``) uint8 image as PNG atomically (OpenCV)."""
+    import cv2
+
+    img = np.ascontiguousarray(rgb)
+    if img.dtype != np.uint8:
+        raise TypeError(f"write_png needs uint8 pixels, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = img[:, :, ::-1]  # RGB -> BGR for OpenCV
+    elif img.ndim != 2:
+        raise ValueError(f"write_png needs [H, W, 3] or [H, W], got shape {tuple(rgb.shape)}")
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
+    if not ok:
+        raise OSError(f"OpenCV could not encode {path} as PNG")
+    write_bytes(path, buf.tobytes())
+
+
+def save_torch(obj: Any, path: "str | os.PathLike[str]") -> None:
+    """``torch.save(obj, path)`` atomically (keep ``obj`` to plain tensors/containers so it loads
+    with ``weights_only=True``)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())

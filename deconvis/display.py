@@ -1,0 +1,37 @@
+"""Turn reconstructions into pictures: the contrast stretch of ZF's figures.
+
+Reconstructions are signed and centred on zero. ``to_uint8`` maps each one to [0, 255] with zero
+at mid-grey (128): ``v -> 128 + 127 * v / max|v|``, per image (``shared=False``) or with one scale
+for the whole batch (``shared=True``), so grids can compare magnitudes. A zero image stays grey.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def to_uint8(rec: Tensor, shared: bool = False, percentile: Optional[float] = None) -> np.ndarray:
+    """Reconstructions [M, C, H, W] (C = 1 or 3) -> uint8 images [M, H, W, C] (RGB for C = 3).
+
+    Zero maps to 128. The scale is ``max|v|`` per image, or over the whole batch when ``shared``;
+    ``percentile`` (e.g. 99.5) uses that percentile of ``|v|`` instead of the maximum, clipping
+    the few brightest pixels.
+    """
+    if rec.dim() == 3:
+        rec = rec[None]
+    if rec.dim() != 4:
+        raise ValueError(f"reconstructions must be [M, C, H, W], got shape {list(rec.shape)}")
+    v = rec.detach().to(torch.float64).cpu()
+    mag = v.abs().flatten(1)
+    if percentile is None:
+        scale = mag.amax(1)
+    else:
+        scale = torch.quantile(mag, percentile / 100.0, dim=1)
+    if shared:
+        scale = scale.amax().expand_as(scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    out = 128.0 + 127.0 * (v / scale.view(-1, 1, 1, 1))
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -1,0 +1,286 @@
+"""Streaming top-k mining: for every channel of every chosen layer, the k strongest images.
+
+One image contributes at most one entry per channel: its strongest activation over spatial
+positions (ZF 2014, Fig. 2), with the position ``(y, x)`` of that maximum in the layer's map.
+The state is O(layers x channels x k) whatever the size of the image set, lives on the
+activations' device, and is updated with tensor ops only (no per-element Python, no host sync per
+batch).
+
+Ordering (ties break deterministically, so the same inputs and config give the same winners):
+
+1. larger activation first;
+2. on equal activations, the smaller global image index first;
+3. within one image, the first position of the maximum in row-major order (smallest ``y``, then
+   smallest ``x``) -- the index ``torch.max(dim)`` returns for ties.
+
+NaN activations never win: an image whose map holds a NaN in a channel is ranked as ``-inf``
+there. Activations are compared in float64 (float32 on MPS), which is exact for float16/32 input.
+
+:meth:`TopK.merge` of states built from disjoint image sets gives exactly the winners of one pass
+over their union (the ordering above is a total order on (value, image)), so shards can be mined
+independently (e.g. per torch.distributed rank) and merged. :meth:`TopK.state_dict` holds only
+plain tensors, ints and lists: ``torch.load(..., weights_only=True)`` reads it back.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from deconvis.errors import DeconvisError
+
+#: image index of an empty slot (sorts after every real image on equal value -inf)
+EMPTY = torch.iinfo(torch.int64).max
+
+ActivationFn = Callable[[Tensor], Mapping[str, Tensor]]
+
+_FIELDS = ("values", "images", "ys", "xs")
+
+
+def _value_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _select(values: Tensor, images: Tensor, ys: Tensor, xs: Tensor, k: int) -> Tuple[Tensor, ...]:
+    """Keep, per row, the ``k`` best of the candidates ``[C, n]`` by (value desc, image asc).
+
+    Two stable sorts implement the lexicographic order; the row-major position tie-break inside
+    one image happened earlier (one candidate per image and row).
+    """
+    by_image = torch.argsort(images, dim=1, stable=True)
+    v = values.gather(1, by_image)
+    by_value = torch.argsort(v, dim=1, descending=True, stable=True)
+    order = by_image.gather(1, by_value)[:, :k]
+    return tuple(t.gather(1, order) for t in (values, images, ys, xs))
+
+
+def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per image and channel, the maximum over positions and where it is.
+
+    ``act`` is ``[N, C, h, w]`` (or ``[N, C]``, read as ``h = w = 1``). Returns ``values [N, C]``
+    (NaN -> -inf), ``ys [N, C]``, ``xs [N, C]`` (int64, first maximum in row-major order).
+    """
+    if act.dim() == 2:
+        act = act[:, :, None, None]
+    if act.dim() != 4:
+        raise DeconvisError(f"mining needs activations [N, C, h, w] or [N, C], got shape {tuple(act.shape)}")
+    n, c, h, w = act.shape
+    if h * w == 0:
+        raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
+    vals, idx = act.reshape(n, c, h * w).max(dim=2)  # ties: index of the first maximal value
+    vals = vals.to(_value_dtype(act.device))
+    vals = torch.where(torch.isnan(vals), torch.full_like(vals, float("-inf")), vals)
+    return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
+
+
+class TopK:
+    """The running k strongest (one per image) activations of every channel of ``layers``.
+
+    Per layer, four ``[C, k]`` tensors on ``device``: ``values`` (float64), ``images`` (global
+    image index, int64; :data:`EMPTY` for unfilled slots), ``ys``, ``xs`` (position in the layer's
+    map). Row ``c`` is sorted best first. ``C`` is fixed by the first update of the layer.
+    ``seen`` counts the dataset items consumed (including unreadable ones listed in ``skipped``);
+    a resumed run continues at item ``seen``.
+    """
+
+    def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu"):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DeconvisError(f"k must be a positive integer, got {k!r}")
+        if not layers:
+            raise DeconvisError("mining needs at least one layer")
+        self.layers: List[str] = list(layers)
+        self.k = k
+        self.device = torch.device(device)
+        self.state: Dict[str, Dict[str, Tensor]] = {}
+        self.seen = 0
+        self.skipped: List[int] = []
+
+    # -- updates -------------------------------------------------------------------------------
+    def _empty(self, channels: int, dtype: torch.dtype) -> Dict[str, Tensor]:
+        dev = self.device
+        return {
+            "values": torch.full((channels, self.k), float("-inf"), dtype=dtype, device=dev),
+            "images": torch.full((channels, self.k), EMPTY, dtype=torch.int64, device=dev),
+            "ys": torch.zeros((channels, self.k), dtype=torch.int64, device=dev),
+            "xs": torch.zeros((channels, self.k), dtype=torch.int64, device=dev),
+        }
+
+    @torch.inference_mode()
+    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor) -> None:
+        """Fold one batch of ``layer``'s activations ``[N, C, h, w]`` for images ``image_ids [N]``
+        (global dataset indices) into the state."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} is not mined by this TopK ({self.layers})")
+        if act.shape[0] != image_ids.shape[0]:
+            raise ValueError(f"{act.shape[0]} activations for {image_ids.shape[0]} image ids")
+        if act.device != self.device:
+            act = act.to(self.device)
+        vals, ys, xs = channel_maxima(act)
+        ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        st = self.state.get(layer)
+        if st is None:
+            st = self._empty(vals.shape[1], vals.dtype)
+        elif st["values"].shape[0] != vals.shape[1]:
+            raise ValueError(f"layer {layer!r} had {st['values'].shape[0]} channels, now {vals.shape[1]}")
+        cand = (vals.T, ids[None, :].expand(vals.shape[1], -1), ys.T, xs.T)
+        merged = [torch.cat((st[f], c.to(st[f].dtype)), dim=1) for f, c in zip(_FIELDS, cand)]
+        self.state[layer] = dict(zip(_FIELDS, _select(*merged, self.k)))
+
+    def update(self, acts: Mapping[str, Tensor], image_ids: Tensor) -> None:
+        """Fold one batch (``{layer: [N, C, h, w]}``) into every mined layer."""
+        for layer in self.layers:
+            if layer not in acts:
+                raise KeyError(f"activations lack layer {layer!r} (got {sorted(acts)})")
+            self.update_layer(layer, acts[layer], image_ids)
+
+    @torch.inference_mode()
+    def merge(self, other: "TopK") -> "TopK":
+        """Fold ``other`` (mined over a disjoint set of images) into this state, in place.
+
+        The result equals one pass over the union of both image sets. Returns ``self``.
+        """
+        if other.k != self.k or other.layers != self.layers:
+            raise ValueError(f"cannot merge TopK(k={other.k}, layers={other.layers}) into "
+                             f"TopK(k={self.k}, layers={self.layers})")
+        for layer in self.layers:
+            theirs = other.state.get(layer)
+            if theirs is None:
+                continue
+            theirs = {f: t.to(self.device) for f, t in theirs.items()}
+            mine = self.state.get(layer)
+            if mine is None:
+                self.state[layer] = theirs
+                continue
+            if mine["values"].shape[0] != theirs["values"].shape[0]:
+                raise ValueError(f"layer {layer!r}: {mine['values'].shape[0]} vs {theirs['values'].shape[0]} channels")
+            dtype = torch.promote_types(mine["values"].dtype, theirs["values"].dtype)
+            merged = [torch.cat((mine[f].to(dtype) if f == "values" else mine[f],
+                                 theirs[f].to(dtype) if f == "values" else theirs[f]), dim=1) for f in _FIELDS]
+            self.state[layer] = dict(zip(_FIELDS, _select(*merged, self.k)))
+        self.seen += other.seen
+        self.skipped = sorted(set(self.skipped) | set(other.skipped))
+        return self
+
+    # -- read out ------------------------------------------------------------------------------
+    def winners(self, layer: str) -> Dict[str, Tensor]:
+        """``layer``'s state on the CPU: ``values, images, ys, xs`` ``[C, k]`` plus ``valid``
+        (bool ``[C, k]``, False for empty slots when fewer than k images were seen)."""
+        st = self.state.get(layer)
+        if st is None:
+            raise KeyError(f"layer {layer!r} has not been mined yet")
+        out = {f: st[f].detach().cpu().clone() for f in _FIELDS}
+        out["valid"] = out["images"] != EMPTY
+        return out
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        """Plain CPU tensors, ints and lists (loads with ``weights_only=True``)."""
+        return {
+            "k": self.k,
+            "layers": list(self.layers),
+            "seen": int(self.seen),
+            "skipped": torch.tensor(self.skipped, dtype=torch.int64),
+            "state": {layer: {f: t.detach().cpu().clone() for f, t in st.items()}
+                      for layer, st in self.state.items()},
+        }
+
+    def load_state_dict(self, d: Mapping[str, object]) -> "TopK":
+        """Restore a :meth:`state_dict` (same k and layers) onto this object's device."""
+        if int(d["k"]) != self.k or list(d["layers"]) != self.layers:  # type: ignore[arg-type]
+            raise ValueError(f"state for k={d['k']}, layers={d['layers']} does not fit "
+                             f"k={self.k}, layers={self.layers}")
+        self.seen = int(d["seen"])  # type: ignore[arg-type]
+        self.skipped = [int(i) for i in d["skipped"].tolist()]  # type: ignore[union-attr]
+        self.state = {layer: {f: st[f].to(self.device) for f in _FIELDS}
+                      for layer, st in d["state"].items()}  # type: ignore[union-attr]
+        return self
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, object], device: "str | torch.device" = "cpu") -> "TopK":
+        return cls(list(d["layers"]), int(d["k"]), device).load_state_dict(d)  # type: ignore[arg-type]
+
+
+def mine(
+    activations: ActivationFn,
+    batches: Iterable[Tuple[Tensor, Tensor]],
+    topk: TopK,
+    *,
+    channels: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Optional[Callable[[TopK], None]] = None,
+    total: Optional[int] = None,
+    progress: bool = True,
+    desc: str = "mining",
+) -> TopK:
+    """Stream ``batches`` once through ``activations`` and fold them into ``topk``.
+
+    ``batches`` yields ``(images [B, 3, H, W], ids [B])`` with global dataset indices; a negative
+    id ``-1 - i`` marks item ``i`` as unreadable (skipped, recorded in ``topk.skipped``).
+    ``activations(images)`` returns ``{layer: [B, C, h, w]}`` for (at least) ``topk.layers`` --
+    e.g. ``lambda x: dn.activations(x, layers)``. ``channels`` keeps only the first N channels of
+    every layer. Images move to ``topk.device`` (and ``dtype`` if given). ``on_checkpoint(topk)``
+    runs every ``checkpoint_every`` batches (and not at the end: the caller saves the final
+    state). ``total`` (dataset size) sizes the progress bar, which starts at ``topk.seen``.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=topk.seen, unit="img", desc=desc, disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    n_batches = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        stack.callback(bar.close)
+        for images, ids in batches:
+            ids = torch.as_tensor(ids, dtype=torch.int64)
+            n_items = int(ids.shape[0])
+            ids_cpu = ids.cpu()
+            bad = ids_cpu < 0
+            if bool(bad.any()):  # ids come from the loader on the host: no device sync
+                topk.skipped.extend((-1 - ids_cpu[bad]).tolist())
+                keep = ~bad
+                images, ids = images[keep], ids_cpu[keep]
+            if ids.shape[0]:
+                images = images.to(topk.device, non_blocking=True)
+                if dtype is not None:
+                    images = images.to(dtype)
+                acts = activations(images)
+                if channels is not None:
+                    acts = {name: a[:, :channels] for name, a in acts.items()}
+                topk.update(acts, ids)
+            topk.seen += n_items
+            bar.update(n_items)
+            n_batches += 1
+            if checkpoint_every and on_checkpoint is not None and n_batches % checkpoint_every == 0:
+                on_checkpoint(topk)
+    return topk
+
+
+def hooked_activations(model: nn.Module, layers: Sequence[str]) -> ActivationFn:
+    """An ``images -> {layer: output}`` callable for any ``nn.Module`` via forward hooks on the
+    named submodules (``model.named_modules()`` names). Runs the whole model; DeconvNet's
+    ``activations`` is faster for chain nets (it stops at the deepest layer)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        from deconvis.errors import close_matches
+
+        raise DeconvisError(f"model has no module {missing[0]!r}" + close_matches(missing[0], modules))
+
+    def run(images: Tensor) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        handles = []
+        for name in layers:
+            def hook(_m, _inp, output, name=name):
+                out[name] = output.clone() if name not in out else out[name]
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            model(images)
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    return run

@@ -1,0 +1,324 @@
+"""Projection of the winners, their patches, and ZF Fig. 2 style grid sheets.
+
+For every winning unit (layer, channel, image, y, x) the image is forwarded again (batched) and
+the unit projected down to pixel space with ``DeconvNet.project_window``, which returns the
+reconstruction on the unit's receptive-field box only and that box (half-open, unclipped, in
+displayed-image pixels). Two tiles are cut on that same box:
+
+* ``rec``: the reconstruction (zero outside the image), as uint8 via
+  :func:`deconvis.display.to_uint8` (per-tile contrast stretch around zero: zero shows grey);
+* ``img``: the displayed (preprocessed, un-normalised) image, neutral grey outside the image.
+
+Tiles are saved as PNGs (``tiles/<layer>/c<channel>_<rank>_{rec,img}.png``, channel 4 digits,
+rank 0 = strongest) and the sheets are composed from those files, so ``--render-only`` needs
+neither the model nor the images. A sheet holds ``per_sheet`` channels; each channel is a block
+of k reconstructions (left) beside its k patches (right), labelled with the channel and each
+tile's activation.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from deconvis.atomic import write_png
+from deconvis.data import GREY, ImageDataset, normalize
+
+Box = Tuple[int, int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry helpers (pure)
+
+def clip_box(box: Sequence[int], h: int, w: int) -> Tuple[Box, Tuple[int, int, int, int]]:
+    """Clip a half-open box ``(y0, y1, x0, x1)`` to an ``h x w`` image.
+
+    Returns ``(clipped box, pad)`` with ``pad = (top, bottom, left, right)`` pixels of the box
+    that lie outside the image. A box fully outside gives an empty clipped box.
+    """
+    y0, y1, x0, x1 = (int(v) for v in box)
+    cy0, cy1 = min(max(y0, 0), h), max(min(y1, h), 0)
+    cx0, cx1 = min(max(x0, 0), w), max(min(x1, w), 0)
+    cy1, cx1 = max(cy1, cy0), max(cx1, cx0)
+    pad = (cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1)
+    return (cy0, cy1, cx0, cx1), pad
+
+
+def crop_padded(img: np.ndarray, box: Sequence[int], fill: int = GREY) -> np.ndarray:
+    """The ``(y1-y0) x (x1-x0)`` crop of ``img`` ``[H, W, C]`` at a half-open box that may run
+    past the image; the outside is ``fill``."""
+    y0, y1, x0, x1 = (int(v) for v in box)
+    h, w = img.shape[:2]
+    out = np.full((y1 - y0, x1 - x0) + img.shape[2:], fill, dtype=img.dtype)
+    (cy0, cy1, cx0, cx1), _ = clip_box(box, h, w)
+    if cy1 > cy0 and cx1 > cx0:
+        out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = img[cy0:cy1, cx0:cx1]
+    return out
+
+
+def safe_name(label: str) -> str:
+    """A file-name-safe version of a layer label (``features.1`` stays, ``a/b#2`` -> ``a_b_2``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+def tile_paths(label: str, channel: int, rank: int) -> Dict[str, str]:
+    """Relative paths (to the run folder) of a unit's two tiles."""
+    base = f"tiles/{safe_name(label)}/c{channel:04d}_{rank}"
+    return {"rec": f"{base}_rec.png", "img": f"{base}_img.png"}
+
+
+# ---------------------------------------------------------------------------------------------
+# projection of the winners
+
+@dataclass(frozen=True)
+class TileJob:
+    """One winner to project: unit (channel, y, x) of ``layer`` in global image ``image``."""
+
+    layer: str
+    channel: int
+    rank: int
+    image: int
+    y: int
+    x: int
+
+
+TileSink = Callable[[TileJob, np.ndarray, np.ndarray, Box], None]
+
+
+def project_jobs(
+    dn,
+    dataset: ImageDataset,
+    jobs: Sequence[TileJob],
+    *,
+    rule: str = "deconvnet",
+    batch_size: int = 16,
+    project_batch: int = 64,
+    device: "str | torch.device" = "cpu",
+    dtype: torch.dtype = torch.float32,
+    sink: TileSink,
+    progress: bool = True,
+) -> int:
+    """Project every job and hand ``(job, rec uint8 [rh, rw, 3], img uint8 [rh, rw, 3], box)`` to
+    ``sink``. Images are forwarded once per batch of ``batch_size`` distinct images (all layers
+    project from the same forward); units go to ``dn.project_window`` in chunks of
+    ``project_batch`` per layer. Returns the number of jobs done."""
+    from tqdm.auto import tqdm
+
+    from deconvis.display import to_uint8
+
+    by_image: Dict[int, List[TileJob]] = {}
+    for j in jobs:
+        by_image.setdefault(j.image, []).append(j)
+    image_ids = sorted(by_image)
+    layer_order = {name: i for i, name in enumerate(getattr(dn, "layer_names", []))}
+    done = 0
+    bar = tqdm(total=len(jobs), unit="unit", desc="projecting", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(image_ids), batch_size):
+            ids = image_ids[start:start + batch_size]
+            shown = [dataset.display(i) for i in ids]
+            x = torch.stack([normalize(s, dataset.preprocess) for s in shown]).to(device=device, dtype=dtype)
+            dn.forward(x)
+            per_layer: Dict[str, List[Tuple[int, TileJob]]] = {}
+            for b, i in enumerate(ids):
+                for j in by_image[i]:
+                    per_layer.setdefault(j.layer, []).append((b, j))
+            for layer in sorted(per_layer, key=lambda n: layer_order.get(n, 0)):
+                items = per_layer[layer]
+                for c0 in range(0, len(items), project_batch):
+                    chunk = items[c0:c0 + project_batch]
+                    units = torch.tensor([[b, j.channel, j.y, j.x] for b, j in chunk], dtype=torch.long, device=device)
+                    rec, boxes = dn.project_window(layer, units, rule=rule)
+                    recs = to_uint8(rec.detach())
+                    boxes = boxes.detach().cpu().tolist()
+                    for (b, j), r, box in zip(chunk, recs, boxes):
+                        box_t: Box = tuple(int(v) for v in box)  # type: ignore[assignment]
+                        sink(j, np.ascontiguousarray(r), crop_padded(shown[b], box_t), box_t)
+                        done += 1
+                    bar.update(len(chunk))
+    finally:
+        bar.close()
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# sheets
+
+def read_rgb(path: str) -> Optional[np.ndarray]:
+    """A PNG tile as uint8 RGB, or None if missing/unreadable."""
+    import cv2
+
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    return None if img is None else img[:, :, ::-1]
+
+
+def tile_scale(rh: int, rw: int, min_tile: int, max_tile: int) -> Tuple[int, int, int]:
+    """Displayed tile size ``(th, tw)`` for an ``rh x rw`` patch and the OpenCV interpolation:
+    integer nearest-neighbour upscaling until the long side reaches ``min_tile``, area
+    downscaling when it exceeds ``max_tile``."""
+    import cv2
+
+    side = max(rh, rw)
+    if side < min_tile:
+        f = math.ceil(min_tile / side)
+        return rh * f, rw * f, cv2.INTER_NEAREST
+    if side > max_tile:
+        s = max_tile / side
+        return max(1, round(rh * s)), max(1, round(rw * s)), cv2.INTER_AREA
+    return rh, rw, cv2.INTER_NEAREST
+
+
+_FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _text(img: np.ndarray, text: str, x: int, y: int, scale: float, color=(0, 0, 0), thick: int = 1) -> None:
+    import cv2
+
+    cv2.putText(img, text, (x, y), _FONT, scale, color, thick, cv2.LINE_AA)
+
+
+def _fit_text(text: str, width: int, scale: float) -> str:
+    import cv2
+
+    while text and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
+        text = text[:-1]
+    return text
+
+
+def fmt_act(v: float) -> str:
+    """Activation label: 3 significant digits."""
+    return f"{v:.3g}"
+
+
+@dataclass
+class SheetLayout:
+    k: int
+    th: int
+    tw: int
+    per_sheet: int
+    columns: int
+    gap: int = 2          # between tiles
+    mid: int = 10         # between the reconstruction and the patch grid
+    label_h: int = 13     # activation label under each tile
+    head_h: int = 18      # channel label above each block
+    margin: int = 12      # around and between blocks
+    title_h: int = 30
+
+    @property
+    def gcols(self) -> int:
+        return math.ceil(math.sqrt(self.k))
+
+    @property
+    def grows(self) -> int:
+        return math.ceil(self.k / self.gcols)
+
+    @property
+    def grid_w(self) -> int:
+        return self.gcols * (self.tw + self.gap) - self.gap
+
+    @property
+    def block_w(self) -> int:
+        return 2 * self.grid_w + self.mid
+
+    @property
+    def block_h(self) -> int:
+        return self.head_h + self.grows * (self.th + self.label_h + self.gap)
+
+    def sheet_size(self, n_channels: int) -> Tuple[int, int]:
+        cols = min(self.columns, max(1, n_channels))
+        rows = math.ceil(n_channels / cols)
+        width = max(cols * (self.block_w + self.margin) + self.margin, 420)
+        return self.title_h + rows * (self.block_h + self.margin) + self.margin, width
+
+
+def render_sheet(
+    channels: Sequence[Tuple[int, Sequence[Optional[Tuple[np.ndarray, np.ndarray, float]]]]],
+    layout: SheetLayout,
+    title: str,
+) -> np.ndarray:
+    """One sheet (uint8 RGB). ``channels``: per channel ``(index, [k x (rec, img, activation) or
+    None])`` with tiles of any size (resized to ``layout.th x layout.tw``)."""
+    import cv2
+
+    h, w = layout.sheet_size(len(channels))
+    sheet = np.full((h, w, 3), 250, dtype=np.uint8)
+    _text(sheet, _fit_text(title, w - 2 * layout.margin, 0.55), layout.margin, 21, 0.55, (20, 20, 20), 1)
+    cols = min(layout.columns, max(1, len(channels)))
+    for n, (ch, tiles) in enumerate(channels):
+        by = layout.title_h + (n // cols) * (layout.block_h + layout.margin)
+        bx = layout.margin + (n % cols) * (layout.block_w + layout.margin)
+        _text(sheet, f"ch {ch}", bx, by + 13, 0.45, (0, 0, 120), 1)
+        for r in range(layout.k):
+            gy, gx = divmod(r, layout.gcols)
+            y = by + layout.head_h + gy * (layout.th + layout.label_h + layout.gap)
+            for side in (0, 1):
+                x = bx + side * (layout.grid_w + layout.mid) + gx * (layout.tw + layout.gap)
+                item = tiles[r] if r < len(tiles) else None
+                if item is None:
+                    sheet[y:y + layout.th, x:x + layout.tw] = 215
+                    continue
+                tile = item[side]
+                if tile.shape[:2] != (layout.th, layout.tw):
+                    big = layout.th > tile.shape[0]
+                    tile = cv2.resize(tile, (layout.tw, layout.th),
+                                      interpolation=cv2.INTER_NEAREST if big else cv2.INTER_AREA)
+                sheet[y:y + layout.th, x:x + layout.tw] = tile
+                if side == 0 or layout.k == 1:
+                    label = _fit_text(fmt_act(item[2]), layout.tw, 0.35)
+                    _text(sheet, label, x + 1, y + layout.th + layout.label_h - 3, 0.35, (60, 60, 60), 1)
+    return sheet
+
+
+def sheet_name(label: str, page: int) -> str:
+    return f"layer_{safe_name(label)}_p{page:03d}.png"
+
+
+def render_layer(
+    layer,  # results.LayerResult
+    run_dir: str,
+    *,
+    k: int,
+    per_sheet: int = 16,
+    columns: int = 4,
+    min_tile: int = 64,
+    max_tile: int = 128,
+    n_images: Optional[int] = None,
+) -> List[str]:
+    """Compose ``layer``'s sheets from its saved tiles; write them atomically into ``run_dir``.
+
+    Returns the sheet paths relative to ``run_dir``. Units without tiles show as empty cells.
+    """
+    rf = layer.rf or [1, 1]
+    th, tw, _ = tile_scale(int(rf[0]), int(rf[1]), min_tile, max_tile)
+    layout = SheetLayout(k=k, th=th, tw=tw, per_sheet=per_sheet, columns=columns)
+    units = layer.units
+    pages = max(1, math.ceil(len(units) / per_sheet))
+    written: List[str] = []
+    for p in range(pages):
+        chunk = units[p * per_sheet:(p + 1) * per_sheet]
+        blocks = []
+        for u in chunk:
+            tiles: List[Optional[Tuple[np.ndarray, np.ndarray, float]]] = []
+            for wnr in u.winners:
+                rec = img = None
+                if wnr.tiles:
+                    rec = read_rgb(os.path.join(run_dir, wnr.tiles["rec"]))
+                    img = read_rgb(os.path.join(run_dir, wnr.tiles["img"]))
+                tiles.append((rec, img, wnr.activation) if rec is not None and img is not None else None)
+            blocks.append((u.channel, tiles))
+        lo = chunk[0].channel if chunk else 0
+        hi = chunk[-1].channel if chunk else 0
+        over = f" over {n_images} images" if n_images is not None else ""
+        name_part = layer.label if layer.label == layer.name else f"{layer.label} ({layer.name})"
+        title = (f"{name_part}  channels {lo}-{hi}  page {p + 1}/{pages}  top-{k}{over}  "
+                 f"RF {rf[0]}x{rf[1]}px   left: reconstructions, right: image patches")
+        sheet = render_sheet(blocks, layout, title)
+        rel = sheet_name(layer.label, p + 1)
+        write_png(os.path.join(run_dir, rel), sheet)
+        written.append(rel)
+    return written

@@ -1,0 +1,153 @@
+"""``results.json``: everything a top-k run found, in a documented, versioned schema.
+
+The file outlives the run: the report, ``--render-only`` and other tools read it. All paths in
+it are relative to the run folder (``outputs/<run>/``). Boxes are half-open input-pixel boxes
+``[y0, y1, x0, x1]`` in the *displayed* image (after resize + centre crop, see
+``preprocess``); ``box`` is the unit's full receptive field (may run past the image: that part
+is grey in the patch and zero in the reconstruction), ``box_clipped`` its part inside the image.
+
+Schema (version 1)::
+
+    {
+      "schema": "deconvis.results", "version": 1,
+      "created": "2025-01-01T12:00:00+00:00",
+      "status": "mined" | "projected" | "rendered",
+      "config": {...every VisualizeConfig key...},
+      "mining_hash": "...",       # identity of the winners (model, weights, layers, k, images, ...)
+      "projection_hash": "...",   # mining_hash + projection rule: identity of the tiles
+      "model": {"spec": "alexnet", "weights": "DEFAULT", "weights_id": "..."},
+      "preprocess": {"resize": 256, "crop": [224, 224], "mean": [...], "std": [...]},
+      "input_size": [224, 224],
+      "rule": "deconvnet",
+      "images": {"spec": "builtin:skimage-crops", "count": 252, "skipped": [{"id": 7, "path": "..."}],
+                 "items": {"17": {"name": "...", "path": "..."}, ...}},   # the images that won
+      "layers": [
+        {"name": "features.1", "label": "conv1", "channels": 64, "channels_total": 64,
+         "rf": [11, 11], "map_size": [55, 55], "sheets": ["layer_conv1_p001.png", ...],
+         "units": [
+           {"channel": 0, "winners": [
+              {"rank": 0, "image": 17, "source": "skimage:coffee", "activation": 12.5,
+               "y": 3, "x": 40, "box": [y0, y1, x0, x1], "box_clipped": [y0, y1, x0, x1],
+               "tiles": {"rec": "tiles/conv1/c0000_0_rec.png", "img": "tiles/conv1/c0000_0_img.png"}},
+              ...]},
+           ...]},
+        ...]
+    }
+
+``box``/``box_clipped``/``tiles`` are ``null`` until the unit has been projected.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from deconvis.atomic import write_json
+from deconvis.errors import DeconvisError
+
+SCHEMA = "deconvis.results"
+VERSION = 1
+FILENAME = "results.json"
+
+Box = List[int]
+
+
+@dataclass
+class Winner:
+    """One of a channel's k strongest images."""
+
+    rank: int                 # 0 = strongest
+    image: int                # global index in the image set
+    source: str               # image name (relative path, dataset item, skimage:photo)
+    activation: float         # the channel's maximum over positions in this image
+    y: int                    # position of that maximum in the layer's map
+    x: int
+    box: Optional[Box] = None          # unclipped RF box in the displayed image, half-open
+    box_clipped: Optional[Box] = None  # the part of ``box`` inside the image
+    tiles: Optional[Dict[str, str]] = None  # {"rec": path, "img": path}, relative to the run dir
+
+
+@dataclass
+class ChannelResult:
+    channel: int
+    winners: List[Winner] = field(default_factory=list)
+
+
+@dataclass
+class LayerResult:
+    name: str                 # module / step name in the model
+    label: str                # display name (alias like conv1, else the module name)
+    channels: int             # channels visualised (after --channels)
+    channels_total: int       # channels of the layer
+    map_size: List[int]       # [h, w] of the layer's map for the input size
+    rf: Optional[List[int]] = None  # [h, w] receptive-field size in pixels (set once projected)
+    sheets: List[str] = field(default_factory=list)
+    sheets_hash: str = ""     # identity of the rendered sheets (skip re-rendering when unchanged)
+    units: List[ChannelResult] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    config: Dict[str, Any]
+    mining_hash: str
+    projection_hash: str
+    model: Dict[str, Any]
+    preprocess: Dict[str, Any]
+    input_size: List[int]
+    rule: str
+    images: Dict[str, Any]
+    layers: List[LayerResult] = field(default_factory=list)
+    status: str = "mined"
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    schema: str = SCHEMA
+    version: int = VERSION
+
+    def layer(self, name_or_label: str) -> LayerResult:
+        for lr in self.layers:
+            if name_or_label in (lr.name, lr.label):
+                return lr
+        raise KeyError(name_or_label)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        order = ["schema", "version", "created", "status"]
+        return {**{k: d.pop(k) for k in order}, **d}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Results":
+        if d.get("schema") != SCHEMA:
+            raise DeconvisError(f"not a deconvis results file (schema {d.get('schema')!r})")
+        if d.get("version") != VERSION:
+            raise DeconvisError(f"results.json has schema version {d.get('version')!r}; this deconvis reads "
+                                f"version {VERSION}: re-run without --render-only (or with --fresh)")
+        try:
+            layers = [LayerResult(**{**lr, "units": [ChannelResult(channel=u["channel"],
+                                                                   winners=[Winner(**w) for w in u["winners"]])
+                                                     for u in lr["units"]]})
+                      for lr in d["layers"]]
+            rest = {k: v for k, v in d.items() if k != "layers"}
+            return cls(layers=layers, **rest)
+        except (KeyError, TypeError) as exc:
+            raise DeconvisError(f"results.json is malformed ({type(exc).__name__}: {exc}); re-run with --fresh") from exc
+
+
+def save(results: Results, run_dir: str) -> str:
+    """Write ``run_dir/results.json`` atomically; returns its path."""
+    path = os.path.join(run_dir, FILENAME)
+    write_json(path, results.to_dict())
+    return path
+
+
+def load(run_dir: str) -> Results:
+    """Read ``run_dir/results.json`` (DeconvisError if absent or unreadable)."""
+    path = os.path.join(run_dir, FILENAME)
+    if not os.path.isfile(path):
+        raise DeconvisError(f"{path} does not exist: run without --render-only first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DeconvisError(f"cannot read {path}: {exc}") from exc
+    return Results.from_dict(d)
