@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from deconvis.chain import (ADAPTIVE_AVG, AVGPOOL, BN, CONV, LINEAR, MAXPOOL, OTHER, RELU, RESHAPE, SKIP,
                             Step, layer_aliases, preferred_alias, trace_chain)
+from deconvis.device import auto_batch_size, batched
 from deconvis.errors import DeconvisError, close_matches
 
 RULES = ("deconvnet", "guided", "gradient")
@@ -315,16 +316,19 @@ class DeconvNet:
     # -------------------------------------------------------------- projection
     @torch.no_grad()
     def project(self, layer: str, units: UnitsLike, rule: str = "deconvnet",
-                batch_size: int = 64) -> Tensor:
+                batch_size: Optional[int] = None) -> Tensor:
         """Reconstructions [M, C_in, H, W] of ``units`` [M, 4] = (image, channel, y, x) of ``layer``
-        in the last forward batch; each seeded with its own activation, all else zero."""
+        in the last forward batch; each seeded with its own activation, all else zero.
+        ``batch_size`` units go down together (default: sized by free memory; halved on OOM)."""
         name = self._need_forward(layer)
         self._check_rule(rule)
         self._check_path(name)
         units = self._check_units(name, units)
         act = self._acts[name]
-        outs = []
-        for chunk in units.split(batch_size):
+        if batch_size is None:
+            batch_size = auto_batch_size(self._bytes_per_unit(name, windowed=False), act.device)
+
+        def run(chunk: Tensor) -> Tensor:
             m = chunk.shape[0]
             seed = act.new_zeros((m,) + tuple(act.shape[1:]))
             if act.dim() == 4:
@@ -333,8 +337,9 @@ class DeconvNet:
             else:
                 vals = act[chunk[:, 0], chunk[:, 1]]
                 seed[torch.arange(m, device=act.device), chunk[:, 1]] = vals
-            outs.append(self._mirror(name, seed, chunk[:, 0], None, rule))
-        return torch.cat(outs)
+            return self._mirror(name, seed, chunk[:, 0], None, rule)
+
+        return torch.cat(batched(run, units, batch_size, "projection batch"))
 
     @torch.no_grad()
     def project_map(self, layer: str, image_index: int, channels: Iterable[int],
@@ -355,7 +360,7 @@ class DeconvNet:
 
     @torch.no_grad()
     def project_window(self, layer: str, units: UnitsLike, rule: str = "deconvnet",
-                       batch_size: int = 256) -> Tuple[Tensor, Tensor]:
+                       batch_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """Fast path: each unit's reconstruction on its receptive-field box only.
 
         Returns (rec [M, C_in, rh, rw], boxes LongTensor [M, 4] = (y0, y1, x0, x1), half-open,
@@ -374,18 +379,51 @@ class DeconvNet:
             boxes = torch.tensor([0, H, 0, W], device=rec.device).repeat(len(units), 1)
             return rec, boxes
         act = self._acts[name]
-        recs, boxes = [], []
-        for chunk in units.split(batch_size):
+        if batch_size is None:
+            batch_size = auto_batch_size(self._bytes_per_unit(name, windowed=True), act.device)
+
+        def run(chunk: Tensor) -> Tuple[Tensor, Tensor]:
             m = chunk.shape[0]
             seed = act.new_zeros((m, act.shape[1], 1, 1))
             seed[torch.arange(m, device=act.device), chunk[:, 1], 0, 0] = \
                 act[chunk[:, 0], chunk[:, 1], chunk[:, 2], chunk[:, 3]]
-            origin = chunk[:, 2:4].clone()
-            rec, origin = self._mirror(name, seed, chunk[:, 0], origin, rule)
-            recs.append(rec)
-            boxes.append(torch.stack([origin[:, 0], origin[:, 0] + rec.shape[-2],
-                                      origin[:, 1], origin[:, 1] + rec.shape[-1]], 1))
-        return torch.cat(recs), torch.cat(boxes)
+            rec, origin = self._mirror(name, seed, chunk[:, 0], chunk[:, 2:4].clone(), rule)
+            box = torch.stack([origin[:, 0], origin[:, 0] + rec.shape[-2],
+                               origin[:, 1], origin[:, 1] + rec.shape[-1]], 1)
+            return rec, box
+
+        parts = batched(run, units, batch_size, "projection batch")
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def window_sizes(self, layer: str) -> Dict[str, Tuple[int, int]]:
+        """Per step on the path of ``layer`` down to the input: the (h, w) of one unit's window at
+        that step's *input* (the receptive-field cone); the input's entry is the RF size."""
+        name = self.resolve(layer)
+        h, w = 1, 1
+        sizes: Dict[str, Tuple[int, int]] = {}
+        for i in range(self._index[name], -1, -1):
+            s = self.steps[i]
+            if s.kind in (CONV, AVGPOOL, MAXPOOL):
+                h = (h - 1) * s.stride[0] + (s.kernel[0] - 1) * s.dilation[0] + 1
+                w = (w - 1) * s.stride[1] + (s.kernel[1] - 1) * s.dilation[1] + 1
+            sizes[s.name] = (h, w)
+        return sizes
+
+    def _bytes_per_unit(self, name: str, windowed: bool) -> int:
+        """Rough working memory of one unit's projection (signal, masks, indices, temporaries)."""
+        elem = self._acts[name].element_size()
+        sizes = self.window_sizes(name) if windowed else None
+        total = 0
+        for i in range(self._index[name], -1, -1):
+            s = self.steps[i]
+            shape = self._in_shape[s.name]
+            chans = shape[1] if len(shape) > 1 else 1
+            if windowed:
+                h, w = sizes[s.name]
+                total += chans * h * w * (elem * 3 + 8)
+            else:
+                total += int(torch.Size(shape[1:]).numel()) * (elem * 3 + 8)
+        return total
 
     def strongest(self, layer: str, k: int = 1) -> Tensor:
         """The ``k`` strongest units per channel of ``layer`` over the last forward batch (all images
