@@ -1,0 +1,71 @@
+"""``deconvis erf``: effective receptive field of a layer's centre unit (METHOD.md section 4)."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from deconvis.errors import DeconvisError
+
+
+def _slug(text: str) -> str:
+    if ":" in text:
+        target, _, attr = text.rpartition(":")
+        text = f"{os.path.splitext(os.path.basename(target))[0]}-{attr}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "erf", help="effective receptive field map of a layer's centre unit",
+        description="Average |d unit / d input| of a layer's centre unit over random N(0, 1) images; "
+                    "writes erf.npy and erf.png (theoretical receptive field drawn as a box), optionally "
+                    "the path-count map, and prints the share of the theoretical RF holding 95%% of the ERF mass.")
+    p.add_argument("--model", required=True,
+                   help="torchvision name, package.module:callable or file.py:callable")
+    p.add_argument("--layer", required=True, help="module name, container name or alias (conv5, conv5_3, ...)")
+    p.add_argument("--input-size", default="224", metavar="H[,W]", help="input size in pixels (default 224)")
+    p.add_argument("--weights", default="random",
+                   help="'random' (default), a torchvision weights name from the local hub cache, or a checkpoint")
+    p.add_argument("--images", type=int, default=16, metavar="N", help="random images to average (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random images (default 0)")
+    p.add_argument("--batch", type=int, default=8, help="images per backward pass (default 8)")
+    p.add_argument("--channel", type=int, default=None, help="seed one channel of the unit (default: all)")
+    p.add_argument("--path-count", action="store_true",
+                   help="also write the contribution-count map (unit weights, no nonlinearity)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default outputs/erf-<model>-<layer>/)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from deconvis.cli.rf_cmd import parse_size
+    from deconvis.erf import effective_receptive_field, path_count, write_heatmap, write_npy
+    from deconvis.models import load_model
+
+    size = parse_size(args.input_size)
+    if args.images < 1:
+        raise DeconvisError(f"--images {args.images} must be at least 1")
+    loaded = load_model(args.model, args.weights, device="cpu")
+    erf = effective_receptive_field(loaded.model, args.layer, size, n_random=args.images, seed=args.seed,
+                                    batch=args.batch, channel=args.channel)
+    out = args.out or os.path.join("outputs", f"erf-{_slug(args.model)}-{_slug(args.layer)}")
+    write_npy(os.path.join(out, "erf.npy"), erf.map)
+    write_heatmap(os.path.join(out, "erf.png"), erf.map, erf.clipped_box)
+    written = ["erf.npy", "erf.png"]
+    if args.path_count:
+        pc = path_count(loaded.model, erf.layer, size, channel=args.channel or 0, unit=erf.unit)
+        write_npy(os.path.join(out, "path_count.npy"), pc)
+        write_heatmap(os.path.join(out, "path_count.png"), pc, erf.clipped_box)
+        written += ["path_count.npy", "path_count.png"]
+    y0, y1, x0, x1 = erf.rf_box
+    frac = erf.mass_fraction(0.95)
+    print(f"{args.model} {erf.layer} unit {erf.unit}: theoretical RF {y1 - y0}x{x1 - x0} px, box "
+          f"y [{y0}, {y1}) x [{x0}, {x1}); {erf.n_images} random images")
+    if frac != frac:  # NaN
+        print("95% mass fraction: undefined (the ERF map is all zero: no gradient reaches the input)")
+    else:
+        print(f"95% mass fraction: {frac:.4f} (95% of the ERF mass lies in {100 * frac:.1f}% of the "
+              "theoretical RF area inside the image)")
+    print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
+    return 0

@@ -1,0 +1,63 @@
+"""``deconvis rf``: print a network's receptive-field table (METHOD.md section 3)."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List, Tuple
+
+from deconvis.errors import DeconvisError
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``"224"`` -> (224, 224); ``"224,160"`` or ``"224x160"`` -> (224, 160) (height, width)."""
+    parts = [p.strip() for p in str(text).replace("x", ",").replace("X", ",").split(",")]
+    try:
+        vals = [int(p) for p in parts if p]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 1 or len([p for p in parts if p]) != len(parts):
+        raise DeconvisError(f"--input-size {text!r} must be H or H,W in pixels (positive integers), e.g. 224 or 224,160")
+    return (vals[0], vals[1])
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "rf", help="receptive-field table: size, jump and centre of every layer's units",
+        description="Print each layer's receptive field (rf), jump and start (centre of unit (0, 0)) in "
+                    "input pixels, height and width, for a model traced with torch.fx.")
+    p.add_argument("--model", required=True,
+                   help="torchvision name (alexnet, vgg16, resnet50, ...), package.module:callable or file.py:callable")
+    p.add_argument("--input-size", default="224", metavar="H[,W]", help="input size in pixels (default 224)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--layer", action="append", metavar="NAME",
+                   help="show only this layer (module name, container name or alias such as conv5); repeatable")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows: name, kind, out, rf, jump, start")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from deconvis.models import build_model
+    from deconvis.rf import receptive_fields, resolve_layer
+
+    size = parse_size(args.input_size)
+    if args.in_channels < 1:
+        raise DeconvisError(f"--in-channels {args.in_channels} must be at least 1")
+    model = build_model(args.model)
+    table = receptive_fields(model, size, in_channels=args.in_channels)
+    rows = list(table)
+    if args.layer:
+        names: List[str] = []
+        for name in args.layer:
+            row = resolve_layer(model, table, name)
+            if row not in names:
+                names.append(row)
+        rows = [table[n] for n in names]
+    if args.json:
+        print("[\n" + ",\n".join(" " + json.dumps(r.to_record()) for r in rows) + "\n]")
+    else:
+        print(f"{args.model}: receptive fields for a {size[0]}x{size[1]} input")
+        print(table.format(rows))
+    return 0
