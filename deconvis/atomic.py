@@ -45,13 +45,18 @@ def atomic_path(path: "str | os.PathLike[str]") -> Iterator[str]:
         raise
 
 
-def write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (flushed and fsync'ed before the rename)."""
+def write_bytes(path: "str | os.PathLike[str]", data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    The rename makes the write atomic for readers and against the process being killed;
+    ``durable`` also fsyncs the data before the rename so that it survives a power loss
+    (a few ms per file: skip it for many small, re-creatable files such as tiles)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def write_text(path: "str | os.PathLike[str]", text: str) -> None:
@@ -64,7 +69,7 @@ def write_json(path: "str | os.PathLike[str]", obj: Any, indent: int = 1) -> Non
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray) -> None:
+def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray, durable: bool = True) -> None:
     """Write an RGB (``[H, W, 3]``) or grey (``[H, W]``) uint8 image as PNG atomically (OpenCV)."""
     import cv2
 
@@ -78,7 +83,7 @@ def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
     if not ok:
         raise OSError(f"OpenCV could not encode {path} as PNG")
-    write_bytes(path, buf.tobytes())
+    write_bytes(path, buf.tobytes(), durable=durable)
 
 
 def save_torch(obj: Any, path: "str | os.PathLike[str]") -> None:

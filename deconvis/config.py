@@ -55,16 +55,16 @@ class VisualizeConfig:
     per_sheet: int = _f(16, "channels per grid sheet (PNG page)")
     sheet_columns: int = _f(4, "channel blocks per sheet row")
     min_tile: int = _f(64, "smallest tile side in sheets, pixels (small RF patches are upscaled, nearest)")
-    max_tile: int = _f(128, "largest tile side in sheets, pixels (large RF patches are downscaled, area)")
+    max_tile: int = _f(96, "largest tile side in sheets, pixels (large RF patches are downscaled, area)")
     render_only: bool = _f(False, "re-render sheets and report from results.json and saved tiles; never re-mine")
     fresh: bool = _f(False, "ignore (delete) this run's saved mining state, tiles and results and start over")
     progress: bool = _f(True, "show progress bars")
 
 
-# keys that decide which units win: a saved mining state is only reused when these match
+# keys that decide which units win: a saved mining state is only reused when these match (the
+# pipeline adds derived values: resolved layers, weights digest, image list digest, preprocessing);
+# ``rule`` changes only the tiles, which are re-projected without re-mining
 MINING_KEYS = ("model", "weights", "layers", "k", "images", "max_images", "channels", "seed", "resize", "crop")
-# keys that change the tiles (projections and patches) of the winners
-PROJECTION_KEYS = MINING_KEYS + ("rule",)
 
 FIELD_NAMES = tuple(f.name for f in fields(VisualizeConfig))
 
@@ -185,6 +185,9 @@ def validate(cfg: VisualizeConfig) -> VisualizeConfig:
             raise DeconvisError(f"{name} must be at least 1 (or unset), got {v}")
     if cfg.min_tile > cfg.max_tile:
         raise DeconvisError(f"min_tile ({cfg.min_tile}) is larger than max_tile ({cfg.max_tile})")
+    if cfg.render_only and cfg.fresh:
+        raise DeconvisError("--render-only and --fresh contradict each other: --fresh discards the results "
+                            "that --render-only re-renders; pass one of them")
     if cfg.rule not in RULES:
         raise DeconvisError(f"unknown rule {cfg.rule!r}; choose {', '.join(RULES)}" + close_matches(cfg.rule, RULES))
     dev = cfg.device

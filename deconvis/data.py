@@ -130,11 +130,12 @@ def preprocess_image(rgb: np.ndarray, pp: Preprocess) -> np.ndarray:
 
 
 def normalize(display: np.ndarray, pp: Preprocess) -> torch.Tensor:
-    """Displayed uint8 RGB ``[h, w, 3]`` -> network input float32 ``[3, h, w]``."""
-    x = torch.from_numpy(np.ascontiguousarray(display)).permute(2, 0, 1).to(torch.float32) / 255.0
-    mean = torch.tensor(pp.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(pp.std, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
+    """Displayed uint8 RGB ``[h, w, 3]`` -> network input float32 ``[3, h, w]``
+    (``(x / 255 - mean) / std``; numpy, single-threaded: cheap inside DataLoader workers)."""
+    mean = np.asarray(pp.mean, dtype=np.float32)
+    std = np.asarray(pp.std, dtype=np.float32)
+    x = (np.asarray(display, dtype=np.float32) * np.float32(1.0 / 255.0) - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def denormalize(tensor: torch.Tensor, pp: Preprocess) -> np.ndarray:

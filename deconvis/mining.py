@@ -14,7 +14,8 @@ Ordering (ties break deterministically, so the same inputs and config give the s
    smallest ``x``) -- the index ``torch.max(dim)`` returns for ties.
 
 NaN activations never win: an image whose map holds a NaN in a channel is ranked as ``-inf``
-there. Activations are compared in float64 (float32 on MPS), which is exact for float16/32 input.
+there (at the position of its first NaN). Activations are compared in float64 (float32 on MPS),
+which is exact for float16/32 input.
 
 :meth:`TopK.merge` of states built from disjoint image sets gives exactly the winners of one pass
 over their union (the ordering above is a total order on (value, image)), so shards can be mined
@@ -24,6 +25,7 @@ plain tensors, ints and lists: ``torch.load(..., weights_only=True)`` reads it b
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -221,11 +223,36 @@ def mine(
     id ``-1 - i`` marks item ``i`` as unreadable (skipped, recorded in ``topk.skipped``).
     ``activations(images)`` returns ``{layer: [B, C, h, w]}`` for (at least) ``topk.layers`` --
     e.g. ``lambda x: dn.activations(x, layers)``. ``channels`` keeps only the first N channels of
-    every layer. Images move to ``topk.device`` (and ``dtype`` if given). ``on_checkpoint(topk)``
+    every layer. Images move to ``topk.device`` (and ``dtype`` if given); on an out-of-memory
+    error the batch is forwarded in halves (and later batches too). ``on_checkpoint(topk)``
     runs every ``checkpoint_every`` batches (and not at the end: the caller saves the final
     state). ``total`` (dataset size) sizes the progress bar, which starts at ``topk.seen``.
     """
     from tqdm.auto import tqdm
+
+    chunk = [0]  # images per forward; shrinks (and stays small) after an out-of-memory error
+
+    def fold(images: Tensor, ids: Tensor) -> None:
+        start, n = 0, int(ids.shape[0])
+        size = chunk[0] or n
+        while start < n:
+            part = images[start:start + size]
+            try:
+                acts = activations(part)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not _is_oom(exc) or size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                size = max(1, size // 2)
+                chunk[0] = size
+                warnings.warn(f"out of memory while mining: forwarding {size} images at a time",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            if channels is not None:
+                acts = {name: a[:, :channels] for name, a in acts.items()}
+            topk.update(acts, ids[start:start + size])  # after the forward: a retry never counts twice
+            start += size
 
     bar = tqdm(total=total, initial=topk.seen, unit="img", desc=desc, disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
@@ -246,16 +273,20 @@ def mine(
                 images = images.to(topk.device, non_blocking=True)
                 if dtype is not None:
                     images = images.to(dtype)
-                acts = activations(images)
-                if channels is not None:
-                    acts = {name: a[:, :channels] for name, a in acts.items()}
-                topk.update(acts, ids)
+                fold(images, ids)
             topk.seen += n_items
             bar.update(n_items)
             n_batches += 1
             if checkpoint_every and on_checkpoint is not None and n_batches % checkpoint_every == 0:
                 on_checkpoint(topk)
     return topk
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def hooked_activations(model: nn.Module, layers: Sequence[str]) -> ActivationFn:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from deconvis.atomic import write_png
-from deconvis.data import GREY, ImageDataset, normalize
+from deconvis.data import GREY, ImageDataset, UnreadableImage, normalize
+from deconvis.errors import DeconvisError
 
 Box = Tuple[int, int, int, int]
 
@@ -121,7 +122,11 @@ def project_jobs(
     try:
         for start in range(0, len(image_ids), batch_size):
             ids = image_ids[start:start + batch_size]
-            shown = [dataset.display(i) for i in ids]
+            try:
+                shown = [dataset.display(i) for i in ids]
+            except UnreadableImage as exc:
+                raise DeconvisError(f"an image that won during mining cannot be read any more ({exc}); the image "
+                                    "set changed: re-run with --fresh") from exc
             x = torch.stack([normalize(s, dataset.preprocess) for s in shown]).to(device=device, dtype=dtype)
             dn.forward(x)
             per_layer: Dict[str, List[Tuple[int, TileJob]]] = {}
@@ -204,10 +209,19 @@ class SheetLayout:
     columns: int
     gap: int = 2          # between tiles
     mid: int = 10         # between the reconstruction and the patch grid
-    label_h: int = 13     # activation label under each tile
     head_h: int = 18      # channel label above each block
     margin: int = 12      # around and between blocks
     title_h: int = 30
+
+    @property
+    def font(self) -> float:
+        """Activation label font scale: readable under small tiles, larger under large ones."""
+        return min(0.55, max(0.35, self.tw / 230))
+
+    @property
+    def label_h(self) -> int:
+        """Height of the activation label row under each tile."""
+        return int(round(26 * self.font)) + 4
 
     @property
     def gcols(self) -> int:
@@ -252,7 +266,11 @@ def render_sheet(
     for n, (ch, tiles) in enumerate(channels):
         by = layout.title_h + (n // cols) * (layout.block_h + layout.margin)
         bx = layout.margin + (n % cols) * (layout.block_w + layout.margin)
-        _text(sheet, f"ch {ch}", bx, by + 13, 0.45, (0, 0, 120), 1)
+        best = next((t[2] for t in tiles if t is not None), None)
+        inactive = best is not None and best <= 0  # a rectified unit that never fired: winners are arbitrary
+        head = _fit_text(f"ch {ch}" + ("  inactive (max <= 0 on every image)" if inactive else ""),
+                         layout.block_w, 0.45)
+        _text(sheet, head, bx, by + 13, 0.45, (150, 0, 0) if inactive else (0, 0, 120), 1)
         for r in range(layout.k):
             gy, gx = divmod(r, layout.gcols)
             y = by + layout.head_h + gy * (layout.th + layout.label_h + layout.gap)
@@ -269,8 +287,8 @@ def render_sheet(
                                       interpolation=cv2.INTER_NEAREST if big else cv2.INTER_AREA)
                 sheet[y:y + layout.th, x:x + layout.tw] = tile
                 if side == 0 or layout.k == 1:
-                    label = _fit_text(fmt_act(item[2]), layout.tw, 0.35)
-                    _text(sheet, label, x + 1, y + layout.th + layout.label_h - 3, 0.35, (60, 60, 60), 1)
+                    label = _fit_text(fmt_act(item[2]), layout.tw, layout.font)
+                    _text(sheet, label, x + 1, y + layout.th + layout.label_h - 4, layout.font, (60, 60, 60), 1)
     return sheet
 
 
@@ -286,7 +304,7 @@ def render_layer(
     per_sheet: int = 16,
     columns: int = 4,
     min_tile: int = 64,
-    max_tile: int = 128,
+    max_tile: int = 96,
     n_images: Optional[int] = None,
 ) -> List[str]:
     """Compose ``layer``'s sheets from its saved tiles; write them atomically into ``run_dir``.

@@ -13,7 +13,9 @@ Schema (version 1)::
       "created": "2025-01-01T12:00:00+00:00",
       "status": "mined" | "projected" | "rendered",
       "config": {...every VisualizeConfig key...},
-      "mining_hash": "...",       # identity of the winners (model, weights, layers, k, images, ...)
+      "mining_hash": "...",       # hash of mining_identity
+      "mining_identity": {...},   # what decides the winners: model, weights (+ digest), resolved layers,
+                                  # k, channels, image set (+ size and name digest), preprocessing
       "projection_hash": "...",   # mining_hash + projection rule: identity of the tiles
       "model": {"spec": "alexnet", "weights": "DEFAULT", "weights_id": "..."},
       "preprocess": {"resize": 256, "crop": [224, 224], "mean": [...], "std": [...]},
@@ -31,7 +33,8 @@ Schema (version 1)::
                "tiles": {"rec": "tiles/conv1/c0000_0_rec.png", "img": "tiles/conv1/c0000_0_img.png"}},
               ...]},
            ...]},
-        ...]
+        ...],
+      "stats": {"mining_seconds": 12.3, "images": 252}
     }
 
 ``box``/``box_clipped``/``tiles`` are ``null`` until the unit has been projected.
@@ -100,6 +103,8 @@ class Results:
     images: Dict[str, Any]
     layers: List[LayerResult] = field(default_factory=list)
     status: str = "mined"
+    stats: Dict[str, Any] = field(default_factory=dict)
+    mining_identity: Dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
     version: int = VERSION

@@ -1,0 +1,65 @@
+"""``deconvis visualize``: ZF Fig. 2 -- the top-k images of every channel, projected and cropped.
+
+Settings come from ``--config FILE.yaml`` overridden by flags; every config key is a flag
+(generated from :class:`deconvis.config.VisualizeConfig`), e.g.::
+
+    deconvis visualize --config configs/demo.yaml
+    deconvis visualize --model alexnet --weights DEFAULT --layers conv1,conv5 --images ~/photos --k 9
+    deconvis visualize --config configs/demo.yaml --render-only --per-sheet 8
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from deconvis import config as config_mod
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "visualize", help="top-k images per channel, projected to pixel space (ZF Fig. 2)",
+        description="Mine the k strongest images of every channel over an image set, project each with the "
+                    "deconvnet, crop its receptive field, and write grid sheets plus an HTML report into "
+                    "<out>/<run>/. Flags override the --config file; every config key is a flag.")
+    p.add_argument("--config", metavar="FILE.yaml", default=None, help="YAML config (keys = the flags below)")
+    config_mod.add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _console_log() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("deconvis: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("deconvis")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def run(args: argparse.Namespace) -> int:
+    from deconvis import pipeline
+
+    cfg = config_mod.load_config(args.config, config_mod.overrides_from_args(args))
+    config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else None
+    handler = _console_log()
+    t0 = time.perf_counter()
+    try:
+        out = pipeline.run(cfg, config_dir=config_dir)
+    finally:
+        logging.getLogger("deconvis").removeHandler(handler)
+    res = out.results
+    n_units = sum(len(u.winners) for lr in res.layers for u in lr.units)
+    print(f"run {cfg.run}: {len(res.layers)} layers, {n_units} units, top-{res.config.get('k')} over "
+          f"{res.images.get('readable', out.n_images)} images"
+          + (f" ({len(res.images.get('skipped', []))} unreadable skipped)" if res.images.get("skipped") else "")
+          + f", {time.perf_counter() - t0:.1f} s")
+    for phase, secs in out.seconds.items():
+        print(f"  {phase:8s} {secs:7.1f} s")
+    print(f"  sheets   {len(out.sheets)} PNGs in {out.run_dir}")
+    print(f"  report   {out.report}")
+    return 0

@@ -1,0 +1,289 @@
+"""Streaming top-k mining against a brute-force oracle (sort everything in Python)."""
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deconvis.errors import DeconvisError
+from deconvis.mining import EMPTY, TopK, channel_maxima, hooked_activations, mine
+
+
+def oracle(acts: dict, ids, k: int) -> dict:
+    """Per layer and channel, the k best (value, image, y, x) by brute force in plain Python:
+    per image the max over positions (first in row-major order), then sort by (-value, image)."""
+    out = {}
+    for layer, a in acts.items():
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim == 2:
+            a = a[:, :, None, None]
+        n, c, h, w = a.shape
+        rows = []
+        for ch in range(c):
+            cands = []
+            for i in range(n):
+                best, by, bx = -math.inf, 0, 0
+                for y in range(h):
+                    for x in range(w):
+                        v = a[i, ch, y, x]
+                        if math.isnan(v):
+                            continue  # handled below
+                        if v > best:
+                            best, by, bx = v, y, x
+                if np.isnan(a[i, ch]).any():  # NaN: ranked -inf, at the first NaN's position
+                    first = int(np.flatnonzero(np.isnan(a[i, ch].ravel()))[0])
+                    best, by, bx = -math.inf, first // w, first % w
+                cands.append((best, int(ids[i]), by, bx))
+            cands.sort(key=lambda t: (-t[0], t[1]))
+            rows.append(cands[:k])
+        out[layer] = rows
+    return out
+
+
+def as_rows(topk: TopK, layer: str, check_pos: bool = True):
+    w = topk.winners(layer)
+    rows = []
+    for ch in range(w["values"].shape[0]):
+        row = []
+        for r in range(topk.k):
+            if not w["valid"][ch, r]:
+                continue
+            row.append((float(w["values"][ch, r]), int(w["images"][ch, r]),
+                        int(w["ys"][ch, r]), int(w["xs"][ch, r])))
+        rows.append(row)
+    return rows
+
+
+def run_stream(acts: dict, k: int, batch: int, order=None, ids=None) -> TopK:
+    n = next(iter(acts.values())).shape[0]
+    ids = torch.arange(n) if ids is None else torch.as_tensor(ids)
+    order = list(range(n)) if order is None else order
+    topk = TopK(list(acts), k)
+    for s in range(0, len(order), batch):
+        sel = torch.tensor(order[s:s + batch])
+        topk.update({name: a[sel] for name, a in acts.items()}, ids[sel])
+    return topk
+
+
+def tie_heavy_acts(seed: int, n: int = 13) -> dict:
+    """Small-integer maps: many equal values across images and within an image; some images
+    repeat exactly (whole-image ties)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 4, (n, 5, 3, 4), generator=g).to(torch.float64)
+    a[7] = a[2]            # a repeated image
+    a[11] = a[2]
+    a[4] = 1.0             # a constant image: ties at every position -> (0, 0)
+    b = torch.randn(n, 3, 2, 2, generator=g, dtype=torch.float64)
+    b[9] = b[3]
+    fc = torch.randint(0, 3, (n, 6), generator=g).to(torch.float64)  # a [N, C] layer
+    return {"conv_a": a, "conv_b": b, "fc": fc}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("batch", [1, 4, 13])
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_stream_matches_bruteforce_with_ties(seed, batch, k):
+    acts = tie_heavy_acts(seed)
+    topk = run_stream(acts, k, batch)
+    want = oracle({n: a.numpy() for n, a in acts.items()}, range(13), k)
+    for layer in acts:
+        assert as_rows(topk, layer) == want[layer], layer
+
+
+def test_known_tie_breaks():
+    a = torch.zeros(4, 1, 2, 3, dtype=torch.float64)
+    a[1, 0, 1, 2] = 5.0
+    a[3, 0] = 5.0          # every position ties -> first in row-major order (0, 0)
+    a[2, 0, 0, 1] = 5.0
+    a[2, 0, 1, 0] = 5.0    # two maxima -> (0, 1)
+    topk = run_stream({"l": a}, k=4, batch=2, order=[3, 2, 1, 0])
+    assert as_rows(topk, "l")[0] == [(5.0, 1, 1, 2), (5.0, 2, 0, 1), (5.0, 3, 0, 0), (0.0, 0, 0, 0)]
+
+
+def test_order_of_images_does_not_matter():
+    acts = tie_heavy_acts(5)
+    ref = run_stream(acts, 3, 5)
+    perm = list(range(13))
+    random.Random(3).shuffle(perm)
+    got = run_stream(acts, 3, 3, order=perm)
+    for layer in acts:
+        assert as_rows(got, layer) == as_rows(ref, layer)
+
+
+def test_fewer_images_than_k_leaves_empty_slots():
+    acts = {"l": torch.randn(2, 3, 2, 2, dtype=torch.float64)}
+    topk = run_stream(acts, k=5, batch=1)
+    w = topk.winners("l")
+    assert w["valid"].sum(1).tolist() == [2, 2, 2]
+    assert (w["images"][~w["valid"]] == EMPTY).all()
+    assert as_rows(topk, "l") == oracle({"l": acts["l"].numpy()}, range(2), 5)["l"]
+
+
+def test_nan_never_wins_and_inf_is_fine():
+    a = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    a[1, 0, 1, 1] = float("nan")
+    a[2, 0, 0, 0] = float("inf")
+    topk = run_stream({"l": a}, k=5, batch=2)
+    rows = as_rows(topk, "l")
+    assert rows[0][0][:2] == (math.inf, 2)
+    assert rows[0][-1][1] == 1 and rows[0][-1][0] == -math.inf
+    assert rows == oracle({"l": a.numpy()}, range(5), 5)["l"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_merge_of_shards_equals_single_pass(seed):
+    acts = tie_heavy_acts(seed, n=17)
+    n = 17
+    ids = list(range(n))
+    random.Random(seed).shuffle(ids)
+    shard_a, shard_b = sorted(ids[:8]), sorted(ids[8:])
+    single = run_stream(acts, 4, 5)
+    a = run_stream(acts, 4, 3, order=shard_a)
+    b = run_stream(acts, 4, 2, order=shard_b)
+    a.seen, b.seen = len(shard_a), len(shard_b)
+    merged = a.merge(b)
+    for layer in acts:
+        assert as_rows(merged, layer) == as_rows(single, layer)
+    assert merged.seen == n
+    # merging into an empty state, and an empty state into a full one
+    empty = TopK(list(acts), 4)
+    for layer in acts:
+        assert as_rows(TopK(list(acts), 4).merge(single), layer) == as_rows(single, layer)
+        assert as_rows(run_stream(acts, 4, 5).merge(empty), layer) == as_rows(single, layer)
+
+
+def test_merge_rejects_mismatch():
+    with pytest.raises(ValueError):
+        TopK(["a"], 3).merge(TopK(["a"], 4))
+    with pytest.raises(ValueError):
+        TopK(["a"], 3).merge(TopK(["b"], 3))
+
+
+def test_state_dict_roundtrip_and_resume_equals_single_pass():
+    acts = tie_heavy_acts(4)
+    ref = run_stream(acts, 3, 4)
+    first = run_stream(acts, 3, 4, order=list(range(6)))
+    first.seen = 6
+    first.skipped = [2]
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # plain tensors only
+    resumed = TopK.from_state_dict(state)
+    assert resumed.seen == 6 and resumed.skipped == [2]
+    for s in range(6, 13, 4):
+        sel = torch.arange(s, min(s + 4, 13))
+        resumed.update({n: a[sel] for n, a in acts.items()}, sel)
+    for layer in acts:
+        assert as_rows(resumed, layer) == as_rows(ref, layer)
+
+
+def test_mine_streams_batches_skips_unreadable_and_checkpoints():
+    acts = tie_heavy_acts(6)
+    n = 13
+    bad = {5, 10}
+
+    def batches(bs):
+        for s in range(0, n, bs):
+            ids = torch.arange(s, min(s + bs, n))
+            ids = torch.where(torch.tensor([int(i) in bad for i in ids]), -1 - ids, ids)
+            imgs = torch.arange(s, min(s + bs, n), dtype=torch.float64)  # "images" = their index
+            yield imgs, ids
+
+    def act_fn(x):
+        sel = x.long()
+        return {name: a[sel] for name, a in acts.items()}
+
+    saved = []
+    topk = mine(act_fn, batches(3), TopK(list(acts), 3), checkpoint_every=2,
+                on_checkpoint=lambda t: saved.append(t.seen), total=n, progress=False)
+    assert saved == [6, 12]
+    assert topk.seen == n and sorted(topk.skipped) == sorted(bad)
+    keep = [i for i in range(n) if i not in bad]
+    want = oracle({name: a[keep].numpy() for name, a in acts.items()}, keep, 3)
+    for layer in acts:
+        assert as_rows(topk, layer) == want[layer]
+
+
+def test_mine_channels_limit_and_dtype():
+    acts = {"l": torch.randn(6, 5, 2, 2, dtype=torch.float64)}
+    batches = [(torch.arange(0, 3.0), torch.arange(0, 3)), (torch.arange(3, 6.0), torch.arange(3, 6))]
+    topk = mine(lambda x: {"l": acts["l"][x.long()]}, batches, TopK(["l"], 2), channels=2, progress=False)
+    assert topk.winners("l")["values"].shape == (2, 2)
+    assert as_rows(topk, "l") == oracle({"l": acts["l"][:, :2].numpy()}, range(6), 2)["l"]
+
+
+def test_float32_activations_are_exact_in_float64_state():
+    a = torch.randn(7, 3, 4, 4, dtype=torch.float32)
+    topk = run_stream({"l": a}, 3, 2)
+    assert topk.winners("l")["values"].dtype == torch.float64
+    assert as_rows(topk, "l") == oracle({"l": a.numpy()}, range(7), 3)["l"]
+
+
+def test_channel_maxima_matches_first_rowmajor_argmax():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 3, (4, 6, 5, 7), generator=g).float()
+    vals, ys, xs = channel_maxima(a)
+    flat = a.reshape(4, 6, -1).numpy()
+    first = flat.argmax(axis=2)  # numpy: first occurrence
+    assert (ys * 7 + xs).numpy().tolist() == first.tolist()
+    assert vals.numpy().tolist() == flat.max(axis=2).tolist()
+
+
+def test_bad_k_and_layers():
+    for k in (0, -1, 2.5, True, "3"):
+        with pytest.raises(DeconvisError):
+            TopK(["a"], k)  # type: ignore[arg-type]
+    with pytest.raises(DeconvisError):
+        TopK([], 3)
+
+
+def test_hooked_activations_on_a_real_model_matches_oracle():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 3, 3), nn.ReLU(inplace=True)).double().eval()
+    x = torch.randn(9, 3, 12, 12, dtype=torch.float64)
+    x[6] = x[1]
+    fn = hooked_activations(model, ["0", "1", "4"])
+    with torch.no_grad():
+        full = fn(x)
+    # the conv output is captured before the in-place ReLU overwrites it
+    assert (full["0"] < 0).any()
+    batches = [(x[s:s + 4], torch.arange(s, min(s + 4, 9))) for s in range(0, 9, 4)]
+    topk = mine(fn, batches, TopK(["0", "1", "4"], 3), progress=False)
+    want = oracle({n: a.numpy() for n, a in full.items()}, range(9), 3)
+    for layer in ("0", "1", "4"):
+        assert as_rows(topk, layer) == want[layer]
+    with pytest.raises(DeconvisError, match="did you mean"):
+        hooked_activations(model, ["44"])
+
+
+def test_out_of_memory_halves_the_forward_without_double_counting():
+    acts = tie_heavy_acts(8)
+    calls = []
+
+    def act_fn(x):
+        calls.append(len(x))
+        if len(x) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {name: a[x.long()] for name, a in acts.items()}
+
+    batches = [(torch.arange(s, min(s + 5, 13), dtype=torch.float64), torch.arange(s, min(s + 5, 13)))
+               for s in range(0, 13, 5)]
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        topk = mine(act_fn, batches, TopK(list(acts), 3), progress=False)
+    assert calls[:4] == [5, 2, 2, 1] and max(calls[4:]) <= 2  # later batches stay small
+    want = oracle({n: a.numpy() for n, a in acts.items()}, range(13), 3)
+    for layer in acts:
+        assert as_rows(topk, layer) == want[layer]
+
+    def other_error(x):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        mine(other_error, batches, TopK(list(acts), 3), progress=False)

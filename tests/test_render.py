@@ -1,0 +1,75 @@
+"""Box clipping, padded crops, tile scaling and sheet layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deconvis import render
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), y0=st.integers(-15, 15), x0=st.integers(-15, 15),
+       bh=st.integers(1, 20), bw=st.integers(1, 20))
+def test_crop_padded_matches_pixelwise_definition(h, w, y0, x0, bh, bw):
+    img = np.arange(h * w * 3, dtype=np.int32).reshape(h, w, 3) % 251 + 1
+    img = img.astype(np.uint8)
+    box = (y0, y0 + bh, x0, x0 + bw)
+    crop = render.crop_padded(img, box, fill=0)
+    assert crop.shape == (bh, bw, 3)
+    for yy in range(bh):
+        for xx in range(bw):
+            sy, sx = y0 + yy, x0 + xx
+            want = img[sy, sx] if 0 <= sy < h and 0 <= sx < w else np.zeros(3, np.uint8)
+            assert (crop[yy, xx] == want).all()
+    (cy0, cy1, cx0, cx1), (pt, pb, pl, pr) = render.clip_box(box, h, w)
+    assert cy1 - cy0 + pt + pb == bh and cx1 - cx0 + pl + pr == bw
+    assert 0 <= cy0 <= cy1 <= h and 0 <= cx0 <= cx1 <= w
+    inside = (crop != 0).all(axis=2)  # all image pixels are non-zero
+    assert inside.sum() == (cy1 - cy0) * (cx1 - cx0)
+
+
+def test_clip_box_examples():
+    assert render.clip_box((-1, 6, 123, 130), 128, 128) == ((0, 6, 123, 128), (1, 0, 0, 2))
+    assert render.clip_box((0, 10, 0, 10), 128, 128) == ((0, 10, 0, 10), (0, 0, 0, 0))
+
+
+def test_tile_scale():
+    import cv2
+
+    assert render.tile_scale(7, 7, 64, 128) == (70, 70, cv2.INTER_NEAREST)   # integer upscale
+    assert render.tile_scale(100, 100, 64, 128) == (100, 100, cv2.INTER_NEAREST)
+    assert render.tile_scale(163, 163, 64, 128) == (128, 128, cv2.INTER_AREA)
+    assert render.tile_scale(3, 5, 8, 32) == (6, 10, cv2.INTER_NEAREST)
+
+
+def test_tile_paths_and_names():
+    assert render.tile_paths("conv1", 3, 0) == {"rec": "tiles/conv1/c0003_0_rec.png",
+                                                "img": "tiles/conv1/c0003_0_img.png"}
+    assert render.safe_name("features/1#2") == "features_1_2"
+    assert render.sheet_name("conv5_3", 12) == "layer_conv5_3_p012.png"
+
+
+@pytest.mark.parametrize("k,n", [(9, 5), (4, 1), (3, 7), (1, 2)])
+def test_render_sheet_places_every_tile(k, n):
+    layout = render.SheetLayout(k=k, th=12, tw=12, per_sheet=16, columns=4)
+    rng = np.random.default_rng(k)
+    blocks = []
+    for c in range(n):
+        tiles = []
+        for r in range(k):
+            rec = np.full((6, 6, 3), 10 + r, np.uint8)
+            img = np.full((6, 6, 3), 100 + r, np.uint8)
+            tiles.append((rec, img, float(rng.normal())) if r != 1 else None)
+        blocks.append((c, tiles))
+    sheet = render.render_sheet(blocks, layout, "title")
+    h, w = layout.sheet_size(n)
+    assert sheet.shape == (h, w, 3) and sheet.dtype == np.uint8
+    for r in range(k):
+        color_present = ((sheet == 10 + r).all(axis=2)).sum()
+        if r == 1:
+            assert color_present == 0 or k == 1
+        else:
+            # each block shows the rec tile (12x12 after nearest upscale), bar label overlap
+            assert color_present >= n * 12 * 10
