@@ -135,6 +135,11 @@ class DeconvNet:
         return self.steps[self._index[self.resolve(layer)]]
 
     # ----------------------------------------------------------------- forward
+    def release(self) -> None:
+        """Drop everything the last ``forward`` recorded (activations, switches, ReLU signs), so
+        no memory is held between uses; ``project`` then needs a new ``forward``."""
+        self._clear()
+
     def _clear(self) -> None:
         self._acts: Dict[str, Tensor] = {}
         self._in_shape: Dict[str, torch.Size] = {}

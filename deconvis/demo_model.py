@@ -78,11 +78,17 @@ class ZFNetDemo(nn.Module):
         return self.classifier(x)
 
 
-def _init_weights(model: nn.Module) -> None:
-    """He-normal convs (fan_out, as torchvision AlexNet/VGG), N(0, 0.01) linears, zero biases."""
+def _init_weights(model: ZFNetDemo) -> None:
+    """conv1 N(0, 0.01) as ZF (small: what training writes into the first-layer filters soon
+    outweighs the init noise), the other convs He-normal (fan_out, as torchvision AlexNet/VGG:
+    without normalisation layers a deep ReLU stack needs it), linears N(0, 0.01), zero biases."""
+    first = model.features[0]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m is first:
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)

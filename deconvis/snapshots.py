@@ -1,0 +1,557 @@
+"""Feature evolution during training (Zeiler & Fergus 2014, Fig. 4) as a training callback.
+
+At chosen snapshots (epoch ends, optionally every N steps) :class:`SnapshotCallback` finds, over
+a fixed probe image set, the strongest activation of selected features of selected layers,
+projects it to pixel space with the model's *current* weights (a :class:`DeconvNet` built once,
+sharing the parameters), and keeps the reconstruction and the image patch under the unit's
+receptive-field box. After every snapshot it writes, atomically, its state and one figure per
+layer (rows = features, columns = snapshots) to ``out_dir``; a new callback on the same
+``out_dir`` resumes from them.
+
+It leaves training unchanged: no parameter, buffer or ``.grad`` is touched, every module's
+train/eval mode is restored, the RNG states (torch CPU and CUDA, Python ``random``, NumPy's
+global) are saved and restored, and everything runs without autograd. Its cost (seconds per
+snapshot) is logged (logger ``deconvis.snapshots``) and kept in :attr:`SnapshotCallback.history`.
+
+Plain PyTorch::
+
+    cb = SnapshotCallback(model, probe, layers=["conv1", "conv2"], out_dir="runs/evo")
+    for epoch in range(1, epochs + 1):
+        train_one_epoch(...)
+        cb.on_epoch_end(epoch, model)
+
+Lightning: :class:`deconvis.lightning.SnapshotLightningCallback`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deconvis import atomic
+from deconvis.deconvnet import RULES, DeconvNet
+from deconvis.errors import DeconvisError, close_matches
+from deconvis.evolution import evolution_figure, patch_tiles, rec_tiles
+
+log = logging.getLogger("deconvis.snapshots")
+
+ZF_EPOCHS: Tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
+FEATURE_SELECTIONS = ("top", "first", "spread")
+STATE_FILE = "snapshots.pt"
+SUMMARY_FILE = "snapshots.json"
+STATE_VERSION = 1
+
+FeaturesSpec = Union[int, Sequence[int], Mapping[str, Sequence[int]]]
+
+
+# ------------------------------------------------------------------------------ guards
+@contextlib.contextmanager
+def preserve_training_state(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode and no autograd; afterwards restore every
+    module's train/eval flag and the RNG states (torch CPU, all initialised CUDA devices,
+    Python ``random``, NumPy's global generator)."""
+    modes = [(m, m.training) for m in model.modules()]
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=True), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+# ------------------------------------------------------------------------------ inputs
+def _probe_tensor(probe: Any) -> Tensor:
+    """Probe images as a float tensor [N, C, H, W] (from a tensor, a list of [C, H, W] tensors,
+    or a dataset whose items are images or (image, label, ...) tuples)."""
+    if isinstance(probe, Tensor):
+        x = probe
+    else:
+        try:
+            n = len(probe)
+        except TypeError:
+            raise DeconvisError(f"probe_images must be a tensor [N, C, H, W], a list of images or a dataset, "
+                                f"got {type(probe).__name__}") from None
+        items = []
+        for i in range(n):
+            item = probe[i]
+            if isinstance(item, (tuple, list)):
+                item = item[0]
+            if not isinstance(item, Tensor):
+                raise DeconvisError(f"probe_images item {i} is {type(item).__name__}, not an image tensor [C, H, W]")
+            items.append(item)
+        if not items:
+            raise DeconvisError("probe_images is empty; give at least one image [N, C, H, W]")
+        try:
+            x = torch.stack(items)
+        except RuntimeError as exc:
+            raise DeconvisError(f"probe images differ in shape ({exc}); resize them to one size") from None
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4:
+        raise DeconvisError(f"probe_images must have shape [N, C, H, W], got {list(x.shape)}")
+    if x.shape[0] == 0:
+        raise DeconvisError("probe_images is empty; give at least one image [N, C, H, W]")
+    if not x.is_floating_point():
+        raise DeconvisError(f"probe_images must be float (normalised network input), got {x.dtype}")
+    return x.detach().cpu().contiguous()
+
+
+def _check_epochs(epochs: Any) -> Optional[Tuple[int, ...]]:
+    """Validate the snapshot epochs: 'all' -> None (every epoch), else strictly increasing ints >= 1."""
+    if isinstance(epochs, str):
+        if epochs == "all":
+            return None
+        raise DeconvisError(f"epochs must be a list of epoch numbers or 'all', got {epochs!r}")
+    try:
+        values = list(epochs)
+    except TypeError:
+        raise DeconvisError(f"epochs must be a list of epoch numbers, got {epochs!r}") from None
+    if not values:
+        raise DeconvisError("epochs is empty; give the epochs to snapshot, e.g. 1,2,5,10")
+    for e in values:
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)):
+            raise DeconvisError(f"epochs must be integers, got {e!r} in {values}")
+        if e < 1:
+            raise DeconvisError(f"epochs are counted from 1 (the end of the first epoch); got {e} in {values}")
+    for a, b in zip(values, values[1:]):
+        if b <= a:
+            raise DeconvisError(f"epochs must be strictly increasing, got {b} after {a} in {values}")
+    return tuple(int(e) for e in values)
+
+
+def _fingerprint(x: Tensor) -> str:
+    return hashlib.sha256(x.to(torch.float32).numpy().tobytes()).hexdigest()[:16] + f":{list(x.shape)}"
+
+
+@dataclass
+class Column:
+    """One snapshot: per layer, uint8 tiles for every feature, plus where the unit was."""
+
+    label: str
+    epoch: Optional[int]
+    step: Optional[int]
+    seconds: float
+    rec: Dict[str, Tensor]        # layer -> uint8 [F, t, t, 3] reconstruction tiles
+    patch: Dict[str, Tensor]      # layer -> uint8 [F, t, t, 3] image patch tiles
+    units: Dict[str, Tensor]      # layer -> int64 [F, 4] (probe index, channel, y, x)
+    boxes: Dict[str, Tensor]      # layer -> int64 [F, 4] (y0, y1, x0, x1) half-open, unclipped
+    value: Dict[str, Tensor]      # layer -> float32 [F] the activation projected
+
+    def to_state(self) -> Dict[str, Any]:
+        return {"label": self.label, "epoch": -1 if self.epoch is None else self.epoch,
+                "step": -1 if self.step is None else self.step, "seconds": float(self.seconds),
+                "rec": self.rec, "patch": self.patch, "units": self.units, "boxes": self.boxes,
+                "value": self.value}
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> "Column":
+        return cls(label=str(d["label"]), epoch=None if d["epoch"] < 0 else int(d["epoch"]),
+                   step=None if d["step"] < 0 else int(d["step"]), seconds=float(d["seconds"]),
+                   rec=dict(d["rec"]), patch=dict(d["patch"]), units=dict(d["units"]),
+                   boxes=dict(d["boxes"]), value=dict(d["value"]))
+
+
+def open_summary_writer(tensorboard: Any) -> Any:
+    """``None``/``False`` -> None; a SummaryWriter (anything with ``add_image``) -> itself; a log
+    dir -> a new ``torch.utils.tensorboard.SummaryWriter`` there. DeconvisError when the
+    tensorboard package is missing."""
+    if tensorboard is None or tensorboard is False:
+        return None
+    if hasattr(tensorboard, "add_image"):
+        return tensorboard
+    if isinstance(tensorboard, (str, os.PathLike)):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise DeconvisError("TensorBoard logging was asked for but the tensorboard package is not "
+                                "installed: pip install tensorboard (or leave tensorboard off)") from exc
+        return SummaryWriter(log_dir=os.fspath(tensorboard))
+    raise DeconvisError(f"tensorboard must be None, a SummaryWriter or a log dir, got {type(tensorboard).__name__}")
+
+
+# ------------------------------------------------------------------------------ callback
+class SnapshotCallback:
+    """ZF Fig. 4 feature evolution, recorded during training.
+
+    Args:
+        model: the network being trained (a chain CNN :class:`DeconvNet` can mirror).
+        probe_images: fixed probe set, normalised network input [N, C, H, W] (or a list/dataset
+            of [C, H, W] images); the strongest activation of each feature is searched over it.
+        layers: layers to show (aliases ``conv1``.. or module names); must have spatial maps.
+        features_per_layer: an int N (N features per layer, chosen by ``select``), a list of
+            channel ids (the same for every layer), or a dict layer -> channel ids.
+        select: how an int N picks channels: ``"top"`` (the N with the largest probe-set maximum
+            at the *first* snapshot), ``"first"`` (channels 0..N-1) or ``"spread"`` (N evenly
+            spaced ids). Once chosen, the features stay fixed for all later snapshots.
+        epochs: epoch numbers (1 = end of the first epoch) to snapshot, strictly increasing; or
+            ``"all"``. Default: ZF's 1, 2, 5, 10, 20, 30, 40, 64.
+        out_dir: folder for the state and figures (``None``: keep in memory only).
+        rule: backward rule of the projection: ``deconvnet`` (ZF), ``guided`` or ``gradient``.
+        tensorboard: ``None``, a ``SummaryWriter``, or a log dir to open one in.
+        every_n_steps: also snapshot when ``on_step_end(step)`` gets a multiple of this.
+        tile_size: side of the square tiles in the figures, pixels (RF boxes are resized,
+            nearest when enlarging, area when shrinking).
+        mean, std: per-channel normalisation of the probe images, to show the patches in their
+            own colours; ``None`` stretches each patch to its own range instead.
+        batch_size: probe images per forward pass when searching.
+        resume: continue from the state in ``out_dir`` (must have been made with the same
+            layers, features, rule, tile size and probe images); ``False`` starts over.
+    """
+
+    def __init__(self, model: nn.Module, probe_images: Any, layers: Sequence[str],
+                 features_per_layer: FeaturesSpec = 8, select: str = "top",
+                 epochs: Union[Sequence[int], str] = ZF_EPOCHS, out_dir: Optional[str] = None,
+                 rule: str = "deconvnet", tensorboard: Any = None, every_n_steps: Optional[int] = None,
+                 tile_size: int = 48, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, batch_size: int = 64, resume: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise DeconvisError(f"SnapshotCallback needs the model (torch.nn.Module) first, got {type(model).__name__}")
+        if rule not in RULES:
+            raise DeconvisError(f"unknown rule {rule!r}; choose {', '.join(RULES)}" + close_matches(str(rule), RULES))
+        if select not in FEATURE_SELECTIONS:
+            raise DeconvisError(f"unknown feature selection {select!r}; choose {', '.join(FEATURE_SELECTIONS)}"
+                                + close_matches(str(select), FEATURE_SELECTIONS))
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise DeconvisError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 8:
+            raise DeconvisError(f"tile_size must be an integer >= 8 pixels, got {tile_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DeconvisError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.epochs = _check_epochs(epochs)
+        self.every_n_steps = every_n_steps
+        self.rule = rule
+        self.select = select
+        self.tile_size = tile_size
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.probe = _probe_tensor(probe_images)
+        for name, v in (("mean", mean), ("std", std)):
+            if v is not None and len(v) != self.probe.shape[1]:
+                raise DeconvisError(f"{name} has {len(v)} values but the probe images have {self.probe.shape[1]} channels")
+        if std is not None and any(float(s) <= 0 for s in std):
+            raise DeconvisError(f"std values must be positive, got {list(std)}")
+        self.mean = None if mean is None else [float(m) for m in mean]
+        self.std = None if std is None else [float(s) for s in std]
+
+        self.model = model
+        self.dn = DeconvNet(model)          # built once; shares the model's parameters
+        if isinstance(layers, str):
+            layers = [s.strip() for s in layers.split(",") if s.strip()]
+        if not layers:
+            raise DeconvisError("layers is empty; name at least one layer, e.g. conv1"
+                                + close_matches("conv", self.dn.aliases))
+        self.layers: List[str] = []
+        for l in layers:
+            name = self.dn.resolve(str(l))
+            if name in self.layers:
+                raise DeconvisError(f"layer {l!r} is listed twice (it is {name!r})")
+            self.layers.append(name)
+        self.display = {l: self.dn.display_name(l) for l in self.layers}
+
+        # one forward of one probe image: channel counts and spatial maps, before any training
+        with preserve_training_state(model):
+            acts = self.dn.activations(self.probe[:1], self.layers)
+        self.channels: Dict[str, int] = {}
+        for l in self.layers:
+            if acts[l].dim() != 4:
+                raise DeconvisError(f"layer {self.display[l]!r} ({l}) has no spatial map (shape "
+                                    f"{list(acts[l].shape)}); choose conv or pool layers")
+            self.channels[l] = int(acts[l].shape[1])
+        self.features: Dict[str, Optional[List[int]]] = self._resolve_features(features_per_layer)
+        self.n_features: Dict[str, int] = {l: (len(f) if f is not None else int(features_per_layer))  # type: ignore[arg-type]
+                                           for l, f in self.features.items()}
+
+        self.writer = open_summary_writer(tensorboard)
+        self.columns: List[Column] = []
+        self.history: List[Tuple[str, float]] = []  # (label, seconds incl. drawing/saving) per snapshot
+        self.figures: Dict[str, np.ndarray] = {}
+        self._config = {"layers": list(self.layers), "rule": rule, "tile_size": tile_size, "select": select,
+                        "features_spec": self._spec_repr(features_per_layer), "probe": _fingerprint(self.probe),
+                        "mean": self.mean, "std": self.std}
+        if out_dir is not None and resume:
+            self._load_state()
+
+    # -------------------------------------------------------------- configuration
+    @staticmethod
+    def _spec_repr(spec: FeaturesSpec) -> Any:
+        if isinstance(spec, Mapping):
+            return {str(k): [int(c) for c in v] for k, v in spec.items()}
+        if isinstance(spec, (int, np.integer)):
+            return int(spec)
+        return [int(c) for c in spec]
+
+    def _check_channels(self, layer: str, chans: Any) -> List[int]:
+        try:
+            ids = list(chans)
+        except TypeError:
+            raise DeconvisError(f"features for {self.display[layer]!r} must be a list of channel ids, got {chans!r}") from None
+        if not ids:
+            raise DeconvisError(f"features for {self.display[layer]!r} is empty; give at least one channel id")
+        c = self.channels[layer]
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise DeconvisError(f"channel ids must be integers, got {i!r} for {self.display[layer]!r}")
+            if not 0 <= i < c:
+                raise DeconvisError(f"feature {i} is out of range for {self.display[layer]!r}, which has "
+                                    f"{c} channels (ids 0..{c - 1})")
+        if len(set(ids)) != len(ids):
+            raise DeconvisError(f"features for {self.display[layer]!r} repeat a channel: {ids}")
+        return [int(i) for i in ids]
+
+    def _resolve_features(self, spec: FeaturesSpec) -> Dict[str, Optional[List[int]]]:
+        out: Dict[str, Optional[List[int]]] = {}
+        if isinstance(spec, Mapping):
+            given = {}
+            for k, v in spec.items():
+                try:
+                    name = self.dn.resolve(str(k))
+                except DeconvisError:
+                    name = None
+                if name not in self.layers:
+                    raise DeconvisError(f"features_per_layer names layer {k!r}, which is not in layers "
+                                        f"{[self.display[l] for l in self.layers]}"
+                                        + close_matches(str(k), list(self.display.values())))
+                given[name] = v
+            missing = [self.display[l] for l in self.layers if l not in given]
+            if missing:
+                raise DeconvisError(f"features_per_layer gives no channels for {missing}; add them or use an int")
+            return {l: self._check_channels(l, given[l]) for l in self.layers}
+        if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+            n = int(spec)
+            if n < 1:
+                raise DeconvisError(f"features_per_layer must be at least 1, got {n}")
+            for l in self.layers:
+                if n > self.channels[l]:
+                    raise DeconvisError(f"features_per_layer={n} but {self.display[l]!r} has only "
+                                        f"{self.channels[l]} channels")
+                if self.select == "first":
+                    out[l] = list(range(n))
+                elif self.select == "spread":
+                    out[l] = [int(round(i)) for i in np.linspace(0, self.channels[l] - 1, n)]
+                else:
+                    out[l] = None  # chosen at the first snapshot
+            return out
+        if isinstance(spec, (str, bytes)) or isinstance(spec, bool):
+            raise DeconvisError(f"features_per_layer must be an int, a list of channel ids or a dict, got {spec!r}")
+        return {l: self._check_channels(l, spec) for l in self.layers}  # type: ignore[arg-type]
+
+    # -------------------------------------------------------------- persistence
+    def _state_path(self) -> str:
+        assert self.out_dir is not None
+        return os.path.join(self.out_dir, STATE_FILE)
+
+    def _load_state(self) -> None:
+        path = self._state_path()
+        if not os.path.isfile(path):
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DeconvisError(f"cannot read snapshot state {path!r} ({type(exc).__name__}: {exc}); "
+                                "delete it or pass resume=False") from exc
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DeconvisError(f"{path!r} is not a deconvis snapshot state (version {STATE_VERSION}); "
+                                "use another out_dir or resume=False")
+        old = state["config"]
+        for key, value in self._config.items():
+            if old.get(key) != value:
+                raise DeconvisError(f"{path!r} was made with a different {key} ({old.get(key)!r}, now "
+                                    f"{value!r}); use another out_dir, or resume=False to start over")
+        self.features = {l: [int(c) for c in state["features"][l]] for l in self.layers}
+        self.n_features = {l: len(f) for l, f in self.features.items()}  # type: ignore[arg-type]
+        self.columns = [Column.from_state(c) for c in state["columns"]]
+        self.figures = {l: self.render(l) for l in self.layers}
+        log.info("resumed %d snapshot(s) from %s: %s", len(self.columns), path,
+                 ", ".join(c.label for c in self.columns))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume: config, the fixed features, every column's tiles."""
+        return {"version": STATE_VERSION, "config": self._config,
+                "features": {l: list(f or []) for l, f in self.features.items()},
+                "columns": [c.to_state() for c in self.columns]}
+
+    def _save(self) -> None:
+        if self.out_dir is None:
+            return
+        atomic.save_torch(self.state_dict(), self._state_path())
+        for l in self.layers:
+            atomic.write_png(self.figure_path(l), self.figures[l])
+        atomic.write_json(os.path.join(self.out_dir, SUMMARY_FILE), self.summary())
+
+    def figure_path(self, layer: str) -> str:
+        """``out_dir/evolution_<layer alias>.png``."""
+        assert self.out_dir is not None
+        name = self.display[self.dn.resolve(layer)].replace("/", "_")
+        return os.path.join(self.out_dir, f"evolution_{name}.png")
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-able record: layers, features, per snapshot its cost and each feature's unit."""
+        return {
+            "layers": {self.display[l]: l for l in self.layers},
+            "rule": self.rule,
+            "features": {self.display[l]: f for l, f in self.features.items()},
+            "snapshots": [{
+                "label": c.label, "epoch": c.epoch, "step": c.step, "seconds": round(c.seconds, 4),
+                "units": {self.display[l]: [{"image": int(u[0]), "channel": int(u[1]), "y": int(u[2]),
+                                             "x": int(u[3]), "value": float(v), "box": [int(b) for b in bx]}
+                                            for u, v, bx in zip(c.units[l], c.value[l], c.boxes[l])]
+                          for l in self.layers},
+            } for c in self.columns],
+        }
+
+    # -------------------------------------------------------------- hooks
+    def wants_epoch(self, epoch: int) -> bool:
+        return self.epochs is None or epoch in self.epochs
+
+    def on_epoch_end(self, epoch: int, model: Optional[nn.Module] = None) -> Optional[Column]:
+        """Call after epoch ``epoch`` (1-based) finished; snapshots when it is a chosen epoch."""
+        if not self.wants_epoch(int(epoch)):
+            return None
+        return self.snapshot(epoch=int(epoch), model=model)
+
+    def on_step_end(self, step: int, model: Optional[nn.Module] = None) -> Optional[Column]:
+        """Call after optimiser step ``step`` (1-based global count); snapshots every
+        ``every_n_steps`` steps (never when that is None)."""
+        if self.every_n_steps is None or int(step) < 1 or int(step) % self.every_n_steps:
+            return None
+        return self.snapshot(step=int(step), model=model)
+
+    def close(self) -> None:
+        if self.writer is not None and hasattr(self.writer, "flush"):
+            self.writer.flush()
+
+    # -------------------------------------------------------------- the snapshot
+    def _use_model(self, model: Optional[nn.Module]) -> None:
+        if model is not None and model is not self.model:
+            dn = DeconvNet(model)
+            for l in self.layers:
+                dn.resolve(l)
+            self.model, self.dn = model, dn
+
+    def _strongest(self) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Per layer, per channel: the probe-set maximum (float [C]) and its unit (int64 [C, 4] =
+        image, channel, y, x); ties go to the smaller image index, then row-major first."""
+        best: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for start in range(0, len(self.probe), self.batch_size):
+            acts = self.dn.activations(self.probe[start:start + self.batch_size], self.layers)
+            for l, a in acts.items():
+                n, c, h, w = a.shape
+                flat = a.detach().to(torch.float32).cpu().permute(1, 0, 2, 3).reshape(c, -1)
+                val, idx = flat.max(dim=1)
+                img, rem = idx // (h * w), idx % (h * w)
+                unit = torch.stack([img + start, torch.arange(c), rem // w, rem % w], 1)
+                if l not in best:
+                    best[l] = (val, unit)
+                else:
+                    bv, bu = best[l]
+                    better = val > bv
+                    best[l] = (torch.where(better, val, bv), torch.where(better[:, None], unit, bu))
+        return best
+
+    def _patch_images(self, x: Tensor) -> Tensor:
+        """Normalised probe images -> display values in [0, 1] (or None-normalised: raw)."""
+        if self.mean is None or self.std is None:
+            return x
+        m = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * s + m).clamp(0, 1)
+
+    def snapshot(self, epoch: Optional[int] = None, step: Optional[int] = None,
+                 model: Optional[nn.Module] = None) -> Column:
+        """Take one snapshot now (labelled by ``epoch`` or ``step``), render and save."""
+        if epoch is None and step is None:
+            raise DeconvisError("snapshot needs an epoch or a step number to label the column")
+        self._use_model(model)
+        t0 = time.perf_counter()
+        with preserve_training_state(self.model):
+            best = self._strongest()
+            for l in self.layers:  # fix the features at the first snapshot
+                if self.features[l] is None:
+                    vals = best[l][0]
+                    order = torch.sort(-vals, stable=True).indices[: self.n_features[l]]
+                    self.features[l] = [int(c) for c in order]
+            chosen = {l: best[l][1][torch.tensor(self.features[l])] for l in self.layers}
+            values = {l: best[l][0][torch.tensor(self.features[l])] for l in self.layers}
+            needed = sorted({int(i) for u in chosen.values() for i in u[:, 0]})
+            remap = {g: k for k, g in enumerate(needed)}
+            imgs = self.probe[needed]
+            self.dn.forward(imgs, layers=self.layers)
+            shown = self._patch_images(imgs.to(torch.float32))
+            rec_t, patch_t, boxes_t = {}, {}, {}
+            for l in self.layers:
+                units = chosen[l].clone()
+                units[:, 0] = torch.tensor([remap[int(i)] for i in units[:, 0]])
+                rec, boxes = self.dn.project_window(l, units.to(self.dn_device()), rule=self.rule)
+                rec, boxes = rec.detach().to(torch.float32).cpu(), boxes.cpu()
+                fired = rec.flatten(1).abs().amax(1) > 0  # a dead unit projects to nothing
+                rec_t[l] = torch.from_numpy(rec_tiles(rec, self.tile_size))
+                patch_t[l] = torch.from_numpy(patch_tiles(shown, units[:, 0], boxes, self.tile_size,
+                                                          stretch=self.mean is None, fired=fired))
+                boxes_t[l] = boxes.to(torch.int64)
+            self.dn.release()  # drop the recorded switches: nothing retained between snapshots
+        seconds = time.perf_counter() - t0
+        label = str(epoch) if epoch is not None else f"step {step}"
+        col = Column(label=label, epoch=epoch, step=step, seconds=seconds, rec=rec_t, patch=patch_t,
+                     units={l: chosen[l].to(torch.int64) for l in self.layers}, boxes=boxes_t,
+                     value={l: values[l].to(torch.float32) for l in self.layers})
+        # a rerun of an epoch/step (after a resumed training run) replaces that column and later ones
+        if epoch is not None:
+            self.columns = [c for c in self.columns if c.epoch is None or c.epoch < epoch]
+        else:
+            self.columns = [c for c in self.columns if c.step is None or c.step < step]  # type: ignore[operator]
+        self.columns.append(col)
+        self.figures = {l: self.render(l) for l in self.layers}
+        self._save()
+        self._log_tensorboard(col, epoch if epoch is not None else step)
+        total = time.perf_counter() - t0
+        self.history.append((label, total))
+        log.info("snapshot %s: %.2f s (%.2f s search + projection, %.2f s drawing and saving)",
+                 label, total, seconds, total - seconds)
+        return col
+
+    def dn_device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # -------------------------------------------------------------- output
+    def render(self, layer: str) -> np.ndarray:
+        """The evolution figure of ``layer`` so far: uint8 RGB [H, W, 3] (see
+        :func:`deconvis.evolution.evolution_figure` for the layout)."""
+        l = self.dn.resolve(layer)
+        feats = self.features[l] or []
+        return evolution_figure([c.rec[l].numpy() for c in self.columns],
+                                [c.patch[l].numpy() for c in self.columns],
+                                col_labels=[c.label for c in self.columns],
+                                row_labels=[f"#{f}" for f in feats],
+                                title=f"{self.display[l]} ({self.rule})")
+
+    def _log_tensorboard(self, col: Column, step: Optional[int]) -> None:
+        if self.writer is None:
+            return
+        for l in self.layers:
+            name = self.display[l]
+            self.writer.add_image(f"deconvis/evolution/{name}", self.figures[l], global_step=step,
+                                  dataformats="HWC")
+            self.writer.add_image(f"deconvis/snapshot/{name}",
+                                  evolution_figure([col.rec[l].numpy()], [col.patch[l].numpy()],
+                                                   col_labels=[col.label], row_labels=None, title=None),
+                                  global_step=step, dataformats="HWC")
+        self.writer.add_scalar("deconvis/snapshot_seconds", col.seconds, global_step=step)
