@@ -78,10 +78,17 @@ class ZFNetDemo(nn.Module):
         return self.classifier(x)
 
 
-def _init_weights(model: ZFNetDemo) -> None:
+#: initial bias of conv2..conv5 (small positive, as AlexNet's 1 / ZF's for some layers): their
+#: inputs are rectified (>= 0), so a channel whose pre-activation an early AdamW step drives
+#: below 0 everywhere gets no gradient again -- with zero biases ~30% of conv2 died this way
+DEMO_CONV_BIAS = 0.1
+
+
+def _init_weights(model: ZFNetDemo, conv_bias: float = DEMO_CONV_BIAS) -> None:
     """conv1 N(0, 0.01) as ZF (small: what training writes into the first-layer filters soon
     outweighs the init noise), the other convs He-normal (fan_out, as torchvision AlexNet/VGG:
-    without normalisation layers a deep ReLU stack needs it), linears N(0, 0.01), zero biases."""
+    without normalisation layers a deep ReLU stack needs it), linears N(0, 0.01); conv1 and
+    linear biases zero, conv2..conv5 biases ``conv_bias`` (keeps their ReLUs alive early on)."""
     first = model.features[0]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -89,14 +96,16 @@ def _init_weights(model: ZFNetDemo) -> None:
                 nn.init.normal_(m.weight, 0.0, 0.01)
             else:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            nn.init.constant_(m.bias, 0.0 if m is first else conv_bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
 
 
-def zfnet_demo(num_classes: int = DEMO_NUM_CLASSES, seed: int = 0, dropout: float = 0.5) -> ZFNetDemo:
+def zfnet_demo(num_classes: int = DEMO_NUM_CLASSES, seed: int = 0, dropout: float = 0.5,
+               conv_bias: float = DEMO_CONV_BIAS) -> ZFNetDemo:
     """Build the demo net with a deterministic random init (``seed``); global RNG unchanged.
+    ``conv_bias``: initial bias of conv2..conv5 (see :data:`DEMO_CONV_BIAS`).
 
     Input [N, 3, 128, 128] (any size >= 63 px works: the adaptive pool fixes the classifier
     input), output logits [N, ``num_classes``].
@@ -104,5 +113,5 @@ def zfnet_demo(num_classes: int = DEMO_NUM_CLASSES, seed: int = 0, dropout: floa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ZFNetDemo(num_classes=num_classes, dropout=dropout)
-        _init_weights(model)
+        _init_weights(model, conv_bias=conv_bias)
     return model

@@ -38,6 +38,41 @@ def test_init_is_deterministic_and_leaves_global_rng_alone():
     assert not torch.equal(a.features[0].weight, c.features[0].weight)
 
 
+def test_init_biases_keep_conv2_to_conv5_alive():
+    """conv1 (and the linears) start with zero bias, conv2..conv5 with a small positive one."""
+    from deconvis.cli.train_cmd import TrainConfig, load_config
+    from deconvis.demo_model import DEMO_CONV_BIAS
+
+    assert 0 < DEMO_CONV_BIAS <= 1
+    convs = [l for l in zfnet_demo().features if isinstance(l, torch.nn.Conv2d)]
+    assert torch.count_nonzero(convs[0].bias) == 0
+    for c in convs[1:]:
+        assert torch.equal(c.bias, torch.full_like(c.bias, DEMO_CONV_BIAS))
+    zero = [l for l in zfnet_demo(conv_bias=0.0).features if isinstance(l, torch.nn.Conv2d)]
+    assert all(torch.count_nonzero(c.bias) == 0 for c in zero)
+    # weights do not depend on the bias choice
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(convs, zero))
+    cfg_path = os.path.join(os.path.dirname(os.path.dirname(ASSET)), "..", "configs", "train_demo.yaml")
+    assert TrainConfig().conv_bias_init == DEMO_CONV_BIAS
+    assert load_config(cfg_path).conv_bias_init == DEMO_CONV_BIAS
+
+
+@pytest.mark.skipif(not os.path.isfile(ASSET), reason="deconvis/assets/zfnet_demo.pt not built yet")
+def test_shipped_checkpoint_has_few_dead_channels():
+    """ZF Fig. 6: dead filters are a training defect. Over the demo image set, fewer than 10% of
+    each layer's channels may never fire."""
+    from deconvis.diagnose import channel_max, image_set_batches
+
+    lm = load_model("zfnet_demo", ASSET)
+    pp = lm.preprocess
+    batches = image_set_batches("builtin:skimage-crops", pp.resize, pp.crop[0], batch_size=64,
+                                mean=pp.mean, std=pp.std)
+    mx = channel_max(lm.model, batches, [f"conv{i}" for i in range(1, 6)])
+    for layer, v in mx.items():
+        dead = int((v <= 0).sum())
+        assert dead < 0.1 * len(v), f"{layer}: {dead}/{len(v)} channels dead"
+
+
 def test_is_a_chain_the_deconvnet_mirrors_exactly():
     torch.manual_seed(1)
     m = zfnet_demo(num_classes=5).double().eval()

@@ -58,6 +58,8 @@ class TrainConfig:
                                   "first layer uses the main optimiser")
     conv1_weight_decay: float = _f(5e-4, "weight decay of the first layer's SGD")
     schedule: str = _f("onecycle", "learning-rate schedule: onecycle, cosine or constant")
+    conv_bias_init: float = _f(0.1, "initial bias of conv2..conv5 (small positive keeps their ReLUs from dying "
+                                    "early; 0: the old zero init, which left ~11-30% of conv2 dead)")
     filter_radius: float = _f(0.0, "ZF filter renormalisation: rescale conv filters whose RMS exceeds this "
                                    "radius after each step (0: off)")
     seed: int = _f(0, "random seed (init, data, shuffling, dropout)")
@@ -317,7 +319,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     data = ExemplarDataset(cfg.num_classes, cfg.samples_per_class, cfg.image_size, seed=cfg.seed)
-    model = zfnet_demo(num_classes=cfg.num_classes, seed=cfg.seed).to(device)
+    model = zfnet_demo(num_classes=cfg.num_classes, seed=cfg.seed, conv_bias=cfg.conv_bias_init).to(device)
     steps_per_epoch = len(data) // cfg.batch_size
     opt = _Optimisers(cfg, model, cfg.epochs * steps_per_epoch)
 
