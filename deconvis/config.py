@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from deconvis.errors import DeconvisError, close_matches
 
 RULES = ("deconvnet", "guided", "gradient")
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse wording
@@ -42,8 +43,18 @@ class VisualizeConfig:
     max_images: Optional[int] = _f(None, "use only the first N images of the set")
     channels: Optional[int] = _f(None, "visualise only the first N channels of every layer")
     batch_size: int = _f(32, "images per mining/projection batch")
-    workers: int = _f(0, "DataLoader worker processes")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    workers: int = _f(0, "DataLoader worker processes (decode + preprocess in parallel)")
+    prefetch_factor: int = _f(2, "batches each DataLoader worker loads ahead (with workers > 0)")
+    device: str = _f("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun each "
+                             "process takes cuda:LOCAL_RANK")
+    amp: str = _f("none", "mixed precision for the mining forward: none, bf16 (CUDA, CPU) or fp16 (CUDA only); "
+                          "projections stay in full precision")
+    channels_last: bool = _f(False, "mine with the model and images in channels_last memory format (faster convs "
+                                    "on recent GPUs, notably with --amp)")
+    profile: bool = _f(False, "time every mining batch exactly (synchronises the device around each step: "
+                              "slower; per-batch times go to run.log)")
+    dist_timeout: int = _f(600, "torchrun runs: seconds without progress from a rank (crashed or hung) before "
+                                "the others give up with an error; also the limit of one collective")
     rule: str = _f("deconvnet", "backward rule for the projection: deconvnet (ZF), guided or gradient")
     seed: int = _f(0, "random seed (random weights are drawn from it)")
     resize: Optional[int] = _f(None, "override the model's preprocessing: resize the short side to N pixels")
@@ -51,7 +62,8 @@ class VisualizeConfig:
     out: str = _f("outputs", "output root folder")
     run: str = _f("", "run name (folder under --out); default: the config file's name, else the model name")
     checkpoint_every: int = _f(50, "save the mining state every N batches (0: only at the end)")
-    project_batch: int = _f(64, "units per projection call")
+    project_batch: Optional[int] = _f(0, "units handed to one projection call; 0 = auto (batches sized by free "
+                                         "device memory, halved on out-of-memory)")
     per_sheet: int = _f(16, "channels per grid sheet (PNG page)")
     sheet_columns: int = _f(4, "channel blocks per sheet row")
     min_tile: int = _f(64, "smallest tile side in sheets, pixels (small RF patches are upscaled, nearest)")
@@ -63,7 +75,8 @@ class VisualizeConfig:
 
 # keys that decide which units win: a saved mining state is only reused when these match (the
 # pipeline adds derived values: resolved layers, weights digest, image list digest, preprocessing);
-# ``rule`` changes only the tiles, which are re-projected without re-mining
+# ``rule`` changes only the tiles, which are re-projected without re-mining; ``amp`` (other than
+# none) joins the identity in the pipeline, so existing full-precision runs keep their hash
 MINING_KEYS = ("model", "weights", "layers", "k", "images", "max_images", "channels", "seed", "resize", "crop")
 
 FIELD_NAMES = tuple(f.name for f in fields(VisualizeConfig))
@@ -99,7 +112,7 @@ def _coerce(name: str, kind: str, value: Any, source: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise DeconvisError(f"{where} must be true or false, got {value!r}")
     if kind in ("int", "optint"):
-        if value is None or (kind == "optint" and isinstance(value, str) and value.lower() in ("", "none", "all", "null")):
+        if value is None or (kind == "optint" and isinstance(value, str) and value.lower() in ("", "none", "all", "null", "auto")):
             if kind == "optint":
                 return None
             raise DeconvisError(f"{where} must be an integer, got nothing")
@@ -173,7 +186,8 @@ def validate(cfg: VisualizeConfig) -> VisualizeConfig:
         raise DeconvisError(f"k must be at least 1, got {cfg.k}")
     if cfg.k > 100:
         raise DeconvisError(f"k={cfg.k} is too large for grids (at most 100)")
-    for name in ("batch_size", "project_batch", "per_sheet", "sheet_columns", "min_tile", "max_tile"):
+    for name in ("batch_size", "per_sheet", "sheet_columns", "min_tile", "max_tile", "prefetch_factor",
+                 "dist_timeout"):
         if getattr(cfg, name) < 1:
             raise DeconvisError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("workers", "checkpoint_every"):
@@ -183,6 +197,11 @@ def validate(cfg: VisualizeConfig) -> VisualizeConfig:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise DeconvisError(f"{name} must be at least 1 (or unset), got {v}")
+    if cfg.project_batch is not None and cfg.project_batch < 0:
+        raise DeconvisError(f"project_batch must be 0 or unset (auto) or a positive number, got {cfg.project_batch}")
+    if cfg.amp not in AMP_MODES:
+        raise DeconvisError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}"
+                            + close_matches(cfg.amp, AMP_MODES))
     if cfg.min_tile > cfg.max_tile:
         raise DeconvisError(f"min_tile ({cfg.min_tile}) is larger than max_tile ({cfg.max_tile})")
     if cfg.render_only and cfg.fresh:
@@ -237,6 +256,11 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+#: short aliases: ``torchrun`` abbreviates its own options, so ``torchrun ... -m deconvis visualize
+#: --run NAME`` fails ("ambiguous option: --run could match --run-path"); ``-n NAME`` passes through
+SHORT_FLAGS = {"run": "-n"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per config field (default None = not given, so YAML values survive)."""
     for f in fields(VisualizeConfig):
@@ -247,7 +271,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=helptext)
         else:
             metavar = {"int": "N", "optint": "N", "list": "A,B,..", "images": "SPEC"}.get(kind, "STR")
-            parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=metavar,
+            if f.name in SHORT_FLAGS:
+                helptext += f" ({SHORT_FLAGS[f.name]} {metavar} is the same; use it under torchrun)"
+            names = [flag_name(f.name)] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
+            parser.add_argument(*names, dest=f.name, default=None, metavar=metavar,
                                 help=f"{helptext} (default: {f.default if f.default is not dataclasses.MISSING else '[]'})")
 
 

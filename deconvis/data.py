@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.models import Preprocess
@@ -486,8 +486,17 @@ class ImageDataset(Dataset):
         return normalize(shown, self.preprocess), i
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Ordered (unshuffled) batches ``(images [B, 3, h, w], ids [B])``."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=2 if workers > 0 else None)
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int = 0, pin_memory: bool = False, *,
+                sampler: Optional[Sampler] = None, prefetch_factor: int = 2,
+                persistent_workers: bool = False) -> DataLoader:
+    """Ordered (unshuffled) batches ``(images [B, 3, h, w], ids [B])``.
+
+    ``sampler`` picks (and orders) the dataset positions, e.g. one rank's shard
+    (:class:`deconvis.distributed.ShardSampler`); ``workers`` processes decode in parallel, each
+    ``prefetch_factor`` batches ahead; ``pin_memory`` (for CUDA) lets the copy to the device run
+    asynchronously; ``persistent_workers`` keeps the workers between passes. (Workers leave
+    OpenCV's thread settings alone: ``cv2.setNumThreads`` in a forked worker hangs when the parent
+    had used OpenCV's thread pool.)"""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=bool(persistent_workers and workers > 0),
+                      prefetch_factor=prefetch_factor if workers > 0 else None)

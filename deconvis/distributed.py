@@ -10,19 +10,32 @@ Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, `
 3. splits projection and rendering across ranks (:func:`split_for_rank`), and rank 0 writes the
    report.
 
-A failure on one rank must not hang the others: :func:`agree` is called at each phase boundary;
-every rank says whether it failed, and if any did, all raise the same :class:`DeconvisError`
-naming the rank and its error. The process group has a timeout, and torchrun ends the whole
-group when any process exits with an error, so a crashed rank cannot leave the job hanging.
+A failure on one rank must not hang the others. Every phase runs inside :func:`phase`; on
+leaving it all ranks :func:`agree` (one small all-gather): if any rank failed, all raise the same
+:class:`DeconvisError` naming the rank and its error. A rank that fails also raises a flag in the
+process group's key-value store (:func:`signal_failure`), which the others poll between batches
+(:func:`failure_watch`, at most once a second, no collective), so a failure at batch 1 does not
+wait for the other ranks to finish a long phase: they stop within about a second plus one batch
+and join the agreement. A rank that finishes a phase early waits for the others in the store as
+long as they make progress (no time limit: an uneven phase is fine); a rank that crashed outright
+or hangs is caught after ``timeout_s`` seconds without progress (or by the process group's
+timeout on a collective; torchrun also ends the whole group when any process exits with an
+error).
 Backends: NCCL on CUDA, gloo on CPU.
+
+Phase bodies hold no collectives (a failing rank leaves its body early: a collective inside would
+pair with the wrong call on the others); collectives run between phases, where every rank
+arrives.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, TypeVar
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +43,10 @@ import torch.distributed as dist
 from deconvis.errors import DeconvisError
 
 T = TypeVar("T")
+log = logging.getLogger("deconvis")
+
+_FAIL_KEY = "deconvis/failed"
+_sessions = [0]  # sessions opened by this process (same count on every rank): store keys per session
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,8 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 600.0
+    tag: str = ""  # distinguishes runs in one process group (failure-flag key)
 
     @property
     def enabled(self) -> bool:
@@ -50,6 +69,10 @@ class DistInfo:
         return self.rank == 0
 
 
+class PeerFailed(Exception):
+    """Another rank failed; this rank left its phase to join the agreement (not an error of its own)."""
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -58,24 +81,45 @@ def init(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] 
     """Join the process group when launched by torchrun (else a 1-process :class:`DistInfo`).
 
     CUDA runs use NCCL and the device ``cuda:LOCAL_RANK``; CPU runs use gloo. ``timeout_s``
-    bounds how long a collective waits for a rank that stopped answering.
+    bounds how long a collective waits for a rank that stopped answering. A 1-process torchrun
+    job creates no process group.
     """
     if not launched_by_torchrun():
-        return DistInfo(device=device)
+        return DistInfo(device=device, timeout_s=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank=rank, world=world, local_rank=local, device=device)
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - rendezvous/network errors become one clear line
+            raise DeconvisError(f"rank {rank} of {world} could not join the process group ({backend}, "
+                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return DistInfo(rank=rank, world=world, local_rank=local, device=device, timeout_s=timeout_s)
 
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] = None) -> Iterator[DistInfo]:
+    """``with session(device) as info:`` -- :func:`init` for one run, and on leaving, destroy the
+    process group if this call created it (one made by the caller is left alone)."""
+    created = launched_by_torchrun() and not dist.is_initialized()
+    info = init(device, timeout_s, backend)
+    _sessions[0] += 1
+    info = replace(info, tag=str(_sessions[0]))
+    try:
+        yield info
+    finally:
+        if created:
+            shutdown(info)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -93,17 +137,36 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def shard_size(n: int, rank: int = 0, world: int = 1) -> int:
+    """How many of ``0..n-1`` :class:`ShardSampler` gives ``rank``."""
+    return len(range(rank, n, world))
+
+
 def split_for_rank(items: Sequence[T], info: DistInfo) -> List[T]:
     """This rank's share of ``items`` (round-robin, so layers and channels spread evenly)."""
     return list(items[info.rank::info.world])
 
 
-def all_gather_objects(obj: object, info: DistInfo) -> List[object]:
-    """Every rank's ``obj`` in rank order (``[obj]`` when not distributed)."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def all_gather_objects(obj: object, info: DistInfo, what: str = "") -> List[object]:
+    """Every rank's ``obj`` in rank order (``[obj]`` when not distributed).
+
+    A collective that fails (a rank crashed, or did not arrive within the process group's
+    timeout) becomes a :class:`DeconvisError` saying so."""
     if not info.enabled:
         return [obj]
     out: List[object] = [None] * info.world
-    dist.all_gather_object(out, obj)
+    try:
+        dist.all_gather_object(out, obj)
+    except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors, timeouts
+        where = f" during {what}" if what else ""
+        raise DeconvisError(f"rank {info.rank} of {info.world} lost contact with the other ranks{where} "
+                            f"({type(exc).__name__}: {_first_line(exc)}); another rank crashed or did not "
+                            f"answer within --dist-timeout {info.timeout_s:g} s: see its log") from exc
     return out
 
 
@@ -116,7 +179,7 @@ def gather_topk(topk, info: DistInfo):
         return topk
     from deconvis.mining import TopK
 
-    states = all_gather_objects(topk.state_dict(), info)
+    states = all_gather_objects(topk.state_dict(), info, "the top-k merge")
     merged = TopK(topk.layers, topk.k, device=topk.device)
     for st in states:
         part = TopK(topk.layers, topk.k, device=topk.device).load_state_dict(st)
@@ -124,30 +187,157 @@ def gather_topk(topk, info: DistInfo):
     return merged
 
 
+# -- failures ------------------------------------------------------------------------------------
+
+def _store(info: DistInfo):
+    """The default process group's key-value store (None when there is none)."""
+    if not info.enabled or not dist.is_initialized():
+        return None
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)  # stable since torch 1.x
+    try:
+        return get() if get is not None else None
+    except Exception:  # noqa: BLE001 - no store: failures are still shared at the phase end
+        return None
+
+
+def _key(info: DistInfo, *parts: object) -> str:
+    return "/".join(["deconvis", info.tag, *map(str, parts)])
+
+
+def _fail_key(info: DistInfo) -> str:
+    return _key(info, "failed")
+
+
+def signal_failure(info: DistInfo, message: str = "") -> None:
+    """Tell the other ranks (through the store, no collective) that this rank failed."""
+    store = _store(info)
+    if store is None:
+        return
+    try:
+        store.set(_fail_key(info), f"{info.rank}:{message}"[:2000])
+    except Exception:  # noqa: BLE001 - best effort: the phase-end agreement still shares the failure
+        pass
+
+
+def failure_watch(info: DistInfo, every_s: float = 1.0) -> Callable[[], None]:
+    """A cheap ``check()`` to call between batches: raises :class:`PeerFailed` once another rank
+    has signalled a failure, and counts this rank's progress (what ranks that finished a phase
+    early watch while they wait, see :func:`phase`). Talks to the store at most every
+    ``every_s`` seconds (a few microseconds otherwise); a no-op when not distributed."""
+    store = _store(info)
+    if store is None:
+        return lambda: None
+    fail, progress = _fail_key(info), _key(info, "progress")
+    last = [time.monotonic()]
+
+    def check() -> None:
+        now = time.monotonic()
+        if now - last[0] < every_s:
+            return
+        last[0] = now
+        try:
+            store.add(progress, 1)
+            failed = store.check([fail])
+        except Exception:  # noqa: BLE001 - store gone: the agreement will report it
+            return
+        if failed:
+            raise PeerFailed("another rank failed")
+
+    return check
+
+
+_phase_seq: dict = {}
+
+
+def wait_for_peers(info: DistInfo, name: str, poll_s: float = 0.25) -> None:
+    """Wait (through the store, no collective) until every rank has finished phase ``name`` or
+    one has failed, however long the others take while they make progress (see
+    :func:`failure_watch`). Only when no rank made progress for ``info.timeout_s`` seconds: a
+    :class:`DeconvisError` naming the ranks that never finished (hung, or lost). Then the
+    phase-end collective runs with every rank present, so it never waits long."""
+    store = _store(info)
+    if store is None:
+        return
+    seq = _phase_seq[info.tag]
+    done_key = _key(info, "phase", seq, "done")
+    progress, fail = _key(info, "progress"), _fail_key(info)
+    try:
+        store.set(_key(info, "phase", seq, "rank", info.rank), "1")
+        n_done = store.add(done_key, 1)
+        seen = store.add(progress, 0)
+    except Exception:  # noqa: BLE001 - the collective reports it
+        return
+    changed = start = last_log = time.monotonic()
+    while n_done < info.world:
+        time.sleep(poll_s)
+        now = time.monotonic()
+        try:
+            if store.check([fail]):
+                return  # the agreement that follows says which rank failed
+            n_done = store.add(done_key, 0)
+            p = store.add(progress, 0)
+        except Exception:  # noqa: BLE001
+            return
+        if p != seen:
+            seen, changed = p, now
+        if now - last_log >= 60:
+            last_log = now
+            log.info("rank %d of %d: waiting %.0f s for %d rank(s) to finish %s", info.rank, info.world,
+                     now - start, info.world - n_done, name)
+        if n_done < info.world and now - changed > info.timeout_s:
+            missing = [r for r in range(info.world)
+                       if not store.check([_key(info, "phase", seq, "rank", r)])]
+            raise DeconvisError(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                                f"{info.world} made no progress for {info.timeout_s:g} s during {name} (hung or "
+                                "lost); see its log, or raise --dist-timeout if that phase is just slow")
+
+
 def agree(info: DistInfo, error: Optional[BaseException] = None, phase: str = "") -> None:
     """Phase barrier that shares failures: if any rank passes an ``error``, every rank raises one
-    DeconvisError naming the first failing rank and its message."""
+    DeconvisError naming the first failing rank and its message (just the message when every
+    rank failed the same way, e.g. a bad setting). A :class:`PeerFailed` is not a failure of its
+    own: that rank only stopped early."""
     if not info.enabled:
-        if error is not None:
+        if error is not None and not isinstance(error, PeerFailed):
             raise error
         return
-    msg = None if error is None else f"{type(error).__name__}: {error}"
-    msgs = all_gather_objects(msg, info)
-    for r, m in enumerate(msgs):
-        if m is not None:
-            where = f" during {phase}" if phase else ""
-            raise DeconvisError(f"rank {r} of {info.world} failed{where}: {m}") from error
+    payload = None
+    if isinstance(error, PeerFailed):
+        payload = ("peer", "")
+    elif error is not None:
+        text = _first_line(error) if isinstance(error, DeconvisError) else f"{type(error).__name__}: {_first_line(error)}"
+        payload = ("error", text)
+    where = f" during {phase}" if phase else ""
+    msgs = all_gather_objects(payload, info, phase)
+    failures = [(r, m[1]) for r, m in enumerate(msgs) if m is not None and m[0] == "error"]  # type: ignore[index]
+    if failures:
+        if len(failures) == info.world and len({m for _, m in failures}) == 1:
+            raise DeconvisError(failures[0][1]) from error
+        r, m = failures[0]
+        raise DeconvisError(f"rank {r} of {info.world} failed{where}: {m}") from error
+    if any(m is not None for m in msgs):
+        raise DeconvisError(f"rank {info.rank} of {info.world} stopped{where}: a rank signalled a failure "
+                            "that it did not report; see the log of every rank")
 
 
 @contextmanager
 def phase(info: DistInfo, name: str) -> Iterator[None]:
     """``with phase(info, "mining"): ...`` -- run a phase; on leaving it, all ranks agree on
-    whether any rank failed (see :func:`agree`)."""
+    whether any rank failed (see :func:`agree`). A failing rank first raises the store flag so
+    that ranks still busy in this phase stop early (see :func:`failure_watch`); a rank that
+    finishes early waits for the others without a time limit while they make progress
+    (:func:`wait_for_peers`), so a long, uneven phase (a resumed rank with more left to do) is
+    not mistaken for a hung rank."""
+    _phase_seq[info.tag] = _phase_seq.get(info.tag, 0) + 1
     try:
         yield
     except BaseException as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
         if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not info.enabled:
             raise
+        if not isinstance(exc, PeerFailed):
+            signal_failure(info, _first_line(exc))
         agree(info, exc, name)
         raise
+    if info.enabled:
+        wait_for_peers(info, name)
     agree(info, None, name)

@@ -38,7 +38,7 @@ def test_every_key_round_trips_through_its_flag():
               "images": "builtin:skimage", "max_images": "7", "channels": "3", "batch_size": "5", "workers": "1",
               "device": "cpu", "rule": "guided", "seed": "3", "resize": "40", "crop": "32", "out": "o", "run": "r",
               "checkpoint_every": "2", "project_batch": "9", "per_sheet": "4", "sheet_columns": "2",
-              "min_tile": "10", "max_tile": "20"}
+              "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30"}
     bools = {f.name for f in dataclasses.fields(C.VisualizeConfig) if f.type == "bool"}
     assert set(sample) | bools == set(C.FIELD_NAMES)
     argv = [x for k, v in sample.items() for x in (C.flag_name(k), v)]
@@ -47,6 +47,8 @@ def test_every_key_round_trips_through_its_flag():
     assert cfg.layers == ["conv1_1", "conv5_3"] and cfg.k == 4 and cfg.max_images == 7 and cfg.rule == "guided"
     assert (cfg.batch_size, cfg.seed, cfg.crop, cfg.out, cfg.run, cfg.max_tile) == (5, 3, 32, "o", "r", 20)
     assert cfg.render_only is True and cfg.fresh is False and cfg.progress is True
+    assert (cfg.amp, cfg.prefetch_factor, cfg.dist_timeout, cfg.project_batch) == ("bf16", 4, 30, 9)
+    assert cfg.channels_last is True and cfg.profile is True
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--fresh"])))
     assert cfg.fresh is True and cfg.render_only is False
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--no-progress"])))
@@ -82,6 +84,12 @@ def test_yaml_then_flags_precedence(tmp_path):
     ("images: {type: zip}\n", "type must be"),
     ("run: a/b\n", "plain folder name"),
     ("render_only: true\nfresh: true\n", "contradict"),
+    ("amp: fp32\n", "amp must be one of none, bf16, fp16"),
+    ("amp: bf61\n", "did you mean: bf16"),
+    ("project_batch: -1\n", "project_batch must be 0 or unset"),
+    ("dist_timeout: 0\n", "dist_timeout must be at least 1"),
+    ("prefetch_factor: 0\n", "prefetch_factor must be at least 1"),
+    ("channels_last: sometimes\n", "true or false"),
 ])
 def test_bad_configs_are_clear_errors(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
@@ -113,3 +121,25 @@ def test_shipped_configs_validate(name):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = C.load_config(os.path.join(root, "configs", f"{name}.yaml"))
     assert cfg.run == name and cfg.k == 9
+
+
+def test_speed_and_distributed_keys():
+    cfg = C.load_config(None, {})
+    assert (cfg.amp, cfg.channels_last, cfg.profile, cfg.dist_timeout, cfg.prefetch_factor) == ("none", False, False,
+                                                                                                600, 2)
+    assert cfg.project_batch == 0  # auto: sized by free memory
+    assert C.load_config(None, {"project_batch": "auto"}).project_batch is None
+    assert C.load_config(None, {"project_batch": "null"}).project_batch is None
+
+
+def test_run_has_a_short_flag_that_passes_through_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    argv = ["--nproc_per_node=2", "-m", "deconvis", "visualize", "-n", "exp1", "--k", "3", "--amp", "bf16",
+            "--channels-last", "--dist-timeout", "30", "--out", "o"]
+    launcher = get_args_parser().parse_args(argv)
+    assert launcher.training_script == "deconvis" and launcher.training_script_args[:3] == ["visualize", "-n", "exp1"]
+    cfg = C.load_config(None, C.overrides_from_args(_parser().parse_args(launcher.training_script_args[1:])))
+    assert (cfg.run, cfg.k, cfg.amp, cfg.channels_last, cfg.dist_timeout) == ("exp1", 3, "bf16", True, 30)
+    with pytest.raises(SystemExit):  # why -n exists: torchrun's own --run-path makes --run ambiguous
+        get_args_parser().parse_args(argv[:4] + ["--run", "exp1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -52,8 +53,38 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except Exception as exc:  # noqa: BLE001
             with open(os.path.join(out_dir, f"err{rank}.txt"), "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}")
+        _more_failures(rank, world, out_dir)
     finally:
         D.shutdown(info)
+
+
+def _more_failures(rank: int, world: int, out_dir: str) -> None:
+    """(a) rank 1 fails at once while rank 0 is busy in a long phase: rank 0, polling the failure
+    flag between its 'batches', must stop within seconds, not at the end of its work; (b) every
+    rank failing the same way gives that plain message; (c) an error-free phase passes."""
+    info = D.DistInfo(rank=rank, world=world, timeout_s=60, tag="more")
+    watch = D.failure_watch(info, every_s=0.2)
+    t0 = time.monotonic()
+    try:
+        with D.phase(info, "mining"):
+            if rank == 1:
+                raise OSError("cannot decode batch 1 on rank 1")
+            while time.monotonic() - t0 < 60:  # a long shard: 60 s of 10 ms batches
+                time.sleep(0.01)
+                watch()
+        msg = "no error"
+    except Exception as exc:  # noqa: BLE001
+        msg = f"{type(exc).__name__}: {exc}"
+    elapsed = time.monotonic() - t0
+    try:
+        with D.phase(info, "prepare"):
+            raise D.DeconvisError("unknown layer 'conv9'")
+    except Exception as exc:  # noqa: BLE001
+        same = f"{type(exc).__name__}: {exc}"
+    with D.phase(info, "report"):
+        pass
+    with open(os.path.join(out_dir, f"more{rank}.txt"), "w") as f:
+        f.write(f"{elapsed:.3f}\n{msg}\n{same}\n")
 
 
 def test_two_gloo_ranks_merge_exactly_and_share_failures(tmp_path):
@@ -70,3 +101,59 @@ def test_two_gloo_ranks_merge_exactly_and_share_failures(tmp_path):
         err = (tmp_path / f"err{rank}.txt").read_text()
         assert err.startswith("DeconvisError: rank 1 of 2 failed during projection")
         assert "disk full on rank 1" in err
+        elapsed, msg, same = (tmp_path / f"more{rank}.txt").read_text().splitlines()
+        assert msg == "DeconvisError: rank 1 of 2 failed during mining: OSError: cannot decode batch 1 on rank 1"
+        assert float(elapsed) < 20  # not the 60 s rank 0 had left: stopped by the failure flag
+        assert same == "DeconvisError: unknown layer 'conv9'"  # all ranks alike: the message alone
+
+
+def test_failure_watch_and_agree_without_process_group():
+    info = D.DistInfo()
+    D.failure_watch(info)()  # no-op
+    with pytest.raises(KeyError):  # one process: the original error, unchanged
+        with D.phase(info, "x"):
+            raise KeyError("k")
+    with D.phase(info, "x"):
+        pass
+
+
+def _hang_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = D.init(torch.device("cpu"), timeout_s=4)
+    info = D.DistInfo(rank=info.rank, world=info.world, timeout_s=4, tag="hang")
+    try:
+        # an uneven phase longer than the timeout is fine while the busy rank makes progress
+        t0 = time.monotonic()
+        watch = D.failure_watch(info, every_s=0.5)
+        with D.phase(info, "mining"):
+            while rank == 1 and time.monotonic() - t0 < 9:
+                time.sleep(0.05)
+                watch()
+        with open(os.path.join(out_dir, f"uneven{rank}.txt"), "w") as f:
+            f.write(f"{time.monotonic() - t0:.3f}\n")
+        t0 = time.monotonic()
+        try:
+            with D.phase(info, "projection"):
+                if rank == 1:
+                    time.sleep(12)  # hangs past the timeout without failing
+        except Exception as exc:  # noqa: BLE001
+            msg = f"{type(exc).__name__}: {exc}"
+        else:
+            msg = "no error"
+        with open(os.path.join(out_dir, f"hang{rank}.txt"), "w") as f:
+            f.write(f"{time.monotonic() - t0:.3f}\n{msg}\n")
+    finally:
+        if rank == 0:
+            os._exit(0)  # the group is broken: skip the teardown handshake
+        D.shutdown(info)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_with_a_clear_error(tmp_path):
+    mp.spawn(_hang_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert float((tmp_path / "uneven0.txt").read_text()) > 8  # rank 0 waited 9 s > timeout 4 s, no error
+    elapsed, msg = (tmp_path / "hang0.txt").read_text().splitlines()
+    assert msg == ("DeconvisError: rank 1 of 2 made no progress for 4 s during projection (hung or lost); see its "
+                   "log, or raise --dist-timeout if that phase is just slow")
+    assert 3.5 < float(elapsed) < 11

@@ -287,3 +287,74 @@ def test_out_of_memory_halves_the_forward_without_double_counting():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         mine(other_error, batches, TopK(list(acts), 3), progress=False)
+
+
+def test_mine_reports_where_the_time_goes():
+    """Known costs (sleeps) in the loader, the forward and the top-k update are found again in
+    MiningTimes: load, forward and top-k each at least their sleeps, the split adds up."""
+    import time
+
+    from deconvis.mining import MiningTimes
+
+    acts = {"l": torch.randn(8, 3, 2, 2)}
+
+    def batches():
+        for s in range(0, 8, 2):
+            time.sleep(0.03)
+            yield torch.arange(s, s + 2.0), torch.arange(s, s + 2)
+
+    def act_fn(x):
+        time.sleep(0.02)
+        return {"l": acts["l"][x.long()]}
+
+    class SlowTopK(TopK):
+        def update(self, a, ids):
+            time.sleep(0.01)
+            super().update(a, ids)
+
+    polled = []
+    times = MiningTimes()
+    topk = mine(act_fn, batches(), SlowTopK(["l"], 2), progress=False, times=times, profile=True,
+                on_batch=polled.append)
+    assert polled == [1, 2, 3, 4] and times.batches == 4 and times.images == 8 and times.clock == "host"
+    assert times.load >= 4 * 0.03 and times.forward >= 4 * 0.02 and times.topk >= 4 * 0.01
+    assert times.forward < 4 * 0.03 + 0.5 and times.topk < 4 * 0.02 + 0.5  # not the others' sleeps
+    assert times.total >= times.load + times.forward + times.topk - 1e-6
+    assert len(times.per_batch) == 4 and all(b[0] >= 0.03 and b[1] >= 0.02 for b in times.per_batch)
+    assert as_rows(topk, "l") == oracle({"l": acts["l"].numpy()}, range(8), 2)["l"]
+    text = times.summary()
+    assert text.startswith("load ") and "forward" in text and "top-k" in text and "img/s" in text
+    assert set(times.to_dict()) >= {"load", "forward", "topk", "other", "total", "images", "clock"}
+
+
+def test_out_of_memory_inside_the_deconvnet_forward_is_retried(monkeypatch):
+    """DeconvNet wraps forward errors in a DeconvisError (``from`` the original): an out-of-memory
+    error in the real ``dn.activations`` must still halve the batch, and the winners must equal
+    the brute-force oracle's."""
+    import deconvis.deconvnet as dmod
+    from deconvis.deconvnet import DeconvNet
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3), nn.ReLU()).double()
+    x = torch.randn(7, 3, 12, 12, dtype=torch.float64)
+    dn = DeconvNet(model)
+    real_relu = dmod.F.relu
+    sizes = []
+
+    def relu(t, *a, **k):
+        sizes.append(t.shape[0])
+        if t.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_relu(t, *a, **k)
+
+    monkeypatch.setattr(dmod.F, "relu", relu)
+    batches = [(x[s:s + 4], torch.arange(s, min(s + 4, 7))) for s in range(0, 7, 4)]
+    with pytest.warns(RuntimeWarning, match="out of memory while mining: forwarding 2 images"):
+        topk = mine(lambda b: dn.activations(b, ["1", "4"]), batches, TopK(["1", "4"], 2), progress=False)
+    monkeypatch.setattr(dmod.F, "relu", real_relu)
+    assert topk.seen == 7 and max(sizes[1:]) <= 2
+    with torch.no_grad():
+        a1 = model[:2](x)
+        a4 = model(x)
+    want = oracle({"1": a1.numpy(), "4": a4.numpy()}, range(7), 2)
+    assert as_rows(topk, "1") == want["1"] and as_rows(topk, "4") == want["4"]

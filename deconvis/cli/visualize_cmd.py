@@ -6,6 +6,10 @@ Settings come from ``--config FILE.yaml`` overridden by flags; every config key 
     deconvis visualize --config configs/demo.yaml
     deconvis visualize --model alexnet --weights DEFAULT --layers conv1,conv5 --images ~/photos --k 9
     deconvis visualize --config configs/demo.yaml --render-only --per-sheet 8
+    torchrun --nproc_per_node=4 -m deconvis visualize --config configs/alexnet.yaml --images /data/val
+
+Under torchrun only rank 0 prints progress and the summary; the other ranks print warnings and
+errors only.
 """
 from __future__ import annotations
 
@@ -30,10 +34,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _console_log() -> logging.Handler:
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            return int(os.environ["RANK"])
+        except ValueError:
+            return 0
+    return 0
+
+
+def _console_log(rank: int = 0) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("deconvis: %(message)s"))
-    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("deconvis: %(message)s" if rank == 0 else f"deconvis[rank {rank}]: %(message)s"))
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger = logging.getLogger("deconvis")
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -46,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load_config(args.config, config_mod.overrides_from_args(args))
     config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else None
-    handler = _console_log()
+    handler = _console_log(_rank())
     t0 = time.perf_counter()
     try:
         out = pipeline.run(cfg, config_dir=config_dir)
     finally:
         logging.getLogger("deconvis").removeHandler(handler)
+    if out.rank != 0:
+        return 0
     res = out.results
     n_units = sum(len(u.winners) for lr in res.layers for u in lr.units)
     print(f"run {cfg.run}: {len(res.layers)} layers, {n_units} units, top-{res.config.get('k')} over "
@@ -60,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
           + f", {time.perf_counter() - t0:.1f} s")
     for phase, secs in out.seconds.items():
         print(f"  {phase:8s} {secs:7.1f} s")
+    if out.mining is not None:
+        where = f" (rank 0 of {out.world})" if out.world > 1 else ""
+        print(f"  mining time{where}: {out.mining.summary()}")
+        for st in res.stats.get("ranks", [])[1:]:
+            sp = st["split"]
+            print(f"  mining time (rank {st['rank']} of {out.world}): load {sp['load']:.2f} s, forward "
+                  f"{sp['forward']:.2f} s, top-k {sp['topk']:.2f} s, other {sp['other']:.2f} s; {st['images']} images")
     print(f"  sheets   {len(out.sheets)} PNGs in {out.run_dir}")
     print(f"  report   {out.report}")
     return 0
