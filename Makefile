@@ -26,7 +26,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet captum
-	$(PY) benchmarks/bench_deconv.py
+	$(PY) benchmarks/bench_deconv.py --record
+	$(PY) benchmarks/bench_mining.py --record
+	$(PY) benchmarks/bench_scale.py --record
 
 clean:
 	rm -rf $(VENV) build *.egg-info
