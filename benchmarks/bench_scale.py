@@ -79,6 +79,7 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
     """Rows: plain forward, mining on preloaded tensors (per amp/channels_last variant), and
     mining through the loader, in images/s, with the time split of the mining runs."""
     rows: List[list] = []
+    load0 = os.getloadavg()[0]
     base = dict(model="alexnet", weights="random", images=data, max_images=n, batch_size=bs, workers=workers,
                 device=device, out=out, progress=False, checkpoint_every=0, layers=[], k=9)
     cfg = load_config(None, dict(base, run="mine"))
@@ -143,6 +144,7 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
     dt = time.perf_counter() - t0
     rows.append([f"mining, JPEG folder via DataLoader ({workers} workers)", f"{n / dt:.1f}",
                  f"{best_f / dt:.2f}x" if variants == (("none", False),) else "-", _split(times)])
+    rows.append(["(machine load average before -> after)", f"{load0:.1f} -> {os.getloadavg()[0]:.1f}", "", ""])
     return rows
 
 
@@ -178,9 +180,11 @@ def visualize(data: str, out: str, run: str, bs: int, workers: int, nproc: int, 
         cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
                "-m", "deconvis", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - t0
+    load = f"{load0:.1f} -> {os.getloadavg()[0]:.1f}"
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
     phases = {m.group(1): float(m.group(2))
@@ -188,7 +192,7 @@ def visualize(data: str, out: str, run: str, bs: int, workers: int, nproc: int, 
     res = json.load(open(os.path.join(out, run, "results.json")))
     split = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines()
                   if ln.strip().startswith("mining time")), "")
-    return {"wall": wall, "phases": phases, "results": res, "split": split, "stdout": proc.stdout}
+    return {"wall": wall, "phases": phases, "results": res, "split": split, "stdout": proc.stdout, "load": load}
 
 
 def _winners(res: dict) -> Dict[Tuple[str, int], List[Tuple[int, float]]]:
@@ -248,7 +252,7 @@ def main() -> None:
         bs, w = args.batch_size, args.workers
 
         print("1. mining vs plain forward (CPU)", flush=True)
-        rows = mining_vs_forward(data, os.path.join(tmp, "m"), min(args.mine_images, args.images), bs, w)
+        rows = mining_vs_forward(data, os.path.join(tmp, "m"), min(args.mine_images, args.images), bs, w, rounds=3)
         body = (f"### 1. Mining vs plain forward (CPU, batch {bs}, {min(args.mine_images, args.images)} images)\n\n"
                 + table(["what", "images/s", "vs plain forward", "mining time split"], rows)
                 + "\n\nPlain forward runs the whole AlexNet (classifier included); mining runs up to conv5 and "
@@ -266,7 +270,7 @@ def main() -> None:
         proj_rate = units / max(ph.get("project", 1e-9), 1e-9)
         rows2 = [["1 process (2 threads)", f"{one['wall']:.1f}", f"{ph.get('prepare', 0):.1f}", f"{ph.get('mine', 0):.1f}",
                   f"{ph.get('project', 0):.1f}", f"{ph.get('render', 0):.1f}",
-                  f"{args.images / max(ph.get('mine', 1e-9), 1e-9):.1f}", f"{proj_rate:.1f}", "(reference)"]]
+                  f"{args.images / max(ph.get('mine', 1e-9), 1e-9):.1f}", f"{proj_rate:.1f}", one["load"], "(reference)"]]
         if not args.skip_torchrun:
             print("3. end to end, 2 gloo processes (torchrun)", flush=True)
             two = visualize(data, os.path.join(tmp, "e2e"), "two", bs, w, 2, args.timeout, extra)
@@ -274,17 +278,19 @@ def main() -> None:
             rows2.append(["2 processes, torchrun + gloo (1 thread each)", f"{two['wall']:.1f}",
                           f"{ph2.get('prepare', 0):.1f}", f"{ph2.get('mine', 0):.1f}", f"{ph2.get('project', 0):.1f}",
                           f"{ph2.get('render', 0):.1f}", f"{args.images / max(ph2.get('mine', 1e-9), 1e-9):.1f}",
-                          f"{units / max(ph2.get('project', 1e-9), 1e-9):.1f}", compare(two["results"], res)])
+                          f"{units / max(ph2.get('project', 1e-9), 1e-9):.1f}", two["load"],
+                          compare(two["results"], res)])
         body += (f"\n\n### 2-3. End to end: `deconvis visualize --model alexnet --weights random`, {args.images} "
                  f"generated 256 px JPEGs, all 5 conv layers ("
                  + (f"first {args.channels} channels each" if args.channels else "1152 channels")
                  + f"), k=9, batch {bs}, {w} loader worker(s)\n\n"
                  + table(["run", "wall s", "prepare s", "mine s", "project s", "render s", "mining img/s",
-                          "projections/s", "winners vs 1 process"], rows2)
+                          "projections/s", "load avg", "winners vs 1 process"], rows2)
                  + f"\n\nProjection phase: {units} units (each channel's 9 winners, windowed deconvnet, auto-sized "
                    f"batches, re-forwarding the winners' images) at {proj_rate:.1f} projections/s in 1 process. "
                    f"Mining time split (1 process): {one['split']}. Wall time includes interpreter start-up "
-                   "and writing results/report.")
+                   "and writing results/report. Load avg: the machine's 1-minute load average before -> after "
+                   "the run (it is shared with other jobs: compare rows only at similar load).")
         if not args.skip_torchrun:
             ratio = one["wall"] / max(two["wall"], 1e-9)
             cores = os.cpu_count() or 1
