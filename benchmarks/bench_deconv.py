@@ -29,7 +29,7 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import best_time, machine, record, table  # noqa: E402
 
-from deconvis.deconvnet import DeconvNet  # noqa: E402
+from deconvis.mirror.deconvnet import DeconvNet  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "immunohistochemistry",
           "hubble_deep_field", "retina", "colorwheel"]

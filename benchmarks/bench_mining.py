@@ -10,9 +10,9 @@ the median of the per-round paired ratios, because the machine is shared and noi
   and its channels_last and bf16-autocast versions (reported, not judged);
 * ``model.features[:12](x)``: the same network cut after conv5's ReLU (what mining needs);
 * ``dn.activations(x, layers)`` alone, ``TopK.update`` alone (k=9, all five conv layers);
-* ``deconvis.mining.mine`` on preloaded tensors, with its time split into forward
+* ``deconvis.mining`` on preloaded tensors, with its time split into forward
   (``dn.activations``), top-k update (``TopK.update``) and the rest, measured inside the same run;
-* the same through ``deconvis.data``'s folder dataset + ``make_loader`` over a generated on-disk
+* the same through ``deconvis.io.images``'s folder dataset + ``make_loader`` over a generated on-disk
   JPEG set, with 0 and 2 workers, and the loader alone (decode + preprocess, no model);
 * end to end: ``deconvis visualize --config configs/demo.yaml`` once, if the pipeline and its
   demo checkpoint are there.
@@ -45,10 +45,10 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, machine, record, table  # noqa: E402
 
-from deconvis.data import FolderImages, ImageDataset, LimitedImages, make_loader  # noqa: E402
-from deconvis.deconvnet import DeconvNet  # noqa: E402
+from deconvis.io.images import FolderImages, ImageDataset, LimitedImages, make_loader  # noqa: E402
+from deconvis.mirror.deconvnet import DeconvNet  # noqa: E402
 from deconvis.mining import TopK, mine  # noqa: E402
-from deconvis.models import Preprocess  # noqa: E402
+from deconvis.io.models import Preprocess  # noqa: E402
 
 SECTION = "Mining throughput (benchmarks/bench_mining.py)"
 
@@ -124,7 +124,7 @@ EXTRAS: Dict[str, List[dict]] = {}
 #: variants whose DataLoader stopped delivering batches (skipped in later rounds)
 HUNG: set = set()
 HANG_NOTE = ("a DataLoader worker delivered no batch within the timeout; the cause seen on this machine (gdb): "
-             "deconvis.data's worker_init_fn calls cv2.setNumThreads(1) in each forked worker, which deadlocks "
+             "deconvis.io.images's worker_init_fn calls cv2.setNumThreads(1) in each forked worker, which deadlocks "
              "(pthread_cond_destroy) when the parent process had started OpenCV's thread pool before the fork")
 
 
@@ -159,7 +159,7 @@ def decode_stages(path: str, pp: Preprocess, batch: int, n: int = 40) -> Dict[st
     ``read_image`` (BGR->RGB, uint8 checks), ``preprocess_image`` (resize/crop), ``normalize``, and the
     DataLoader's default collate (``torch.stack`` of ``batch`` inputs, per image); and, for
     comparison only (not in the total), the same stack done by ``np.stack`` (single-threaded)."""
-    from deconvis.data import normalize, preprocess_image, read_image
+    from deconvis.io.images import normalize, preprocess_image, read_image
 
     def best(fn: Callable[[], object], reps: int = n) -> float:
         fn()

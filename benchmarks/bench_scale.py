@@ -40,9 +40,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, machine, record, table  # noqa: E402
 
-from deconvis import mining, pipeline  # noqa: E402
-from deconvis.config import load_config  # noqa: E402
-from deconvis.data import ImageDataset  # noqa: E402
+from deconvis import mining  # noqa: E402
+from deconvis.runs import pipeline
+from deconvis.runs.config import load_config  # noqa: E402
+from deconvis.io.images import ImageDataset  # noqa: E402
 
 SECTION = "Scale: mining, end to end, 1 vs 2 processes, GPU (benchmarks/bench_scale.py)"
 PY = os.path.join(ROOT, ".venv", "bin", "python")

@@ -12,14 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DeconvNet": "deconvis.deconvnet",
+    "DeconvNet": "deconvis.mirror.deconvnet",
     "DeconvisError": "deconvis.errors",
-    "load_model": "deconvis.models",
-    "receptive_fields": "deconvis.rf",
-    "RFTable": "deconvis.rf",
-    "effective_receptive_field": "deconvis.erf",
-    "to_uint8": "deconvis.display",
-    "SnapshotCallback": "deconvis.snapshots",
+    "load_model": "deconvis.io.models",
+    "receptive_fields": "deconvis.graph.rf",
+    "RFTable": "deconvis.graph.rf",
+    "effective_receptive_field": "deconvis.graph.erf",
+    "to_uint8": "deconvis.render.display",
+    "SnapshotCallback": "deconvis.training.snapshots",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

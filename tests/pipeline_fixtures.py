@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deconvis.config import VisualizeConfig, load_config
+from deconvis.runs.config import VisualizeConfig, load_config
 
 TINY_NET = '''
 from torch import nn

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deconvis import atomic
+from deconvis.io import atomic
 
 
 def test_writes_and_replaces(tmp_path):

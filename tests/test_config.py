@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from deconvis import config as C
+from deconvis.runs import config as C
 from deconvis.errors import DeconvisError
 
 

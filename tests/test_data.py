@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from deconvis.data import (SKIMAGE_PHOTOS, FolderImages, ImageDataset, SkimageImages, denormalize, make_loader,
+from deconvis.io.images import (SKIMAGE_PHOTOS, FolderImages, ImageDataset, SkimageImages, denormalize, make_loader,
                            normalize, open_images, parse_images_spec, photo_crops, preprocess_image, read_image,
                            resized_size, to_rgb8)
 from deconvis.errors import DeconvisError
-from deconvis.models import Preprocess
+from deconvis.io.models import Preprocess
 
 
 def _write(path, img_bgr_or_grey):
@@ -57,7 +57,7 @@ def test_decoding_conversions(folder):
     assert read_image(str(folder / "a_grey.png"))[2, 3].tolist() == [77, 77, 77]
     assert read_image(str(folder / "sub" / "c_rgba.png"))[0, 0].tolist() == [0, 150, 0]  # alpha dropped
     assert read_image(str(folder / "sub" / "deeper" / "d16.png"))[0, 0].tolist() == [255, 255, 255]
-    from deconvis.data import UnreadableImage
+    from deconvis.io.images import UnreadableImage
 
     with pytest.raises(UnreadableImage):
         read_image(str(folder / "broken.jpg"))

@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from autograd_oracle import oracle_project
-from deconvis.deconvnet import DeconvNet
-from deconvis.display import to_uint8
+from deconvis.mirror.deconvnet import DeconvNet
+from deconvis.render.display import to_uint8
 from deconvis.errors import DeconvisError
 
 

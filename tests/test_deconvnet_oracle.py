@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
 from autograd_oracle import oracle_project
-from deconvis.deconvnet import RULES, DeconvNet
+from deconvis.mirror.deconvnet import RULES, DeconvNet
 
 TOL = 1e-10
 

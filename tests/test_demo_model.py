@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from autograd_oracle import oracle_project
-from deconvis.deconvnet import DeconvNet
-from deconvis.demo_model import DEMO_INPUT_SIZE, DEMO_NUM_CLASSES, zfnet_demo
+from deconvis.mirror.deconvnet import DeconvNet
+from deconvis.training.demo_model import DEMO_INPUT_SIZE, DEMO_NUM_CLASSES, zfnet_demo
 from deconvis.errors import DeconvisError
-from deconvis.models import load_model
+from deconvis.io.models import load_model
 
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deconvis", "assets",
                      "zfnet_demo.pt")
@@ -41,7 +41,7 @@ def test_init_is_deterministic_and_leaves_global_rng_alone():
 def test_init_biases_keep_conv2_to_conv5_alive():
     """conv1 (and the linears) start with zero bias, conv2..conv5 with a small positive one."""
     from deconvis.cli.train_cmd import TrainConfig, load_config
-    from deconvis.demo_model import DEMO_CONV_BIAS
+    from deconvis.training.demo_model import DEMO_CONV_BIAS
 
     assert 0 < DEMO_CONV_BIAS <= 1
     convs = [l for l in zfnet_demo().features if isinstance(l, torch.nn.Conv2d)]
@@ -61,7 +61,7 @@ def test_init_biases_keep_conv2_to_conv5_alive():
 def test_shipped_checkpoint_has_few_dead_channels():
     """ZF Fig. 6: dead filters are a training defect. Over the demo image set, fewer than 10% of
     each layer's channels may never fire."""
-    from deconvis.diagnose import channel_max, image_set_batches
+    from deconvis.analysis.diagnose import channel_max, image_set_batches
 
     lm = load_model("zfnet_demo", ASSET)
     pp = lm.preprocess

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deconvis.device import auto_batch_size, batched, resolve_device
+from deconvis.utils.device import auto_batch_size, batched, resolve_device
 from deconvis.errors import DeconvisError
 
 

@@ -1,11 +1,11 @@
-"""deconvis.diagnose: dead channels, checked against a direct forward pass (float64 oracle)."""
+"""deconvis.analysis.diagnose: dead channels, checked against a direct forward pass (float64 oracle)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from deconvis.diagnose import channel_max, dead_channels
+from deconvis.analysis.diagnose import channel_max, dead_channels
 from deconvis.errors import DeconvisError
 
 

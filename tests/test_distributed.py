@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from deconvis import distributed as D
+from deconvis.runs import distributed as D
 from deconvis.mining import TopK
 
 

@@ -1,4 +1,4 @@
-"""Effective receptive field and path counts (deconvis.erf, METHOD.md section 4).
+"""Effective receptive field and path counts (deconvis.graph.erf, METHOD.md section 4).
 
 Oracles: plain autograd on the model through a forward hook (ERF map), the theoretical RF box
 (support), and path counts enumerated by hand / by explicit 1-D path enumeration."""
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from deconvis.erf import (SumPool2d, centre_unit, effective_receptive_field, heatmap_image, path_count,
+from deconvis.graph.erf import (SumPool2d, centre_unit, effective_receptive_field, heatmap_image, path_count,
                           write_heatmap, write_npy)
 from deconvis.errors import DeconvisError
-from deconvis.rf import receptive_fields
+from deconvis.graph.rf import receptive_fields
 
 
 def small_net(dtype=torch.float64) -> nn.Sequential:

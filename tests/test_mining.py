@@ -331,8 +331,8 @@ def test_out_of_memory_inside_the_deconvnet_forward_is_retried(monkeypatch):
     """DeconvNet wraps forward errors in a DeconvisError (``from`` the original): an out-of-memory
     error in the real ``dn.activations`` must still halve the batch, and the winners must equal
     the brute-force oracle's."""
-    import deconvis.deconvnet as dmod
-    from deconvis.deconvnet import DeconvNet
+    import deconvis.mirror.deconvnet as dmod
+    from deconvis.mirror.deconvnet import DeconvNet
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3), nn.ReLU()).double()

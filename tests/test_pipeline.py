@@ -19,9 +19,11 @@ import pytest
 import torch
 
 import pipeline_fixtures as fx
-from deconvis import mining, pipeline, render
-from deconvis import results as results_mod
-from deconvis.data import FolderImages, normalize, preprocess_image, read_image
+from deconvis import mining
+from deconvis.runs import pipeline
+from deconvis.render import sheets as render
+from deconvis.runs import results as results_mod
+from deconvis.io.images import FolderImages, normalize, preprocess_image, read_image
 from deconvis.errors import DeconvisError
 
 LAYERS = ["1", "4", "7"]  # conv1..conv3 rectified (ReLU modules) of the tiny net
@@ -36,7 +38,7 @@ def _read(path):
 
 
 def _load(cfg):
-    from deconvis.models import load_model
+    from deconvis.io.models import load_model
 
     torch.manual_seed(cfg.seed)
     return load_model(cfg.model, "random").model
@@ -78,8 +80,8 @@ def test_winners_match_bruteforce(done):
 
 
 def test_patches_and_reconstructions(done):
-    from deconvis.deconvnet import DeconvNet
-    from deconvis.display import to_uint8
+    from deconvis.mirror.deconvnet import DeconvNet
+    from deconvis.render.display import to_uint8
 
     cfg, out = done
     res = out.results
@@ -88,7 +90,7 @@ def test_patches_and_reconstructions(done):
     pp = pipeline.prepare(cfg, out.run_dir).preprocess
     src = FolderImages(cfg.images)
     try:
-        from deconvis.rf import receptive_fields
+        from deconvis.graph.rf import receptive_fields
 
         table = receptive_fields(model, (fx.SIZE, fx.SIZE))
     except ImportError:  # pragma: no cover - rf.py is another engineer's module
@@ -139,7 +141,7 @@ def test_sheets_and_results_roundtrip(done):
     again = results_mod.load(out.run_dir)
     assert again.to_dict() == res.to_dict()
     raw = json.load(open(os.path.join(out.run_dir, "results.json")))
-    assert raw["schema"] == "deconvis.results" and raw["version"] == 1 and raw["status"] == "rendered"
+    assert raw["schema"] == "deconvis.runs.results" and raw["version"] == 1 and raw["status"] == "rendered"
     assert raw["preprocess"]["crop"] == [fx.SIZE, fx.SIZE] and raw["config"]["k"] == 3
     assert all(str(w["image"]) in raw["images"]["items"]
                for lr in raw["layers"] for u in lr["units"] for w in u["winners"])
@@ -342,7 +344,7 @@ def test_config_file_and_script_wrapper(tmp_path):
 
 
 def test_demo_config_runs_with_random_weights(tmp_path):
-    from deconvis.config import load_config
+    from deconvis.runs.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", "demo.yaml"),

@@ -23,8 +23,9 @@ import torch
 import yaml
 
 import pipeline_fixtures as fx
-from deconvis import mining, pipeline
-from deconvis.config import load_config
+from deconvis import mining
+from deconvis.runs import pipeline
+from deconvis.runs.config import load_config
 from deconvis.errors import DeconvisError
 
 TORCHRUN_TIMEOUT = 180
@@ -277,9 +278,9 @@ def test_auto_projection_batches_give_the_same_tiles(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_mining_has_no_host_sync_per_batch(tmp_path):
-    from deconvis.data import FolderImages, ImageDataset, make_loader
-    from deconvis.deconvnet import DeconvNet
-    from deconvis.models import Preprocess
+    from deconvis.io.images import FolderImages, ImageDataset, make_loader
+    from deconvis.mirror.deconvnet import DeconvNet
+    from deconvis.io.models import Preprocess
 
     fx.write_images(tmp_path / "imgs")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deconvis import render
+from deconvis.render import sheets as render
 
 
 @settings(max_examples=200, deadline=None)

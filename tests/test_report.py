@@ -12,8 +12,9 @@ import cv2
 import pytest
 
 import pipeline_fixtures as fx
-from deconvis import pipeline, report
-from deconvis import results as R
+from deconvis.runs import pipeline
+from deconvis.render import report
+from deconvis.runs import results as R
 
 
 class _Collect(html.parser.HTMLParser):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deconvis import results as R
+from deconvis.runs import results as R
 from deconvis.errors import DeconvisError
 
 

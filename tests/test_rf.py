@@ -1,4 +1,4 @@
-"""Receptive-field geometry (deconvis.rf) against the empirical gradient support (METHOD.md 3).
+"""Receptive-field geometry (deconvis.graph.rf) against the empirical gradient support (METHOD.md 3).
 
 Oracle: a copy of the network with all-positive weights, ReLUs removed and max-pools replaced
 by average (sum) pools of the same geometry is linear with positive coefficients, so the input
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deconvis.errors import DeconvisError
-from deconvis.rf import (AxisRF, LayerRF, RFTable, clip_box, conv_out_size, pool_out_size, receptive_fields)
+from deconvis.graph.rf import (AxisRF, LayerRF, RFTable, clip_box, conv_out_size, pool_out_size, receptive_fields)
 
 DT = torch.float64
 

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from deconvis.errors import DeconvisError
-from deconvis.rf import receptive_fields, resolve_layer
+from deconvis.graph.rf import receptive_fields, resolve_layer
 
 DT = torch.float64
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from deconvis.deconvnet import DeconvNet
+from deconvis.mirror.deconvnet import DeconvNet
 from deconvis.errors import DeconvisError
-from deconvis.evolution import COL_GAP, GAP_INNER, HEADER_H, LABEL_W, ROW_GAP, TITLE_H, figure_size, filter_grid
-from deconvis.snapshots import SnapshotCallback, preserve_training_state
+from deconvis.training.evolution import COL_GAP, GAP_INNER, HEADER_H, LABEL_W, ROW_GAP, TITLE_H, figure_size, filter_grid
+from deconvis.training.snapshots import SnapshotCallback, preserve_training_state
 
 
 class Tiny(nn.Module):
@@ -292,7 +292,7 @@ def _fake_lightning(monkeypatch):
     pkg.pytorch = sub
     monkeypatch.setitem(sys.modules, "lightning", pkg)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", sub)
-    import deconvis.lightning as dl
+    import deconvis.training.lightning as dl
 
     monkeypatch.setattr(dl, "_CLASS", None)
     return Callback
@@ -300,7 +300,7 @@ def _fake_lightning(monkeypatch):
 
 def test_lightning_adapter_with_a_stand_in_lightning(monkeypatch):
     base = _fake_lightning(monkeypatch)
-    from deconvis.lightning import SnapshotLightningCallback
+    from deconvis.training.lightning import SnapshotLightningCallback
 
     assert issubclass(SnapshotLightningCallback, base)
     net = make()
@@ -324,7 +324,7 @@ def test_lightning_adapter_with_a_stand_in_lightning(monkeypatch):
 
 
 def test_lightning_missing_is_a_clear_error(monkeypatch):
-    import deconvis.lightning as dl
+    import deconvis.training.lightning as dl
 
     monkeypatch.setattr(dl, "_CLASS", None)
     monkeypatch.setitem(sys.modules, "lightning", None)
@@ -336,7 +336,7 @@ def test_lightning_missing_is_a_clear_error(monkeypatch):
 
 def test_real_lightning_adapter_is_a_callback():
     pl = pytest.importorskip("lightning.pytorch")
-    import deconvis.lightning as dl
+    import deconvis.training.lightning as dl
 
     dl._CLASS = None
     assert issubclass(dl.SnapshotLightningCallback, pl.Callback)

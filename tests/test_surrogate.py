@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deconvis.errors import DeconvisError
-from deconvis.surrogate import (Augment, ExemplarDataset, Seed, colour_jitter, load_photo, load_photos,
+from deconvis.training.surrogate import (Augment, ExemplarDataset, Seed, colour_jitter, load_photo, load_photos,
                                 render_seed)
 
 

@@ -40,8 +40,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 def run(args: argparse.Namespace) -> int:
     from deconvis.cli.rf_cmd import parse_size
-    from deconvis.erf import effective_receptive_field, path_count, write_heatmap, write_npy
-    from deconvis.models import load_model
+    from deconvis.graph.erf import effective_receptive_field, path_count, write_heatmap, write_npy
+    from deconvis.io.models import load_model
 
     size = parse_size(args.input_size)
     if args.images < 1:

@@ -39,8 +39,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis.models import build_model
-    from deconvis.rf import receptive_fields, resolve_layer
+    from deconvis.io.models import build_model
+    from deconvis.graph.rf import receptive_fields, resolve_layer
 
     size = parse_size(args.input_size)
     if args.in_channels < 1:

@@ -9,7 +9,7 @@ schedulers, epoch, RNG states, history; a rerun resumes from it), ``evolution_<l
 ``snapshots.pt``/``.json`` (the snapshot callback), ``conv1_filters_init.png`` /
 ``conv1_filters.png`` (first-layer filters at init and now), ``train_log.json``, and the final
 checkpoint (``checkpoint``, default ``out_dir/zfnet_demo.pt``) in the format
-:func:`deconvis.models.load_model` reads::
+:func:`deconvis.io.models.load_model` reads::
 
     {"state_dict": ..., "deconvis": {"model": "zfnet_demo", "preprocess": {...}, "epoch": E,
                                      "classes": [...], "train": {...}}}
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deconvis import atomic
+from deconvis.io import atomic
 from deconvis.errors import DeconvisError, close_matches
 
 TRAIN_STATE = "train_state.pt"
@@ -178,7 +178,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise DeconvisError(f"schedule must be onecycle, cosine or constant, got {cfg.schedule!r}"
                             + close_matches(cfg.schedule, ["onecycle", "cosine", "constant"]))
     if cfg.snapshots:
-        from deconvis.snapshots import _check_epochs
+        from deconvis.training.snapshots import _check_epochs
 
         _check_epochs(cfg.snapshot_epochs)
         if isinstance(cfg.snapshot_epochs, list) and cfg.snapshot_epochs[-1] > cfg.epochs:
@@ -198,7 +198,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
     """Defaults < YAML ``path`` < ``overrides``, validated."""
     cfg = TrainConfig()
     if path:
-        from deconvis.config import load_yaml
+        from deconvis.runs.config import load_yaml
 
         cfg = from_mapping(load_yaml(path), cfg, source=path)
     if overrides:
@@ -301,10 +301,10 @@ class _Optimisers:
 
 def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     """Train per ``cfg``; returns the run record (also written to ``out_dir/train_log.json``)."""
-    from deconvis.demo_model import DEMO_RESIZE, DEMO_INPUT_SIZE, zfnet_demo
-    from deconvis.evolution import filter_grid
-    from deconvis.snapshots import SnapshotCallback, open_summary_writer
-    from deconvis.surrogate import ExemplarDataset
+    from deconvis.training.demo_model import DEMO_RESIZE, DEMO_INPUT_SIZE, zfnet_demo
+    from deconvis.training.evolution import filter_grid
+    from deconvis.training.snapshots import SnapshotCallback, open_summary_writer
+    from deconvis.training.surrogate import ExemplarDataset
 
     validate(cfg)
     writer = open_summary_writer(os.path.join(cfg.out_dir, "tensorboard")) if cfg.tensorboard else None

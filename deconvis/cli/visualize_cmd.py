@@ -1,7 +1,7 @@
 """``deconvis visualize``: ZF Fig. 2 -- the top-k images of every channel, projected and cropped.
 
 Settings come from ``--config FILE.yaml`` overridden by flags; every config key is a flag
-(generated from :class:`deconvis.config.VisualizeConfig`), e.g.::
+(generated from :class:`deconvis.runs.config.VisualizeConfig`), e.g.::
 
     deconvis visualize --config configs/demo.yaml
     deconvis visualize --model alexnet --weights DEFAULT --layers conv1,conv5 --images ~/photos --k 9
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from deconvis import config as config_mod
+from deconvis.runs import config as config_mod
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def _console_log(rank: int = 0) -> logging.Handler:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis import pipeline
+    from deconvis.runs import pipeline
 
     cfg = config_mod.load_config(args.config, config_mod.overrides_from_args(args))
     config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else None

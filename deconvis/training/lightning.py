@@ -1,9 +1,9 @@
-"""Lightning adapter for :class:`deconvis.snapshots.SnapshotCallback` (optional dependency).
+"""Lightning adapter for :class:`deconvis.training.snapshots.SnapshotCallback` (optional dependency).
 
 ``lightning`` is imported only when :class:`SnapshotLightningCallback` is first looked up (module
 ``__getattr__``), so ``import deconvis`` never needs it::
 
-    from deconvis.lightning import SnapshotLightningCallback
+    from deconvis.training.lightning import SnapshotLightningCallback
     snap = SnapshotCallback(net, probe, layers=["conv1", "conv2"], out_dir="evo")
     trainer = lightning.pytorch.Trainer(callbacks=[SnapshotLightningCallback(snap, model_attr="net")])
 
@@ -41,7 +41,7 @@ def _build_class() -> type:
     base = lightning_callback_base()
 
     class SnapshotLightningCallback(base):  # type: ignore[misc, valid-type]
-        """Runs a :class:`~deconvis.snapshots.SnapshotCallback` from a Lightning ``Trainer``.
+        """Runs a :class:`~deconvis.training.snapshots.SnapshotCallback` from a Lightning ``Trainer``.
 
         Args:
             snapshots: the configured SnapshotCallback (built with the network, so a bad
@@ -51,7 +51,7 @@ def _build_class() -> type:
 
         def __init__(self, snapshots: Any, model_attr: Optional[str] = None) -> None:
             super().__init__()
-            from deconvis.snapshots import SnapshotCallback
+            from deconvis.training.snapshots import SnapshotCallback
 
             if not isinstance(snapshots, SnapshotCallback):
                 raise DeconvisError(f"SnapshotLightningCallback needs a SnapshotCallback, got "

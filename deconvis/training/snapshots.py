@@ -11,7 +11,7 @@ layer (rows = features, columns = snapshots) to ``out_dir``; a new callback on t
 It leaves training unchanged: no parameter, buffer or ``.grad`` is touched, every module's
 train/eval mode is restored, the RNG states (torch CPU and CUDA, Python ``random``, NumPy's
 global) are saved and restored, and everything runs without autograd. Its cost (seconds per
-snapshot) is logged (logger ``deconvis.snapshots``) and kept in :attr:`SnapshotCallback.history`.
+snapshot) is logged (logger ``deconvis.training.snapshots``) and kept in :attr:`SnapshotCallback.history`.
 
 Plain PyTorch::
 
@@ -20,7 +20,7 @@ Plain PyTorch::
         train_one_epoch(...)
         cb.on_epoch_end(epoch, model)
 
-Lightning: :class:`deconvis.lightning.SnapshotLightningCallback`.
+Lightning: :class:`deconvis.training.lightning.SnapshotLightningCallback`.
 """
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deconvis import atomic
-from deconvis.deconvnet import RULES, DeconvNet
+from deconvis.io import atomic
+from deconvis.mirror.deconvnet import RULES, DeconvNet
 from deconvis.errors import DeconvisError, close_matches
-from deconvis.evolution import evolution_figure, patch_tiles, rec_tiles
+from deconvis.training.evolution import evolution_figure, patch_tiles, rec_tiles
 
-log = logging.getLogger("deconvis.snapshots")
+log = logging.getLogger("deconvis.training.snapshots")
 
 ZF_EPOCHS: Tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
 FEATURE_SELECTIONS = ("top", "first", "spread")
@@ -534,7 +534,7 @@ class SnapshotCallback:
     # -------------------------------------------------------------- output
     def render(self, layer: str) -> np.ndarray:
         """The evolution figure of ``layer`` so far: uint8 RGB [H, W, 3] (see
-        :func:`deconvis.evolution.evolution_figure` for the layout)."""
+        :func:`deconvis.training.evolution.evolution_figure` for the layout)."""
         l = self.dn.resolve(layer)
         feats = self.features[l] or []
         return evolution_figure([c.rec[l].numpy() for c in self.columns],

@@ -216,7 +216,7 @@ def validate(cfg: VisualizeConfig) -> VisualizeConfig:
         raise DeconvisError("model is empty; set --model (e.g. alexnet, vgg16, zfnet_demo)")
     if cfg.run and (os.sep in cfg.run or cfg.run in (".", "..") or (os.altsep and os.altsep in cfg.run)):
         raise DeconvisError(f"run name {cfg.run!r} must be a plain folder name")
-    from deconvis.data import parse_images_spec
+    from deconvis.io.images import parse_images_spec
 
     parse_images_spec(cfg.images)
     return cfg

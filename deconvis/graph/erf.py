@@ -3,7 +3,7 @@
 The ERF map of a layer is ``|d y / d x|`` for the layer's centre unit ``y`` (seed 1 at that unit,
 summed over its channels or one chosen channel), summed over the input channels and averaged
 over images: a float64 array [H, W] in input pixels. It is zero outside the unit's theoretical
-receptive field (:mod:`deconvis.rf`) and usually fills only part of it.
+receptive field (:mod:`deconvis.graph.rf`) and usually fills only part of it.
 
 :func:`path_count` is the architecture-only view: a copy of the network with every conv/linear
 weight set to 1 and no biases, activations, BN, dropout and LRN removed (identity), and max/avg
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.errors import DeconvisError
-from deconvis.rf import (_MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Box, LayerRF, Pair, RFTable,
+from deconvis.graph.rf import (_MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Box, LayerRF, Pair, RFTable,
                          TracedGraph, _model_dtype_device, _size_pair, _window_params, clip_box, pool_out_size,
                          resolve_layer, table_from_traced, trace_graph)
 
@@ -274,14 +274,14 @@ def heatmap_image(values: np.ndarray, box: Optional[Box] = None, log: bool = Fal
 def write_heatmap(path: Union[str, os.PathLike], values: np.ndarray, box: Optional[Box] = None,
                   log: bool = False, min_side: int = 256) -> None:
     """Write :func:`heatmap_image` as a PNG, atomically."""
-    from deconvis.atomic import write_png
+    from deconvis.io.atomic import write_png
 
     write_png(path, heatmap_image(values, box, log=log, min_side=min_side))
 
 
 def write_npy(path: Union[str, os.PathLike], array: np.ndarray) -> None:
     """``np.save`` to ``path`` atomically."""
-    from deconvis.atomic import atomic_path
+    from deconvis.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -6,7 +6,7 @@ reconstruction on the unit's receptive-field box only and that box (half-open, u
 displayed-image pixels). Two tiles are cut on that same box:
 
 * ``rec``: the reconstruction (zero outside the image), as uint8 via
-  :func:`deconvis.display.to_uint8` (per-tile contrast stretch around zero: zero shows grey);
+  :func:`deconvis.render.display.to_uint8` (per-tile contrast stretch around zero: zero shows grey);
 * ``img``: the displayed (preprocessed, un-normalised) image, neutral grey outside the image.
 
 Tiles are saved as PNGs (``tiles/<layer>/c<channel>_<rank>_{rec,img}.png``, channel 4 digits,
@@ -26,8 +26,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from deconvis.atomic import write_png
-from deconvis.data import GREY, ImageDataset, UnreadableImage, normalize
+from deconvis.io.atomic import write_png
+from deconvis.io.images import GREY, ImageDataset, UnreadableImage, normalize
 from deconvis.errors import DeconvisError
 
 Box = Tuple[int, int, int, int]
@@ -110,7 +110,7 @@ def project_jobs(
     ``project_batch`` per layer. Returns the number of jobs done."""
     from tqdm.auto import tqdm
 
-    from deconvis.display import to_uint8
+    from deconvis.render.display import to_uint8
 
     by_image: Dict[int, List[TileJob]] = {}
     for j in jobs:

@@ -1,7 +1,7 @@
 """Pictures of training progress: first-layer filter grids and ZF Fig. 4 feature-evolution figures.
 
 All functions are pure: tensors/arrays in, uint8 RGB arrays [H, W, 3] out (write them with
-:func:`deconvis.atomic.write_png`).
+:func:`deconvis.io.atomic.write_png`).
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def _resize_tile(img: np.ndarray, tile: int) -> np.ndarray:
 
 def rec_tiles(rec: Tensor, tile: int) -> np.ndarray:
     """Reconstructions [F, 3, rh, rw] (signed, input space) -> uint8 tiles [F, tile, tile, 3],
-    each contrast-stretched on its own around zero (:func:`deconvis.display.to_uint8`)."""
-    from deconvis.display import to_uint8
+    each contrast-stretched on its own around zero (:func:`deconvis.render.display.to_uint8`)."""
+    from deconvis.render.display import to_uint8
 
     imgs = to_uint8(rec)
     return np.stack([_resize_tile(im, tile) for im in imgs]) if len(imgs) else np.zeros((0, tile, tile, 3), np.uint8)

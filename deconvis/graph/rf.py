@@ -826,12 +826,12 @@ def receptive_fields(model: nn.Module, input_size: Union[int, Sequence[int]], in
 
 def resolve_layer(model: nn.Module, table: RFTable, name: str) -> str:
     """Row name for ``name``: a row or container name of ``table``, else an alias of
-    :class:`deconvis.deconvnet.DeconvNet` (``conv5``, ``conv5_3``, ``fc6``) when the model is a chain."""
+    :class:`deconvis.mirror.deconvnet.DeconvNet` (``conv5``, ``conv5_3``, ``fc6``) when the model is a chain."""
     if name in table:
         return table.resolve(name)
     aliases: Dict[str, str] = {}
     try:
-        from deconvis.deconvnet import DeconvNet  # optional: the mirror may not exist yet
+        from deconvis.mirror.deconvnet import DeconvNet  # optional: the mirror may not exist yet
 
         aliases = dict(DeconvNet(model).aliases)
     except (ImportError, DeconvisError):

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any, Dict, List
 
-from deconvis.atomic import write_text
-from deconvis.results import Results
+from deconvis.io.atomic import write_text
+from deconvis.runs.results import Results
 
 _CSS = """
 *{box-sizing:border-box}

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deconvis.chain import (ADAPTIVE_AVG, AVGPOOL, BN, CONV, LINEAR, MAXPOOL, OTHER, RELU, RESHAPE, SKIP,
+from deconvis.mirror.chain import (ADAPTIVE_AVG, AVGPOOL, BN, CONV, LINEAR, MAXPOOL, OTHER, RELU, RESHAPE, SKIP,
                             Step, layer_aliases, preferred_alias, trace_chain)
-from deconvis.device import auto_batch_size, batched
+from deconvis.utils.device import auto_batch_size, batched
 from deconvis.errors import DeconvisError, close_matches
 
 RULES = ("deconvnet", "guided", "gradient")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deconvis.errors import DeconvisError
-from deconvis.models import IMAGENET_MEAN, IMAGENET_STD
+from deconvis.io.models import IMAGENET_MEAN, IMAGENET_STD
 
 #: skimage.data photographs used by default (those missing offline are skipped)
 PHOTO_NAMES: Tuple[str, ...] = (

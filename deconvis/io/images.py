@@ -16,7 +16,7 @@ Image-set specs (:func:`open_images`), as a string or a dict:
 Every image gets a global index (its position in the set) and a name (relative path, dataset
 item, or ``skimage:<photo>[@crop]``) that results use to name the source.
 
-Preprocessing is :class:`deconvis.models.Preprocess`: resize the short side to ``resize`` pixels
+Preprocessing is :class:`deconvis.io.models.Preprocess`: resize the short side to ``resize`` pixels
 (bilinear, antialiased when shrinking), centre-crop ``crop`` (h, w) -- the *displayed* image,
 uint8 RGB ``[h, w, 3]`` -- then scale to [0, 1] and normalise by mean/std into the network input
 ``[3, h, w]``. Receptive-field boxes are in the pixel coordinates of the displayed image.
@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deconvis.errors import DeconvisError, close_matches
-from deconvis.models import Preprocess
+from deconvis.io.models import Preprocess
 
 log = logging.getLogger("deconvis")
 
@@ -492,7 +492,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, workers: int = 0, pin_me
     """Ordered (unshuffled) batches ``(images [B, 3, h, w], ids [B])``.
 
     ``sampler`` picks (and orders) the dataset positions, e.g. one rank's shard
-    (:class:`deconvis.distributed.ShardSampler`); ``workers`` processes decode in parallel, each
+    (:class:`deconvis.runs.distributed.ShardSampler`); ``workers`` processes decode in parallel, each
     ``prefetch_factor`` batches ahead; ``pin_memory`` (for CUDA) lets the copy to the device run
     asynchronously; ``persistent_workers`` keeps the workers between passes. (Workers leave
     OpenCV's thread settings alone: ``cv2.setNumThreads`` in a forked worker hangs when the parent

@@ -30,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # name -> "module:callable" of models that ship with deconvis
 BUILTIN_MODELS: Dict[str, str] = {
-    "zfnet_demo": "deconvis.demo_model:zfnet_demo",
+    "zfnet_demo": "deconvis.training.demo_model:zfnet_demo",
 }
 
 

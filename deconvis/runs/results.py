@@ -9,7 +9,7 @@ is grey in the patch and zero in the reconstruction), ``box_clipped`` its part i
 Schema (version 1)::
 
     {
-      "schema": "deconvis.results", "version": 1,
+      "schema": "deconvis.runs.results", "version": 1,
       "created": "2025-01-01T12:00:00+00:00",
       "status": "mined" | "projected" | "rendered",
       "config": {...every VisualizeConfig key...},
@@ -47,10 +47,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from deconvis.atomic import write_json
+from deconvis.io.atomic import write_json
 from deconvis.errors import DeconvisError
 
-SCHEMA = "deconvis.results"
+SCHEMA = "deconvis.runs.results"
 VERSION = 1
 FILENAME = "results.json"
 

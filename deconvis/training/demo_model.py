@@ -30,7 +30,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-#: classes of the shipped checkpoint (exemplar classes of deconvis.surrogate); the default of
+#: classes of the shipped checkpoint (exemplar classes of deconvis.training.surrogate); the default of
 #: :func:`zfnet_demo` so that ``load_model('zfnet_demo', 'deconvis/assets/zfnet_demo.pt')`` fits.
 DEMO_NUM_CLASSES = 128
 #: network input size (h, w) in pixels the demo is trained at

@@ -14,14 +14,14 @@
 4. **report** -- ``index.html`` to browse it all.
 
 Many processes (``torchrun --nproc_per_node=N [--nnodes ...] -m deconvis visualize ...``): each
-rank mines its shard of the images (:class:`deconvis.distributed.ShardSampler`) with its own
+rank mines its shard of the images (:class:`deconvis.runs.distributed.ShardSampler`) with its own
 checkpoint ``mining_state.rank{r}-of{w}.pt``; the ranks' top-k merge exactly
-(:func:`deconvis.distributed.gather_topk`: the winners equal a one-process run's, given the same
+(:func:`deconvis.runs.distributed.gather_topk`: the winners equal a one-process run's, given the same
 activations -- a CPU forward's last float bits depend on its thread count); projection is
 split over (layer, channel) and rendering over layers, each rank writing its own tiles and
 sheets; rank 0 writes ``results.json`` and the report after the others are done. ``--out`` must
 be a folder every rank sees (a shared filesystem across nodes): this is checked at the start.
-Every phase runs inside :func:`deconvis.distributed.phase`, so a failure on one rank ends every
+Every phase runs inside :func:`deconvis.runs.distributed.phase`, so a failure on one rank ends every
 rank with the same error, within about a second plus one batch; a rank that crashed or hangs is
 given up on after ``dist_timeout`` seconds without progress. Only rank 0 shows progress bars.
 
@@ -54,17 +54,20 @@ from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Tu
 
 import torch
 
-from deconvis import config as config_mod
-from deconvis import distributed as dist_mod
-from deconvis import mining, render, report, results as results_mod
-from deconvis.atomic import save_torch, write_png, write_text
-from deconvis.config import VisualizeConfig
-from deconvis.device import resolve_device
-from deconvis.data import ImageDataset, ImageSource, make_loader, open_images, parse_images_spec
-from deconvis.distributed import DistInfo
+from deconvis.runs import config as config_mod
+from deconvis.runs import distributed as dist_mod
+from deconvis import mining
+from deconvis.render import sheets as render
+from deconvis.render import report
+from deconvis.runs import results as results_mod
+from deconvis.io.atomic import save_torch, write_png, write_text
+from deconvis.runs.config import VisualizeConfig
+from deconvis.utils.device import resolve_device
+from deconvis.io.images import ImageDataset, ImageSource, make_loader, open_images, parse_images_spec
+from deconvis.runs.distributed import DistInfo
 from deconvis.errors import DeconvisError
-from deconvis.models import Preprocess
-from deconvis.results import ChannelResult, LayerResult, Results, Winner
+from deconvis.io.models import Preprocess
+from deconvis.runs.results import ChannelResult, LayerResult, Results, Winner
 
 log = logging.getLogger("deconvis")
 
@@ -126,7 +129,7 @@ def resolve_weights(weights: str, config_dir: Optional[str] = None) -> str:
     """``asset:NAME`` -> the file in ``deconvis/assets``; relative checkpoint paths that do not
     exist from the working directory are tried against ``config_dir``."""
     if weights.startswith("asset:"):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", weights[len("asset:"):])
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", weights[len("asset:"):])
         if not os.path.isfile(path):
             raise DeconvisError(f"weights {weights!r}: {path} does not exist; this checkout has no trained demo "
                                 "checkpoint yet: train it (deconvis train) or use --weights random")
@@ -270,9 +273,9 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
     """Load the model and image set, resolve layers, check they can be mined and projected.
 
     All user errors surface here, before any mining. ``info`` (from
-    :func:`deconvis.distributed.session`) gives this rank's device; default: ``cfg.device``."""
-    from deconvis.deconvnet import DeconvNet
-    from deconvis.models import load_model
+    :func:`deconvis.runs.distributed.session`) gives this rank's device; default: ``cfg.device``."""
+    from deconvis.mirror.deconvnet import DeconvNet
+    from deconvis.io.models import load_model
 
     device = info.device if info is not None else resolve_device(cfg.device)
     info = info if info is not None else DistInfo(device=device, timeout_s=cfg.dist_timeout)

@@ -23,9 +23,9 @@ def channel_max(model: nn.Module, images: Images, layers: Sequence[str],
 
     ``images``: a normalised batch [N, 3, H, W] (split into ``batch_size`` chunks) or an iterable
     of such batches. ``layers``: aliases (conv1..) or module names, resolved by
-    :class:`deconvis.deconvnet.DeconvNet`. Returns {layer as given: float64 [C]}.
+    :class:`deconvis.mirror.deconvnet.DeconvNet`. Returns {layer as given: float64 [C]}.
     """
-    from deconvis.deconvnet import DeconvNet
+    from deconvis.mirror.deconvnet import DeconvNet
 
     layers = list(layers)
     if not layers:
@@ -71,11 +71,11 @@ def image_set_batches(spec: str, resize: int, crop: int, batch_size: int = 32,
                       max_images: Optional[int] = None,
                       mean: Sequence[float] = (0.485, 0.456, 0.406),
                       std: Sequence[float] = (0.229, 0.224, 0.225)) -> List[Tensor]:
-    """An image set (:func:`deconvis.data.open_images` spec, e.g. ``builtin:skimage-crops``)
+    """An image set (:func:`deconvis.io.images.open_images` spec, e.g. ``builtin:skimage-crops``)
     preprocessed (short side ``resize``, centre crop ``crop`` pixels) and normalised, as a list
     of float32 batches [<=batch_size, 3, crop, crop]."""
-    from deconvis.data import normalize, open_images, preprocess_image
-    from deconvis.models import Preprocess
+    from deconvis.io.images import normalize, open_images, preprocess_image
+    from deconvis.io.models import Preprocess
 
     pp = Preprocess(resize=int(resize), crop=(int(crop), int(crop)), mean=tuple(mean), std=tuple(std))
     src = open_images(spec, max_images=max_images)
@@ -89,10 +89,10 @@ def summary(dead: Dict[str, List[int]], widths: Dict[str, int]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deconvis.diagnose [WEIGHTS]``: dead channels of zfnet_demo on the demo set."""
+    """``python -m deconvis.analysis.diagnose [WEIGHTS]``: dead channels of zfnet_demo on the demo set."""
     import argparse
 
-    from deconvis.models import load_model
+    from deconvis.io.models import load_model
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("weights", nargs="?", default="deconvis/assets/zfnet_demo.pt")

@@ -1,0 +1,1 @@
+"""Zeiler & Fergus Section 4 analyses."""

@@ -1,0 +1,1 @@
+"""Input and output: image sets, model loading, atomic file writes."""

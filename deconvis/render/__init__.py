@@ -1,0 +1,1 @@
+"""Pictures: display stretch, top-k sheets, and the HTML report."""

@@ -1,0 +1,1 @@
+"""Runs of the top-k pipeline: config, phases, results, torch.distributed glue."""

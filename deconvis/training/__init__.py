@@ -1,0 +1,1 @@
+"""Training-time tools: the demo net, its surrogate task, snapshot callbacks (ZF Fig. 4)."""
