@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.errors import DeconvisError
+from deconvis.utils.device import model_dtype_device
 from deconvis.graph.rf import (_MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Box, LayerRF, Pair, RFTable,
-                         TracedGraph, _model_dtype_device, _size_pair, _window_params, clip_box, pool_out_size,
+                         TracedGraph, _size_pair, _window_params, clip_box, pool_out_size,
                          resolve_layer, table_from_traced, trace_graph)
 
 
@@ -149,7 +150,7 @@ def effective_receptive_field(model: nn.Module, layer: str, input_size: Union[in
     u = centre_unit(row, size) if unit is None else (int(unit[0]), int(unit[1]))
     box = row.box(*u)  # also checks the unit
     sub = _truncated(tg, tg.node(name))
-    dtype, device = _model_dtype_device(model)
+    dtype, device = model_dtype_device(model)
     modes = {m: m.training for m in model.modules()}
     acc = torch.zeros(size, dtype=torch.float64)
     try:

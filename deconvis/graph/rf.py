@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.errors import DeconvisError, close_matches
+from deconvis.utils.device import model_dtype_device
 
 Pair = Tuple[int, int]
 Box = Tuple[int, int, int, int]
@@ -167,6 +168,12 @@ class LayerRF:
         x0 = int(round(cx - (self.rf[1] - 1) / 2))
         return (y0, y0 + self.rf[0], x0, x0 + self.rf[1])
 
+    def crop_box(self, y: int, x: int) -> Box:
+        """Half-open, unclipped box to crop for unit (y, x): :meth:`box`, or the local field's box
+        when the row sees the whole image only through a gate."""
+        local = getattr(self, "local", None)
+        return local.box(y, x) if local is not None else self.box(y, x)
+
     def to_record(self) -> Dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "out": list(self.out), "rf": list(self.rf),
                 "jump": list(self.jump), "start": [_num(self.start[0]), _num(self.start[1])]}
@@ -238,6 +245,14 @@ class RFTable:
     def clipped_box(self, layer: Union[str, LayerRF], y: int, x: int) -> Tuple[Box, Tuple[int, int, int, int]]:
         """(box clipped to the image, pad (top, bottom, left, right)) of unit (y, x) of ``layer``."""
         return clip_box(self.box(layer, y, x), self.input_size)
+
+    def crop_box(self, layer: Union[str, LayerRF], y: int, x: int) -> Tuple[Box, Tuple[int, int, int, int]]:
+        """The image patch to show beside a projection of unit (y, x) of ``layer``: (box clipped to
+        the image, pad (top, bottom, left, right)). This is the unit's receptive field; for rows
+        that see the whole image only through a squeeze-excitation gate it is the local field of
+        the conv path (see :attr:`LayerRF.local`)."""
+        row = self._row(layer)
+        return clip_box(row.crop_box(y, x), self.input_size)
 
     def to_records(self) -> List[Dict[str, Any]]:
         """JSON-ready rows: name, kind, out, rf, jump, start (each [h, w])."""
@@ -443,13 +458,6 @@ class _Recorder(torch.fx.Interpreter):
         return val
 
 
-def _model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype, t.device
-    return torch.get_default_dtype(), torch.device("cpu")
-
-
 def _run_recorder(gm: torch.fx.GraphModule, x: torch.Tensor, fake: bool) -> "_Recorder":
     rec = _Recorder(gm)
     if not fake:
@@ -477,7 +485,7 @@ def _propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.N
     Shapes come from fake tensors (no arithmetic: instant even for VGG at 224 px); if that fails
     for any reason other than a too-small map, a real zero image is run instead."""
     model = tg.model
-    dtype, device = _model_dtype_device(model)
+    dtype, device = model_dtype_device(model)
     modes = {m: m.training for m in model.modules()}
     hw = f"{size[0]}x{size[1]}"
     x = torch.zeros(1, in_channels, size[0], size[1], dtype=dtype, device=device)

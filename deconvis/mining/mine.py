@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from deconvis.errors import DeconvisError
+from deconvis.utils.device import is_oom
 
 #: image index of an empty slot (sorts after every real image on equal value -inf)
 EMPTY = torch.iinfo(torch.int64).max
@@ -350,7 +351,7 @@ def mine(
             try:
                 acts = activations(part)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-                if not _is_oom(exc) or size == 1:
+                if not is_oom(exc) or size == 1:
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -415,21 +416,6 @@ def mine(
         clock.harvest(times, block=True)
     times.total += time.perf_counter() - t_start
     return topk
-
-
-def _is_oom(exc: Optional[BaseException]) -> bool:
-    """An out-of-memory error, also when wrapped (``DeconvNet`` re-raises forward errors as a
-    DeconvisError ``from`` the original)."""
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if oom is not None and isinstance(exc, oom):
-            return True
-        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-            return True
-        exc = exc.__cause__
-    return False
 
 
 def hooked_activations(model: nn.Module, layers: Sequence[str]) -> ActivationFn:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from deconvis.errors import DeconvisError, close_matches
+from deconvis.mirror.rules import Rule
 
-RULES = ("deconvnet", "guided", "gradient")
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -207,8 +207,7 @@ def validate(cfg: VisualizeConfig) -> VisualizeConfig:
     if cfg.render_only and cfg.fresh:
         raise DeconvisError("--render-only and --fresh contradict each other: --fresh discards the results "
                             "that --render-only re-renders; pass one of them")
-    if cfg.rule not in RULES:
-        raise DeconvisError(f"unknown rule {cfg.rule!r}; choose {', '.join(RULES)}" + close_matches(cfg.rule, RULES))
+    cfg.rule = Rule.parse(cfg.rule).value
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise DeconvisError(f"device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")

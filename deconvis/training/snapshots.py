@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from deconvis.io import atomic
-from deconvis.mirror.deconvnet import RULES, DeconvNet
+from deconvis.mirror.deconvnet import DeconvNet
+from deconvis.mirror.rules import Rule
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.training.evolution import evolution_figure, patch_tiles, rec_tiles
 
@@ -222,8 +223,7 @@ class SnapshotCallback:
                  std: Optional[Sequence[float]] = None, batch_size: int = 64, resume: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise DeconvisError(f"SnapshotCallback needs the model (torch.nn.Module) first, got {type(model).__name__}")
-        if rule not in RULES:
-            raise DeconvisError(f"unknown rule {rule!r}; choose {', '.join(RULES)}" + close_matches(str(rule), RULES))
+        rule = Rule.parse(rule).value
         if select not in FEATURE_SELECTIONS:
             raise DeconvisError(f"unknown feature selection {select!r}; choose {', '.join(FEATURE_SELECTIONS)}"
                                 + close_matches(str(select), FEATURE_SELECTIONS))

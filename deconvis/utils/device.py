@@ -8,9 +8,10 @@ never loses a run.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
+from torch import nn
 
 from deconvis.errors import DeconvisError
 
@@ -54,10 +55,27 @@ def auto_batch_size(bytes_per_item: int, device: torch.device, cap: int = 1024) 
     return int(max(1, min(cap, memory_budget(device) // max(1, bytes_per_item))))
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+def is_oom(exc: Optional[BaseException]) -> bool:
+    """An out-of-memory error, also when wrapped (a DeconvisError raised ``from`` the original)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if oom is not None and isinstance(exc, oom):
+            return True
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
+    """dtype and device of the model's first floating-point parameter or buffer (default dtype, CPU
+    for a model without any)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
 
 
 def batched(fn: Callable[[torch.Tensor], T], items: torch.Tensor, batch_size: int,
@@ -70,7 +88,7 @@ def batched(fn: Callable[[torch.Tensor], T], items: torch.Tensor, batch_size: in
         try:
             out.append(fn(chunk))
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
