@@ -134,6 +134,17 @@ class DeconvNet:
     def step(self, layer: str) -> Step:
         return self.steps[self._index[self.resolve(layer)]]
 
+    def receptive_fields(self, input_size):
+        """The receptive-field table (:class:`deconvis.graph.rf.RFTable`) of the wrapped model for
+        images of ``input_size`` (int or (h, w) pixels); computed once per size and cached."""
+        from deconvis.graph.rf import table_from_traced, trace_graph
+
+        key = tuple(input_size) if isinstance(input_size, (tuple, list)) else (int(input_size),) * 2
+        cache = self.__dict__.setdefault("_rf_cache", {})
+        if key not in cache:
+            cache[key] = table_from_traced(trace_graph(self.model), key)
+        return cache[key]
+
     # ----------------------------------------------------------------- forward
     def release(self) -> None:
         """Drop everything the last ``forward`` recorded (activations, switches, ReLU signs), so
