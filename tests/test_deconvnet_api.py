@@ -69,17 +69,48 @@ def test_errors_are_clear():
         dn.project("conv1", [[0, 0, 0, 0]], rule="backprop")
 
 
-def test_not_a_chain_and_unsupported_module_are_named():
-    with torch.device("meta"):
-        resnet = torchvision.models.resnet18()
-    with pytest.raises(DeconvisError, match="not a chain"):
-        DeconvNet(resnet)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 3), nn.ReLU())
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2).transpose(1, 2)
+        return self.attn(y, y, y)[0]
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_refused_models_are_named_with_the_op():
+    with pytest.raises(DeconvisError, match=r"attention op at node \d+ of \d+ \('attn', MultiheadAttention\)"):
+        DeconvNet(_Attention())
+    with pytest.raises(DeconvisError, match=r"torch.fx could not trace _DataDependent.*control flow"):
+        DeconvNet(_DataDependent())
+
+
+def test_smooth_ops_take_their_exact_derivative():
+    """A sigmoid on the path (no deconvnet rule of its own) is differentiated exactly: the
+    projection through it equals autograd with the ReLU rule swapped."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 3), nn.ReLU()).double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     dn = DeconvNet(net)
-    dn.forward(torch.randn(1, 3, 12, 12))
-    dn.project("0", [[0, 0, 0, 0]])  # below the sigmoid: fine
-    with pytest.raises(DeconvisError, match=r"step 1 '1' \(Sigmoid\)"):
-        dn.project("3", [[0, 0, 0, 0]])
+    dn.forward(x)
+    units = dn.strongest("3", 3)  # active units: a zero seed would make the test vacuous
+    for rule in ("deconvnet", "guided", "gradient"):
+        got = dn.project("3", units, rule=rule)
+        want = oracle_project(net, x, "3", units, rule)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12 * want.abs().max())
+        assert want.abs().max() > 0
 
 
 def test_model_untouched_and_outputs_unchanged():

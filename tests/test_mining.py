@@ -331,7 +331,7 @@ def test_out_of_memory_inside_the_deconvnet_forward_is_retried(monkeypatch):
     """DeconvNet wraps forward errors in a DeconvisError (``from`` the original): an out-of-memory
     error in the real ``dn.activations`` must still halve the batch, and the winners must equal
     the brute-force oracle's."""
-    import deconvis.mirror.deconvnet as dmod
+    import deconvis.mirror.engine as dmod
     from deconvis.mirror.deconvnet import DeconvNet
 
     torch.manual_seed(0)

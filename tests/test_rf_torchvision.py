@@ -196,3 +196,64 @@ def test_misaligned_residual_names_both_paths():
         receptive_fields(ShortcutD(), 16)
     msg = str(e.value)
     assert "conv (jump 2, start 0)" in msg and "proj (jump 2, start 0.5)" in msg and "\n" not in msg
+
+
+# ------------------------------------------- channels-last blocks and squeeze-excitation gates
+def _support_bbox(model: nn.Module, module_name: str, units, size: int, seed: int = 0):
+    """Bounding boxes (y0, y1, x0, x1) of the input-gradient support of each unit (y, x) of a
+    module's output, in the real model (random weights, float64): one backward per unit."""
+    torch.manual_seed(seed)
+    out = {}
+    h = model.get_submodule(module_name).register_forward_hook(lambda m, i, o: out.__setitem__("a", o))
+    x = torch.randn(1, 3, size, size, dtype=DT, requires_grad=True)
+    try:
+        model(x)
+    finally:
+        h.remove()
+    boxes = []
+    for y, xx in units:
+        (g,) = torch.autograd.grad(out["a"][0, 0, y, xx], x, retain_graph=True)
+        ys, xs = np.nonzero(g[0].abs().sum(0).numpy())
+        boxes.append((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1))
+    return boxes
+
+
+def test_convnext_rows_match_gradient_support():
+    """ConvNeXt's blocks go channels-last for LayerNorm and the pointwise Linears and back: these
+    act per position, so the field is that of the convs alone."""
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny().double().eval()
+    size = 64
+    table = receptive_fields(model, size)
+    for layer in ("features.1", "features.3", "features.4"):
+        row = table[layer]
+        assert not row.whole
+        units = units_of(row.out, 6)
+        for u, bbox in zip(units, _support_bbox(model, layer, units, size)):
+            assert bbox == table.clipped_box(layer, *u)[0], (layer, u)
+
+
+def test_se_gate_rows_are_whole_with_a_local_field_that_matches_the_detached_gate():
+    """After a squeeze-excitation gate every unit depends on the whole image (row.whole, JSON flag);
+    the local field is the gradient support with the gate detached (the conv path only)."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small().double().eval()
+    size = 96
+    table = receptive_fields(model, size)
+    row = table["features.4"]
+    assert row.whole and row.local is not None
+    rec = row.to_record()
+    assert rec["whole"] is True and rec["local"]["rf"] == list(row.local.rf)
+    assert table["features.0"].to_record()["whole"] is False and "local" not in table["features.0"].to_record()
+    detached = copy.deepcopy(model)
+    for m in detached.modules():
+        if isinstance(m, SqueezeExcitation):
+            m.forward = (lambda self: lambda x: self._scale(x).detach() * x)(m)
+    units = units_of(row.out, 6)
+    for u, bbox in zip(units, _support_bbox(detached, "features.4", units, size)):
+        assert bbox == table.crop_box("features.4", *u)[0], u
+    # with the gate attached the support is the whole image: the whole flag is right
+    (full,) = _support_bbox(model, "features.4", [units[0]], size)
+    assert full == (0, size, 0, size)

@@ -29,8 +29,9 @@ from torch import nn
 
 from deconvis.errors import DeconvisError
 from deconvis.utils.device import model_dtype_device
+from deconvis.graph.ops import window_params
 from deconvis.graph.rf import (_MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Box, LayerRF, Pair, RFTable,
-                         TracedGraph, _size_pair, _window_params, clip_box, pool_out_size,
+                         TracedGraph, _size_pair, clip_box, pool_out_size,
                          resolve_layer, table_from_traced, trace_graph)
 
 
@@ -206,7 +207,7 @@ def _path_count_rewrite(gm: torch.fx.GraphModule):
         if n.op == "call_method" and n.target in _PASS_METHODS:
             return env[n.args[0]]
         if n.op in ("call_module", "call_function"):
-            win = _window_params(n, gm, {})
+            win = window_params(n, gm, {})
             if win is not None and not win["conv"]:
                 count[0] += 1
                 name = f"_deconvis_sumpool{count[0]}"

@@ -24,7 +24,7 @@ device. The model's modes are restored; its parameters and buffers are not chang
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -34,56 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.errors import DeconvisError, close_matches
+from deconvis.graph.ops import (_CAT_FUNCS, _MERGE_FUNCS, _MERGE_METHODS, _NON_TENSOR_METHODS, _PASS_FUNCS,
+                                _PASS_METHODS, _PASS_MODULES, _RESHAPE_FUNCS, _RESHAPE_METHODS, _SPLIT_FUNCS,
+                                _SPLIT_METHODS, _WHOLE_FUNCS, _WHOLE_MODULES, Pair, _arg, kind_name,
+                                window_params)
+from deconvis.graph.trace import TracedGraph, trace_graph
 from deconvis.utils.device import model_dtype_device
 
-Pair = Tuple[int, int]
 Box = Tuple[int, int, int, int]
-
-# ----------------------------------------------------------------------------------- op tables
-_PASS_MODULES: Tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink,
-    nn.BatchNorm2d, nn.SyncBatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity,
-)
-# elementwise / per-position functions (ReLU-like, dropout, LRN, eval batch norm)
-_PASS_FUNCS = {f for f in (
-    F.relu, getattr(F, "relu_", None), torch.relu, torch.relu_, F.relu6, F.leaky_relu,
-    getattr(F, "leaky_relu_", None), F.elu, getattr(F, "elu_", None), F.selu, F.celu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, getattr(F, "hardtanh_", None), F.sigmoid, F.tanh,
-    torch.sigmoid, torch.tanh, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, F.prelu, F.threshold,
-    F.dropout, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout, F.local_response_norm,
-    F.batch_norm, torch.abs, torch.neg, operator.neg, torch.clamp, torch.clip, torch.exp, torch.square,
-    torch.sqrt,
-) if f is not None}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
-                 "clamp_min_", "clamp_max", "abs", "neg", "exp", "square", "sqrt", "contiguous", "float",
-                 "double", "half", "to", "type_as", "clone", "detach", "__neg__"}
-# maps combined position by position
-_MERGE_FUNCS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
-                operator.truediv, operator.itruediv, torch.add, torch.mul, torch.sub, torch.div,
-                torch.cat, torch.concat, torch.stack, torch.maximum, torch.minimum,
-                getattr(torch, "concatenate", None)} - {None}
-_MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "maximum", "minimum"}
-_CAT_FUNCS = {torch.cat, torch.concat, getattr(torch, "concatenate", None)} - {None}
-# shape changes: keep the geometry when the spatial dims survive as the last two, else whole
-_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.mean, torch.sum,
-                  torch.amax, torch.amin}
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "mean", "sum", "amax", "amin",
-                    "view_as", "reshape_as"}
-_SPLIT_FUNCS = {torch.chunk, torch.split}
-_SPLIT_METHODS = {"chunk", "split"}
-_WHOLE_MODULES: Tuple[type, ...] = (nn.Linear, nn.Bilinear)
-_WHOLE_FUNCS = {F.linear}
-_NON_TENSOR_METHODS = {"size", "dim", "numel"}
-
-
-def _pair(v: Any) -> Pair:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1])) if len(v) else (1, 1)
-    return (int(v), int(v))
-
 
 # ------------------------------------------------------------------------------ pure geometry
 def conv_out_size(n: int, k: int, s: int = 1, p: int = 0, d: int = 1) -> int:
@@ -139,6 +97,9 @@ class LayerRF:
     pixels; ``jump``: input pixels between neighbouring units; ``start``: centre of unit (0, 0) in
     input pixel-centre coordinates (may be negative or half-integer). ``whole``: every unit sees the
     same region (flatten/linear/global pooling): ``box`` is then that region for all units.
+    ``local``: for a whole row that sees the whole image only through a gate (squeeze-excitation:
+    a product with a globally pooled branch), the geometry of the conv path with the gate
+    detached: the patch that drives the unit locally (None otherwise).
     """
 
     name: str
@@ -148,6 +109,7 @@ class LayerRF:
     jump: Pair
     start: Tuple[float, float]
     whole: bool = False
+    local: Optional["LayerRF"] = None
 
     def _check_unit(self, y: int, x: int) -> None:
         if not (0 <= y < self.out[0] and 0 <= x < self.out[1]):
@@ -171,12 +133,19 @@ class LayerRF:
     def crop_box(self, y: int, x: int) -> Box:
         """Half-open, unclipped box to crop for unit (y, x): :meth:`box`, or the local field's box
         when the row sees the whole image only through a gate."""
-        local = getattr(self, "local", None)
-        return local.box(y, x) if local is not None else self.box(y, x)
+        return self.local.box(y, x) if self.local is not None else self.box(y, x)
 
     def to_record(self) -> Dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "out": list(self.out), "rf": list(self.rf),
-                "jump": list(self.jump), "start": [_num(self.start[0]), _num(self.start[1])]}
+        """JSON-ready row. ``whole``: every unit sees the same region ``[start - (rf-1)/2,
+        start + (rf+1)/2)`` and ``start + y*jump`` does not apply; ``local``: the gate-detached
+        field ({rf, jump, start}) when there is one."""
+        rec: Dict[str, Any] = {"name": self.name, "kind": self.kind, "out": list(self.out), "rf": list(self.rf),
+                               "jump": list(self.jump), "start": [_num(self.start[0]), _num(self.start[1])],
+                               "whole": self.whole}
+        if self.local is not None:
+            rec["local"] = {"rf": list(self.local.rf), "jump": list(self.local.jump),
+                            "start": [_num(self.local.start[0]), _num(self.local.start[1])]}
+        return rec
 
 
 def _num(v: float) -> Union[int, float]:
@@ -207,19 +176,27 @@ class RFTable:
     """
 
     def __init__(self, input_size: Pair, layers: List[LayerRF], containers: Optional[Dict[str, str]] = None,
-                 model_name: str = "model"):
+                 model_name: str = "model", graph: Optional[TracedGraph] = None):
         self.input_size: Pair = (int(input_size[0]), int(input_size[1]))
         self.layers: List[LayerRF] = list(layers)
         self._by_name: Dict[str, LayerRF] = {l.name: l for l in self.layers}
         self.containers: Dict[str, str] = {k: v for k, v in (containers or {}).items() if k not in self._by_name}
         self.model_name = model_name
+        self.graph = graph
 
     def resolve(self, name: str) -> str:
-        """Row or container name -> row name; DeconvisError naming close matches when unknown."""
+        """Row name, container name or alias (``conv5``, ``pool2``, ``layer3``) -> row name, by the
+        traced graph's resolver; DeconvisError naming close matches when unknown."""
         if name in self._by_name:
             return name
         if name in self.containers:
             return self.containers[name]
+        if self.graph is not None:
+            row = self.graph.resolve(name)
+            if row in self._by_name:
+                return row
+            raise DeconvisError(f"layer {name!r} ({row}) of {self.model_name} has no receptive-field row "
+                                "(it does not depend on the image)")
         raise DeconvisError(f"unknown layer {name!r} in {self.model_name}"
                             + close_matches(name, list(self._by_name) + list(self.containers)))
 
@@ -283,69 +260,6 @@ class RFTable:
         return f"RFTable({self.model_name}, input_size={self.input_size}, {len(self.layers)} rows)"
 
 
-# ------------------------------------------------------------------------------- graph tracing
-@dataclass
-class TracedGraph:
-    """A model traced with torch.fx: its graph module (sharing the model's submodules), the row
-    name of each tensor node, and container module name -> its last node."""
-
-    model: nn.Module
-    graph_module: torch.fx.GraphModule
-    row_names: Dict[torch.fx.Node, str]
-    container_last: Dict[str, torch.fx.Node] = field(default_factory=dict)
-
-    @property
-    def model_name(self) -> str:
-        return type(self.model).__name__
-
-    def node(self, row_name: str) -> torch.fx.Node:
-        for n, name in self.row_names.items():
-            if name == row_name:
-                return n
-        raise KeyError(row_name)
-
-
-def trace_graph(model: nn.Module) -> TracedGraph:
-    """Trace ``model`` with ``torch.fx.symbolic_trace``; DeconvisError when it cannot be traced."""
-    if not isinstance(model, nn.Module):
-        raise DeconvisError(f"receptive fields need a torch.nn.Module, got {type(model).__name__}")
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()  # trace the eval-mode forward (self.training branches, functional dropout)
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise DeconvisError(
-            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {first}); receptive "
-            "fields need a traceable forward (no control flow that depends on tensor values or shapes)") from exc
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise DeconvisError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs; receptive "
-                            "fields need a network of exactly one image batch")
-    names: Dict[torch.fx.Node, str] = {}
-    calls: Dict[str, int] = {}
-    last: Dict[str, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            names[node] = "input"
-            continue
-        if node.op in ("output", "get_attr"):
-            continue
-        if node.op == "call_module":
-            count = calls.get(node.target, 0) + 1
-            calls[node.target] = count
-            names[node] = node.target if count == 1 else f"{node.target}#{count}"
-        else:
-            names[node] = node.name
-        for qual, _type in (node.meta.get("nn_module_stack") or {}).values():
-            if qual:
-                last[qual] = node
-    return TracedGraph(model, gm, names, last)
-
-
 # --------------------------------------------------------------------------- shape propagation
 class _NodeFailed(Exception):
     def __init__(self, node: torch.fx.Node, exc: BaseException):
@@ -367,66 +281,6 @@ def _shape_of(v: Any) -> Any:
     return None
 
 
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _window_params(node: torch.fx.Node, gm: torch.fx.GraphModule, shapes: Dict[torch.fx.Node, Any]
-                   ) -> Optional[Dict[str, Any]]:
-    """Kernel/stride/padding/dilation/ceil_mode (h, w pairs) of a conv or pool node, else None.
-
-    ``padding`` may be the string 'same'/'valid' for convolutions."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Conv2d):
-            k, d = _pair(m.kernel_size), _pair(m.dilation)
-            pad: Any = m.padding
-            if isinstance(pad, str):
-                pad = (0, 0) if pad == "valid" else ((d[0] * (k[0] - 1)) // 2, (d[1] * (k[1] - 1)) // 2)
-            return dict(k=k, s=_pair(m.stride), p=_pair(pad), d=d, ceil=False, conv=True,
-                        same=m.padding == "same")
-        if isinstance(m, nn.MaxPool2d):
-            return dict(k=_pair(m.kernel_size), s=_pair(m.stride or m.kernel_size), p=_pair(m.padding),
-                        d=_pair(m.dilation), ceil=bool(m.ceil_mode), conv=False, same=False)
-        if isinstance(m, nn.AvgPool2d):
-            return dict(k=_pair(m.kernel_size), s=_pair(m.stride or m.kernel_size), p=_pair(m.padding),
-                        d=(1, 1), ceil=bool(m.ceil_mode), conv=False, same=False)
-        if isinstance(m, nn.LPPool2d):
-            return dict(k=_pair(m.kernel_size), s=_pair(m.stride or m.kernel_size), p=(0, 0), d=(1, 1),
-                        ceil=bool(m.ceil_mode), conv=False, same=False)
-        return None
-    if node.op != "call_function":
-        return None
-    t = node.target
-    name = getattr(t, "__name__", "")
-    if t in (F.conv2d, torch.conv2d) or name == "conv2d":
-        w = _arg(node, 1, "weight")
-        wshape = shapes.get(w) if isinstance(w, torch.fx.Node) else None
-        if wshape is None or len(wshape) != 4:
-            return None
-        k = (int(wshape[2]), int(wshape[3]))
-        d = _pair(_arg(node, 5, "dilation", 1))
-        pad = _arg(node, 4, "padding", 0)
-        same = pad == "same"
-        if isinstance(pad, str):
-            pad = (0, 0) if pad == "valid" else ((d[0] * (k[0] - 1)) // 2, (d[1] * (k[1] - 1)) // 2)
-        return dict(k=k, s=_pair(_arg(node, 3, "stride", 1)), p=_pair(pad), d=d, ceil=False, conv=True, same=same)
-    if t in (F.max_pool2d, torch.max_pool2d) or name in ("max_pool2d", "max_pool2d_with_indices"):
-        k = _pair(_arg(node, 1, "kernel_size"))
-        s = _arg(node, 2, "stride", None)
-        return dict(k=k, s=_pair(s) if s not in (None, [], ()) else k, p=_pair(_arg(node, 3, "padding", 0)),
-                    d=_pair(_arg(node, 4, "dilation", 1)), ceil=bool(_arg(node, 5, "ceil_mode", False)),
-                    conv=False, same=False)
-    if t in (F.avg_pool2d,) or name == "avg_pool2d":
-        k = _pair(_arg(node, 1, "kernel_size"))
-        s = _arg(node, 2, "stride", None)
-        return dict(k=k, s=_pair(s) if s not in (None, [], ()) else k, p=_pair(_arg(node, 3, "padding", 0)),
-                    d=(1, 1), ceil=bool(_arg(node, 4, "ceil_mode", False)), conv=False, same=False)
-    return None
-
-
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once, recording every node's output shape; stops early on a too-small map."""
 
@@ -436,7 +290,7 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op in ("call_module", "call_function"):
-            win = _window_params(n, self.module, self.shapes)
+            win = window_params(n, self.module, self.shapes)
             x = n.args[0] if n.args else None
             xs = self.shapes.get(x) if isinstance(x, torch.fx.Node) else None
             if win is not None and isinstance(xs, tuple) and len(xs) >= 3 and not win["same"]:
@@ -500,16 +354,16 @@ def _propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.N
         except Exception:  # fake tensors unsupported here, or the forward fails: run it for real
             rec = _run_recorder(tg.graph_module, x, fake=False)
     except _TooSmall as e:
-        name, kind = tg.row_names.get(e.node, e.node.name), _kind(e.node, tg.graph_module)
+        name, kind = tg.row_names.get(e.node, e.node.name), kind_name(e.node, tg.graph_module)
         msg = (f"input {hw} is too small for {tg.model_name}: layer {name} ({kind}) would have size "
                f"{e.out_hw[0]}x{e.out_hw[1]} (its input is {e.in_hw[0]}x{e.in_hw[1]}); use a larger input size")
     except _NodeFailed as e:
-        name, kind = tg.row_names.get(e.node, e.node.name), _kind(e.node, tg.graph_module)
+        name, kind = tg.row_names.get(e.node, e.node.name), kind_name(e.node, tg.graph_module)
         first = (str(e.exc).strip().splitlines() or [""])[0]
         shapes = e.shapes if hasattr(e, "shapes") else {}
         xin = e.node.args[0] if e.node.args else None
         xs = shapes.get(xin) if isinstance(xin, torch.fx.Node) else None
-        windowed = _window_params(e.node, tg.graph_module, shapes) is not None
+        windowed = window_params(e.node, tg.graph_module, shapes) is not None
         small = "too small" in first.lower() or (windowed and "size" in first.lower())
         if small:
             seen = f"its input is {xs[-2]}x{xs[-1]}: " if isinstance(xs, tuple) and len(xs) >= 3 else ""
@@ -528,23 +382,18 @@ def _propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.N
 
 
 # --------------------------------------------------------------------------------- graph walk
-def _kind(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
-    if node.op == "placeholder":
-        return "input"
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    if node.op == "call_method":
-        return str(node.target)
-    t = node.target
-    return str(getattr(t, "__name__", t))
-
-
 @dataclass(frozen=True)
 class _Geo:
+    """Geometry of one node: per-axis RF, map size, whole-image flag, channels-last layout
+    (``cl``: the map is [N, H, W, C], as inside ConvNeXt's LayerNorm), and the gate-detached
+    ``local`` geometry of a whole node reached through a gate."""
+
     h: AxisRF
     w: AxisRF
     out: Pair
     whole: bool = False
+    cl: bool = False
+    local: Optional["_Geo"] = None
 
     def region(self, size: Pair) -> Tuple[Pair, Pair]:
         """Half-open input ranges ((y0, y1), (x0, x1)) seen by all units together, clipped."""
@@ -560,6 +409,13 @@ def _whole(geos: Sequence[_Geo], size: Pair, out: Pair) -> _Geo:
     xs = [r[1] for r in regions if r[0][1] > r[0][0] and r[1][1] > r[1][0]] or [regions[0][1]]
     return _Geo(AxisRF.region(min(a for a, _ in ys), max(b for _, b in ys)),
                 AxisRF.region(min(a for a, _ in xs), max(b for _, b in xs)), out, True)
+
+
+def _dims(node: torch.fx.Node) -> List[int]:
+    """The dims of a permute node as a list of ints ([] when not constant)."""
+    rest = list(node.args[1:]) or list(node.kwargs.get("dims", []))
+    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else []
 
 
 def _spatial(shape: Any) -> Optional[Pair]:
@@ -584,11 +440,11 @@ class _Walker:
 
     def fail(self, node: torch.fx.Node, why: str) -> DeconvisError:
         return DeconvisError(f"cannot compute receptive fields through {self.name(node)} "
-                             f"({_kind(node, self.gm)}) of {self.tg.model_name}: {why}")
+                             f"({kind_name(node, self.gm)}) of {self.tg.model_name}: {why}")
 
     def unknown(self, node: torch.fx.Node) -> DeconvisError:
         what = "module" if node.op == "call_module" else ("method" if node.op == "call_method" else "function")
-        return self.fail(node, f"unknown {what} kind {_kind(node, self.gm)!r}; deconvis knows Conv2d, max/avg/"
+        return self.fail(node, f"unknown {what} kind {kind_name(node, self.gm)!r}; deconvis knows Conv2d, max/avg/"
                                "adaptive pools, elementwise activations, BatchNorm, dropout, LRN, padding, "
                                "add/mul/cat merges, flatten/view and Linear")
 
@@ -614,6 +470,20 @@ class _Walker:
 
     # one op ------------------------------------------------------------------------------
     def step(self, node: torch.fx.Node, ins: List[Tuple[torch.fx.Node, _Geo]], shape: Any) -> _Geo:
+        res = self._step(node, ins, shape)
+        if res.whole and any(not g.whole or g.local is not None for _, g in ins):
+            kept = [(n, g.local if g.whole else g) for n, g in ins if not g.whole or g.local is not None]
+            try:
+                local = self._step(node, kept, shape)
+            except DeconvisError:
+                local = None
+            if local is not None and not local.whole:
+                res = replace(res, local=local)
+        return res
+
+    def _step(self, node: torch.fx.Node, ins: List[Tuple[torch.fx.Node, _Geo]], shape: Any) -> _Geo:
+        if any(g.cl for _, g in ins):
+            return self.channels_last(node, ins, shape)
         out = _out_pair(shape[0] if isinstance(shape, list) else shape)
         first = ins[0][1]
         t = node.target
@@ -632,7 +502,7 @@ class _Walker:
                 return _whole([g for _, g in ins], self.size, out)
             raise self.unknown(node)
 
-        win = _window_params(node, self.gm, self.shapes)
+        win = window_params(node, self.gm, self.shapes)
         if win is not None:
             return self.window(node, first, win, out)
         if module is not None:
@@ -694,7 +564,34 @@ class _Walker:
             moved = [i for i, d in enumerate(dims) if int(d) % nd != i] if ok else [nd - 1]
         if nd >= 3 and all(d < nd - 2 for d in moved) and _spatial(shape) == g.out:
             return g
+        if nd == 4 and _dims(node) == [0, 2, 3, 1] and not g.whole:  # to channels-last [N, H, W, C]
+            return replace(g, cl=True)
         raise self.fail(node, "moving the height or width dimension is not supported")
+
+    def channels_last(self, node: torch.fx.Node, ins: List[Tuple[torch.fx.Node, _Geo]], shape: Any) -> _Geo:
+        """Ops on a channels-last map [N, H, W, C] that act on channels at each position
+        (LayerNorm over C, Linear on C, elementwise, merges of aligned maps), and the permute back."""
+        g = ins[0][1]
+        t = node.target
+        is_fn, is_meth = node.op == "call_function", node.op == "call_method"
+        module = self.gm.get_submodule(t) if node.op == "call_module" else None
+        if not (isinstance(shape, tuple) and len(shape) == 4):
+            raise self.fail(node, "a channels-last map must stay 4-dimensional")
+        if ((is_meth and t == "permute") or (is_fn and t is torch.permute)) and _dims(node) == [0, 3, 1, 2]:
+            return replace(g, cl=False, out=(int(shape[2]), int(shape[3])))
+        same = (int(shape[1]), int(shape[2])) == g.out
+        per_position = (
+            isinstance(module, _PASS_MODULES + (nn.Linear,))
+            or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1)
+            or (is_fn and (t in _PASS_FUNCS or t is F.linear or (t is F.layer_norm and len(_arg(node, 1, "normalized_shape")) == 1)))
+            or (is_meth and t in _PASS_METHODS))
+        if per_position and len(ins) == 1 and same:
+            return g
+        if ((is_fn and t in _MERGE_FUNCS) or (is_meth and t in _MERGE_METHODS)) and same \
+                and all(b.cl and b.h == g.h and b.w == g.w and b.out == g.out for _, b in ins):
+            return g
+        raise self.fail(node, "only per-position ops (LayerNorm or Linear over channels, elementwise ops) "
+                              "are supported on a channels-last map")
 
     def passthrough(self, node: torch.fx.Node, g: _Geo, shape: Any, out: Pair) -> _Geo:
         if _spatial(shape) is not None and not g.whole and _spatial(shape) != g.out:
@@ -812,14 +709,19 @@ def table_from_traced(tg: TracedGraph, input_size: Union[int, Sequence[int]], in
     rows = _Walker(tg, shapes, size).walk()
     layers = []
     for node, g in rows:
-        kind = _kind(node, tg.graph_module)
+        kind = kind_name(node, tg.graph_module)
+        local = None
+        if g.local is not None:
+            lg = g.local
+            local = LayerRF(name=tg.row_names[node], kind=kind, out=g.out, rf=(lg.h.r, lg.w.r),
+                            jump=(lg.h.j, lg.w.j), start=(float(lg.h.start), float(lg.w.start)))
         layers.append(LayerRF(name=tg.row_names[node], kind=kind, out=g.out, rf=(g.h.r, g.w.r),
                               jump=(g.h.j, g.w.j), start=(float(g.h.start), float(g.w.start)),
-                              whole=g.whole))
+                              whole=g.whole, local=local))
     have = {l.name for l in layers}
     containers = {qual: tg.row_names[n] for qual, n in tg.container_last.items()
                   if n in tg.row_names and tg.row_names[n] in have}
-    return RFTable(size, layers, containers, tg.model_name)
+    return RFTable(size, layers, containers, tg.model_name, tg)
 
 
 def receptive_fields(model: nn.Module, input_size: Union[int, Sequence[int]], in_channels: int = 3) -> RFTable:
@@ -833,21 +735,9 @@ def receptive_fields(model: nn.Module, input_size: Union[int, Sequence[int]], in
 
 
 def resolve_layer(model: nn.Module, table: RFTable, name: str) -> str:
-    """Row name for ``name``: a row or container name of ``table``, else an alias of
-    :class:`deconvis.mirror.deconvnet.DeconvNet` (``conv5``, ``conv5_3``, ``fc6``) when the model is a chain."""
-    if name in table:
-        return table.resolve(name)
-    aliases: Dict[str, str] = {}
-    try:
-        from deconvis.mirror.deconvnet import DeconvNet  # optional: the mirror may not exist yet
-
-        aliases = dict(DeconvNet(model).aliases)
-    except (ImportError, DeconvisError):
-        pass
-    if name in aliases and aliases[name] in table:
-        return table.resolve(aliases[name])
-    raise DeconvisError(f"unknown layer {name!r} in {table.model_name}"
-                        + close_matches(name, [l.name for l in table] + list(table.containers) + list(aliases)))
+    """Row name of ``table`` for ``name`` (row, container or alias); ``model`` is unused and kept
+    for callers of the earlier signature."""
+    return table.resolve(name)
 
 
 __all__ = ["AxisRF", "LayerRF", "RFTable", "TracedGraph", "clip_box", "conv_out_size", "pool_out_size",

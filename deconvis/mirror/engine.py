@@ -1,0 +1,462 @@
+"""The mirror over a traced graph: a forward that records, and a backward with the ReLU rule replaced.
+
+:class:`Mirror` interprets the graph of a :class:`~deconvis.graph.trace.TracedGraph` on an image
+batch, keeping every node's value and every max-pool's switches (:meth:`Mirror.run`), then
+carries a seed at one node back to the input (:meth:`Mirror.backward`), node by node in reverse:
+
+* ReLU-family units apply the :class:`~deconvis.mirror.rules.Rule` (deconvnet, guided, gradient);
+* a max-pool puts each value back at its recorded switch (windows that overlap add);
+* a conv applies its transposed filters, no bias; eval-mode BatchNorm its per-channel scale;
+* LRN and dropout pass the signal through (ZF skip them);
+* Linear, reshapes, residual adds (the signal goes to both inputs), concatenations (split by
+  channel) and products (each factor gets the signal times the other, at its recorded value) have
+  explicit rules;
+* every other op takes its exact local derivative at the recorded forward (a vector-Jacobian
+  product by autograd on that one op: LayerNorm, GELU, SiLU, Hardswish, sigmoid gates, pads,
+  permutes, pools of any kind).
+
+This is reverse-mode differentiation from the seed with the ReLU-family rule changed; on a chain
+it is exactly Zeiler & Fergus's deconvnet. The forward always has eval semantics (dropout off,
+BatchNorm on its running statistics) whatever the model's mode, and never writes into a tensor
+it recorded (in-place ops run out of place).
+
+:meth:`Mirror.backward_window` carries each unit's cone only (see :class:`WindowPlan`).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deconvis.errors import DeconvisError
+from deconvis.graph import ops
+from deconvis.graph.trace import TracedGraph, signal_inputs
+from deconvis.mirror.rules import Rule
+
+Node = torch.fx.Node
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_CAT = ops._CAT_FUNCS
+_SKIP_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
+               F.local_response_norm}
+_SKIP_METHODS = {"contiguous", "clone", "detach"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape}
+_LRN = (nn.LocalResponseNorm, nn.CrossMapLRN2d)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass(frozen=True)
+class Op:
+    """How the mirror treats one signal node: ``kind`` is one of input, relu, conv, maxpool,
+    avgpool, bn, skip, linear, reshape, add, sub, mul, cat, generic; ``unit`` the ReLU-family
+    unit; ``win`` kernel/stride/padding/dilation pairs of conv and pools."""
+
+    kind: str
+    unit: Optional[ops.ReluUnit] = None
+    win: Optional[Dict[str, Any]] = None
+    module: Optional[nn.Module] = None
+
+
+def classify(node: Node, tg: TracedGraph) -> Op:
+    """The :class:`Op` of a signal node."""
+    gm = tg.graph_module
+    if node.op == "placeholder":
+        return Op("input")
+    unit = ops.relu_unit(node, gm)
+    if unit is not None:
+        return Op("relu", unit=unit, module=tg.module(node))
+    t = node.target
+    m = tg.module(node)
+    if m is not None:
+        if isinstance(m, nn.Conv2d):
+            win = ops.window_params(node, gm, {})
+            same_even = m.padding == "same" and any(k % 2 == 0 for k in win["k"])
+            if m.padding_mode == "zeros" and not same_even:
+                return Op("conv", win=win, module=m)
+            return Op("generic", module=m)
+        if isinstance(m, nn.MaxPool2d) and not m.return_indices:
+            return Op("maxpool", win=ops.window_params(node, gm, {}), module=m)
+        if isinstance(m, nn.AvgPool2d):
+            return Op("avgpool", win=ops.window_params(node, gm, {}), module=m)
+        if isinstance(m, nn.BatchNorm2d):
+            if not m.track_running_stats or m.running_var is None:
+                raise DeconvisError(f"{tg.row_names[node]!r} (BatchNorm2d) keeps no running statistics, so it "
+                                    "has no eval-mode form to mirror; build it with track_running_stats=True")
+            return Op("bn", module=m)
+        if isinstance(m, _DROPOUT + _LRN + (nn.Identity,)):
+            return Op("skip", module=m)
+        if isinstance(m, nn.Linear):
+            return Op("linear", module=m)
+        if isinstance(m, (nn.Flatten,)):
+            return Op("reshape", module=m)
+        return Op("generic", module=m)
+    if node.op == "call_function":
+        if t in _SKIP_FUNCS:
+            return Op("skip")
+        name = getattr(t, "__name__", "")
+        if (t in (F.max_pool2d, torch.max_pool2d) or name == "max_pool2d") and not ops._arg(
+                node, 6, "return_indices", False):
+            return Op("maxpool", win=ops.window_params(node, gm, {}))
+        if t in _RESHAPE_FUNCS:
+            return Op("reshape")
+        if t in _CAT:
+            return Op("cat")
+    key = t if node.op == "call_function" else (t if node.op == "call_method" else None)
+    if node.op == "call_method" and t in _SKIP_METHODS:
+        return Op("skip")
+    if node.op == "call_method" and t in _RESHAPE_METHODS:
+        return Op("reshape")
+    if key in _ADD and not node.kwargs:
+        return Op("add")
+    if key in _SUB and not node.kwargs:
+        return Op("sub")
+    if key in _MUL and not node.kwargs:
+        return Op("mul")
+    return Op("generic")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum ``g`` over the dims that broadcasting expanded, so it has ``shape`` (batch dim kept)."""
+    shape = tuple(shape)
+    if tuple(g.shape) == shape:
+        return g
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    dims = [i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1]
+    return g.sum(dims, keepdim=True) if dims else g
+
+
+def _relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor]) -> Tensor:
+    """The ReLU-family backward of :mod:`deconvis.mirror.rules` for signal ``g`` at forward input ``x``."""
+    if unit.kind in ("relu", "relu6"):
+        if rule is Rule.DECONVNET:
+            return g.clamp(min=0)
+        on = (x > 0) if unit.kind == "relu" else ((x > 0) & (x < 6))
+        return (g.clamp(min=0) if rule is Rule.GUIDED else g) * on
+    a = slope if slope is not None else unit.slope
+    if rule is Rule.DECONVNET:
+        return torch.where(g > 0, g, a * g)
+    s = torch.where(x > 0, torch.ones_like(x), a * torch.ones_like(x))
+    return (g.clamp(min=0) if rule is Rule.GUIDED else g) * s
+
+
+def _prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optional[Tensor]:
+    if op.unit is None or op.unit.kind != "prelu":
+        return None
+    w = op.module.weight if op.module is not None else env[op.unit.weight] if isinstance(op.unit.weight, Node) \
+        else op.unit.weight
+    if w.numel() == 1:
+        return w.reshape(())
+    return w.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class Mirror:
+    """Forward with recording and backward with the ReLU rule replaced, over one traced graph."""
+
+    def __init__(self, tg: TracedGraph):
+        self.tg = tg
+        self.gm = tg.graph_module
+        self.order: List[Node] = [n for n in self.gm.graph.nodes if n in tg.signal]
+        self.position = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        self.ops: Dict[Node, Op] = {n: classify(n, tg) for n in self.order}
+        self._inputs: Dict[Node, List[Node]] = {n: signal_inputs(n, tg.signal) for n in self.order}
+        self._ancestors: Dict[Node, List[Node]] = {}
+        last_use: Dict[Node, int] = {}
+        for i, n in enumerate(self.gm.graph.nodes):
+            torch.fx.node.map_arg((n.args, n.kwargs), lambda a: last_use.__setitem__(a, i))
+        self._last_use = last_use
+
+    # ------------------------------------------------------------------------- forward
+    def ancestors(self, target: Node) -> List[Node]:
+        """Signal nodes the target depends on (itself included), in execution order."""
+        if target not in self._ancestors:
+            seen = {target}
+            stack = [target]
+            while stack:
+                for a in self._inputs.get(stack.pop(), []):
+                    if a not in seen:
+                        seen.add(a)
+                        stack.append(a)
+            self._ancestors[target] = [n for n in self.order if n in seen]
+        return self._ancestors[target]
+
+    def run(self, x: Tensor, stop: Optional[Node], record: bool, keep: Sequence[Node] = ()) -> Tuple[Dict[Node, Any], Dict[Node, Tensor]]:
+        """Run the graph on ``x`` [N, C, H, W] up to ``stop`` (inclusive; None: the whole graph).
+
+        Returns (values, switches). With ``record`` every value is kept and max-pool switches
+        are recorded; without, only ``keep`` nodes are kept (the rest freed after last use)."""
+        env: Dict[Node, Any] = {}
+        switches: Dict[Node, Tensor] = {}
+        keep_set = set(keep)
+        for i, node in enumerate(self.gm.graph.nodes):
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "get_attr":
+                env[node] = _fetch_attr(self.gm, node.target)
+            else:
+                args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+                try:
+                    env[node] = self._forward_node(node, args, kwargs, record, switches)
+                except DeconvisError:
+                    raise
+                except RuntimeError as exc:
+                    msg = (str(exc).strip().splitlines() or [""])[0]
+                    raise DeconvisError(
+                        f"forward failed at {self.tg.row_names.get(node, node.name)!r} "
+                        f"({self.tg.kind(node)}) for images of shape {list(x.shape)} ({msg}); are the images too "
+                        "small or of the wrong size or channel count for this network?") from exc
+            if node is stop:
+                break
+            if not record:
+                for a in _arg_nodes(node):
+                    if self._last_use.get(a) == i and a not in keep_set:
+                        env.pop(a, None)
+        return env, switches
+
+    def _forward_node(self, node: Node, args: tuple, kwargs: dict, record: bool, switches: Dict[Node, Tensor]) -> Any:
+        op = self.ops.get(node)
+        if op is not None:
+            k = op.kind
+            if k == "relu":
+                x, u = args[0], op.unit
+                if u.kind == "relu":
+                    return F.relu(x)
+                if u.kind == "relu6":
+                    return F.relu6(x)
+                if u.kind == "leaky":
+                    return F.leaky_relu(x, u.slope)
+                w = op.module.weight if op.module is not None else (args[1] if len(args) > 1 else kwargs["weight"])
+                return F.prelu(x, w)
+            if k == "maxpool":
+                w = op.win
+                if record:
+                    y, idx = F.max_pool2d(args[0], w["k"], w["s"], w["p"], w["d"], ceil_mode=w["ceil"],
+                                          return_indices=True)
+                    switches[node] = idx
+                    return y
+                return F.max_pool2d(args[0], w["k"], w["s"], w["p"], w["d"], ceil_mode=w["ceil"])
+            if k == "bn":
+                m = op.module
+                return F.batch_norm(args[0], m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            if k == "skip" and (op.module is None or isinstance(op.module, _DROPOUT + (nn.Identity,))) \
+                    and node.target not in (F.local_response_norm,) and node.op != "call_method":
+                return args[0]
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            if ops.module_inplace(m) and args and isinstance(args[0], Tensor):
+                args = (args[0].clone(),) + tuple(args[1:])
+            return m(*args, **kwargs)
+        target, kw = ops.out_of_place(node)
+        kw = {**kwargs, **{k: v for k, v in kw.items() if k == "inplace"}}
+        if node.op == "call_method":
+            return getattr(args[0], target)(*args[1:], **kw)
+        return target(*args, **kw)
+
+    # ------------------------------------------------------------------------ backward
+    def backward(self, env: Dict[Node, Any], switches: Dict[Node, Tensor], target: Node, seed: Tensor,
+                 n_idx: Tensor, rule: Rule) -> Tensor:
+        """Carry ``seed`` [M, ...] (a signal at ``target``'s output for M units; unit m belongs to
+        image ``n_idx[m]`` of the recorded batch) down to the input: [M, C, H, W]."""
+        grads: Dict[Node, Any] = {target: seed}
+        x0 = env[self.tg.input_node]
+        for node in reversed(self.ancestors(target)):
+            g = grads.pop(node, None)
+            if g is None:
+                continue
+            if node.op == "placeholder":
+                return g
+            for inp, gi in self._vjp(node, g, env, switches, n_idx, rule):
+                _accumulate(grads, inp, gi)
+        return seed.new_zeros((len(n_idx),) + tuple(x0.shape[1:]))
+
+    def _vjp(self, node: Node, g: Any, env: Dict[Node, Any], switches: Dict[Node, Tensor], n_idx: Tensor,
+             rule: Rule) -> List[Tuple[Node, Any]]:
+        op = self.ops[node]
+        k = op.kind
+        ins = self._inputs[node]
+        if k == "relu":
+            x = env[ins[0]][n_idx] if rule is not Rule.DECONVNET or op.unit.kind in ("leaky", "prelu") else None
+            return [(ins[0], _relu_rule(op.unit, g, x, rule, _prelu_slope(op, node, env, g.dim())))]
+        if k == "conv":
+            m, w = op.module, op.win
+            shape = (len(n_idx),) + tuple(env[ins[0]].shape[1:])
+            gi = torch.nn.grad.conv2d_input(shape, m.weight.to(g.dtype), g, stride=w["s"], padding=w["p"],
+                                            dilation=w["d"], groups=m.groups)
+            return [(ins[0], gi)]
+        if k == "maxpool":
+            x = env[ins[0]]
+            M, C = g.shape[:2]
+            idx = switches[node][n_idx].reshape(M, C, -1)
+            out = g.new_zeros((M, C, x.shape[-2] * x.shape[-1]))
+            out.scatter_add_(2, idx, g.reshape(M, C, -1))
+            return [(ins[0], out.view(M, C, *x.shape[-2:]))]
+        if k == "bn":
+            m = op.module
+            scale = torch.rsqrt(m.running_var + m.eps)
+            if m.weight is not None:
+                scale = scale * m.weight
+            return [(ins[0], g * scale.to(g.dtype).view((1, -1) + (1,) * (g.dim() - 2)))]
+        if k == "skip":
+            return [(ins[0], g)]
+        if k == "linear":
+            return [(ins[0], g @ op.module.weight.to(g.dtype))]
+        if k == "reshape":
+            x = env[ins[0]]
+            if isinstance(x, Tensor) and env[node].shape[0] == x.shape[0]:
+                return [(ins[0], g.reshape((g.shape[0],) + tuple(x.shape[1:])))]
+        if k in ("add", "sub") and len(node.args) == 2:
+            out = []
+            for pos, a in enumerate(node.args):
+                if isinstance(a, Node) and a in self.tg.signal:
+                    gi = -g if (k == "sub" and pos == 1) else g
+                    out.append((a, _reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
+            return out
+        if k == "mul" and len(node.args) == 2:
+            out = []
+            for pos, a in enumerate(node.args):
+                if isinstance(a, Node) and a in self.tg.signal:
+                    other = node.args[1 - pos]
+                    val = env[other] if isinstance(other, Node) else other
+                    if isinstance(other, Node) and other in self.tg.signal:
+                        val = val[n_idx]
+                    gi = g * val
+                    out.append((a, _reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
+            return out
+        if k == "cat":
+            tensors = node.args[0]
+            dim = ops._arg(node, 1, "dim", 0)
+            sizes = [env[t].shape[dim] if isinstance(t, Node) else t.shape[dim] for t in tensors]
+            parts = torch.split(g, sizes, dim=dim)
+            return [(t, p) for t, p in zip(tensors, parts) if isinstance(t, Node) and t in self.tg.signal]
+        return self._generic_vjp(node, g, env, n_idx)
+
+    def _generic_vjp(self, node: Node, g: Any, env: Dict[Node, Any], n_idx: Tensor) -> List[Tuple[Node, Any]]:
+        """Exact local derivative of one op at its recorded inputs, by autograd on that op alone."""
+        M = len(n_idx)
+        leaves: Dict[Node, Tensor] = {}
+        aux: Dict[Node, Any] = {}
+
+        def value(a: Node) -> Any:
+            if a in self.tg.signal:
+                if a not in leaves:
+                    v = env[a]
+                    if isinstance(v, Tensor):
+                        leaves[a] = v[n_idx].detach().requires_grad_(v.is_floating_point())
+                    else:  # tuple output (chunk/split): gather each element
+                        leaves[a] = tuple(t[n_idx].detach().requires_grad_(True) for t in v)
+                return leaves[a]
+            return self._aux(a, env, M, aux)
+
+        args = torch.fx.node.map_arg(node.args, value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, value)
+        with torch.enable_grad():
+            out = self._forward_node(node, args, kwargs, record=False, switches={})
+            outs, gs = _pairs(out, g)
+            flat: List[Tensor] = []
+            owners: List[Tuple[Node, Optional[int]]] = []
+            for a, leaf in leaves.items():
+                if isinstance(leaf, tuple):
+                    for i, t in enumerate(leaf):
+                        flat.append(t)
+                        owners.append((a, i))
+                elif leaf.requires_grad:
+                    flat.append(leaf)
+                    owners.append((a, None))
+            if not flat or not outs:
+                return []
+            grads = torch.autograd.grad(outs, flat, gs, allow_unused=True)
+        result: Dict[Node, Any] = {}
+        for (a, i), gr in zip(owners, grads):
+            if i is None:
+                if gr is not None:
+                    result[a] = gr
+            else:
+                cur = list(result.get(a, [None] * len(leaves[a])))
+                cur[i] = gr
+                result[a] = tuple(cur)
+        return list(result.items())
+
+    def _aux(self, a: Node, env: Dict[Node, Any], M: int, memo: Dict[Node, Any]) -> Any:
+        """A non-signal value recomputed for a batch of ``M`` (``x.size(0)`` means M, not N)."""
+        if a in memo:
+            return memo[a]
+        if a.op == "get_attr":
+            val = env[a]
+        elif a.op == "placeholder" or a in self.tg.signal:
+            v = env[a]
+            val = torch.empty((M,) + tuple(v.shape[1:]), dtype=v.dtype, device="meta")
+        elif a.op in ("call_function", "call_method") and a not in self.tg.signal and _depends_on_signal(a, self.tg):
+            args = torch.fx.node.map_arg(a.args, lambda n: self._aux(n, env, M, memo))
+            kwargs = torch.fx.node.map_arg(a.kwargs, lambda n: self._aux(n, env, M, memo))
+            if a.op == "call_method":
+                val = getattr(args[0], a.target)(*args[1:], **kwargs)
+            else:
+                val = a.target(*args, **kwargs)
+        else:
+            val = env[a]
+        memo[a] = val
+        return val
+
+
+# ------------------------------------------------------------------------------ small helpers
+def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arg_nodes(node: Node) -> List[Node]:
+    found: List[Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a))
+    return found
+
+
+def _depends_on_signal(a: Node, tg: TracedGraph) -> bool:
+    seen, stack = set(), [a]
+    while stack:
+        n = stack.pop()
+        if n in tg.signal:
+            return True
+        for b in _arg_nodes(n):
+            if b not in seen:
+                seen.add(b)
+                stack.append(b)
+    return False
+
+
+def _pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
+    if isinstance(out, Tensor):
+        return ([out], [g]) if out.requires_grad else ([], [])
+    outs, gs = [], []
+    for o, gi in zip(out, g):
+        if gi is not None and isinstance(o, Tensor) and o.requires_grad:
+            outs.append(o)
+            gs.append(gi)
+    return outs, gs
+
+
+def _accumulate(grads: Dict[Node, Any], node: Node, g: Any) -> None:
+    if node not in grads:
+        grads[node] = g
+        return
+    cur = grads[node]
+    if isinstance(cur, tuple) or isinstance(g, tuple):
+        grads[node] = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(cur, g))
+    else:
+        grads[node] = cur + g
+
+
+__all__ = ["Mirror", "Op", "classify"]

@@ -1,0 +1,334 @@
+"""The windowed mirror: each unit carries only its receptive-field cone down the graph.
+
+A unit ``u = (y, x)`` of the target layer can only reach the positions of node ``n``'s map that
+lie in its *cone*: per axis the range ``[u*J - P, u*J - P + R)`` of ``n``'s units, with ``J``, ``P``
+and ``R`` read off the receptive-field table of the same trace (:mod:`deconvis.graph.rf`): for
+rows ``n`` and target ``L``, ``J = j_L / j_n``, ``R = (r_L - r_n) / j_n + 1`` and
+``P = (R - 1) / 2 - (start_L - start_n) / j_n``. Branches of a residual add or a concat agree on
+jump and centre, so one cone per node holds every path's contribution. Where a cone is at least
+as large as the map, the window is the whole map along that axis (origin 0), so deep layers of
+big networks cost no more than the full path.
+
+The windowed backward gives, inside each unit's window, exactly the numbers of the full
+backward (:meth:`deconvis.mirror.engine.Mirror.backward`); outside it the full backward is zero.
+Graphs with ops outside the windowed set (gates whose field is the whole image, reshapes,
+permutes, pads) are left to the full path: :func:`plan_window` returns None for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor
+
+from deconvis.graph import ops
+from deconvis.graph.rf import LayerRF, RFTable
+from deconvis.mirror.engine import Mirror, _relu_rule, _prelu_slope, _reduce_to
+from deconvis.mirror.rules import Rule
+
+Node = torch.fx.Node
+Affine = Tuple[int, int]  # origin = a * u + b (u: the target unit's index along the axis)
+
+_ELEMENTWISE = {"generic"}
+
+
+@dataclass(frozen=True)
+class AxisWindow:
+    """One axis of a node's window: origin ``a*u + b`` (``a`` = 0 for a whole-map axis), ``size``
+    positions; ``J``, ``P``, ``R`` the cone (see the module docstring)."""
+
+    a: int
+    b: int
+    size: int
+    J: int
+    P: int
+    R: int
+
+    @property
+    def full(self) -> bool:
+        return self.a == 0
+
+
+@dataclass
+class WindowPlan:
+    """Windows of every node on the target's path, from the input up to the target."""
+
+    target: Node
+    nodes: List[Node]
+    axes: Dict[Node, Tuple[AxisWindow, AxisWindow]]
+    hw: Dict[Node, Tuple[int, int]]
+
+    def box(self, units_yx: Tensor) -> Tensor:
+        """Unclipped half-open RF boxes (y0, y1, x0, x1) [M, 4] of units (y, x) [M, 2]."""
+        ay, ax = self.axes[self.nodes[0]]
+        y0 = units_yx[:, 0] * ay.J - ay.P
+        x0 = units_yx[:, 1] * ax.J - ax.P
+        return torch.stack([y0, y0 + ay.R, x0, x0 + ax.R], 1)
+
+
+def _cone(row_n: LayerRF, row_t: LayerRF, axis: int) -> Optional[Tuple[int, int, int]]:
+    jn, jt = row_n.jump[axis], row_t.jump[axis]
+    if jt % jn:
+        return None
+    R = Fraction(row_t.rf[axis] - row_n.rf[axis], jn) + 1
+    P = (R - 1) / 2 - (Fraction(row_t.start[axis]) - Fraction(row_n.start[axis])) / jn
+    if R.denominator != 1 or P.denominator != 1 or R < 1:
+        return None
+    return jt // jn, int(P), int(R)
+
+
+def _windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
+    op = mirror.ops[node]
+    k = op.kind
+    val = env.get(node)
+    if not (isinstance(val, Tensor) and val.dim() == 4):
+        return False
+    sig = mirror.tg.signal
+    if k in ("input", "relu", "conv", "maxpool", "bn", "skip"):
+        return True
+    if k == "avgpool":
+        m, w = op.module, op.win
+        if w["p"] != (0, 0) and not m.count_include_pad:
+            return False
+        x = env[mirror._inputs[node][0]]
+        floor = tuple((x.shape[-2 + a] + 2 * w["p"][a] - w["k"][a]) // w["s"][a] + 1 for a in (0, 1))
+        return tuple(val.shape[-2:]) == floor
+    if k in ("add", "sub", "mul") and len(node.args) == 2 and not node.kwargs:
+        n_sig = 0
+        for a in node.args:
+            if isinstance(a, Node) and a in sig:
+                n_sig += 1
+                if tuple(env[a].shape) != tuple(val.shape):
+                    return False
+            elif isinstance(a, Node):
+                v = env.get(a)
+                if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[-1] * v.shape[-2] != 1:
+                    return False
+        return n_sig == 1 or (k != "mul" and n_sig == 2)
+    if k == "cat":
+        dim = ops._arg(node, 1, "dim", 0)
+        return dim in (1, -3)
+    if k == "generic":
+        ins = mirror._inputs[node]
+        if len(ins) != 1 or tuple(env[ins[0]].shape) != tuple(val.shape):
+            return False
+        t = node.target
+        m = mirror.tg.module(node)
+        if m is not None:
+            return isinstance(m, ops._PASS_MODULES)
+        if node.op == "call_function":
+            return t in ops._PASS_FUNCS and not any(isinstance(a, Node) and a not in sig and isinstance(env.get(a), Tensor)
+                                                    for a in node.args[1:])
+        return node.op == "call_method" and t in ops._PASS_METHODS
+    return False
+
+
+def plan_window(mirror: Mirror, table: RFTable, target: Node, env: Dict[Node, Any]) -> Optional[WindowPlan]:
+    """The windows of ``target``'s path, or None when the windowed path does not apply."""
+    names = mirror.tg.row_names
+    rows = table._by_name
+    t_row = rows.get(names[target])
+    if t_row is None or t_row.whole:
+        return None
+    nodes = mirror.ancestors(target)
+    axes: Dict[Node, Tuple[AxisWindow, AxisWindow]] = {}
+    hw: Dict[Node, Tuple[int, int]] = {}
+    for n in nodes:
+        row = rows.get(names[n])
+        if row is None or row.whole or not _windowable(mirror, n, env):
+            return None
+        shape = env[n].shape
+        hw[n] = (int(shape[-2]), int(shape[-1]))
+        pair = []
+        for axis in (0, 1):
+            cone = _cone(row, t_row, axis)
+            if cone is None:
+                return None
+            J, P, R = cone
+            H = hw[n][axis]
+            pair.append(AxisWindow(0, 0, H, J, P, R) if R >= H else AxisWindow(J, -P, R, J, P, R))
+        axes[n] = (pair[0], pair[1])
+    # every contribution must fall inside its input's cone
+    for c in nodes:
+        op = mirror.ops[c]
+        for n in mirror._inputs[c]:
+            for axis in (0, 1):
+                wc, wn = axes[c][axis], axes[n][axis]
+                if op.kind in ("conv", "maxpool", "avgpool"):
+                    k, s, p, d = (op.win[key][axis] for key in ("k", "s", "p", "d"))
+                    lo, size, J = wc.P * s + p, (wc.R - 1) * s + (k - 1) * d + 1, wc.J * s
+                else:
+                    lo, size, J = wc.P, wc.R, wc.J
+                if J != wn.J or lo > wn.P or size - lo > wn.R - wn.P:
+                    return None
+    return WindowPlan(target, nodes, axes, hw)
+
+
+# ------------------------------------------------------------------------------ tensor helpers
+def _origin(w: Tuple[AxisWindow, AxisWindow], u: Tensor) -> Tensor:
+    """[M, 2] window origins of units u [M, 2]."""
+    return torch.stack([u[:, 0] * w[0].a + w[0].b, u[:, 1] * w[1].a + w[1].b], 1)
+
+
+def _gather(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Tensor) -> Tensor:
+    """Windows [M, C, h, w] of ``full`` [N, C, H, W] (positions outside the map clamped)."""
+    if w[0].full and w[1].full:
+        return full[n_idx]
+    H, W = full.shape[-2:]
+    dev = full.device
+    o = _origin(w, u)
+    rows = (o[:, 0, None] + torch.arange(w[0].size, device=dev)).clamp(0, H - 1)
+    cols = (o[:, 1, None] + torch.arange(w[1].size, device=dev)).clamp(0, W - 1)
+    return full[n_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _valid(w: Tuple[AxisWindow, AxisWindow], u: Tensor, hw: Tuple[int, int]) -> Optional[Tensor]:
+    """[M, 1, h, w] bool of the window positions inside the map (None: all are)."""
+    if w[0].full and w[1].full:
+        return None
+    o = _origin(w, u)
+    dev = u.device
+    rows = o[:, 0, None] + torch.arange(w[0].size, device=dev)
+    cols = o[:, 1, None] + torch.arange(w[1].size, device=dev)
+    ok = ((rows >= 0) & (rows < hw[0]))[:, :, None] & ((cols >= 0) & (cols < hw[1]))[:, None, :]
+    return ok[:, None]
+
+
+def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tuple[Affine, Affine], u: Tensor) -> None:
+    """Add ``src`` [M, C, h, w] (origin ``src_org``) into ``dst`` [M, C, H, W] (origin ``dst_org``),
+    dropping what falls outside ``dst``. Origins are affine in the unit index ``u`` [M, 2]."""
+    if all(src_org[a][0] == dst_org[a][0] for a in (0, 1)):
+        sl_d, sl_s = [], []
+        for a in (0, 1):
+            off = src_org[a][1] - dst_org[a][1]
+            lo, hi = max(off, 0), min(off + src.shape[-2 + a], dst.shape[-2 + a])
+            if hi <= lo:
+                return
+            sl_d.append(slice(lo, hi))
+            sl_s.append(slice(lo - off, hi - off))
+        dst[:, :, sl_d[0], sl_d[1]] += src[:, :, sl_s[0], sl_s[1]]
+        return
+    dev = src.device
+    M, C, h, w = src.shape
+    off = [u[:, a] * (src_org[a][0] - dst_org[a][0]) + (src_org[a][1] - dst_org[a][1]) for a in (0, 1)]
+    rows = off[0][:, None] + torch.arange(h, device=dev)  # [M, h]
+    cols = off[1][:, None] + torch.arange(w, device=dev)  # [M, w]
+    ok = ((rows >= 0) & (rows < dst.shape[-2]))[:, :, None] & ((cols >= 0) & (cols < dst.shape[-1]))[:, None, :]
+    vals = (src * ok[:, None]).permute(0, 2, 3, 1)  # [M, h, w, C]
+    m = torch.arange(M, device=dev)[:, None, None].expand(M, h, w)
+    r = rows.clamp(0, dst.shape[-2] - 1)[:, :, None].expand(M, h, w)
+    c = cols.clamp(0, dst.shape[-1] - 1)[:, None, :].expand(M, h, w)
+    view = dst.permute(0, 2, 3, 1)
+    view.index_put_((m, r, c), vals, accumulate=True)
+
+
+def _affine(w: Tuple[AxisWindow, AxisWindow]) -> Tuple[Affine, Affine]:
+    return ((w[0].a, w[0].b), (w[1].a, w[1].b))
+
+
+# ------------------------------------------------------------------------------------ backward
+def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], switches: Dict[Node, Tensor],
+                    seed: Tensor, n_idx: Tensor, u: Tensor, rule: Rule) -> Tensor:
+    """Carry ``seed`` [M, C, 1, 1] (each unit's own value at its position, unit ``u`` [M, 2] of
+    image ``n_idx`` [M]) down ``plan``; returns the input window [M, C_in, h, w] whose origin is
+    ``_origin(plan.axes[input], u)``."""
+    target = plan.target
+    tw = plan.axes[target]
+    g0 = seed
+    if tw[0].full or tw[1].full:  # a 1x1 window inside a whole-map axis: place it
+        g0 = seed.new_zeros(seed.shape[:2] + (tw[0].size, tw[1].size))
+        paste(g0, _affine(tw), seed, ((1, 0), (1, 0)), u)
+    grads: Dict[Node, Tensor] = {target: g0}
+    M = len(n_idx)
+    for node in reversed(plan.nodes):
+        g = grads.pop(node, None)
+        if g is None:
+            continue
+        w = plan.axes[node]
+        ok = _valid(w, u, plan.hw[node])
+        if ok is not None:
+            g = g * ok
+        if node.op == "placeholder":
+            return g
+        for inp, raw, org in _window_vjp(mirror, plan, node, g, env, switches, n_idx, u, rule):
+            if inp not in grads:
+                wi = plan.axes[inp]
+                grads[inp] = g.new_zeros((M, raw.shape[1], wi[0].size, wi[1].size))
+            paste(grads[inp], _affine(plan.axes[inp]), raw, org, u)
+    x = env[mirror.tg.input_node]
+    wi = plan.axes[plan.nodes[0]]
+    return seed.new_zeros((M, x.shape[1], wi[0].size, wi[1].size))
+
+
+def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Dict[Node, Any],
+                switches: Dict[Node, Tensor], n_idx: Tensor, u: Tensor, rule: Rule
+                ) -> List[Tuple[Node, Tensor, Tuple[Affine, Affine]]]:
+    op = mirror.ops[node]
+    k = op.kind
+    ins = mirror._inputs[node]
+    w = plan.axes[node]
+    here = _affine(w)
+    if k == "relu":
+        x = None
+        if rule is not Rule.DECONVNET or op.unit.kind in ("leaky", "prelu"):
+            x = _gather(env[ins[0]], n_idx, w, u)
+        return [(ins[0], _relu_rule(op.unit, g, x, rule, _prelu_slope(op, node, env, 4)), here)]
+    if k in ("conv", "avgpool"):
+        p, s, d = op.win["p"], op.win["s"], op.win["d"]
+        if k == "conv":
+            weight, groups = op.module.weight.to(g.dtype), op.module.groups
+        else:
+            c = g.shape[1]
+            div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]
+            weight, groups = g.new_full((c, 1) + tuple(op.win["k"]), 1.0 / div), c
+        raw = F.conv_transpose2d(g, weight, stride=s, dilation=d, groups=groups)
+        org = ((here[0][0] * s[0], here[0][1] * s[0] - p[0]), (here[1][0] * s[1], here[1][1] * s[1] - p[1]))
+        return [(ins[0], raw, org)]
+    if k == "maxpool":
+        wi = plan.axes[ins[0]]
+        H, W = plan.hw[ins[0]]
+        idx = _gather(switches[node], n_idx, w, u)
+        oi = _origin(wi, u)
+        ry = (idx // W - oi[:, 0, None, None, None]).clamp(0, wi[0].size - 1)
+        rx = (idx % W - oi[:, 1, None, None, None]).clamp(0, wi[1].size - 1)
+        M, C = g.shape[:2]
+        out = g.new_zeros((M, C, wi[0].size * wi[1].size))
+        out.scatter_add_(2, (ry * wi[1].size + rx).reshape(M, C, -1), g.reshape(M, C, -1))
+        return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi))]
+    if k == "bn":
+        m = op.module
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        return [(ins[0], g * scale.to(g.dtype).view(1, -1, 1, 1), here)]
+    if k == "skip":
+        return [(ins[0], g, here)]
+    if k in ("add", "sub", "mul"):
+        out = []
+        for pos, a in enumerate(node.args):
+            if isinstance(a, Node) and a in mirror.tg.signal:
+                gi = -g if (k == "sub" and pos == 1) else g
+                if k == "mul":
+                    other = node.args[1 - pos]
+                    gi = g * (env[other] if isinstance(other, Node) else other)
+                out.append((a, _reduce_to(gi, g.shape), here))
+        return out
+    if k == "cat":
+        sizes = [env[t].shape[1] for t in node.args[0]]
+        return [(t, part, here) for t, part in zip(node.args[0], torch.split(g, sizes, dim=1))
+                if isinstance(t, Node) and t in mirror.tg.signal]
+    # elementwise op: its exact derivative on the window of its recorded input
+    x = _gather(env[ins[0]], n_idx, w, u).detach().requires_grad_(True)
+    args = torch.fx.node.map_arg(node.args, lambda a: x if a is ins[0] else env[a])
+    kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: x if a is ins[0] else env[a])
+    with torch.enable_grad():
+        y = mirror._forward_node(node, args, kwargs, record=False, switches={})
+        (gx,) = torch.autograd.grad(y, x, g)
+    return [(ins[0], gx, here)]
+
+
+__all__ = ["WindowPlan", "AxisWindow", "plan_window", "backward_window", "paste"]
