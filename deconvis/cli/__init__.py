@@ -14,7 +14,7 @@ from typing import List, Optional
 from deconvis.errors import DeconvisError
 
 # module name under deconvis.cli for each subcommand, in help order
-SUBCOMMANDS = ["rf", "erf", "visualize", "train"]
+SUBCOMMANDS = ["visualize", "train", "rf", "erf", "occlusion", "invariance", "correspondence", "diagnose"]
 
 
 def build_parser() -> argparse.ArgumentParser:
