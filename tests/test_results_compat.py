@@ -30,7 +30,7 @@ def test_old_results_rerender_to_the_same_sheets(old_run, monkeypatch):
     with open(old_run / "results.json", encoding="utf-8") as f:
         saved = json.load(f)
     over = {k: v for k, v in saved["config"].items() if k not in ("render_only", "fresh")}
-    over.update(out=str(old_run.parent), images="builtin:skimage", render_only=True)
+    over.update(out=str(old_run.parent), render_only=True)  # model and images are gone: never read
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"), raising=False)
     out = pipeline.run(load_config(None, over))
     assert [lr.label for lr in out.results.layers] == ["conv1", "conv2"]
