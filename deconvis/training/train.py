@@ -33,7 +33,8 @@ from torch import Tensor
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.io import atomic
 from deconvis.mirror.rules import Rule
-from deconvis.runs.configbase import Config, check_device, option
+from deconvis.runs import configbase
+from deconvis.runs.configbase import Config, option
 from deconvis.utils.device import resolve_device
 
 TRAIN_STATE = "train_state.pt"
@@ -129,7 +130,7 @@ class TrainConfig(Config):
                                     "drop it or raise epochs")
         if self.snapshot_every_n_steps is not None and self.snapshot_every_n_steps < 1:
             raise DeconvisError(f"snapshot_every_n_steps must be at least 1, got {self.snapshot_every_n_steps}")
-        check_device(self.device)
+        configbase.check_device(self.device)
         self.rule = Rule.parse(self.rule).value
         if not self.out_dir:
             raise DeconvisError("out_dir is empty; give an output folder")
