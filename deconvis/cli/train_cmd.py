@@ -460,7 +460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="YAML", help="YAML file with any of the keys below")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         if t == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -468,7 +468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             if isinstance(default, list):
                 default = ",".join(str(d) for d in default)
-            shown = f" (default: {default})" if default not in ("", None) else ""
+            shown = f" (default: {default})".replace("%", "%%") if default not in ("", None) else ""
             parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=help_ + shown)
 
 

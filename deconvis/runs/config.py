@@ -264,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per config field (default None = not given, so YAML values survive)."""
     for f in fields(VisualizeConfig):
         kind = _field_kind(f)
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         if kind == "bool":
             parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=helptext)

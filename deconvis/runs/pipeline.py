@@ -60,7 +60,8 @@ from deconvis import mining
 from deconvis.render import sheets as render
 from deconvis.render import report
 from deconvis.runs import results as results_mod
-from deconvis.io.atomic import save_torch, write_png, write_text
+from deconvis.io.atomic import ensure_writable_dir, save_torch, write_png, write_text
+from deconvis.runs import lock as run_lock
 from deconvis.runs.config import VisualizeConfig
 from deconvis.utils.device import resolve_device
 from deconvis.io.images import ImageDataset, ImageSource, make_loader, open_images, parse_images_spec
@@ -537,7 +538,7 @@ def project_chunk(ctx: Context) -> int:
     elem = torch.empty((), dtype=ctx.dtype).element_size()
     biggest = 1
     for name in ctx.layers:
-        rh, rw = list(ctx.dn.window_sizes(name).values())[-1]  # the input's entry: the RF size
+        rh, rw = ctx.dn.receptive_fields(ctx.preprocess.crop)[name].rf  # the RF size in input pixels
         biggest = max(biggest, 3 * rh * rw * elem)
     budget = AUTO_PROJECT_BYTES.get(ctx.device.type, AUTO_PROJECT_BYTES_DEFAULT)
     return int(max(16, min(4096, budget // biggest)))
@@ -662,16 +663,16 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
     if cfg.render_only and not os.path.isfile(os.path.join(run_dir, results_mod.FILENAME)):
         raise DeconvisError(f"--render-only: {os.path.join(run_dir, results_mod.FILENAME)} does not exist; "
                             "run without --render-only first (check --out and --run)")
-    os.makedirs(run_dir, exist_ok=True)
+    ensure_writable_dir(run_dir, "run folder")
     if cfg.render_only:  # one process does it: no model, no images, nothing to share
         rank = int(os.environ.get("RANK", "0")) if dist_mod.launched_by_torchrun() else 0
         if rank != 0:
             return Outcome(run_dir=run_dir, results=results_mod.load(run_dir), n_images=0, rank=rank)
-        with _run_log(run_dir):
+        with _run_log(run_dir), run_lock.hold(run_dir):
             log.info("visualize: run %s -> %s", cfg.run, os.path.abspath(run_dir))
             return _render_only(cfg, run_dir)
     with dist_mod.session(resolve_device(cfg.device), cfg.dist_timeout) as info:
-        with _run_log(run_dir, info):
+        with _run_log(run_dir, info), run_lock.hold(run_dir, info):
             return _run(cfg, run_dir, config_dir, info)
 
 
