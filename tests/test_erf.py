@@ -1,4 +1,4 @@
-"""Effective receptive field and path counts (deconvis.graph.erf, METHOD.md section 4).
+"""Effective receptive field and path counts (deconvis.graph.erf, docs/method.md section 4).
 
 Oracles: plain autograd on the model through a forward hook (ERF map), the theoretical RF box
 (support), and path counts enumerated by hand / by explicit 1-D path enumeration."""

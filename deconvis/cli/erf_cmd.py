@@ -1,4 +1,4 @@
-"""``deconvis erf``: effective receptive field of a layer's centre unit (METHOD.md section 4)."""
+"""``deconvis erf``: effective receptive field of a layer's centre unit (docs/method.md section 4)."""
 from __future__ import annotations
 
 import argparse
