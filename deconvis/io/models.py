@@ -105,11 +105,12 @@ def _load_callable(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def build_model(spec: str) -> nn.Module:
-    """Build the (randomly initialised) network named by ``spec``."""
+def build_model(spec: str, **builtin_kwargs: Any) -> nn.Module:
+    """Build the (randomly initialised) network named by ``spec``; ``builtin_kwargs`` go to a
+    built-in model's builder (e.g. ``num_classes`` recorded in a deconvis checkpoint)."""
     if spec in BUILTIN_MODELS:
         fn = _load_callable(BUILTIN_MODELS[spec])
-        model = fn()
+        model = fn(**builtin_kwargs)
     elif ":" in spec:
         fn = _load_callable(spec)
         try:
@@ -260,7 +261,10 @@ def load_model(spec: str, weights: Optional[str] = None, device: str | torch.dev
         if not os.path.isfile(weights):
             raise DeconvisError(f"checkpoint {weights!r} does not exist")
         state, meta = _state_dict_from_checkpoint(weights)
-        model = build_model(meta.get("model", spec) if spec in ("", "auto") else spec)
+        name = meta.get("model", spec) if spec in ("", "auto") else spec
+        classes = meta.get("classes")
+        kwargs = {"num_classes": len(classes)} if name in BUILTIN_MODELS and isinstance(classes, list) else {}
+        model = build_model(name, **kwargs)
         load_into(model, state, weights, spec, meta)
         if "preprocess" in meta:
             preprocess = Preprocess.from_dict(meta["preprocess"])
