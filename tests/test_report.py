@@ -4,11 +4,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
-import re
-import shutil
-import subprocess
 
-import cv2
 import pytest
 
 import pipeline_fixtures as fx
