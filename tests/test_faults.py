@@ -205,3 +205,15 @@ def test_two_concurrent_acquires_one_wins(tmp_path):
     assert r.returncode == 3 and f"process {os.getpid()} on {socket.gethostname()}" in r.stdout, r.stderr
     run_lock.release(str(tmp_path))
     assert run_lock.read(str(tmp_path)) is None
+
+
+def test_train_and_erf_outputs_under_a_regular_file(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    err = _cli_error(capsys, ["train", "--epochs", "1", "--no-snapshots", "--out-dir", str(blocker / "train")])
+    assert f"cannot create output folder {blocker}/train: {blocker} is a file, not a folder" in err
+    model = tmp_path / "m.py"
+    model.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())\n")
+    err = _cli_error(capsys, ["erf", "--model", f"{model}:make", "--layer", "1", "--input-size", "8",
+                              "--images", "1", "--out", str(blocker / "erf")])
+    assert f"{blocker} is a file, not a folder" in err and blocker.read_text() == "x"

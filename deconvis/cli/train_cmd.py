@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     out = cfg.out_dir
-    os.makedirs(out, exist_ok=True)
+    atomic.ensure_writable_dir(out)
     checkpoint = cfg.checkpoint or os.path.join(out, "zfnet_demo.pt")
 
     torch.manual_seed(cfg.seed)
