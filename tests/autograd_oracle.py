@@ -1,5 +1,5 @@
 """Independent oracle for the mirror: autograd through a copy of the original model with the
-ReLU backward rule replaced (METHOD.md §1). LRN gets an identity backward (the mirror skips it);
+ReLU backward rule replaced (docs/method.md section 1). LRN gets an identity backward (the mirror skips it);
 max-pool, conv, BN, linear and pooling backward are PyTorch's own."""
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def layer_modules(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def theoretical_box(model: nn.Sequential, layer: str, y: int, x: int) -> List[int]:
-    """METHOD.md section 3: r, j, start per layer of a Sequential chain; the half-open unclipped
+    """docs/method.md section 3: r, j, start per layer of a Sequential chain; the half-open unclipped
     box of unit (y, x)."""
     r, j, start = 1, 1, 0.0
     for name, m in model.named_children():

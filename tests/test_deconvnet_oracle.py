@@ -1,4 +1,4 @@
-"""The mirror equals autograd with the ReLU rule replaced (METHOD.md §1), to float64 round-off,
+"""The mirror equals autograd with the ReLU rule replaced (docs/method.md section 1), to float64 round-off,
 for every layer of every supported architecture, on random units of random inputs."""
 from __future__ import annotations
 
@@ -187,11 +187,11 @@ def test_windowed_equals_full_image(arch, rule):
 
 
 def test_windowed_box_equals_receptive_field_geometry():
-    """AlexNet at 224 px: the window of unit (y, x) is the RF box of METHOD.md §3."""
+    """AlexNet at 224 px: the window of unit (y, x) is the RF box of docs/method.md section 3."""
     model = torchvision.models.alexnet().eval()
     dn = DeconvNet(model)
     dn.forward(torch.randn(1, 3, 224, 224))
-    # (layer, rf, jump, start) from METHOD.md
+    # (layer, rf, jump, start) from docs/method.md section 3
     for layer, r, j, start in [("conv1", 11, 4, 3), ("conv5", 163, 16, 15)]:
         units = torch.tensor([[0, 0, 0, 0], [0, 1, 5, 2], [0, 2, 12, 12]])
         rec, boxes = dn.project_window(layer, units)

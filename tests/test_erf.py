@@ -1,4 +1,4 @@
-"""Effective receptive field and path counts (deconvis.graph.erf, METHOD.md section 4).
+"""Effective receptive field and path counts (deconvis.graph.erf, docs/method.md section 4).
 
 Oracles: plain autograd on the model through a forward hook (ERF map), the theoretical RF box
 (support), and path counts enumerated by hand / by explicit 1-D path enumeration."""
@@ -53,7 +53,11 @@ def test_erf_equals_autograd_and_lives_in_the_box():
     assert erf.map.dtype == np.float64 and erf.map.shape == (20, 18) and erf.n_images == 5
     np.testing.assert_allclose(erf.map, hook_gradient(net, net[6], images, erf.unit), rtol=1e-12, atol=1e-15)
     y0, y1, x0, x1 = erf.clipped_box
-    assert erf.rf_box == table.box("6", *erf.unit)
+    # by hand (docs/method.md section 3): conv3 p1 -> r 3; pool 2 -> r 4, j 2, start 0.5;
+    # conv3 p1 -> r 8, start 0.5; conv3 p0 -> r 12, start 2.5: unit (y, x) sees [2y-3, 2y+9) x [2x-3, 2x+9)
+    uy, ux = erf.unit
+    assert erf.rf_box == (2 * uy - 3, 2 * uy + 9, 2 * ux - 3, 2 * ux + 9)
+    assert erf.clipped_box == (max(2 * uy - 3, 0), min(2 * uy + 9, 20), max(2 * ux - 3, 0), min(2 * ux + 9, 18))
     outside = erf.map.copy()
     outside[y0:y1, x0:x1] = 0
     assert not outside.any() and erf.map[y0:y1, x0:x1].sum() > 0

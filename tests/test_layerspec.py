@@ -1,5 +1,5 @@
 """The typed per-layer record of a run (runs/layers.py): built once in prepare, its geometry
-against the hand-computed receptive field of METHOD.md section 3 (pipeline_fixtures.theoretical_box)."""
+against the hand-computed receptive field of docs/method.md section 3 (pipeline_fixtures.theoretical_box)."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
 """The visualize pipeline end to end on a tiny chain CNN and a dozen small images.
 
 Oracles: brute-force top-k from full activations (hooks + Python sort), the theoretical RF box of
-METHOD.md section 3 computed here by hand, direct crops of the preprocessed image, and
+docs/method.md section 3 computed here by hand, direct crops of the preprocessed image, and
 ``DeconvNet.project`` on the full image for the reconstruction tiles.
 """
 from __future__ import annotations

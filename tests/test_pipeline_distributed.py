@@ -146,11 +146,16 @@ def test_two_processes_give_the_one_process_winners(tmp_path):
     assert logs[1]["stdout"].strip() == ""
     assert [ln for ln in logs[1]["stderr"].splitlines() if ln.startswith("deconvis")] == []  # no INFO lines
     assert "deconvis: visualize: run multi" in logs[0]["stderr"] and "deconvis: projecting" in logs[0]["stderr"]
-    assert wall < TORCHRUN_TIMEOUT
+
+
+#: the failure test's --dist-timeout: a rank that were not told of the other's failure would wait
+#: this long, so a run that ends sooner shows the failure was shared (and the test cannot pass by
+#: the subprocess timeout, which raises instead)
+FAIL_DIST_TIMEOUT = 150
 
 
 def test_a_failure_on_one_rank_ends_every_rank_with_the_same_error(tmp_path):
-    conf = _write_config(tmp_path)
+    conf = _write_config(tmp_path, dist_timeout=FAIL_DIST_TIMEOUT)
     proc, logs, wall = _torchrun(conf, "fail", tmp_path / "logs", "--batch-size", "1",
                                  fail="1")
     assert proc.returncode != 0
@@ -164,7 +169,18 @@ def test_a_failure_on_one_rank_ends_every_rank_with_the_same_error(tmp_path):
     summary = proc.stderr[proc.stderr.find("Failures:"):]
     assert "rank      : 0" in summary and "rank      : 1" in summary and "exitcode  : 2" in summary
     assert not os.path.exists(tmp_path / "out" / "fail" / "results.json")
-    assert wall < TORCHRUN_TIMEOUT
+    assert wall < FAIL_DIST_TIMEOUT  # ended by the shared failure, not by rank 0 timing out
+    # a small distributed resume (the slow test below repeats it with a checkpoint per image):
+    # the rerun continues each rank's checkpoint and ends with the one-process winners, no image
+    # counted twice
+    run_dir = tmp_path / "out" / "fail"
+    assert sorted(os.listdir(run_dir)).count("mining_state.rank0-of2.pt") == 1
+    proc, logs, _ = _torchrun(conf, "fail", tmp_path / "logs2", "--batch-size", "1")
+    assert proc.returncode == 0, logs[0]["stderr"][-3000:]
+    with _one_thread():  # same batch size and threads as the ranks: same float32 values
+        ref = pipeline.run(load_config(conf, {"run": "single", "batch_size": 1}))
+    assert _winners(str(run_dir)) == _winners(ref.run_dir)
+    assert json.load(open(run_dir / "results.json"))["stats"]["images"] == 13
 
 
 @pytest.mark.slow

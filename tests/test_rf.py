@@ -1,4 +1,4 @@
-"""Receptive-field geometry (deconvis.graph.rf) against the empirical gradient support (METHOD.md 3).
+"""Receptive-field geometry (deconvis.graph.rf) against the empirical gradient support (docs/method.md section 3).
 
 Oracle: a copy of the network with all-positive weights, ReLUs removed and max-pools replaced
 by average (sum) pools of the same geometry is linear with positive coefficients, so the input

@@ -1,4 +1,4 @@
-"""Receptive fields of torchvision AlexNet, VGG and ResNet: METHOD.md's numbers, and the empirical
+"""Receptive fields of torchvision AlexNet, VGG and ResNet: the numbers of docs/method.md section 3, and the empirical
 gradient support of a geometry-identical slim copy (every conv 1 -> 1 channel with positive
 weights, no ReLU/BN, max-pools as avg pools) as the oracle."""
 from __future__ import annotations
@@ -96,7 +96,7 @@ def assert_supports_are_boxes(model, table, layers, size, n_units=12):
             assert mask[y0:y1, x0:x1].all(), (row_name, u)
 
 
-# ---------------------------------------------------------------------- METHOD.md's numbers
+# ---------------------------------------------------------------------- the numbers of docs/method.md section 3
 def test_alexnet_224_numbers():
     m = meta_model("alexnet")
     t = receptive_fields(m, 224)

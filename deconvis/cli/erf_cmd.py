@@ -1,4 +1,4 @@
-"""``deconvis erf``: effective receptive field of a layer's centre unit (METHOD.md section 4)."""
+"""``deconvis erf``: effective receptive field of a layer's centre unit (docs/method.md section 4)."""
 from __future__ import annotations
 
 import argparse
@@ -55,14 +55,18 @@ class ERFConfig(Config):
 def run(args: argparse.Namespace) -> int:
     from deconvis.cli.rf_cmd import parse_size
     from deconvis.graph.erf import effective_receptive_field, path_count, write_heatmap, write_npy
+    from deconvis.io.atomic import ensure_writable_dir
     from deconvis.io.models import load_model
 
     args = configbase.parse(ERFConfig, args)
     size = parse_size(args.input_size)
+    if args.images < 1:
+        raise DeconvisError(f"--images {args.images} must be at least 1")
+    out = args.out or os.path.join("outputs", f"erf-{_slug(args.model)}-{_slug(args.layer)}")
     loaded = load_model(args.model, args.weights, device="cpu")
+    ensure_writable_dir(out)  # before the work: an unusable --out fails in one line
     erf = effective_receptive_field(loaded.model, args.layer, size, n_random=args.images, seed=args.seed,
                                     batch=args.batch, channel=args.channel)
-    out = args.out or os.path.join("outputs", f"erf-{_slug(args.model)}-{_slug(args.layer)}")
     write_npy(os.path.join(out, "erf.npy"), erf.map)
     write_heatmap(os.path.join(out, "erf.png"), erf.map, erf.clipped_box)
     written = ["erf.npy", "erf.png"]

@@ -1,4 +1,4 @@
-"""``deconvis rf``: print a network's receptive-field table (METHOD.md section 3)."""
+"""``deconvis rf``: print a network's receptive-field table (docs/method.md section 3)."""
 from __future__ import annotations
 
 import argparse

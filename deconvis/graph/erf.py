@@ -1,4 +1,4 @@
-"""Effective receptive field (Luo et al. 2016; METHOD.md section 4) and the path-count map.
+"""Effective receptive field (Luo et al. 2016; docs/method.md section 4) and the path-count map.
 
 The ERF map of a layer is ``|d y / d x|`` for the layer's centre unit ``y`` (seed 1 at that unit,
 summed over its channels or one chosen channel), summed over the input channels and averaged

@@ -1,4 +1,4 @@
-"""Theoretical receptive-field geometry of a CNN (METHOD.md section 3), from its torch.fx graph.
+"""Theoretical receptive-field geometry of a CNN (docs/method.md section 3), from its torch.fx graph.
 
 For every tensor op of the traced network (one row per op, in execution order, after an
 ``input`` row) :func:`receptive_fields` gives, per axis (height and width independently):

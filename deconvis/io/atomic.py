@@ -96,3 +96,31 @@ def save_torch(obj: Any, path: "str | os.PathLike[str]") -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def ensure_writable_dir(path: "str | os.PathLike[str]", what: str = "output folder") -> str:
+    """Create folder ``path`` (and its parents) if needed and check that files can be written
+    in it; a one-line DeconvisError naming the path and the reason otherwise (a parent that is a
+    regular file, no permission, a read-only file system). Returns ``path``."""
+    from deconvis.errors import DeconvisError
+
+    path = os.fspath(path)
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):  # the first part of the path that exists
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise DeconvisError(f"cannot create {what} {path}: {probe} is a file, not a folder; choose another "
+                            "output folder (--out)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".deconvis-write-test.", dir=path)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DeconvisError(f"cannot write to {what} {path}: {reason}; choose another output folder (--out) "
+                            "or fix its permissions") from None
+    return path

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -103,11 +105,12 @@ def _load_callable(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def build_model(spec: str) -> nn.Module:
-    """Build the (randomly initialised) network named by ``spec``."""
+def build_model(spec: str, **builtin_kwargs: Any) -> nn.Module:
+    """Build the (randomly initialised) network named by ``spec``; ``builtin_kwargs`` go to a
+    built-in model's builder (e.g. ``num_classes`` recorded in a deconvis checkpoint)."""
     if spec in BUILTIN_MODELS:
         fn = _load_callable(BUILTIN_MODELS[spec])
-        model = fn()
+        model = fn(**builtin_kwargs)
     elif ":" in spec:
         fn = _load_callable(spec)
         try:
@@ -150,8 +153,20 @@ def _torchvision_weights(spec: str, name: str):
 def _state_dict_from_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found is None:  # not a torch file (or a damaged one)
+            why = re.search(r"WeightsUnpickler error: *\n*\s*([^\n]+)", text)
+            raise DeconvisError(f"cannot read checkpoint {path!r}: not a readable torch file "
+                                f"({why.group(1).strip() if why else 'unpickling failed'})") from None
+        # torch's advice (load with weights_only=False) is not for deconvis users to follow
+        raise DeconvisError(f"checkpoint {path!r} holds a Python object ({found.group(1)}), not just tensors; "
+                            "deconvis never unpickles objects (that could run arbitrary code): save only the "
+                            "weights (torch.save(model.state_dict(), path)) and pass that file") from None
     except Exception as exc:
-        raise DeconvisError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DeconvisError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {first}") from None
     meta: Dict[str, Any] = {}
     if isinstance(ckpt, dict):
         meta = ckpt.get("deconvis", {}) if isinstance(ckpt.get("deconvis", {}), dict) else {}
@@ -165,6 +180,79 @@ def _state_dict_from_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dic
     return state, meta
 
 
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _resnet_name(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    bottleneck = any(k.startswith("layer1.0.conv3.") for k in state)
+    known = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+             ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+             ((3, 8, 36, 3), True): "resnet152"}
+    return known.get((tuple(blocks), bottleneck))
+
+
+def describe_state_dict(state: Dict[str, torch.Tensor], meta: Optional[Dict[str, Any]] = None) -> str:
+    """A short guess at what network a state dict belongs to: the model a deconvis checkpoint
+    names, a torchvision family recognised by its key names and conv count, and the number of
+    outputs of its last weight matrix."""
+    meta = meta or {}
+    if meta.get("model"):
+        return f"a deconvis checkpoint of model {meta['model']!r}"
+    keys = list(state)
+    convs = [k for k in keys if k.endswith(".weight") and state[k].dim() == 4]
+    mats = [k for k in keys if k.endswith(".weight") and state[k].dim() == 2]
+    outputs = f", {state[mats[-1]].shape[0]} outputs" if mats else ""
+    guess = ""
+    if any(k.startswith("layer1.0.conv1.") for k in keys) and any(k.startswith("fc.") for k in keys):
+        guess = _resnet_name(state) or "a ResNet"
+    elif any(k.startswith("features.denseblock") for k in keys):
+        guess = "a DenseNet"
+    elif any(k.startswith("Mixed_") for k in keys):
+        guess = "inception_v3"
+    elif keys and all(re.match(r"(features|classifier)\.\d+\.(weight|bias|running_|num_batches)", k)
+                      for k in keys) and convs:
+        bn = "_bn" if any(k.endswith("running_mean") for k in keys) else ""
+        first = state[convs[0]].shape
+        vgg = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}.get(len(convs))
+        if len(convs) == 5 and first[-1] == 11:
+            guess = "alexnet"
+        elif len(convs) == 5 and first[-1] == 7:
+            guess = "a ZF-style net (like deconvis's zfnet_demo)"
+        elif vgg and first[-1] == 3:
+            guess = vgg + bn
+    what = guess if guess else "an unrecognised network"
+    return f"{what} ({len(keys)} tensors, {len(convs)} conv layers{outputs})"
+
+
+def check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path: str, spec: str,
+                 meta: Optional[Dict[str, Any]] = None) -> None:
+    """DeconvisError naming the first tensor of ``state`` whose shape differs from ``model``'s,
+    both shapes, and what the file looks like it belongs to (load_state_dict would raise a long
+    'size mismatch' traceback, even with ``strict=False``)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise DeconvisError(
+                f"checkpoint {path!r} does not fit model {spec!r}: {key} is {_shape(value)} in the file but "
+                f"{_shape(own[key])} in the model; the file looks like {describe_state_dict(state, meta)}: "
+                "pass the matching --model (or another checkpoint)")
+
+
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor], path: str, spec: str,
+              meta: Optional[Dict[str, Any]] = None) -> None:
+    """Load ``state`` (read from ``path``) into ``model``; a one-line DeconvisError when the
+    shapes or the key sets differ."""
+    check_shapes(model, state, path, spec, meta)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DeconvisError(
+            f"checkpoint {path!r} does not fit model {spec!r}: missing keys {list(missing)[:5]}, "
+            f"unexpected keys {list(unexpected)[:5]}; the file looks like {describe_state_dict(state, meta)}: "
+            "check --model matches the checkpoint")
+
+
 def load_model(spec: str, weights: Optional[str] = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Build ``spec``, load ``weights`` into it, put it in eval mode on ``device``."""
     weights = weights or "random"
@@ -173,12 +261,11 @@ def load_model(spec: str, weights: Optional[str] = None, device: str | torch.dev
         if not os.path.isfile(weights):
             raise DeconvisError(f"checkpoint {weights!r} does not exist")
         state, meta = _state_dict_from_checkpoint(weights)
-        model = build_model(meta.get("model", spec) if spec in ("", "auto") else spec)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DeconvisError(
-                f"checkpoint {weights!r} does not fit model {spec!r}: missing keys {list(missing)[:5]}, "
-                f"unexpected keys {list(unexpected)[:5]}; check --model matches the checkpoint")
+        name = meta.get("model", spec) if spec in ("", "auto") else spec
+        classes = meta.get("classes")
+        kwargs = {"num_classes": len(classes)} if name in BUILTIN_MODELS and isinstance(classes, list) else {}
+        model = build_model(name, **kwargs)
+        load_into(model, state, weights, spec, meta)
         if "preprocess" in meta:
             preprocess = Preprocess.from_dict(meta["preprocess"])
     elif weights.lower() == "random":
@@ -192,7 +279,12 @@ def load_model(spec: str, weights: Optional[str] = None, device: str | torch.dev
                 f"put {os.path.basename(w.url)} (from {w.url}) at {path} "
                 f"(or set TORCH_HOME), or use --weights random or a checkpoint path")
         model = build_model(spec)
-        model.load_state_dict(w.get_state_dict(progress=False, check_hash=False))
+        try:
+            hub_state, _ = _state_dict_from_checkpoint(path)
+        except DeconvisError as exc:
+            raise DeconvisError(f"{exc} (the hub cache file of {spec} weights {w.name}; delete it or "
+                                "use --weights random)") from None
+        load_into(model, hub_state, path, spec)
         tf = w.transforms()
         crop = tf.crop_size[0] if isinstance(tf.crop_size, (list, tuple)) else tf.crop_size
         resize = tf.resize_size[0] if isinstance(tf.resize_size, (list, tuple)) else tf.resize_size

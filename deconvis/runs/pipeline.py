@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from deconvis import mining
+from deconvis.io.atomic import ensure_writable_dir
+from deconvis.runs import lock as run_lock
 from deconvis.errors import DeconvisError
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import ranks
@@ -97,16 +99,16 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
     if cfg.render_only and not os.path.isfile(os.path.join(run_dir, results_mod.FILENAME)):
         raise DeconvisError(f"--render-only: {os.path.join(run_dir, results_mod.FILENAME)} does not exist; "
                             "run without --render-only first (check --out and --run)")
-    os.makedirs(run_dir, exist_ok=True)
+    ensure_writable_dir(run_dir, "run folder")
     if cfg.render_only:  # one process does it: no model, no images, nothing to share
         rank = ranks.env_rank()
         if rank != 0:
             return Outcome(run_dir=run_dir, results=results_mod.load(run_dir), n_images=0, rank=rank)
-        with run_log(run_dir):
+        with run_log(run_dir), run_lock.hold(run_dir):
             log.info("visualize: run %s -> %s", cfg.run, os.path.abspath(run_dir))
             return _render_only(cfg, run_dir)
     with dist_mod.session(resolve_device(cfg.device), cfg.dist_timeout) as info:
-        with run_log(run_dir, info):
+        with run_log(run_dir, info), run_lock.hold(run_dir, info):
             return _run(cfg, run_dir, config_dir, info)
 
 

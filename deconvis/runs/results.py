@@ -137,7 +137,8 @@ class Results:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Results":
         if d.get("schema") not in _SCHEMA_ALIASES:
-            raise DeconvisError(f"not a deconvis results file (schema {d.get('schema')!r})")
+            raise DeconvisError(f"not a deconvis results file (schema {d.get('schema')!r}); re-run with --fresh "
+                                "to start this run over")
         if d.get("version") != VERSION:
             raise DeconvisError(f"results.json has schema version {d.get('version')!r}; this deconvis reads "
                                 f"version {VERSION}: re-run without --render-only (or with --fresh)")
@@ -168,5 +169,9 @@ def load(run_dir: str) -> Results:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except (OSError, ValueError) as exc:
-        raise DeconvisError(f"cannot read {path}: {exc}") from exc
+        raise DeconvisError(f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                            "it is damaged; re-run with --fresh to start this run over (or --run NAME for a new "
+                            "one)") from None
+    if not isinstance(d, dict):
+        raise DeconvisError(f"{path} is damaged (not a JSON object); re-run with --fresh to start this run over")
     return Results.from_dict(d)

@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = cfg.out_dir
-    os.makedirs(out, exist_ok=True)
+    atomic.ensure_writable_dir(out)
     checkpoint = cfg.checkpoint or os.path.join(out, "zfnet_demo.pt")
 
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,117 @@
+"""``deconvis train`` at a tiny size in the default suite: the CLI, bitwise resume (model and
+snapshots) against an uninterrupted run, the sgd optimiser, the cosine and constant schedules
+against their closed forms, and ZF's filter renormalisation against a naive per-filter loop."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from deconvis.cli import main
+from deconvis.training.train import TrainConfig, renormalise_filters, train
+
+
+def _cfg(out_dir, **kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=4, num_classes=2, samples_per_class=2, image_size=64, val_samples=2,
+                out_dir=str(out_dir), snapshot_epochs=[1, 2], layers=["conv2"], features_per_layer=2,
+                probe_images=2, threads=0, tile_size=16, lr=0.01)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def test_train_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    full = train(_cfg(tmp_path / "full"), log=_quiet)
+
+    def stop_after_first_epoch(msg):
+        if msg.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    part = _cfg(tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        train(part, log=stop_after_first_epoch)
+    assert not os.path.exists(tmp_path / "part" / "zfnet_demo.pt")  # not finished: no final checkpoint
+    assert os.path.isfile(tmp_path / "part" / "train_state.pt")  # but epoch 1 is kept
+    resumed = train(part, log=_quiet)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    a = torch.load(full["checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["checkpoint"], weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "full" / "snapshots.pt", weights_only=True)
+    sb = torch.load(tmp_path / "part" / "snapshots.pt", weights_only=True)
+    assert [c["label"] for c in sb["columns"]] == ["1", "2"]
+    for ca, cb in zip(sa["columns"], sb["columns"]):
+        for layer in ca["rec"]:
+            assert torch.equal(ca["rec"][layer], cb["rec"][layer])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_sgd_with_cosine_and_constant_schedules(tmp_path, schedule):
+    lr = 0.02
+    cfg = _cfg(tmp_path, optimizer="sgd", schedule=schedule, lr=lr, snapshots=False, val_samples=0,
+               conv1_sgd_lr=0.0)
+    rec = train(cfg, log=_quiet)
+    steps_per_epoch = cfg.num_classes * cfg.samples_per_class // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    want = [lr * (1 + math.cos(math.pi * e * steps_per_epoch / total)) / 2 if schedule == "cosine" else lr
+            for e in range(1, cfg.epochs + 1)]
+    got = [h["lr"] for h in rec["history"]]
+    assert got == pytest.approx(want, abs=1e-12)
+    # train_state.pt holds numpy RNG state, which train_cmd reads back with weights_only=False too
+    st = torch.load(tmp_path / "train_state.pt", weights_only=False)["optimizer"]["optimizers"]
+    assert len(st) == 1  # conv1_sgd_lr 0: one optimiser for every layer
+    per_param = list(st[0]["state"].values())
+    assert per_param and all("momentum_buffer" in s and "exp_avg" not in s for s in per_param)  # SGD, not AdamW
+
+
+def _naive_renorm(weight: torch.Tensor, radius: float) -> torch.Tensor:
+    out = weight.clone()
+    for i in range(weight.shape[0]):
+        rms = math.sqrt(sum(float(v) ** 2 for v in weight[i].flatten()) / weight[i].numel())
+        if rms > radius:
+            out[i] = weight[i] * (radius / rms)
+    return out
+
+
+def test_filter_renormalisation_matches_a_naive_loop():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 2)).double()
+    with torch.no_grad():
+        net[0].weight[:3] *= 0.01  # some filters below the radius, the rest above
+    radius = 0.1
+    want = [_naive_renorm(net[0].weight.detach(), radius), _naive_renorm(net[2].weight.detach(), radius)]
+    n_above = sum(int((w.detach().pow(2).mean(dim=(1, 2, 3)).sqrt() > radius).sum()) for w in (net[0].weight, net[2].weight))
+    with torch.no_grad():
+        n = renormalise_filters(net, radius)
+    assert n == n_above and 0 < n < 10
+    assert torch.allclose(net[0].weight, want[0], rtol=1e-12, atol=0)
+    assert torch.allclose(net[2].weight, want[1], rtol=1e-12, atol=0)
+
+
+def test_train_with_renormalisation_keeps_every_filter_within_the_radius(tmp_path):
+    radius = 0.05
+    train(_cfg(tmp_path, epochs=1, filter_radius=radius, snapshots=False, val_samples=0, lr=0.05), log=_quiet)
+    state = torch.load(tmp_path / "zfnet_demo.pt", weights_only=True)["state_dict"]
+    convs = [v for k, v in state.items() if k.endswith(".weight") and v.dim() == 4]
+    rms = torch.cat([w.pow(2).mean(dim=(1, 2, 3)).sqrt() for w in convs])
+    assert len(convs) == 5 and float(rms.max()) <= radius * (1 + 1e-5)
+    assert float(rms.max()) > radius * 0.9  # the bound is reached: renormalisation did act
+
+
+def test_train_command_line(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["train", "--epochs", "1", "--batch-size", "4", "--num-classes", "2", "--samples-per-class", "2",
+                 "--image-size", "64", "--val-samples", "0", "--no-snapshots", "--threads", "0",
+                 "--out-dir", str(out)])
+    assert code == 0
+    assert os.path.isfile(out / "zfnet_demo.pt") and os.path.isfile(out / "train_log.json")
+    assert "epoch   1/1" in capsys.readouterr().out
+    from deconvis.io.models import load_model
+
+    lm = load_model("auto", str(out / "zfnet_demo.pt"))  # the checkpoint names its own model
+    assert lm.preprocess.crop == (64, 64)
