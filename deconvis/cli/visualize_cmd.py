@@ -19,17 +19,17 @@ import os
 import sys
 import time
 
-from deconvis.runs import config as config_mod
+from deconvis.runs import configbase
+from deconvis.runs.config import VisualizeConfig
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "visualize", help="top-k images per channel, projected to pixel space (ZF Fig. 2)",
+    p = configbase.add_parser(
+        subparsers, "visualize", VisualizeConfig,
+        help="top-k images per channel, projected to pixel space (ZF Fig. 2)",
         description="Mine the k strongest images of every channel over an image set, project each with the "
                     "deconvnet, crop its receptive field, and write grid sheets plus an HTML report into "
                     "<out>/<run>/. Flags override the --config file; every config key is a flag.")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="YAML config (keys = the flags below)")
-    config_mod.add_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -58,7 +58,7 @@ def _console_log(rank: int = 0) -> logging.Handler:
 def run(args: argparse.Namespace) -> int:
     from deconvis.runs import pipeline
 
-    cfg = config_mod.load_config(args.config, config_mod.overrides_from_args(args))
+    cfg = configbase.parse(VisualizeConfig, args)
     config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else None
     handler = _console_log(_rank())
     t0 = time.perf_counter()

@@ -536,8 +536,9 @@ def project_chunk(ctx: Context) -> int:
         return int(ctx.cfg.project_batch)
     elem = torch.empty((), dtype=ctx.dtype).element_size()
     biggest = 1
+    table = ctx.dn.receptive_fields(tuple(ctx.preprocess.crop))
     for name in ctx.layers:
-        rh, rw = list(ctx.dn.window_sizes(name).values())[-1]  # the input's entry: the RF size
+        rh, rw = table[name].rf  # the window a projection returns: the RF size, input pixels
         biggest = max(biggest, 3 * rh * rw * elem)
     budget = AUTO_PROJECT_BYTES.get(ctx.device.type, AUTO_PROJECT_BYTES_DEFAULT)
     return int(max(16, min(4096, budget // biggest)))
@@ -657,7 +658,7 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
     Under ``torchrun`` (or with a process group set up by the caller) every process calls this
     with the same ``cfg``; each returns an :class:`Outcome` with the same results, and rank 0
     writes ``results.json`` and the report."""
-    config_mod.validate(cfg)
+    cfg.checked()
     run_dir = os.path.join(cfg.out, cfg.run)
     if cfg.render_only and not os.path.isfile(os.path.join(run_dir, results_mod.FILENAME)):
         raise DeconvisError(f"--render-only: {os.path.join(run_dir, results_mod.FILENAME)} does not exist; "
