@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli._configshim import Config, add_parser as _add_parser, option, parse
+from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
 from deconvis.errors import DeconvisError
 
 DEMO_PARTS = "asset:face_parts.yaml"
@@ -34,7 +34,7 @@ class CorrespondenceConfig(Config):
     device: str = option("cpu", "cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
-    def validate(self) -> "CorrespondenceConfig":
+    def validate(self) -> None:
         from deconvis.analysis.common import check_fill
 
         if not self.layers:
@@ -42,12 +42,12 @@ class CorrespondenceConfig(Config):
         if self.random_trials < 0:
             raise DeconvisError(f"random_trials {self.random_trials} must be >= 0")
         check_fill(self.fill, ("mean", "black"))
-        return self
 
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = _add_parser(subparsers, "correspondence", CorrespondenceConfig,
-                    "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)")
+                    "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
+                    description=CorrespondenceConfig.__doc__)
     p.set_defaults(func=run)
     return p
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli._configshim import Config, add_parser as _add_parser, option, parse
+from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
 from deconvis.errors import DeconvisError
 
 
@@ -39,7 +39,7 @@ class DiagnoseConfig(Config):
     device: str = option("cpu", "cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
-    def validate(self) -> "DiagnoseConfig":
+    def validate(self) -> None:
         for k in ("max_images", "resize", "crop", "alias_halfwidth"):
             if getattr(self, k) < 0:
                 raise DeconvisError(f"{k} {getattr(self, k)} must be >= 0")
@@ -50,12 +50,12 @@ class DiagnoseConfig(Config):
             raise DeconvisError(f"dominating_factor {self.dominating_factor} must be positive")
         if not 0 < self.band_low < self.band_high:
             raise DeconvisError(f"band edges must satisfy 0 < band_low < band_high, got {self.band_low}, {self.band_high}")
-        return self
 
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = _add_parser(subparsers, "diagnose", DiagnoseConfig,
-                    "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)")
+                    "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
+                    description=DiagnoseConfig.__doc__)
     p.set_defaults(func=run)
     return p
 

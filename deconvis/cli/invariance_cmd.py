@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli._configshim import Config, add_parser as _add_parser, option, parse
+from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
 from deconvis.errors import DeconvisError
 
 
@@ -38,7 +38,7 @@ class InvarianceConfig(Config):
     device: str = option("cpu", "cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
-    def validate(self) -> "InvarianceConfig":
+    def validate(self) -> None:
         from deconvis.analysis.common import check_fill
         from deconvis.analysis.invariance import TRANSFORMS
 
@@ -58,12 +58,12 @@ class InvarianceConfig(Config):
         if self.scale_max <= 0:
             raise DeconvisError(f"scale_max {self.scale_max} must be positive")
         check_fill(self.fill)
-        return self
 
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = _add_parser(subparsers, "invariance", InvarianceConfig,
-                    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)")
+                    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
+                    description=InvarianceConfig.__doc__)
     p.set_defaults(func=run)
     return p
 
