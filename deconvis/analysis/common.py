@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,11 +22,12 @@ FILLS = ("mean", "black", "edge", "reflect")
 
 def load_network(model: str, weights: str = "random", device: str = "cpu") -> LoadedModel:
     """:func:`deconvis.io.models.load_model` after resolving ``asset:NAME`` weights (files shipped in
-    ``deconvis/assets``)."""
+    ``deconvis/assets``) and the device (``auto``: cuda, then mps, then cpu)."""
     from deconvis.io.models import load_model
     from deconvis.runs.pipeline import resolve_weights
+    from deconvis.utils.device import resolve_device
 
-    return load_model(model, resolve_weights(weights or "random"), device=device)
+    return load_model(model, resolve_weights(weights or "random"), device=resolve_device(device))
 
 
 def read_photo(spec: str, base_dir: Optional[str] = None) -> np.ndarray:
@@ -168,5 +169,3 @@ def batch_of(inputs: Sequence[Tensor]) -> Tensor:
         raise DeconvisError(f"images have different input shapes {sorted(shapes)}; use one preprocessing")
     return torch.stack(list(inputs))
 
-
-Record = Dict[str, object]

@@ -31,7 +31,7 @@ class CorrespondenceConfig(Config):
     seed: int = option(0, "seed of the random boxes")
     fill: str = option("mean", "masked pixels: mean (normalisation mean colour) or black")
     out_dir: str = option("outputs/correspondence", "output folder")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
+    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:

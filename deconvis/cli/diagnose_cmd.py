@@ -36,7 +36,7 @@ class DiagnoseConfig(Config):
     alias_halfwidth: int = option(1, "lattice neighbourhood, FFT bins (Chebyshev radius)")
     batch_size: int = option(32, "images per forward")
     out_dir: str = option("outputs/diagnose", "output folder")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
+    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:

@@ -35,7 +35,7 @@ class InvarianceConfig(Config):
     rotate_steps: int = option(36, "rotation amounts over [0, 360) degrees (36 = every 10 degrees, ZF)")
     fill: str = option("mean", "uncovered border: mean (normalisation mean colour), black, edge or reflect")
     out_dir: str = option("outputs/invariance", "output folder")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
+    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:
