@@ -99,6 +99,7 @@ def test_diagnose_finds_planted_problems():
     assert res.stride == 2 and res.alias_layer == "conv2" and res.aliasing is not None
     assert res.aliasing.fraction > 0
     assert "conv2 | 1/4" in res.markdown()
+    assert diagnose(m, x, fft_size=16, alias_images=4, alias_stride=4).aliasing.stride == 4
     with pytest.raises(DeconvisError, match="fft_size"):
         diagnose(m, x, fft_size=4)
     with pytest.raises(DeconvisError, match="conv9"):

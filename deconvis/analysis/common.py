@@ -119,7 +119,7 @@ def save_figure(fig, path: str, dpi: int = 80) -> None:
     from deconvis.io.atomic import write_bytes
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     write_bytes(path, buf.getvalue())
 

@@ -180,15 +180,19 @@ class DiagnoseResult:
 def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] = None,
              dominating_factor: float = 3.0, fft_size: int = 32, band_edges: Sequence[float] = BAND_EDGES,
              alias_layer: Optional[str] = "auto", alias_images: int = 32, alias_halfwidth: int = 1,
-             batch_size: int = 32) -> DiagnoseResult:
+             batch_size: int = 32, alias_stride: int = 0) -> DiagnoseResult:
     """Diagnose ``model`` over ``images`` (a batch [N, 3, H, W] or an iterable of batches).
 
     ``layers``: rectified layers to check for dead channels (default: ``DeconvNet.conv_layers()``).
     ``fft_size``: the first-layer filters are zero-padded to this many points per axis.
     ``alias_layer``: the layer whose projections are checked for aliasing (``auto``: the second
     of ``conv_layers()``; None: skip); its strongest unit per channel over the first
-    ``alias_images`` images is projected with the deconvnet.
+    ``alias_images`` images is projected with the deconvnet. ``alias_stride``: the lattice
+    period in pixels (0: the first conv's stride, ZF's definition; e.g. 4 for the stride of
+    conv1 and pool1 together).
     """
+    if alias_stride < 0:
+        raise DeconvisError(f"alias_stride {alias_stride} must be >= 0 (0: the first conv's stride)")
     from deconvis.mirror.deconvnet import DeconvNet
 
     convs = conv_modules(model)
@@ -219,7 +223,8 @@ def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] =
                          filters=stats, dominating_factor=float(dominating_factor), first_conv=first_name,
                          stride=int(first.stride[0]), band_edges=[float(e) for e in band_edges],
                          band_fractions=band_fractions(power, band_edges), radial_freq=freq, radial_power=prof)
-    if alias_layer is not None and res.stride >= 2:
+    period = int(alias_stride) or res.stride
+    if alias_layer is not None and period >= 2:
         name = alias_layer
         if name == "auto":
             cl = dn.conv_layers()
@@ -240,7 +245,7 @@ def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] =
         if bool(live.any()):
             proj = proj[live]
             res.alias_layer = name
-            res.aliasing = aliasing(proj, res.stride, alias_halfwidth)
+            res.aliasing = aliasing(proj, period, alias_halfwidth)
             h = proj.shape[-1]
             p = power_spectrum(proj, h).mean(0)
             res.alias_spectrum = np.fft.fftshift(p)

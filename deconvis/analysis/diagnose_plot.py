@@ -59,7 +59,7 @@ def plot_diagnose(res: DiagnoseResult, first_weight: Tensor, path: str, title: s
         ext = [-0.5, 0.5 - 1.0 / n, 0.5 - 1.0 / n, -0.5]
         im = a.imshow(np.log10(res.alias_spectrum + 1e-12 * res.alias_spectrum.max()), extent=ext, cmap="magma")
         fig.colorbar(im, ax=a, fraction=0.046, label="log10 power")
-        s = res.stride
+        s = res.aliasing.stride
         ticks = [k / s for k in range(-(s // 2), s // 2 + 1) if -0.5 <= k / s < 0.5]
         for fy in ticks:
             for fx in ticks:

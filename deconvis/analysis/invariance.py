@@ -208,5 +208,5 @@ def plot_invariance(res: InvarianceResult, path: str, dpi: int = 70) -> None:
                 ax.set_ylim(-0.02, 1.02)
     axes[0, -1].legend(fontsize=7, loc="best")
     fig.suptitle(f"Invariance (ZF Fig. 5); border fill: {res.fill}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.08, top=0.9, hspace=0.55, wspace=0.3)
     save_figure(fig, path, dpi=dpi)

@@ -34,13 +34,14 @@ class DiagnoseConfig(Config):
                                       "layer; none: skip)")
     alias_images: int = option(32, "images searched for each channel's strongest unit to project")
     alias_halfwidth: int = option(1, "lattice neighbourhood, FFT bins (Chebyshev radius)")
+    alias_stride: int = option(0, "lattice period, pixels (0: the first conv's stride, ZF's definition)")
     batch_size: int = option(32, "images per forward")
     out_dir: str = option("outputs/diagnose", "output folder")
     device: str = option("cpu", "auto, cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:
-        for k in ("max_images", "resize", "crop", "alias_halfwidth"):
+        for k in ("max_images", "resize", "crop", "alias_halfwidth", "alias_stride"):
             if getattr(self, k) < 0:
                 raise DeconvisError(f"{k} {getattr(self, k)} must be >= 0")
         for k in ("fft_size", "alias_images", "batch_size"):
@@ -85,7 +86,8 @@ def run_config(cfg: DiagnoseConfig):
                                 max_images=cfg.max_images or None, mean=pp.mean, std=pp.std)
     alias = None if cfg.alias_layer.lower() in ("none", "") else cfg.alias_layer
     res = diagnose(lm.model, batches, cfg.layers or None, cfg.dominating_factor, cfg.fft_size,
-                   (cfg.band_low, cfg.band_high), alias, cfg.alias_images, cfg.alias_halfwidth, cfg.batch_size)
+                   (cfg.band_low, cfg.band_high), alias, cfg.alias_images, cfg.alias_halfwidth, cfg.batch_size,
+                   cfg.alias_stride)
     atomic.write_json(os.path.join(cfg.out_dir, "diagnose.json"), jsonable(dict(res.to_dict(), config=cfg.to_dict())))
     atomic.write_text(os.path.join(cfg.out_dir, "diagnose.md"), res.markdown())
     first = conv_modules(lm.model)[0][1]
