@@ -19,7 +19,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.mirror.rules import Rule
 from deconvis.runs import configbase
-from deconvis.runs.configbase import Config, flag_name, load_yaml, option  # noqa: F401 - re-exported
+from deconvis.runs.configbase import Config, flag_name, load_yaml, option
+
+__all__ = ["VisualizeConfig", "AMP_MODES", "MINING_KEYS", "FIELD_NAMES", "SHORT_FLAGS", "load_config", "from_mapping",
+           "validate", "to_dict", "config_hash", "flag_name", "load_yaml", "add_arguments", "overrides_from_args"]
 
 AMP_MODES = ("none", "bf16", "fp16")
 
