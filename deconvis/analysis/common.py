@@ -24,7 +24,7 @@ def load_network(model: str, weights: str = "random", device: str = "cpu") -> Lo
     """:func:`deconvis.io.models.load_model` after resolving ``asset:NAME`` weights (files shipped in
     ``deconvis/assets``) and the device (``auto``: cuda, then mps, then cpu)."""
     from deconvis.io.models import load_model
-    from deconvis.runs.pipeline import resolve_weights
+    from deconvis.runs.phases.prepare import resolve_weights
     from deconvis.utils.device import resolve_device
 
     return load_model(model, resolve_weights(weights or "random"), device=resolve_device(device))
