@@ -149,3 +149,34 @@ def test_renorm_lightning_adapter(monkeypatch):
     assert filter_rms(holder.net[0].weight).max() <= 0.1 + 1e-12 and cb.renorm.rescaled >= 6
     with pytest.raises(DeconvisError, match="no attribute 'model'"):
         cls(model_attr="model").on_train_batch_end(types.SimpleNamespace(global_step=1), holder, None, None, 0)
+
+
+@pytest.mark.slow  # ~12 s (Lightning import); the adapter logic is covered by the stand-in test above
+def test_renorm_in_a_real_lightning_trainer(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    import deconvis.training.lightning as dl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(4, 2))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=5.0)  # big steps push filters past the radius
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 2, (16,), generator=g))
+    cb = dl.FilterRenormLightningCallback(radius=0.05, model_attr="net")
+    trainer = pl.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         accelerator="cpu")
+    module = Module()
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert cb.renorm.rescaled > 0
+    assert filter_rms(module.net[0].weight).max() <= 0.05 + 1e-7
