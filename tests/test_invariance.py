@@ -61,6 +61,8 @@ def test_curves_equal_a_direct_loop():
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     amounts = {"translate": [-3, 2], "scale": [1.5], "rotate": [0, 135]}
     res = invariance(m, x, ["conv1", "7"], amounts, targets=[0, 4], fill="edge")
+    chunked = invariance(m, x, ["conv1", "7"], amounts, targets=[0, 4], fill="edge", batch_size=3)
+    np.testing.assert_allclose(chunked.sweep("rotate").distance["7"], res.sweep("rotate").distance["7"], rtol=1e-12)
     for t, vals in amounts.items():
         s = res.sweep(t)
         for i in range(len(x)):

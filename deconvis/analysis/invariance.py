@@ -135,13 +135,14 @@ def sweep_amounts(transform: str, steps: int, limit: float) -> List[float]:
 @torch.no_grad()
 def invariance(model: nn.Module, inputs: Tensor, layers: Sequence[str], amounts: Dict[str, Sequence[float]],
                targets: Optional[Sequence[int]] = None, fill: str = "mean", pp: Optional[Preprocess] = None,
-               names: Optional[Sequence[str]] = None) -> InvarianceResult:
+               names: Optional[Sequence[str]] = None, batch_size: int = 0) -> InvarianceResult:
     """ZF Fig. 5 curves for ``inputs`` [N, 3, H, W] (normalised network input).
 
     ``layers``: the layers to compare (e.g. ``[conv1, fc6]``); ``amounts``: {transform: values}
     (see :func:`sweep_amounts`); ``targets``: true class per image (default: the top class of the
-    untransformed image). The model is left unchanged (eval-mode forward through
-    :class:`~deconvis.mirror.deconvnet.DeconvNet`).
+    untransformed image). Each sweep (all images x amounts) is one forward batch, split into
+    ``batch_size`` images when > 0 (to bound memory on large nets). The model is left unchanged
+    (eval-mode forward through :class:`~deconvis.mirror.deconvnet.DeconvNet`).
     """
     from deconvis.mirror.deconvnet import DeconvNet
 
@@ -165,19 +166,21 @@ def invariance(model: nn.Module, inputs: Tensor, layers: Sequence[str], amounts:
     base = {l: flat(clean[r]) for l, r in zip(layers, rows)}
     result = InvarianceResult(images=list(names or [f"image{i}" for i in range(len(inputs))]), targets=targets,
                               layers=list(layers), fill=fill, input_size=list(inputs.shape[-2:]))
+    n = len(inputs)
     for t, vals in amounts.items():
         vals = [float(v) for v in vals]
-        dist = {l: np.zeros((len(inputs), len(vals))) for l in layers}
-        rel = {l: np.zeros((len(inputs), len(vals))) for l in layers}
-        prob = np.zeros((len(inputs), len(vals)))
-        for i in range(len(inputs)):
-            batch = torch.stack([transform_input(inputs[i], t, a, fill, pp) for a in vals])
-            acts = dn.activations(batch, want)  # one forward batch per image and sweep
-            for l, r in zip(layers, rows):
-                d = (flat(acts[r]) - base[l][i]).norm(dim=1).cpu().numpy()
-                dist[l][i] = d
-                rel[l][i] = d / max(float(base[l][i].norm()), 1e-300)
-            prob[i] = softmax_prob(acts[out], torch.full((len(vals),), targets[i]))
+        batch = torch.stack([transform_input(inputs[i], t, a, fill, pp) for i in range(n) for a in vals])
+        step = int(batch_size) if batch_size and batch_size > 0 else len(batch)
+        parts = [dn.activations(batch[s:s + step], want) for s in range(0, len(batch), step)]
+        acts = {r: torch.cat([p[r] for p in parts]) for r in want}  # one batch per sweep unless batch_size
+        dist, rel = {}, {}
+        for l, r in zip(layers, rows):
+            f = flat(acts[r]).reshape(n, len(vals), -1)
+            d = (f - base[l][:, None]).norm(dim=2).cpu().numpy()
+            dist[l] = d
+            rel[l] = d / np.maximum(base[l].norm(dim=1).cpu().numpy(), 1e-300)[:, None]
+        tgt = torch.tensor(targets).repeat_interleave(len(vals))
+        prob = softmax_prob(acts[out], tgt).reshape(n, len(vals))
         result.sweeps.append(Sweep(t, UNITS[t], vals, dist, rel, prob))
     return result
 

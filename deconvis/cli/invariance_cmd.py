@@ -34,6 +34,7 @@ class InvarianceConfig(Config):
     scale_steps: int = option(9, "scale amounts")
     rotate_steps: int = option(36, "rotation amounts over [0, 360) degrees (36 = every 10 degrees, ZF)")
     fill: str = option("mean", "uncovered border: mean (normalisation mean colour), black, edge or reflect")
+    batch_size: int = option(0, "images per forward (0: each sweep, all images x amounts, in one batch)")
     out_dir: str = option("outputs/invariance", "output folder")
     device: str = option("cpu", "auto, cpu, cuda or cuda:N")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
@@ -50,6 +51,8 @@ class InvarianceConfig(Config):
         for t in self.transforms:
             if t not in TRANSFORMS:
                 raise DeconvisError(f"transforms: unknown {t!r}; choose among {', '.join(TRANSFORMS)}")
+        if self.batch_size < 0:
+            raise DeconvisError(f"batch_size {self.batch_size} must be >= 0 (0: one batch per sweep)")
         for k in ("translate_steps", "scale_steps", "rotate_steps"):
             if getattr(self, k) < 1:
                 raise DeconvisError(f"{k} must be at least 1, got {getattr(self, k)}")
@@ -96,7 +99,7 @@ def run_config(cfg: InvarianceConfig):
     steps = {"translate": cfg.translate_steps, "scale": cfg.scale_steps, "rotate": cfg.rotate_steps}
     amounts = {t: sweep_amounts(t, steps[t], limits[t]) for t in cfg.transforms}
     res = invariance(lm.model, x, cfg.layers, amounts, targets=cfg.targets or None, fill=cfg.fill,
-                     pp=lm.preprocess, names=cfg.images)
+                     pp=lm.preprocess, names=cfg.images, batch_size=cfg.batch_size)
     record = dict(res.to_dict(), config=cfg.to_dict())
     atomic.write_json(os.path.join(cfg.out_dir, "invariance.json"), jsonable(record))
     plot_invariance(res, os.path.join(cfg.out_dir, "invariance.png"))
