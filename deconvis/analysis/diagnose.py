@@ -252,33 +252,17 @@ def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] =
     return res
 
 
-def summary(dead: Dict[str, List[int]], widths: Dict[str, int]) -> str:
-    """One line: ``conv1 0/32, conv2 3/64, ...``."""
-    return ", ".join(f"{l} {len(v)}/{widths[l]}" for l, v in dead.items())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deconvis.analysis.diagnose [WEIGHTS]``: dead channels of zfnet_demo on the demo set."""
-    import argparse
+    """``python -m deconvis.analysis.diagnose [WEIGHTS] [FLAGS]``: the same as ``deconvis diagnose
+    [--weights WEIGHTS] [FLAGS]`` (kept for older instructions)."""
+    import sys
 
-    from deconvis.io.models import load_model
+    from deconvis.cli import main as cli_main
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("weights", nargs="?", default="deconvis/assets/zfnet_demo.pt")
-    ap.add_argument("--images", default="builtin:skimage-crops")
-    a = ap.parse_args(argv)
-    lm = load_model("zfnet_demo", a.weights)
-    pp = lm.preprocess
-    batches = image_set_batches(a.images, pp.resize, pp.crop[0], mean=pp.mean, std=pp.std)
-    layers = [f"conv{i}" for i in range(1, 6)]
-    mx = channel_max(lm.model, batches, layers)
-    dead = {l: [int(c) for c in torch.nonzero(v <= 0).flatten()] for l, v in mx.items()}
-    n = sum(len(b) for b in batches)
-    print(f"{a.weights}: dead channels over {n} images: " + summary(dead, {l: len(v) for l, v in mx.items()}))
-    for l, v in mx.items():
-        live = v[v > 0].numpy()
-        print(f"  {l}: max act median {np.median(live) if live.size else 0:.3g}, dead {dead[l]}")
-    return 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not args[0].startswith("-"):
+        args = ["--weights", args[0]] + args[1:]
+    return cli_main(["diagnose"] + args)
 
 
 if __name__ == "__main__":
