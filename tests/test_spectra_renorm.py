@@ -180,3 +180,17 @@ def test_renorm_in_a_real_lightning_trainer(tmp_path):
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     assert cb.renorm.rescaled > 0
     assert filter_rms(module.net[0].weight).max() <= 0.05 + 1e-7
+
+
+def test_plain_training_loop_renormalises(tmp_path):
+    """deconvis.training.train with filter_radius: every conv filter ends at RMS <= the radius."""
+    from deconvis.training.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=1, batch_size=4, num_classes=2, samples_per_class=2, image_size=64, val_samples=0,
+                      out_dir=str(tmp_path), snapshots=False, threads=0, filter_radius=0.02, conv1_sgd_lr=0.0)
+    out = train(cfg, log=lambda s: None)
+    state = torch.load(out["checkpoint"], weights_only=True)["state_dict"]
+    convs = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 4]
+    assert len(convs) == 5
+    for k in convs:
+        assert filter_rms(state[k]).max() <= 0.02 + 1e-7, k
