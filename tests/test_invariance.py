@@ -104,3 +104,45 @@ def test_bad_input_is_one_line(kwargs, match):
     with pytest.raises(DeconvisError, match=match) as e:
         invariance(m, x, **args)
     assert "\n" not in str(e.value)
+
+
+class _Residual(nn.Module):
+    """A small graph (not a chain): conv stem, a residual block, global pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.r1 = nn.ReLU()
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.r2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.r1(self.stem(x))
+        h = self.r2(self.c2(h) + h)
+        return self.fc(self.pool(h).flatten(1))
+
+
+@torch.no_grad()
+def test_graph_model_against_hooks():
+    m = _Residual().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    res = invariance(m, x, ["r1", "r2"], {"rotate": [0, 90]}, fill="mean")
+    seen = {}
+    hooks = [getattr(m, n).register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o.flatten(1)))
+             for n in ("r1", "r2")]
+    try:
+        m(x)
+        base = dict(seen)
+        xt = torch.stack([transform_input(x[i], "rotate", 90) for i in range(2)])
+        logits = m(xt)
+    finally:
+        for h in hooks:
+            h.remove()
+    for n in ("r1", "r2"):
+        np.testing.assert_allclose(res.sweep("rotate").distance[n][:, 1],
+                                   (seen[n] - base[n]).norm(dim=1).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(res.sweep("rotate").probability[:, 1],
+                               torch.softmax(logits, 1)[[0, 1], res.targets].numpy(), rtol=1e-10)

@@ -194,3 +194,29 @@ def test_plain_training_loop_renormalises(tmp_path):
     assert len(convs) == 5
     for k in convs:
         assert filter_rms(state[k]).max() <= 0.02 + 1e-7, k
+
+
+def test_diagnose_on_a_graph_model():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.stem, self.r1 = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()
+            self.c2, self.r2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.r1(self.stem(x))
+            h = self.r2(self.c2(h) + h)
+            return self.fc(h.mean((2, 3)))
+
+    m = Residual().double()
+    with torch.no_grad():
+        m.c2.weight[3] *= 50
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    res = diagnose(m, x, layers=["r1", "r2"], fft_size=8, alias_layer="r2", alias_images=3)
+    with torch.no_grad():
+        r2 = m.r2(m.c2(m.r1(m.stem(x))) + m.r1(m.stem(x)))
+    assert res.dead["r2"] == [int(c) for c in torch.nonzero(r2.amax((0, 2, 3)) <= 0).flatten()]
+    assert [f.module for f in res.filters] == ["stem", "c2"] and res.filters[1].dominating == [3]
+    assert res.aliasing is not None and res.alias_layer == "r2"
