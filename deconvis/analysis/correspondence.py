@@ -182,8 +182,8 @@ class CorrespondenceResult:
     def markdown(self) -> str:
         from deconvis.analysis.common import markdown_table
 
-        heads = ["mask"] + [f"Delta {l} (mean ± std over pairs)" for l in self.layers] + ["images"]
-        rows = [[r] + [f"{c[l].mean:.4f} ± {c[l].std_pairs:.4f}" for l in self.layers]
+        heads = ["mask"] + [f"Delta {l}: mean ± std over pairs [std over images]" for l in self.layers] + ["images"]
+        rows = [[r] + [f"{c[l].mean:.4f} ± {c[l].std_pairs:.4f} [{c[l].std_images:.4f}]" for l in self.layers]
                 + [next(iter(c.values())).n_images] for r, c in self.table.items()]
         return (markdown_table(heads, rows) + "\nH: fraction of coordinates whose sign differs; Delta: mean over "
                 f"image pairs. Random rows: boxes of the part's size at random places, {self.random_trials} "
