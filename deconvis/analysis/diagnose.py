@@ -1,17 +1,27 @@
-"""Training diagnostics: channels that never fire (dead ReLUs, ZF 2014 Fig. 6's "dead" filters).
+"""Architecture diagnosis (ZF 2014 Sec. 4.1, Fig. 6): dead and dominating filters, the
+frequency content of the first layer, aliasing in the second.
 
-A channel of a rectified layer is *dead* on an image set when its activation is <= ``threshold``
-(default 0) at every position of every image: it carries no information and its deconvnet
-projections are blank.
+* A channel of a rectified layer is *dead* on an image set when its activation is <= ``threshold``
+  (default 0) at every position of every image: it carries no information and its deconvnet
+  projections are blank.
+* A conv filter *dominates* when its RMS (root mean square of its weights) exceeds ``factor``
+  times the median RMS of its layer (ZF: "a few filters dominate"; their fix is the
+  renormalisation of :mod:`deconvis.training.renorm`).
+* First layer: the radially averaged power spectrum of each filter and its share of energy in
+  low / mid / high bands (:mod:`deconvis.analysis.spectra`).
+* Second layer: the share of its projections' energy at the first layer's stride frequency
+  (:func:`deconvis.analysis.spectra.aliasing`; ZF's stride-4 layer 1 gave "aliasing artifacts").
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from deconvis.analysis.spectra import BAND_EDGES, Aliasing, aliasing, band_fractions, power_spectrum, radial_profile
 from deconvis.errors import DeconvisError
 
 Images = Union[Tensor, Iterable[Tensor]]
@@ -83,33 +93,176 @@ def image_set_batches(spec: str, resize: int, crop: int, batch_size: int = 32,
     return [torch.stack(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
 
 
-def summary(dead: Dict[str, List[int]], widths: Dict[str, int]) -> str:
-    """One line: ``conv1 0/32, conv2 3/64, ...``."""
-    return ", ".join(f"{l} {len(v)}/{widths[l]}" for l, v in dead.items())
+# --------------------------------------------------------------------------- filters (weights)
+def conv_modules(model: nn.Module) -> List[Tuple[str, nn.Conv2d]]:
+    """(module name, module) of every ``nn.Conv2d`` in ``model.named_modules()`` order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def filter_rms(weight: Tensor) -> np.ndarray:
+    """RMS of each filter of a conv weight [C_out, C_in/groups, kh, kw] -> float64 [C_out]."""
+    w = weight.detach().double().cpu()
+    return w.pow(2).mean(dim=tuple(range(1, w.dim()))).sqrt().numpy()
+
+
+def dominating(rms: np.ndarray, factor: float = 3.0) -> List[int]:
+    """Filter ids whose RMS exceeds ``factor`` times the median RMS of the layer."""
+    if factor <= 0:
+        raise DeconvisError(f"dominating factor {factor} must be positive")
+    med = float(np.median(rms))
+    return [int(i) for i in np.nonzero(rms > factor * med)[0]]
+
+
+@dataclass
+class FilterStats:
+    """Weight statistics of one conv module."""
+
+    module: str
+    filters: int
+    rms_median: float
+    rms_max: float
+    dominating: List[int]
+
+
+@dataclass
+class DiagnoseResult:
+    """Everything ``deconvis diagnose`` reports (see the module doc)."""
+
+    images: int
+    dead: Dict[str, List[int]]              # rectified layer -> dead channel ids
+    widths: Dict[str, int]                  # rectified layer -> channels
+    filters: List[FilterStats]
+    dominating_factor: float
+    first_conv: str
+    stride: int
+    band_edges: List[float]                 # cycles/pixel
+    band_fractions: np.ndarray              # [C_out, 3] low/mid/high share of each layer-1 filter
+    radial_freq: np.ndarray                 # [B] cycles/pixel
+    radial_power: np.ndarray                # [C_out, B] radially averaged power (each filter / its total)
+    alias_layer: Optional[str] = None
+    aliasing: Optional[Aliasing] = None
+    alias_spectrum: Optional[np.ndarray] = field(default=None, repr=False)  # [H, W] mean power, fftshifted
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"images": self.images,
+                "dead": {l: {"channels": self.widths[l], "dead": v} for l, v in self.dead.items()},
+                "filters": [vars(f) for f in self.filters], "dominating_factor": self.dominating_factor,
+                "first_conv": {"module": self.first_conv, "stride": self.stride, "band_edges": self.band_edges,
+                               "band_fractions_mean": self.band_fractions.mean(0).tolist(),
+                               "band_fractions": self.band_fractions.tolist(),
+                               "radial_freq": self.radial_freq.tolist(),
+                               "radial_power_mean": self.radial_power.mean(0).tolist()},
+                "aliasing": None if self.aliasing is None else dict(self.aliasing.to_dict(), layer=self.alias_layer)}
+
+    def markdown(self) -> str:
+        from deconvis.analysis.common import markdown_table
+
+        lo, hi = self.band_edges
+        b = self.band_fractions.mean(0)
+        out = [f"Image set: {self.images} images.\n", "Dead channels (never active):\n",
+               markdown_table(["layer", "dead / channels", "ids"],
+                              [[l, f"{len(v)}/{self.widths[l]}", ", ".join(map(str, v[:20])) + (" ..." if len(v) > 20 else "")]
+                               for l, v in self.dead.items()]),
+               f"\nFilters whose RMS exceeds {self.dominating_factor:g} x the layer median:\n",
+               markdown_table(["conv module", "filters", "RMS median", "RMS max", "dominating"],
+                              [[f.module, f.filters, f"{f.rms_median:.4g}", f"{f.rms_max:.4g}", len(f.dominating)]
+                               for f in self.filters]),
+               f"\nFirst layer {self.first_conv} (stride {self.stride}): energy share low (< {lo:g}) "
+               f"{b[0]:.3f}, mid {b[1]:.3f}, high (>= {hi:g} cycles/pixel) {b[2]:.3f}.\n"]
+        if self.aliasing is not None:
+            a = self.aliasing
+            out.append(f"\nAliasing of {self.alias_layer} projections at the stride-{a.stride} lattice: "
+                       f"{a.fraction:.4f} of the non-DC energy ({a.ratio:.2f}x a white spectrum); power per lattice bin "
+                       f"{a.peak_ratio:.2f}x that of the other bins at the same radial frequencies.\n")
+        return "".join(out)
+
+
+def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] = None,
+             dominating_factor: float = 3.0, fft_size: int = 32, band_edges: Sequence[float] = BAND_EDGES,
+             alias_layer: Optional[str] = "auto", alias_images: int = 32, alias_halfwidth: int = 1,
+             batch_size: int = 32, alias_stride: int = 0) -> DiagnoseResult:
+    """Diagnose ``model`` over ``images`` (a batch [N, 3, H, W] or an iterable of batches).
+
+    ``layers``: rectified layers to check for dead channels (default: ``DeconvNet.conv_layers()``).
+    ``fft_size``: the first-layer filters are zero-padded to this many points per axis.
+    ``alias_layer``: the layer whose projections are checked for aliasing (``auto``: the second
+    of ``conv_layers()``; None: skip); its strongest unit per channel over the first
+    ``alias_images`` images is projected with the deconvnet. ``alias_stride``: the lattice
+    period in pixels (0: the first conv's stride, ZF's definition; e.g. 4 for the stride of
+    conv1 and pool1 together).
+    """
+    if alias_stride < 0:
+        raise DeconvisError(f"alias_stride {alias_stride} must be >= 0 (0: the first conv's stride)")
+    from deconvis.mirror.deconvnet import DeconvNet
+
+    convs = conv_modules(model)
+    if not convs:
+        raise DeconvisError(f"{type(model).__name__} has no nn.Conv2d; diagnose needs a CNN")
+    dn = DeconvNet(model)
+    layers = list(layers) if layers else [dn.display_name(l) for l in dn.conv_layers()]
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise DeconvisError(f"images must be [N, 3, H, W], got shape {tuple(images.shape)}")
+        batches: List[Tensor] = list(images.split(max(1, int(batch_size))))
+    else:
+        batches = list(images)
+    mx = channel_max(model, batches, layers, batch_size=batch_size)
+    dead = {l: [int(c) for c in torch.nonzero(v <= 0).flatten()] for l, v in mx.items()}
+    stats = []
+    for name, m in convs:
+        rms = filter_rms(m.weight)
+        stats.append(FilterStats(name, len(rms), float(np.median(rms)), float(rms.max()),
+                                 dominating(rms, dominating_factor)))
+    first_name, first = convs[0]
+    if fft_size < max(first.kernel_size):
+        raise DeconvisError(f"fft_size {fft_size} is smaller than {first_name}'s {first.kernel_size} filters")
+    power = power_spectrum(first.weight, fft_size)
+    freq, prof = radial_profile(power)
+    prof = prof / np.maximum(power.reshape(len(power), -1).sum(1), 1e-300)[:, None]
+    res = DiagnoseResult(images=sum(len(b) for b in batches), dead=dead, widths={l: len(v) for l, v in mx.items()},
+                         filters=stats, dominating_factor=float(dominating_factor), first_conv=first_name,
+                         stride=int(first.stride[0]), band_edges=[float(e) for e in band_edges],
+                         band_fractions=band_fractions(power, band_edges), radial_freq=freq, radial_power=prof)
+    period = int(alias_stride) or res.stride
+    if alias_layer is not None and period >= 2:
+        name = alias_layer
+        if name == "auto":
+            cl = dn.conv_layers()
+            if len(cl) < 2:
+                return res
+            name = dn.display_name(cl[1])
+        x = torch.cat(batches)[:max(1, int(alias_images))]
+        was = model.training
+        model.eval()
+        try:
+            dn.forward(x, [name])
+            units = dn.strongest(name, 1)
+            proj = dn.project(name, units)
+        finally:
+            dn.release()
+            model.train(was)
+        live = proj.flatten(1).abs().sum(1) > 0
+        if bool(live.any()):
+            proj = proj[live]
+            res.alias_layer = name
+            res.aliasing = aliasing(proj, period, alias_halfwidth)
+            h = proj.shape[-1]
+            p = power_spectrum(proj, h).mean(0)
+            res.alias_spectrum = np.fft.fftshift(p)
+    return res
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deconvis.analysis.diagnose [WEIGHTS]``: dead channels of zfnet_demo on the demo set."""
-    import argparse
+    """``python -m deconvis.analysis.diagnose [WEIGHTS] [FLAGS]``: the same as ``deconvis diagnose
+    [--weights WEIGHTS] [FLAGS]`` (kept for older instructions)."""
+    import sys
 
-    from deconvis.io.models import load_model
+    from deconvis.cli import main as cli_main
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("weights", nargs="?", default="deconvis/assets/zfnet_demo.pt")
-    ap.add_argument("--images", default="builtin:skimage-crops")
-    a = ap.parse_args(argv)
-    lm = load_model("zfnet_demo", a.weights)
-    pp = lm.preprocess
-    batches = image_set_batches(a.images, pp.resize, pp.crop[0], mean=pp.mean, std=pp.std)
-    layers = [f"conv{i}" for i in range(1, 6)]
-    mx = channel_max(lm.model, batches, layers)
-    dead = {l: [int(c) for c in torch.nonzero(v <= 0).flatten()] for l, v in mx.items()}
-    n = sum(len(b) for b in batches)
-    print(f"{a.weights}: dead channels over {n} images: " + summary(dead, {l: len(v) for l, v in mx.items()}))
-    for l, v in mx.items():
-        live = v[v > 0].numpy()
-        print(f"  {l}: max act median {np.median(live) if live.size else 0:.3g}, dead {dead[l]}")
-    return 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not args[0].startswith("-"):
+        args = ["--weights", args[0]] + args[1:]
+    return cli_main(["diagnose"] + args)
 
 
 if __name__ == "__main__":

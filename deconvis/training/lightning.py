@@ -1,4 +1,6 @@
-"""Lightning adapter for :class:`deconvis.training.snapshots.SnapshotCallback` (optional dependency).
+"""Lightning adapters for :class:`deconvis.training.snapshots.SnapshotCallback` and ZF's filter
+renormalisation (:class:`FilterRenormLightningCallback`, :mod:`deconvis.training.renorm`) (optional
+dependency).
 
 ``lightning`` is imported only when :class:`SnapshotLightningCallback` is first looked up (module
 ``__getattr__``), so ``import deconvis`` never needs it::
@@ -18,9 +20,10 @@ from typing import Any, Optional
 
 from deconvis.errors import DeconvisError
 
-__all__ = ["SnapshotLightningCallback", "lightning_callback_base"]
+__all__ = ["SnapshotLightningCallback", "FilterRenormLightningCallback", "lightning_callback_base"]
 
 _CLASS: Optional[type] = None
+_RENORM_CLASS: Optional[type] = None
 
 
 def lightning_callback_base() -> type:
@@ -93,10 +96,46 @@ def _build_class() -> type:
     return SnapshotLightningCallback
 
 
+def _build_renorm_class() -> type:
+    base = lightning_callback_base()
+
+    class FilterRenormLightningCallback(base):  # type: ignore[misc, valid-type]
+        """ZF's filter renormalisation (:mod:`deconvis.training.renorm`) after every optimiser
+        step of a Lightning ``Trainer`` (``on_train_batch_end``, every rank: the weights must stay
+        equal across ranks).
+
+        Args:
+            radius: RMS bound of every conv filter (ZF: 0.1).
+            every_n_steps: renormalise every N optimiser steps (1: every step).
+            model_attr: attribute of the LightningModule holding the CNN (``None``: the module).
+        """
+
+        def __init__(self, radius: float = 0.1, every_n_steps: int = 1, model_attr: Optional[str] = None) -> None:
+            super().__init__()
+            from deconvis.training.renorm import FilterRenorm
+
+            self.renorm = FilterRenorm(radius, every_n_steps)
+            self.model_attr = model_attr
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            net = pl_module if self.model_attr is None else getattr(pl_module, self.model_attr, None)
+            if net is None:
+                raise DeconvisError(f"{type(pl_module).__name__} has no attribute {self.model_attr!r} "
+                                    "(model_attr of FilterRenormLightningCallback)")
+            self.renorm.on_step_end(int(trainer.global_step), net)
+
+    return FilterRenormLightningCallback
+
+
 def __getattr__(name: str) -> Any:
-    global _CLASS
+    global _CLASS, _RENORM_CLASS
     if name == "SnapshotLightningCallback":
         if _CLASS is None:
             _CLASS = _build_class()
         return _CLASS
+    if name == "FilterRenormLightningCallback":
+        if _RENORM_CLASS is None:
+            _RENORM_CLASS = _build_renorm_class()
+        return _RENORM_CLASS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

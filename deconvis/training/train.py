@@ -35,6 +35,7 @@ from deconvis.io import atomic
 from deconvis.mirror.rules import Rule
 from deconvis.runs import configbase
 from deconvis.runs.configbase import Config, option
+from deconvis.training.renorm import renormalise_filters
 from deconvis.utils.device import resolve_device
 
 TRAIN_STATE = "train_state.pt"
@@ -150,20 +151,6 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-@torch.no_grad()
-def renormalise_filters(model: torch.nn.Module, radius: float) -> int:
-    """ZF 2014 Sec. 3: rescale every conv filter whose RMS exceeds ``radius`` back to it.
-    Returns how many filters were rescaled."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            rms = m.weight.pow(2).mean(dim=(1, 2, 3)).sqrt()
-            scale = torch.where(rms > radius, radius / rms, torch.ones_like(rms))
-            n += int((rms > radius).sum())
-            m.weight.mul_(scale.view(-1, 1, 1, 1))
-    return n
 
 
 class _Optimisers:
