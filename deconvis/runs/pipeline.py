@@ -56,13 +56,15 @@ import torch
 
 from deconvis.runs import config as config_mod
 from deconvis.runs import distributed as dist_mod
+from deconvis.runs import precision
+from deconvis.runs import projection as projection_mod
 from deconvis import mining
 from deconvis.render import sheets as render
 from deconvis.render import report
 from deconvis.runs import results as results_mod
 from deconvis.io.atomic import save_torch, write_png, write_text
 from deconvis.runs.config import VisualizeConfig
-from deconvis.utils.device import resolve_device
+from deconvis.utils.device import bf16_native, resolve_device, tf32
 from deconvis.io.images import ImageDataset, ImageSource, make_loader, open_images, parse_images_spec
 from deconvis.runs.distributed import DistInfo
 from deconvis.errors import DeconvisError
@@ -251,7 +253,7 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
             raise DeconvisError(f"--amp fp16 needs a CUDA device but this run is on {device.type}; "
                                 "use --amp bf16 or --amp none")
         return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not bf16_native(device):
         raise DeconvisError(f"--amp bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 "
                             "support; use --amp fp16 or --amp none")
     if device.type not in ("cuda", "cpu", "mps"):
@@ -337,6 +339,7 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
         identity.pop(key, None)
     if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
         identity["amp"] = cfg.amp
+    identity.update(precision.identity_extra(cfg, device))
     mining_hash = config_mod.config_hash(identity, sorted(identity))
     projection_hash = config_mod.config_hash({"mining": mining_hash, "rule": cfg.rule}, ["mining", "rule"])
     return Context(cfg=cfg, run_dir=run_dir, device=device, dtype=dtype, loaded=loaded, dn=dn, layers=layers,
@@ -375,7 +378,7 @@ def _mining_forward(ctx: Context) -> Callable[[torch.Tensor], Dict[str, torch.Te
                                f"on rank {ctx.info.rank}")
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(ctx):
+        with tf32(cfg.tf32), _autocast(ctx):
             return dn.activations(x, layers)
 
     return forward
@@ -387,7 +390,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     after every batch (to stop early when another rank failed)."""
     cfg, info = ctx.cfg, ctx.info
     path = os.path.join(ctx.run_dir, state_filename(info))
-    topk = mining.TopK(ctx.layers, cfg.k, ctx.device)
+    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device)
     times = mining.MiningTimes()
     n_shard = dist_mod.shard_size(len(ctx.source), info.rank, info.world)
     if os.path.isfile(path):
@@ -424,8 +427,9 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     sampler = dist_mod.ShardSampler(len(ctx.source), info.rank, info.world, start=topk.seen)
     dataset = ImageDataset(ctx.source, ctx.preprocess)
     cuda = ctx.device.type == "cuda"
-    loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=cuda, sampler=sampler,
-                         prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.workers > 0)
+    workers = precision.workers(cfg, ctx.device)
+    loader = make_loader(dataset, cfg.batch_size, workers, pin_memory=cuda, sampler=sampler,
+                         prefetch_factor=cfg.prefetch_factor, persistent_workers=workers > 0)
     model = ctx.loaded.model
     n_skipped_before = len(topk.skipped)
     try:
@@ -433,6 +437,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
             model.to(memory_format=torch.channels_last)
         mining.mine(_mining_forward(ctx), loader, topk, channels=cfg.channels, dtype=ctx.dtype,
                     checkpoint_every=cfg.checkpoint_every, on_checkpoint=checkpoint, total=n_shard,
+                    checkpoint_seconds=cfg.checkpoint_seconds,
                     progress=cfg.progress and info.is_main, times=times, profile=cfg.profile, on_batch=on_batch)
     finally:
         if cfg.channels_last:  # projections run on the usual layout
@@ -508,7 +513,7 @@ def plan_projection(ctx: Context, res: Results) -> List[render.TileJob]:
         for u in lr.units:
             for wnr in u.winners:
                 if not _tiles_done(ctx.run_dir, wnr):
-                    jobs.append(render.TileJob(lr.name, u.channel, wnr.rank, wnr.image, wnr.y, wnr.x))
+                    jobs.append(render.TileJob(lr.name, u.channel, wnr.rank, wnr.image, wnr.y, wnr.x, wnr.activation))
     return jobs
 
 
@@ -544,9 +549,10 @@ def project_chunk(ctx: Context) -> int:
 
 
 def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob]] = None,
-                  poll: Optional[Callable[[], None]] = None) -> int:
+                  poll: Optional[Callable[[], None]] = None, replay: Optional[Any] = None) -> int:
     """Project ``jobs`` (default: every winner whose tiles are missing, see :func:`plan_projection`),
-    writing their tiles and filling their boxes in ``res``; returns how many were projected."""
+    writing their tiles and filling their boxes in ``res``; returns how many were projected.
+    ``replay`` (a :class:`deconvis.render.projection.Replay`) receives the replay check."""
     cfg, info = ctx.cfg, ctx.info
     if jobs is None:
         jobs = plan_projection(ctx, res)
@@ -579,7 +585,8 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
     dataset = ImageDataset(ctx.source, ctx.preprocess)
     n = render.project_jobs(ctx.dn, dataset, jobs, rule=cfg.rule, batch_size=cfg.batch_size,
                             project_batch=project_chunk(ctx), device=ctx.device, dtype=ctx.dtype, sink=sink,
-                            progress=cfg.progress and info.is_main)
+                            progress=cfg.progress and info.is_main, workers=precision.workers(cfg, ctx.device),
+                            replay=replay)
     return n
 
 
@@ -671,7 +678,7 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
             log.info("visualize: run %s -> %s", cfg.run, os.path.abspath(run_dir))
             return _render_only(cfg, run_dir)
     with dist_mod.session(resolve_device(cfg.device), cfg.dist_timeout) as info:
-        with _run_log(run_dir, info):
+        with _run_log(run_dir, info), tf32(False):  # full fp32 unless the mining forward allows TF32
             return _run(cfg, run_dir, config_dir, info)
 
 
@@ -763,6 +770,11 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
         rank_stats = {"rank": info.rank, "images": topk.seen, "seconds": round(secs, 3), "split": times.to_dict()}
         all_stats = gather(rank_stats, info, "mining")
         topk = dist_mod.gather_topk(topk, info)
+        doubt = None
+        if precision.reranks(cfg):  # amp: the fp32 winners among the candidate pool
+            with phase(info, "fp32 re-rank"):
+                part = precision.rerank_part(ctx, topk, poll)
+            topk, doubt = precision.rerank_finish(ctx, dist_mod.gather_topk(part, info), topk)
         seconds["mine"] = time.perf_counter() - t
         mined = True
         with phase(info, "results"):
@@ -781,20 +793,26 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
                       topk.seen / max(seconds["mine"], 1e-9), f" on {info.world} processes" if info.enabled else "")
             res = build_results(ctx, topk)
             res.stats = {"mining_seconds": round(seconds["mine"], 3), "images": topk.seen, "world": info.world,
-                         "mining_split": times.to_dict()}
+                         "mining_split": times.to_dict(), "precision": precision.record(ctx, doubt),
+                         "nonfinite": precision.report_nonfinite(ctx, topk)}
             if info.enabled:
                 res.stats["ranks"] = all_stats
             if info.is_main:
                 results_mod.save(res, run_dir)
 
     t = time.perf_counter()
-    with phase(info, "projection plan"):
-        jobs = plan_projection(ctx, res)
+    with phase(info, "projection plan"):  # rank 0 plans from its view of the folder; every rank takes it
+        jobs = plan_projection(ctx, res) if info.is_main else []
+    jobs = dist_mod.from_main(jobs, info, "the projection plan")
+    if not info.is_main:
+        plan_projection(ctx, res)  # the same rule-change reset of res as on rank 0 (its job list is unused)
     mine_jobs = split_jobs(jobs, info)
+    replay = projection_mod.Replay(rtol=precision.replay_rtol(ctx))
     if jobs and info.enabled:
         _main_log(info, "projecting %d units (rule %s) on %d processes", len(jobs), cfg.rule, info.world)
     with phase(info, "projection"):
-        n_proj = project_phase(ctx, res, mine_jobs, poll=poll) if mine_jobs else 0
+        n_proj = project_phase(ctx, res, mine_jobs, poll=poll, replay=replay) if mine_jobs else 0
+    replay_entry = projection_mod.add_replay(res.stats, gather(replay, info, "the replay check"), replay.rtol)
     if info.enabled:
         updates = gather(_projection_updates(res, mine_jobs), info, "projection")
         _apply_projection_updates(res, updates)  # type: ignore[arg-type]
@@ -806,10 +824,13 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             _main_log(info, "projected %d units in %.1f s", n_proj, seconds["project"])
         if info.is_main:
             results_mod.save(res, run_dir)
+    projection_mod.replay_verdict(replay_entry, cfg.replay_max_mismatch, info.is_main)  # same on every rank
 
     t = time.perf_counter()
     my_layers = dist_mod.split_for_rank([lr.name for lr in res.layers], info)
     with phase(info, "rendering"):
+        if info.enabled:  # tiles other ranks listed: wait for this rank to see them, never render a blank
+            projection_mod.wait_for_tiles(run_dir, res.layers, set(my_layers))
         render_phase(res, run_dir, cfg, layers=set(my_layers), poll=poll)
     if info.enabled:
         mine_sheets = {lr.name: (lr.sheets, lr.sheets_hash) for lr in res.layers if lr.name in my_layers}

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -138,10 +139,21 @@ class Results:
             raise DeconvisError(f"results.json is malformed ({type(exc).__name__}: {exc}); re-run with --fresh") from exc
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def save(results: Results, run_dir: str) -> str:
-    """Write ``run_dir/results.json`` atomically; returns its path."""
+    """Write ``run_dir/results.json`` atomically (a non-finite number becomes null); returns its path."""
     path = os.path.join(run_dir, FILENAME)
-    write_json(path, results.to_dict())
+    write_json(path, finite_json(results.to_dict()))
     return path
 
 
