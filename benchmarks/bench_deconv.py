@@ -1,18 +1,20 @@
-"""Projections per second for the ZF Fig. 2 workload: the top unit of every channel of every
-AlexNet conv layer (224 px, CPU, float32), by
+"""Projections per second for the ZF Fig. 2 workload on CPU, float32, 224 px: the top unit of every
+channel of every AlexNet conv layer, and of the first 64 channels of each ResNet-50 stage
+(``layer1`` .. ``layer4``, the output of the stage), by
 
-(a) Captum's ``NeuronDeconvolution``, one unit per call (a full forward + backward each);
+(a) Captum's ``NeuronDeconvolution`` called the way its users call it: on the unit's own image,
+    one unit per call (a full forward + backward each);
 (b) deconvis's full-image mirror, batched;
 (c) deconvis's windowed mirror (each unit's receptive-field cone only), batched;
 
 with the plain forward pass's images/s as the yardstick, and the agreement of (c) with (b) and
-of Captum with deconvis in float64 (Captum seeds 1, deconvis seeds the activation: compared
-after rescaling).
+(AlexNet) of Captum with deconvis in float64 (Captum seeds 1, deconvis seeds the activation:
+compared after rescaling).
 
 Captum is timed on a sample of units per layer (``--captum-units``); its per-layer rate times
-the layer's channel count gives its time for the whole workload.
+the layer's unit count gives its time for the whole workload.
 
-    python benchmarks/bench_deconv.py [--images 8] [--captum-units 12] [--record]
+    python benchmarks/bench_deconv.py [--images 8] [--captum-units 12] [--models alexnet,resnet50] [--record]
 """
 from __future__ import annotations
 
@@ -70,74 +72,97 @@ def captum_agreement_float64(model: torch.nn.Module) -> float:
     worst = 0.0
     for layer in dn.conv_layers():
         for u in dn.strongest(layer, 1)[:2].tolist():
-            ours = dn.project(layer, [u])[0] / dn._acts[layer][u[0], u[1], u[2], u[3]]
-            attr = NeuronDeconvolution(m, m.get_submodule(layer)).attribute(
+            ours = dn.project(layer, [u])[0] / dn._acts[dn.resolve(layer)][u[0], u[1], u[2], u[3]]
+            attr = NeuronDeconvolution(m, m.get_submodule(dn.resolve(layer))).attribute(
                 x[u[0]:u[0] + 1], neuron_selector=tuple(u[1:]))[0]
             worst = max(worst, float((attr - ours).norm() / ours.norm()))
     return worst
+
+
+WORKLOADS = {
+    # model name -> (layers, channels per layer: None = all)
+    "alexnet": (None, None),
+    "resnet50": (["layer1", "layer2", "layer3", "layer4"], 64),
+}
+
+
+def bench_model(name: str, x: torch.Tensor, captum_units: int) -> tuple:
+    """Rows of the table for one model, its totals, and the worst (c) vs (b) difference."""
+    from captum.attr import NeuronDeconvolution
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    layers, channels = WORKLOADS[name]
+    dn = DeconvNet(model)
+    with torch.inference_mode():
+        t_fwd = best_time(lambda: model(x), repeat=2)
+    dn.forward(x)
+    rows, tot, worst_cb = [], {"a": 0.0, "b": 0.0, "c": 0.0, "units": 0}, 0.0
+    H, W = x.shape[-2:]
+    for layer in layers or dn.conv_layers():
+        units = dn.strongest(layer, k=1)  # the top unit of every channel over the image set
+        if channels is not None:
+            units = units[:channels]
+        n = len(units)
+        t_b = best_time(lambda: dn.project(layer, units, batch_size=32), repeat=1)
+        full = dn.project(layer, units, batch_size=32)
+        t_c = best_time(lambda: dn.project_window(layer, units), repeat=2)
+        rec, boxes = dn.project_window(layer, units)
+        pasted = torch.zeros_like(full)
+        for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
+            pasted[i, :, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+        worst_cb = max(worst_cb, float((pasted - full).norm() / full.norm()))
+
+        nd = NeuronDeconvolution(model, model.get_submodule(layer if layers else dn.resolve(layer)))
+        sample = units[torch.linspace(0, n - 1, min(n, captum_units)).long()]
+        t0 = time.perf_counter()
+        for u in sample.tolist():
+            nd.attribute(x[u[0]:u[0] + 1], neuron_selector=(u[1], u[2], u[3]))
+        t_a = (time.perf_counter() - t0) / len(sample) * n
+
+        for key, t in (("a", t_a), ("b", t_b), ("c", t_c)):
+            tot[key] += t
+        tot["units"] += n
+        rows.append([f"{name} {dn.display_name(layer)}", n, f"{n / t_a:.1f}", f"{n / t_b:.1f}", f"{n / t_c:.1f}",
+                     f"{t_a / t_c:.1f}x", f"{t_b / t_c:.1f}x"])
+        print(f"{name} {layer}: {n} units  captum {n / t_a:.1f}/s  full {n / t_b:.1f}/s  window {n / t_c:.1f}/s",
+              flush=True)
+    rows.append([f"**{name} workload**", tot["units"], f"{tot['units'] / tot['a']:.1f}",
+                 f"{tot['units'] / tot['b']:.1f}", f"{tot['units'] / tot['c']:.1f}",
+                 f"**{tot['a'] / tot['c']:.1f}x**", f"{tot['b'] / tot['c']:.1f}x"])
+    return rows, tot, worst_cb, len(x) / t_fwd, model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--captum-units", type=int, default=12, help="units per layer timed with Captum")
+    ap.add_argument("--models", default="alexnet,resnet50", help="comma separated: alexnet, resnet50")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model = torchvision.models.alexnet(weights=None).eval()
     x = photos(args.images)
-    dn = DeconvNet(model)
-
-    with torch.inference_mode():
-        t_fwd = best_time(lambda: model(x))
-    fwd_ips = args.images / t_fwd
-
-    dn.forward(x)
-    rows, tot = [], {"a": 0.0, "b": 0.0, "c": 0.0, "units": 0}
-    worst_cb, worst_ab = 0.0, 0.0
-    from captum.attr import NeuronDeconvolution
-
-    for layer in dn.conv_layers():
-        units = dn.strongest(layer, k=1)  # the top unit of every channel over the image set
-        n = len(units)
-        t_b = best_time(lambda: dn.project(layer, units, batch_size=64), repeat=1)
-        full = dn.project(layer, units, batch_size=64)
-        t_c = best_time(lambda: dn.project_window(layer, units), repeat=2)
-        rec, boxes = dn.project_window(layer, units)
-        pasted = torch.zeros_like(full)
-        for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
-            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, 224), max(x0, 0), min(x1, 224)
-            pasted[i, :, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-        worst_cb = max(worst_cb, float((pasted - full).norm() / full.norm()))
-
-        module = model.get_submodule(layer)
-        nd = NeuronDeconvolution(model, module)
-        sample = units[torch.linspace(0, n - 1, min(n, args.captum_units)).long()]
-        acts = dn._acts[layer]
-        t0 = time.perf_counter()
-        for u in sample.tolist():
-            nd.attribute(x[u[0]:u[0] + 1], neuron_selector=(u[1], u[2], u[3]))
-        t_a = (time.perf_counter() - t0) / len(sample) * n
-
-        tot["a"] += t_a
-        tot["b"] += t_b
-        tot["c"] += t_c
-        tot["units"] += n
-        rows.append([f"{dn.display_name(layer)} ({layer})", n, f"{n / t_a:.1f}", f"{n / t_b:.1f}", f"{n / t_c:.1f}",
-                     f"{t_a / t_c:.1f}x"])
-        print(f"{layer}: {n} units  captum {n / t_a:.1f}/s  full {n / t_b:.1f}/s  window {n / t_c:.1f}/s", flush=True)
-    rows.append(["**whole workload**", tot["units"], f"{tot['units'] / tot['a']:.1f}", f"{tot['units'] / tot['b']:.1f}",
-                 f"{tot['units'] / tot['c']:.1f}", f"**{tot['a'] / tot['c']:.1f}x**"])
-    worst_ab = 0.0
-    body = table(["layer", "units", "(a) Captum proj/s", "(b) full proj/s", "(c) windowed proj/s", "(c)/(a)"], rows)
-    body += (f"\n\nWorkload time: (a) {tot['a']:.1f} s, (b) {tot['b']:.1f} s, (c) {tot['c']:.2f} s. "
-             f"Plain forward pass: {fwd_ips:.1f} images/s (batch {args.images}). "
-             f"Max relative difference (c) vs (b): {worst_cb:.1e}. AlexNet random weights, {args.images} scikit-image photos, "
-             f"float32; Captum timed on {args.captum_units} units per layer.")
-    worst_ab = captum_agreement_float64(model)
-    body += (f" Captum vs deconvis in float64 (2 units per layer, 2 images of 96 px): max relative "
-             f"difference {worst_ab:.1e} (in float32, single-image vs batched forward round-off can flip "
-             "near-tied max-pool switches, so float32 results differ by a few per cent on some units).")
+    rows, notes, alexnet = [], [], None
+    load0 = os.getloadavg()[0]
+    for name in args.models.split(","):
+        r, tot, worst_cb, fwd_ips, model = bench_model(name.strip(), x, args.captum_units)
+        rows += r
+        notes.append(f"{name}: workload time (a) {tot['a']:.1f} s, (b) {tot['b']:.1f} s, (c) {tot['c']:.2f} s; "
+                     f"plain forward {fwd_ips:.1f} images/s (batch {args.images}); max relative difference "
+                     f"(c) vs (b) {worst_cb:.1e}.")
+        if name == "alexnet":
+            alexnet = model
+    body = table(["layer", "units", "(a) Captum proj/s", "(b) full proj/s", "(c) windowed proj/s", "(c)/(a)",
+                  "(c)/(b)"], rows)
+    body += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    body += (f"\n- Random weights, {args.images} scikit-image photos at 224 px, float32, CPU; Captum called on the "
+             f"unit's own image, one unit per call, timed on {args.captum_units} units per layer. Load average "
+             f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after.")
+    if alexnet is not None:
+        worst_ab = captum_agreement_float64(alexnet)
+        body += (f"\n- Captum vs deconvis in float64 (AlexNet, 2 units per layer, 2 images of 96 px): max relative "
+                 f"difference {worst_ab:.1e} (in float32, single-image vs batched forward round-off can flip "
+                 "near-tied max-pool switches, so float32 results differ by a few per cent on some units).")
     print()
     print(machine())
     print(body)

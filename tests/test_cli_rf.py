@@ -40,13 +40,13 @@ def test_rf_json(model_file, capsys):
     assert main(["rf", "--model", f"{model_file}:make", "--input-size", "20,17", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["input"] + [str(i) for i in range(8)]
-    assert all(set(r) == {"name", "kind", "out", "rf", "jump", "start"} for r in rows)
+    assert all(set(r) == {"name", "kind", "out", "rf", "jump", "start", "whole"} for r in rows)
     # conv 5/2/1: r 5, j 2, start 2 - 1 = 1 ; out (20+2-5)//2+1 = 9, (17+2-5)//2+1 = 8
     assert rows[1] == {"name": "0", "kind": "Conv2d", "out": [9, 8], "rf": [5, 5], "jump": [2, 2],
-                       "start": [1, 1]}
+                       "start": [1, 1], "whole": False}
     # pool 3/2 ceil: r 5 + 2*2 = 9, j 4, start 1 + 2 = 3 ; out ceil((9-3)/2)+1 = 4, ceil((8-3)/2)+1 = 4
     assert rows[3] == {"name": "2", "kind": "MaxPool2d", "out": [4, 4], "rf": [9, 9], "jump": [4, 4],
-                       "start": [3, 3]}
+                       "start": [3, 3], "whole": False}
     assert rows[-1]["kind"] == "Linear" and rows[-1]["rf"] == [20, 17] and rows[-1]["start"] == [9.5, 8]
 
 
@@ -63,7 +63,7 @@ def test_rf_torchvision_model_json(capsys):
     assert main(["rf", "--model", "alexnet", "--input-size", "224", "--json", "--layer", "features.0"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row == {"name": "features.0", "kind": "Conv2d", "out": [55, 55], "rf": [11, 11], "jump": [4, 4],
-                   "start": [3, 3]}
+                   "start": [3, 3], "whole": False}
 
 
 @pytest.mark.parametrize("argv,needle", [

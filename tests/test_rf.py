@@ -477,8 +477,8 @@ def test_shapes_sizes_and_records():
     assert t["1"].out == (5, 3) and t["1"].rf == (4, 9) and t["1"].jump == (2, 6)
     recs = t.to_records()
     assert recs[0] == {"name": "input", "kind": "input", "out": [10, 17], "rf": [1, 1], "jump": [1, 1],
-                       "start": [0, 0]}
-    assert set(recs[2]) == {"name", "kind", "out", "rf", "jump", "start"}
+                       "start": [0, 0], "whole": False}
+    assert set(recs[2]) == {"name", "kind", "out", "rf", "jump", "start", "whole"}
     text = t.format()
     assert "0.0" in text and "MaxPool2d" in text and "10x17" in text
     with pytest.raises(DeconvisError, match="did you mean"):

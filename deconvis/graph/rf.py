@@ -232,7 +232,7 @@ class RFTable:
         return clip_box(row.crop_box(y, x), self.input_size)
 
     def to_records(self) -> List[Dict[str, Any]]:
-        """JSON-ready rows: name, kind, out, rf, jump, start (each [h, w])."""
+        """JSON-ready rows: name, kind, out, rf, jump, start (each [h, w]), whole, and local where set."""
         return [l.to_record() for l in self.layers]
 
     def format(self, layers: Optional[Sequence[LayerRF]] = None) -> str:

@@ -541,9 +541,12 @@ def project_chunk(ctx: Context) -> int:
         return int(ctx.cfg.project_batch)
     elem = torch.empty((), dtype=ctx.dtype).element_size()
     biggest = 1
+    h, w = ctx.preprocess.crop
+    table = ctx.dn.receptive_fields((h, w))
     for name in ctx.layers:
-        rh, rw = list(ctx.dn.window_sizes(name).values())[-1]  # the input's entry: the RF size
-        biggest = max(biggest, 3 * rh * rw * elem)
+        row = table[name]
+        rh, rw = (row.local or row).rf  # the tile's box: the RF (the local field behind a gate)
+        biggest = max(biggest, 3 * min(rh, h) * min(rw, w) * elem)
     budget = AUTO_PROJECT_BYTES.get(ctx.device.type, AUTO_PROJECT_BYTES_DEFAULT)
     return int(max(16, min(4096, budget // biggest)))
 
