@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from deconvis.errors import DeconvisError
 from deconvis.io.images import ImageDataset, UnreadableImage, normalize
 from deconvis.render.display import to_uint8_tensor
-from deconvis.render.sheets import Box, TileJob, TileSink, _local_crop, crop_padded
+from deconvis.render import sheets
+from deconvis.render.sheets import Box, TileJob, TileSink
 from deconvis.utils.device import is_oom
 
 Key = Tuple[str, int, int]
@@ -136,7 +137,7 @@ def project_jobs(
                 chunk = items[c0:c0 + project_batch]
                 units = torch.tensor([[b, j.channel, j.y, j.x] for b, j in chunk], dtype=torch.long)  # host
                 rec, boxes = dn.project_window(layer, units, rule=rule)
-                rec, boxes = _local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]))  # SE-gated layers
+                rec, boxes = sheets._local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]))  # SE-gated layers
                 tiles = to_uint8_tensor(rec).cpu().numpy()           # sync 1: uint8 tiles
                 u = units.to(act.device, non_blocking=True)
                 vals = act[u[:, 0], u[:, 1], u[:, 2], u[:, 3]] if act.dim() == 4 else act[u[:, 0], u[:, 1]]
@@ -144,7 +145,7 @@ def project_jobs(
                                  vals.to(geo_dtype)[:, None]], 1).cpu().tolist()
                 for (b, j), r, g in zip(chunk, tiles, geo):
                     box: Box = (int(g[0]), int(g[1]), int(g[2]), int(g[3]))
-                    sink(j, np.ascontiguousarray(r), crop_padded(shown[b], box), box)
+                    sink(j, np.ascontiguousarray(r), sheets.crop_padded(shown[b], box), box)
                     if replay is not None:
                         replay.add(j, float(g[4]))
                     done.add((j.layer, j.channel, j.rank))
