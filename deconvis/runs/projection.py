@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Collection, Dict, Iterable, List, Optional
 
 from deconvis.errors import DeconvisError
+from deconvis.runs.results import finite_json
 from deconvis.render.projection import Replay  # noqa: F401 - re-exported for the pipeline
 
 log = logging.getLogger("deconvis")
@@ -35,13 +36,9 @@ def add_replay(stats: Dict[str, Any], parts: Iterable[Replay], rtol: float) -> D
     old = stats.get("replay") or {}
     entry = {"rtol": rtol, "checked": int(old.get("checked", 0)) + total.checked,
              "mismatches": int(old.get("mismatches", 0)) + total.mismatches,
-             "worst_relative": max(float(old.get("worst_relative", 0.0)), min(total.worst, 1e300)),
+             "worst_relative": max(float(old.get("worst_relative") or 0.0), total.worst),
              "examples": (list(old.get("examples", [])) + [list(e) for e in total.examples])[:5]}
-    if not all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
-               for e in entry["examples"] for v in e[3:]):  # never a non-finite number in JSON
-        entry["examples"] = [e[:3] + [x if x == x and abs(x) != float("inf") else None for x in e[3:]]
-                             for e in entry["examples"]]
-    stats["replay"] = entry
+    stats["replay"] = entry = finite_json(entry)  # never a non-finite number in JSON (a NaN recomputed)
     return entry
 
 
