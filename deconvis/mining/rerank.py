@@ -71,8 +71,11 @@ def finish(ranked: TopK, pool: TopK) -> TopK:
 def uncertain_channels(pool: TopK, ranked: TopK, rtol: float) -> Dict[str, int]:
     """Per layer, how many channels' pools may have been too small: the pool is full and its
     last autocast value ``v`` satisfies ``v + rtol*|v| >= `` the k-th re-ranked value (an image
-    outside the pool could then have beaten a winner in full precision)."""
+    outside the pool could then have beaten a winner in full precision). A pool that holds every
+    readable image leaves no doubt."""
     out: Dict[str, int] = {}
+    if pool.seen - len(pool.skipped) <= pool.k:
+        return {layer: 0 for layer in pool.state}
     for layer, st in pool.state.items():
         if layer not in ranked.state:
             continue

@@ -36,10 +36,13 @@ Key = Tuple[str, int, int]
 @dataclass
 class Replay:
     """Counts of the replay check: a recomputed activation ``b`` matches the mined ``a`` when
-    ``|a - b| <= rtol * max(|a|, |b|)`` (``rtol`` 0: bitwise equal). ``examples`` keeps the first
-    few mismatches as (layer, channel, image, mined, recomputed)."""
+    ``|a - b| <= rtol * max(|a|, |b|, scale[layer])`` (``rtol`` 0: bitwise equal); ``scale`` is
+    the layer's strongest mined activation, since rounding errors scale with the layer's values,
+    not with one small winner's. ``examples`` keeps the first few mismatches as (layer, channel,
+    image, mined, recomputed)."""
 
     rtol: float = 0.0
+    scale: Dict[str, float] = field(default_factory=dict)
     checked: int = 0
     mismatches: int = 0
     worst: float = 0.0  # largest relative difference seen
@@ -51,7 +54,7 @@ class Replay:
             return
         self.checked += 1
         diff = abs(a - recomputed)
-        scale = max(abs(a), abs(recomputed))
+        scale = max(abs(a), abs(recomputed), self.scale.get(job.layer, 0.0))
         rel = diff / scale if scale > 0 else 0.0
         if not math.isfinite(recomputed):
             rel = math.inf

@@ -810,7 +810,7 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
     if not info.is_main:
         plan_projection(ctx, res)  # the same rule-change reset of res as on rank 0 (its job list is unused)
     mine_jobs = split_jobs(jobs, info)
-    replay = projection_mod.Replay(rtol=precision.replay_rtol(ctx))
+    replay = projection_mod.new_replay(res, precision.replay_rtol(ctx))
     if jobs and info.enabled:
         _main_log(info, "projecting %d units (rule %s) on %d processes", len(jobs), cfg.rule, info.world)
     with phase(info, "projection"):

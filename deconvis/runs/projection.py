@@ -27,6 +27,13 @@ log = logging.getLogger("deconvis")
 TILE_WAIT_S = 120.0
 
 
+def new_replay(res: Any, rtol: float) -> Replay:
+    """An empty :class:`Replay` for ``res`` (a ``Results``): tolerance ``rtol`` relative to each
+    layer's strongest mined activation at least."""
+    scale = {lr.name: max([abs(w.activation) for u in lr.units for w in u.winners] or [0.0]) for lr in res.layers}
+    return Replay(rtol=rtol, scale=scale)
+
+
 def add_replay(stats: Dict[str, Any], parts: Iterable[Replay], rtol: float) -> Dict[str, Any]:
     """Fold this run's replay counts (one :class:`Replay` per rank) into ``stats["replay"]``
     (cumulative over resumed runs); returns that entry."""
