@@ -14,10 +14,11 @@ import pytest
 import pipeline_fixtures as fx
 from deconvis.errors import DeconvisError
 from deconvis.runs import pipeline
+from deconvis.runs.phases import mine as mine_phase
 
 
 def test_non_finite_activations_are_named_never_win_and_results_stay_valid(tmp_path, monkeypatch):
-    real = pipeline._mining_forward
+    real = mine_phase.mining_forward
 
     def poisoned(ctx):
         fwd = real(ctx)
@@ -32,7 +33,7 @@ def test_non_finite_activations_are_named_never_win_and_results_stay_valid(tmp_p
             return acts
         return run
 
-    monkeypatch.setattr(pipeline, "_mining_forward", poisoned)
+    monkeypatch.setattr(mine_phase, "mining_forward", poisoned)
     out = pipeline.run(fx.tiny_config(tmp_path))  # batches of 3: images 0, 3, 6, 9 and 1, 4, 7, 10
     with open(os.path.join(out.run_dir, "results.json")) as f:
         saved = json.load(f, parse_constant=lambda c: pytest.fail(f"non-finite {c} in results.json"))

@@ -138,15 +138,19 @@ def normalize(display: np.ndarray, pp: Preprocess) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def unnormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Network input ``[..., C, h, w]`` -> display values in [0, 1] (``x * std + mean`` per
+    channel, clamped), in ``x``'s dtype and device: the one inverse of the normalisation."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
 def denormalize(tensor: torch.Tensor, pp: Preprocess) -> np.ndarray:
     """Network input ``[3, h, w]`` (or ``[N, 3, h, w]``) -> displayed uint8 RGB ``[h, w, 3]``
     (``[N, h, w, 3]``)."""
-    t = tensor.detach().to("cpu", torch.float64)
-    mean = torch.tensor(pp.mean, dtype=torch.float64)[:, None, None]
-    std = torch.tensor(pp.std, dtype=torch.float64)[:, None, None]
-    x = (t * std + mean) * 255.0
-    x = x.round().clamp(0, 255).to(torch.uint8)
-    return x.movedim(-3, -1).numpy()
+    x = unnormalize(tensor.detach().to("cpu", torch.float64), pp.mean, pp.std) * 255.0
+    return x.round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
 
 
 # ---------------------------------------------------------------------------------------------

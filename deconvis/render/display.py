@@ -3,6 +3,7 @@
 Reconstructions are signed and centred on zero. ``to_uint8`` maps each one to [0, 255] with zero
 at mid-grey (128): ``v -> 128 + 127 * v / max|v|``, per image (``shared=False``) or with one scale
 for the whole batch (``shared=True``), so grids can compare magnitudes. A zero image stays grey.
+``resize_tile`` is the one way tiles change size (sheets, evolution figures).
 """
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def to_uint8_tensor(rec: Tensor, shared: bool = False, percentile: Optional[floa
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     out = 128.0 + 127.0 * (v / scale.view(-1, 1, 1, 1))
     return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def resize_tile(img: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """uint8 tile ``[h, w, C]`` -> ``[th, tw, C]``: nearest when enlarging (pixels stay visible),
+    area averaging when shrinking; the tile itself (contiguous) when it already has that size."""
+    import cv2
+
+    h, w = img.shape[:2]
+    img = np.ascontiguousarray(img)
+    if (h, w) == (th, tw):
+        return img
+    interp = cv2.INTER_NEAREST if th >= h and tw >= w else cv2.INTER_AREA
+    return cv2.resize(img, (tw, th), interpolation=interp)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from deconvis.io.atomic import write_png
+from deconvis.render.display import resize_tile
 from deconvis.io.images import GREY, ImageDataset
 
 Box = Tuple[int, int, int, int]
@@ -52,7 +53,7 @@ def clip_box(box: Sequence[int], h: int, w: int) -> Tuple[Box, Tuple[int, int, i
     return (cy0, cy1, cx0, cx1), pad
 
 
-def crop_padded(img: np.ndarray, box: Sequence[int], fill: int = GREY) -> np.ndarray:
+def crop_padded(img: np.ndarray, box: Sequence[int], fill: float = GREY) -> np.ndarray:
     """The ``(y1-y0) x (x1-x0)`` crop of ``img`` ``[H, W, C]`` at a half-open box that may run
     past the image; the outside is ``fill``."""
     y0, y1, x0, x1 = (int(v) for v in box)
@@ -234,8 +235,6 @@ def render_sheet(
 ) -> np.ndarray:
     """One sheet (uint8 RGB). ``channels``: per channel ``(index, [k x (rec, img, activation) or
     None])`` with tiles of any size (resized to ``layout.th x layout.tw``)."""
-    import cv2
-
     h, w = layout.sheet_size(len(channels))
     sheet = np.full((h, w, 3), 250, dtype=np.uint8)
     _text(sheet, _fit_text(title, w - 2 * layout.margin, 0.55), layout.margin, 21, 0.55, (20, 20, 20), 1)
@@ -257,12 +256,7 @@ def render_sheet(
                 if item is None:
                     sheet[y:y + layout.th, x:x + layout.tw] = 215
                     continue
-                tile = item[side]
-                if tile.shape[:2] != (layout.th, layout.tw):
-                    big = layout.th > tile.shape[0]
-                    tile = cv2.resize(tile, (layout.tw, layout.th),
-                                      interpolation=cv2.INTER_NEAREST if big else cv2.INTER_AREA)
-                sheet[y:y + layout.th, x:x + layout.tw] = tile
+                sheet[y:y + layout.th, x:x + layout.tw] = resize_tile(item[side], layout.th, layout.tw)
                 if side == 0 or layout.k == 1:
                     label = _fit_text(fmt_act(item[2]), layout.tw, layout.font)
                     _text(sheet, label, x + 1, y + layout.th + layout.label_h - 4, layout.font, (60, 60, 60), 1)

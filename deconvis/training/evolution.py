@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from deconvis.errors import DeconvisError
+from deconvis.render.display import resize_tile, to_uint8
+from deconvis.render.sheets import crop_padded
 
 BACKGROUND = 255  # white paper between tiles
 
@@ -72,25 +74,11 @@ TITLE_H = 16     # px of the title strip (when there is a title)
 LABEL_W = 34     # px of the row-label strip (when there are row labels)
 
 
-def _resize_tile(img: np.ndarray, tile: int) -> np.ndarray:
-    """uint8 [h, w, 3] -> [tile, tile, 3]: nearest when enlarging (keeps pixels visible), area when
-    shrinking."""
-    import cv2
-
-    h, w = img.shape[:2]
-    if (h, w) == (tile, tile):
-        return np.ascontiguousarray(img)
-    interp = cv2.INTER_NEAREST if tile >= max(h, w) else cv2.INTER_AREA
-    return cv2.resize(np.ascontiguousarray(img), (tile, tile), interpolation=interp)
-
-
 def rec_tiles(rec: Tensor, tile: int) -> np.ndarray:
     """Reconstructions [F, 3, rh, rw] (signed, input space) -> uint8 tiles [F, tile, tile, 3],
     each contrast-stretched on its own around zero (:func:`deconvis.render.display.to_uint8`)."""
-    from deconvis.render.display import to_uint8
-
     imgs = to_uint8(rec)
-    return np.stack([_resize_tile(im, tile) for im in imgs]) if len(imgs) else np.zeros((0, tile, tile, 3), np.uint8)
+    return np.stack([resize_tile(im, tile, tile) for im in imgs]) if len(imgs) else np.zeros((0, tile, tile, 3), np.uint8)
 
 
 def patch_tiles(images: Tensor, index: Tensor, boxes: Tensor, tile: int, stretch: bool = False,
@@ -102,26 +90,22 @@ def patch_tiles(images: Tensor, index: Tensor, boxes: Tensor, tile: int, stretch
     half-open, unclipped: the part outside the image is mid-grey. Features that did not fire
     (``fired`` False) get a plain grey tile.
     """
-    n, c, H, W = images.shape
+    hwc = images.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()  # [n, H, W, c]
     out = []
     for f in range(len(index)):
-        y0, y1, x0, x1 = (int(v) for v in boxes[f])
         if fired is not None and not bool(fired[f]):
             out.append(np.full((tile, tile, 3), 128, np.uint8))
             continue
-        patch = torch.full((c, y1 - y0, x1 - x0), float("nan"), dtype=torch.float64)
-        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
-        if cy1 > cy0 and cx1 > cx0:
-            patch[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = images[int(index[f]), :, cy0:cy1, cx0:cx1].to(torch.float64)
-        inside = ~torch.isnan(patch)
+        patch = crop_padded(hwc[int(index[f])], [int(v) for v in boxes[f]], fill=np.nan)
+        inside = ~np.isnan(patch)
         if stretch and inside.any():
             lo, hi = patch[inside].min(), patch[inside].max()
             patch = (patch - lo) / (hi - lo if hi > lo else 1.0)
-        patch = torch.where(inside, patch.clamp(0, 1), torch.full_like(patch, 0.5))
-        img = (patch * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        patch = np.where(inside, np.clip(patch, 0, 1), 0.5)
+        img = np.round(patch * 255.0).astype(np.uint8)
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
-        out.append(_resize_tile(img, tile))
+        out.append(resize_tile(img, tile, tile))
     return np.stack(out) if out else np.zeros((0, tile, tile, 3), np.uint8)
 
 

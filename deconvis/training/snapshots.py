@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from deconvis.io import atomic
+from deconvis.io.images import unnormalize
+from deconvis.mining import TopK
 from deconvis.mirror.deconvnet import DeconvNet
 from deconvis.mirror.rules import Rule
 from deconvis.errors import DeconvisError, close_matches
@@ -447,31 +449,25 @@ class SnapshotCallback:
 
     def _strongest(self) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Per layer, per channel: the probe-set maximum (float [C]) and its unit (int64 [C, 4] =
-        image, channel, y, x); ties go to the smaller image index, then row-major first."""
-        best: Dict[str, Tuple[Tensor, Tensor]] = {}
+        image, channel, y, x), by mining's top-1 (:class:`deconvis.mining.TopK`): ties go to the
+        smaller image index, then row-major first."""
+        topk = TopK(self.layers, 1, self.dn_device())
         for start in range(0, len(self.probe), self.batch_size):
             acts = self.dn.activations(self.probe[start:start + self.batch_size], self.layers)
-            for l, a in acts.items():
-                n, c, h, w = a.shape
-                flat = a.detach().to(torch.float32).cpu().permute(1, 0, 2, 3).reshape(c, -1)
-                val, idx = flat.max(dim=1)
-                img, rem = idx // (h * w), idx % (h * w)
-                unit = torch.stack([img + start, torch.arange(c), rem // w, rem % w], 1)
-                if l not in best:
-                    best[l] = (val, unit)
-                else:
-                    bv, bu = best[l]
-                    better = val > bv
-                    best[l] = (torch.where(better, val, bv), torch.where(better[:, None], unit, bu))
+            topk.update(acts, torch.arange(start, start + len(next(iter(acts.values())))))
+        best: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for l in self.layers:
+            w = topk.winners(l)
+            c = w["values"].shape[0]
+            unit = torch.stack([w["images"][:, 0], torch.arange(c), w["ys"][:, 0], w["xs"][:, 0]], 1)
+            best[l] = (w["values"][:, 0].to(torch.float32), unit)
         return best
 
     def _patch_images(self, x: Tensor) -> Tensor:
         """Normalised probe images -> display values in [0, 1] (or None-normalised: raw)."""
         if self.mean is None or self.std is None:
             return x
-        m = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x * s + m).clamp(0, 1)
+        return unnormalize(x, self.mean, self.std)
 
     def snapshot(self, epoch: Optional[int] = None, step: Optional[int] = None,
                  model: Optional[nn.Module] = None) -> Column:

@@ -324,6 +324,6 @@ class ExemplarDataset(torch.utils.data.Dataset):
 
     def denormalise(self, x: Tensor) -> Tensor:
         """Normalised images [N, 3, H, W] -> RGB in [0, 1]."""
-        m = torch.as_tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        s = torch.as_tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x * s + m).clamp(0, 1)
+        from deconvis.io.images import unnormalize
+
+        return unnormalize(x, self.mean, self.std)
