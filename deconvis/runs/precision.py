@@ -31,6 +31,11 @@ SAME_PRECISION_RTOL = 1e-4
 TF32_RTOL = 1e-2
 
 
+def _labels(ctx: Any) -> Dict[str, str]:
+    """Step name -> display label of the run's layers."""
+    return {s.name: s.label for s in ctx.specs}
+
+
 def identity_extra(cfg: Any, device: torch.device) -> Dict[str, Any]:
     """Keys the run identity gains beyond the config's mining keys: the device type (not for the
     CPU, so CPU runs keep their hash), ``tf32`` when allowed on CUDA, the pool under amp."""
@@ -87,7 +92,7 @@ def rerank_finish(ctx: Any, merged: TopK, pool: TopK) -> Tuple[TopK, Dict[str, i
         log.warning("%d channels' fp32 winners may lie outside their %d amp candidates (the last candidate is "
                     "within amp rounding of the k-th winner): raise --amp-pool, or use --amp none for exact "
                     "fp32 winners", n, pool.k)
-    return ranked, {ctx.labels.get(k, k): v for k, v in doubt.items() if v}
+    return ranked, {_labels(ctx).get(k, k): v for k, v in doubt.items() if v}
 
 
 def record(ctx: Any, doubt: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
@@ -121,8 +126,8 @@ def report_nonfinite(ctx: Any, topk: TopK) -> Dict[str, Any]:
     keyed by layer label (ints only)."""
     summary = nonfinite_summary(topk)
     if summary and ctx.info.is_main:
-        for msg in nonfinite_messages(summary, ctx.labels, ctx.cfg.amp, ctx.source.name):
+        for msg in nonfinite_messages(summary, _labels(ctx), ctx.cfg.amp, ctx.source.name):
             log.warning(msg)
-    return {ctx.labels.get(layer, layer): {"images": v["images"], "channels": {str(c): n for c, n in v["channels"].items()},
+    return {_labels(ctx).get(layer, layer): {"images": v["images"], "channels": {str(c): n for c, n in v["channels"].items()},
                                            "first_image": v["first_image"]}
             for layer, v in summary.items()}
