@@ -130,7 +130,7 @@ HANG_NOTE = ("a DataLoader worker delivered no batch within the timeout; the cau
 
 def e2e(timeout: int) -> Tuple[str, str]:
     """(cell, note) for one run of ``deconvis visualize`` on configs/demo.yaml."""
-    need = [os.path.join(ROOT, "deconvis", "pipeline.py"), os.path.join(ROOT, "deconvis", "assets", "zfnet_demo.pt"),
+    need = [os.path.join(ROOT, "deconvis", "runs", "pipeline.py"), os.path.join(ROOT, "deconvis", "assets", "zfnet_demo.pt"),
             os.path.join(ROOT, "configs", "demo.yaml")]
     missing = [os.path.relpath(p, ROOT) for p in need if not os.path.exists(p)]
     if missing:

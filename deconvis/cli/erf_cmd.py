@@ -4,8 +4,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import dataclass
+from typing import Optional
 
 from deconvis.errors import DeconvisError
+from deconvis.runs import configbase
+from deconvis.runs.configbase import Config, option
+
+HELP = "effective receptive field map of a layer's centre unit"
+DESCRIPTION = ("Average |d unit / d input| of a layer's centre unit over random N(0, 1) images; writes erf.npy and "
+               "erf.png (theoretical receptive field drawn as a box), optionally the path-count map, and prints "
+               "the share of the theoretical RF holding 95% of the ERF mass. Flags override the --config file.")
 
 
 def _slug(text: str) -> str:
@@ -15,27 +24,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "erf", help="effective receptive field map of a layer's centre unit",
-        description="Average |d unit / d input| of a layer's centre unit over random N(0, 1) images; "
-                    "writes erf.npy and erf.png (theoretical receptive field drawn as a box), optionally "
-                    "the path-count map, and prints the share of the theoretical RF holding 95%% of the ERF mass.")
-    p.add_argument("--model", required=True,
-                   help="torchvision name, package.module:callable or file.py:callable")
-    p.add_argument("--layer", required=True, help="module name, container name or alias (conv5, conv5_3, ...)")
-    p.add_argument("--input-size", default="224", metavar="H[,W]", help="input size in pixels (default 224)")
-    p.add_argument("--weights", default="random",
-                   help="'random' (default), a torchvision weights name from the local hub cache, or a checkpoint")
-    p.add_argument("--images", type=int, default=16, metavar="N", help="random images to average (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random images (default 0)")
-    p.add_argument("--batch", type=int, default=8, help="images per backward pass (default 8)")
-    p.add_argument("--channel", type=int, default=None, help="seed one channel of the unit (default: all)")
-    p.add_argument("--path-count", action="store_true",
-                   help="also write the contribution-count map (unit weights, no nonlinearity)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default outputs/erf-<model>-<layer>/)")
-    p.set_defaults(func=run)
-    return p
+@dataclass
+class ERFConfig(Config):
+    """Settings of ``deconvis erf``."""
+
+    model: str = option("", "torchvision name, package.module:callable or file.py:callable")
+    layer: str = option("", "module name, container name or alias (conv5, conv5_3, ...)")
+    input_size: str = option("224", "input size in pixels: H or H,W", metavar="H[,W]")
+    weights: str = option("random", "'random', a torchvision weights name from the local hub cache, or a checkpoint")
+    images: int = option(16, "random images to average")
+    seed: int = option(0, "seed of the random images")
+    batch: int = option(8, "images per backward pass")
+    channel: Optional[int] = option(None, "seed one channel of the unit (unset: all)")
+    path_count: bool = option(False, "also write the contribution-count map (unit weights, no nonlinearity)")
+    out: str = option("", "output folder (empty: outputs/erf-<model>-<layer>/)", metavar="DIR")
+
+    def validate(self) -> None:
+        from deconvis.cli.rf_cmd import parse_size
+
+        if not self.model:
+            raise DeconvisError("model is empty; set --model (e.g. alexnet, file.py:make)")
+        if not self.layer:
+            raise DeconvisError("layer is empty; set --layer (e.g. conv5)")
+        parse_size(self.input_size)
+        for name in ("images", "batch"):
+            if getattr(self, name) < 1:
+                raise DeconvisError(f"--{name} {getattr(self, name)} must be at least 1")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from deconvis.graph.erf import effective_receptive_field, path_count, write_heatmap, write_npy
     from deconvis.io.models import load_model
 
+    args = configbase.parse(ERFConfig, args)
     size = parse_size(args.input_size)
-    if args.images < 1:
-        raise DeconvisError(f"--images {args.images} must be at least 1")
     loaded = load_model(args.model, args.weights, device="cpu")
     erf = effective_receptive_field(loaded.model, args.layer, size, n_random=args.images, seed=args.seed,
                                     batch=args.batch, channel=args.channel)
@@ -69,3 +82,6 @@ def run(args: argparse.Namespace) -> int:
               "theoretical RF area inside the image)")
     print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
     return 0
+
+
+add_parser = configbase.command("erf", ERFConfig, run, HELP, DESCRIPTION)

@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from typing import List, Tuple
 
 from deconvis.errors import DeconvisError
+from deconvis.runs import configbase
+from deconvis.runs.configbase import Config, option
+
+HELP = "receptive-field table: size, jump and centre of every layer's units"
+DESCRIPTION = ("Print each layer's receptive field (rf), jump and start (centre of unit (0, 0)) in input pixels, "
+               "height and width, for a model traced with torch.fx. Flags override the --config file.")
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -22,29 +29,31 @@ def parse_size(text: str) -> Tuple[int, int]:
     return (vals[0], vals[1])
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "rf", help="receptive-field table: size, jump and centre of every layer's units",
-        description="Print each layer's receptive field (rf), jump and start (centre of unit (0, 0)) in "
-                    "input pixels, height and width, for a model traced with torch.fx.")
-    p.add_argument("--model", required=True,
-                   help="torchvision name (alexnet, vgg16, resnet50, ...), package.module:callable or file.py:callable")
-    p.add_argument("--input-size", default="224", metavar="H[,W]", help="input size in pixels (default 224)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
-    p.add_argument("--layer", action="append", metavar="NAME",
-                   help="show only this layer (module name, container name or alias such as conv5); repeatable")
-    p.add_argument("--json", action="store_true", help="print a JSON list of rows: name, kind, out, rf, jump, start")
-    p.set_defaults(func=run)
-    return p
+@dataclass
+class RFConfig(Config):
+    """Settings of ``deconvis rf``."""
+
+    model: str = option("", "torchvision name (alexnet, vgg16, resnet50, ...), package.module:callable or file.py:callable")
+    input_size: str = option("224", "input size in pixels: H or H,W", metavar="H[,W]")
+    in_channels: int = option(3, "input channels")
+    layer: List[str] = option([], "show only these layers (module name, container name or alias such as conv5); "
+                                  "comma separated or repeated")
+    json: bool = option(False, "print a JSON list of rows: name, kind, out, rf, jump, start")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise DeconvisError("model is empty; set --model (e.g. alexnet, resnet50, file.py:make)")
+        parse_size(self.input_size)
+        if self.in_channels < 1:
+            raise DeconvisError(f"--in-channels {self.in_channels} must be at least 1")
 
 
 def run(args: argparse.Namespace) -> int:
     from deconvis.io.models import build_model
     from deconvis.graph.rf import receptive_fields, resolve_layer
 
+    args = configbase.parse(RFConfig, args)
     size = parse_size(args.input_size)
-    if args.in_channels < 1:
-        raise DeconvisError(f"--in-channels {args.in_channels} must be at least 1")
     model = build_model(args.model)
     table = receptive_fields(model, size, in_channels=args.in_channels)
     rows = list(table)
@@ -61,3 +70,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model}: receptive fields for a {size[0]}x{size[1]} input")
         print(table.format(rows))
     return 0
+
+
+add_parser = configbase.command("rf", RFConfig, run, HELP, DESCRIPTION)

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from deconvis.runs import configbase
 from deconvis.training.train import TrainConfig
 
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = configbase.add_parser(
-        subparsers, "train", TrainConfig,
-        help="train the demo net with feature-evolution snapshots (ZF Fig. 4)",
-        description="Train zfnet_demo on an exemplar surrogate task built from scikit-image's sample "
-                    "photos (offline, CPU minutes), record ZF Fig. 4 feature-evolution figures, and write "
-                    "a checkpoint that `deconvis visualize --model zfnet_demo --weights PATH` can load.")
-    parser.set_defaults(func=run)
-    return parser
+HELP = "train the demo net with feature-evolution snapshots (ZF Fig. 4)"
+DESCRIPTION = ("Train zfnet_demo on an exemplar surrogate task built from scikit-image's sample photos (offline, "
+               "CPU minutes), record ZF Fig. 4 feature-evolution figures, and write a checkpoint that "
+               "`deconvis visualize --model zfnet_demo --weights PATH` can load.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     train(configbase.parse(TrainConfig, args), log=lambda s: print(s, flush=True))
     return 0
+
+
+add_parser = configbase.command("train", TrainConfig, run, HELP, DESCRIPTION)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -22,16 +22,10 @@ import time
 from deconvis.runs import configbase, ranks
 from deconvis.runs.config import VisualizeConfig
 
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = configbase.add_parser(
-        subparsers, "visualize", VisualizeConfig,
-        help="top-k images per channel, projected to pixel space (ZF Fig. 2)",
-        description="Mine the k strongest images of every channel over an image set, project each with the "
-                    "deconvnet, crop its receptive field, and write grid sheets plus an HTML report into "
-                    "<out>/<run>/. Flags override the --config file; every config key is a flag.")
-    p.set_defaults(func=run)
-    return p
+HELP = "top-k images per channel, projected to pixel space (ZF Fig. 2)"
+DESCRIPTION = ("Mine the k strongest images of every channel over an image set, project each with the deconvnet, "
+               "crop its receptive field, and write grid sheets plus an HTML report into <out>/<run>/. Flags "
+               "override the --config file; every config key is a flag.")
 
 
 def _console_log(rank: int = 0) -> logging.Handler:
@@ -76,3 +70,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  sheets   {len(out.sheets)} PNGs in {out.run_dir}")
     print(f"  report   {out.report}")
     return 0
+
+
+add_parser = configbase.command("visualize", VisualizeConfig, run, HELP, DESCRIPTION)

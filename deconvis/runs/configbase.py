@@ -4,8 +4,8 @@ A subcommand's settings are a dataclass deriving from :class:`Config`, its field
 :func:`option` (default + help text). From that one declaration come
 
 - the YAML keys (``--config FILE.yaml``; ``-`` and ``_`` are interchangeable in keys),
-- one ``--flag`` per field (underscores become dashes; booleans as ``--x/--no-x``), added by
-  :func:`add_parser`,
+- one ``--flag`` per field (underscores become dashes; booleans as ``--x/--no-x``; lists as
+  ``--x a,b`` or ``--x a --x b``), added by :func:`add_parser`,
 - one coercion by the field's type hint (``bool``, ``int``, ``float``, ``str``, ``Optional[...]``,
   ``List[str]``, ``List[int]``, ``Union[str, Dict]``), or by a ``coerce=`` function in the field's
   metadata,
@@ -120,14 +120,15 @@ def _coerce_str(value: Any, where: str) -> str:
 
 
 def _coerce_list(item: Any, value: Any, where: str) -> list:
+    """A list from a YAML list, a comma separated string, or repeated flags (each maybe a,b)."""
     if value is None:
         return []
     if isinstance(value, str):
-        value = value.split(",")
+        value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int)) for v in value):
         what = "numbers" if item is int else "names"
         raise DeconvisError(f"{where} must be a list of {what} or a comma separated string, got {value!r}")
-    parts = [str(v).strip() for v in value if str(v).strip()]
+    parts = [p.strip() for v in value for p in str(v).split(",") if p.strip()]
     return [_coerce_int(p, where) for p in parts] if item is int else parts
 
 
@@ -259,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: Type[Config]) -> 
     """One ``--flag`` per field of ``config_cls`` (default None = not given, so YAML values survive)."""
     types = config_cls.field_types()
     for f in dataclasses.fields(config_cls):
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         if types[f.name] is bool:
             parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=helptext)
@@ -270,7 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: Type[Config]) -> 
         if short:
             helptext += f" ({short} {metavar} is the same; use it under torchrun)"
         shown = _shown_default(f)
+        repeat = typing.get_origin(types[f.name]) is list  # --x a,b or --x a --x b
         parser.add_argument(*names, dest=f.name, default=None, metavar=metavar,
+                            action="append" if repeat else "store",
                             help=f"{helptext} (default: {'[]' if shown == [] else shown})")
 
 
@@ -284,6 +287,18 @@ def add_parser(subparsers: Any, name: str, config_cls: Type[Config], help: str, 
     add_arguments(parser, config_cls)
     parser.set_defaults(config_cls=config_cls)
     return parser
+
+
+def command(name: str, config_cls: Type[Config], func: Callable[[argparse.Namespace], int], help: str,  # noqa: A002
+            description: Optional[str] = None) -> Callable[[Any], argparse.ArgumentParser]:
+    """A subcommand module's ``add_parser(subparsers)``: :func:`add_parser` with ``func`` as the
+    command (``func(args)`` reads its config with :func:`parse`)."""
+    def add(subparsers: Any) -> argparse.ArgumentParser:
+        parser = add_parser(subparsers, name, config_cls, help, description)
+        parser.set_defaults(func=func)
+        return parser
+
+    return add
 
 
 def overrides_from_args(config_cls: Type[Config], args: argparse.Namespace) -> Dict[str, Any]:

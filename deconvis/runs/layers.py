@@ -18,8 +18,9 @@ Pair = Tuple[int, int]
 @dataclass(frozen=True)
 class LayerSpec:
     """A layer of the run. ``map_size``: [h, w] units of its output ((1, 1) for a vector);
-    ``channels``: how many of its ``channels_total`` are visualised; ``rf_size``: the (h, w) of its
-    receptive field in input pixels, None when the model has no RF table."""
+    ``channels``: how many of its ``channels_total`` are visualised; ``rf_size``: the (h, w) of the
+    box its tiles show, in input pixels: its receptive field, or for a layer that sees the whole
+    image only through a gate, the local field of its conv path; None when the model has no RF table."""
 
     name: str
     label: str
@@ -52,7 +53,8 @@ def layer_specs(dn, names: Sequence[str], acts, input_size: Pair, channels: Opti
         if a.dim() not in (2, 4):
             raise DeconvisError(f"layer {name!r} has output shape {list(a.shape)}; choose layers with [N, C, h, w] maps")
         total = int(a.shape[1])
-        rf = tuple(int(v) for v in table[name].rf) if table is not None else None
+        row = table[name] if table is not None else None
+        rf = tuple(int(v) for v in (row.local or row).rf) if row is not None else None  # behind a gate: local field
         specs.append(LayerSpec(name=name, label=dn.display_name(name), channels_total=total,
                                channels=min(total, channels) if channels else total,
                                map_size=(int(a.shape[2]), int(a.shape[3])) if a.dim() == 4 else (1, 1),

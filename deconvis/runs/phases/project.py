@@ -68,9 +68,10 @@ def project_chunk(ctx: Context) -> int:
         return int(ctx.cfg.project_batch)
     elem = torch.empty((), dtype=ctx.dtype).element_size()
     biggest = 1
+    h, w = ctx.preprocess.crop
     for spec in ctx.specs:
-        rh, rw = spec.rf_size or spec.input_size  # the window a projection returns, input pixels
-        biggest = max(biggest, 3 * rh * rw * elem)
+        rh, rw = spec.rf_size or spec.input_size  # the tile's box, input pixels
+        biggest = max(biggest, 3 * min(rh, h) * min(rw, w) * elem)
     budget = AUTO_PROJECT_BYTES.get(ctx.device.type, AUTO_PROJECT_BYTES_DEFAULT)
     return int(max(16, min(4096, budget // biggest)))
 
