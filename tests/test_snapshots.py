@@ -374,3 +374,59 @@ def test_real_tensorboard_writer(tmp_path):
     cb.on_epoch_end(1, model)
     cb.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_snapshot_callback_on_a_resnet18_training_loop(tmp_path):
+    """A ResNet-18 training loop (BatchNorm in train mode, residual adds): the callback leaves
+    training bitwise unchanged, each stage name means the stage's output, the projected unit is
+    the probe-set maximum (forward hooks on the plain model), and the reconstruction is the full
+    projection cut at the unit's RF box."""
+    import torchvision
+
+    def run(with_cb):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=3)
+        x, y = data(8, size=32, seed=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        cb = SnapshotCallback(model, x[:4], ["layer1", "layer3"], features_per_layer=2, epochs="all",
+                              out_dir=str(tmp_path), tile_size=8, resume=False) if with_cb else None
+        losses = []
+        for epoch in (1, 2):
+            model.train()
+            for b in range(2):
+                loss = nn.functional.cross_entropy(model(x[b * 4:(b + 1) * 4]), y[b * 4:(b + 1) * 4])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            if cb is not None:
+                cb.on_epoch_end(epoch, model)
+        return losses, model, cb, x
+
+    ref, ref_model, _, _ = run(False)
+    losses, model, cb, x = run(True)
+    assert losses == ref and len(cb.columns) == 2
+    for (k, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k  # BN running statistics included
+    model.eval()
+    probe = x[:4]
+    got = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach()))
+             for n in ("layer1", "layer3")]
+    with torch.no_grad():
+        model(probe)
+    for h in hooks:
+        h.remove()
+    col = cb.columns[-1]
+    dn = DeconvNet(model)
+    for name in ("layer1", "layer3"):
+        key = dn.resolve(name)
+        act = got[name]
+        for row, (n, c, yy, xx) in enumerate(col.units[key].tolist()):
+            assert float(act[n, c, yy, xx]) == pytest.approx(float(act[:, c].max()), rel=1e-6)
+            dn.forward(probe[n:n + 1])
+            full = dn.project(name, torch.tensor([[0, c, yy, xx]]))[0]
+            y0, y1, x0, x1 = col.boxes[key][row].tolist()
+            assert list(dn.receptive_fields(32).box(name, yy, xx)) == [y0, y1, x0, x1]
+            inside = full[:, max(y0, 0):y1, max(x0, 0):x1]
+            assert float(inside.abs().sum()) == pytest.approx(float(full.abs().sum()), rel=1e-5)

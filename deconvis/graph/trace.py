@@ -57,6 +57,10 @@ class TracedGraph:
         self._label: Dict[str, str] = {}
         for alias, row in self.aliases.items():
             self._label.setdefault(row, alias)
+        # a container's output row is shown by the container's name (the outermost one ending there)
+        for name, node in sorted(self.container_last.items(), key=lambda kv: (kv[0].count("."), len(kv[0]))):
+            if name and node in self.row_names:
+                self._label.setdefault(self.row_names[node], name)
 
     @property
     def model_name(self) -> str:

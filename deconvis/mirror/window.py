@@ -1,11 +1,12 @@
 """The windowed mirror: each unit carries only its receptive-field cone down the graph.
 
 A unit ``u = (y, x)`` of the target layer can only reach the positions of node ``n``'s map that
-lie in its *cone*: per axis the range ``[u*J - P, u*J - P + R)`` of ``n``'s units, with ``J``, ``P``
-and ``R`` read off the receptive-field table of the same trace (:mod:`deconvis.graph.rf`): for
-rows ``n`` and target ``L``, ``J = j_L / j_n``, ``R = (r_L - r_n) / j_n + 1`` and
-``P = (R - 1) / 2 - (start_L - start_n) / j_n``. Branches of a residual add or a concat agree on
-jump and centre, so one cone per node holds every path's contribution. Where a cone is at least
+lie in its *cone*: per axis the range ``[u*J - P, u*J - P + R)`` of ``n``'s units. Cones are
+propagated down from the target (``J = 1, P = 0, R = 1``): a conv or pool of kernel ``k``, stride
+``s``, padding ``p``, dilation ``d`` reads ``[u*J*s - (P*s + p), ... + (R-1)*s + (k-1)*d + 1)`` of
+its input, and a node read by several consumers (both branches of a residual add, a concat) gets
+the hull of their footprints; they must agree on the jump. On a chain this is the RF recurrence
+of :mod:`deconvis.graph.rf`: ``J = j_L / j_n``, ``R = (r_L - r_n) / j_n + 1``. Where a cone is at least
 as large as the map, the window is the whole map along that axis (origin 0), so deep layers of
 big networks cost no more than the full path.
 
@@ -17,7 +18,6 @@ permutes, pads) are left to the full path: :func:`plan_window` returns None for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deconvis.graph import ops
-from deconvis.graph.rf import LayerRF, RFTable
+from deconvis.graph.rf import RFTable
 from deconvis.mirror.engine import Mirror, _relu_rule, _prelu_slope, _reduce_to
 from deconvis.mirror.rules import Rule
 
@@ -68,17 +68,6 @@ class WindowPlan:
         y0 = units_yx[:, 0] * ay.J - ay.P
         x0 = units_yx[:, 1] * ax.J - ax.P
         return torch.stack([y0, y0 + ay.R, x0, x0 + ax.R], 1)
-
-
-def _cone(row_n: LayerRF, row_t: LayerRF, axis: int) -> Optional[Tuple[int, int, int]]:
-    jn, jt = row_n.jump[axis], row_t.jump[axis]
-    if jt % jn:
-        return None
-    R = Fraction(row_t.rf[axis] - row_n.rf[axis], jn) + 1
-    P = (R - 1) / 2 - (Fraction(row_t.start[axis]) - Fraction(row_n.start[axis])) / jn
-    if R.denominator != 1 or P.denominator != 1 or R < 1:
-        return None
-    return jt // jn, int(P), int(R)
 
 
 def _windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
@@ -127,17 +116,38 @@ def _windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
     return False
 
 
+def _footprint(mirror: Mirror, c: Node, wc: AxisWindow, axis: int) -> Tuple[int, int, int]:
+    """(J, lo, size) of what consumer ``c``'s window reads from its input along ``axis``: the
+    positions ``[u*J - lo, u*J - lo + size)`` of the input's map."""
+    op = mirror.ops[c]
+    if op.kind in ("conv", "maxpool", "avgpool"):
+        k, s, p, d = (op.win[key][axis] for key in ("k", "s", "p", "d"))
+        return wc.J * s, wc.P * s + p, (wc.R - 1) * s + (k - 1) * d + 1
+    return wc.J, wc.P, wc.R
+
+
 def plan_window(mirror: Mirror, table: RFTable, target: Node, env: Dict[Node, Any]) -> Optional[WindowPlan]:
-    """The windows of ``target``'s path, or None when the windowed path does not apply."""
+    """The windows of ``target``'s path, or None when the windowed path does not apply.
+
+    Cones are propagated from the target down: each node's cone is the hull of what its
+    consumers' cones read from it (a residual add's short branch gets the same cone as the long
+    one's input). ``table`` (the RF table of the same trace) marks the rows that see the whole
+    image through a gate: those take the full path."""
     names = mirror.tg.row_names
     rows = table._by_name
     t_row = rows.get(names[target])
     if t_row is None or t_row.whole:
         return None
     nodes = mirror.ancestors(target)
+    in_plan = set(nodes)
+    consumers: Dict[Node, List[Node]] = {n: [] for n in nodes}
+    for c in nodes:
+        for n in mirror._inputs[c]:
+            if n in in_plan:
+                consumers[n].append(c)
     axes: Dict[Node, Tuple[AxisWindow, AxisWindow]] = {}
     hw: Dict[Node, Tuple[int, int]] = {}
-    for n in nodes:
+    for n in reversed(nodes):
         row = rows.get(names[n])
         if row is None or row.whole or not _windowable(mirror, n, env):
             return None
@@ -145,26 +155,18 @@ def plan_window(mirror: Mirror, table: RFTable, target: Node, env: Dict[Node, An
         hw[n] = (int(shape[-2]), int(shape[-1]))
         pair = []
         for axis in (0, 1):
-            cone = _cone(row, t_row, axis)
-            if cone is None:
-                return None
-            J, P, R = cone
+            if n is target:
+                J, P, R = 1, 0, 1
+            else:
+                feet = [_footprint(mirror, c, axes[c][axis], axis) for c in consumers[n]]
+                if not feet or len({f[0] for f in feet}) != 1:
+                    return None  # branches disagree on the jump: no single cone
+                J = feet[0][0]
+                P = max(f[1] for f in feet)
+                R = P + max(f[2] - f[1] for f in feet)
             H = hw[n][axis]
             pair.append(AxisWindow(0, 0, H, J, P, R) if R >= H else AxisWindow(J, -P, R, J, P, R))
         axes[n] = (pair[0], pair[1])
-    # every contribution must fall inside its input's cone
-    for c in nodes:
-        op = mirror.ops[c]
-        for n in mirror._inputs[c]:
-            for axis in (0, 1):
-                wc, wn = axes[c][axis], axes[n][axis]
-                if op.kind in ("conv", "maxpool", "avgpool"):
-                    k, s, p, d = (op.win[key][axis] for key in ("k", "s", "p", "d"))
-                    lo, size, J = wc.P * s + p, (wc.R - 1) * s + (k - 1) * d + 1, wc.J * s
-                else:
-                    lo, size, J = wc.P, wc.R, wc.J
-                if J != wn.J or lo > wn.P or size - lo > wn.R - wn.P:
-                    return None
     return WindowPlan(target, nodes, axes, hw)
 
 
