@@ -69,3 +69,31 @@ def test_rerank_through_mine_with_a_loader_of_candidates():
     ref = _stream(PoolTopK(pool, 2), full, cands)
     for layer in full:
         assert as_rows(ranked, layer) == as_rows(ref, layer)
+
+
+def test_rerank_split_over_ranks_equals_one_process(tmp_path):
+    """The pipeline's re-rank: each rank forwards its share of the candidate images in fp32; the
+    merged parts equal one process re-ranking them all (no process group needed to check it)."""
+    import dataclasses
+
+    import pipeline_fixtures as fx
+    from deconvis.mining.rerank import PoolTopK
+    from deconvis.runs import pipeline, precision
+    from deconvis.io.images import ImageDataset, make_loader
+    from deconvis.runs.distributed import DistInfo
+
+    cfg = fx.tiny_config(tmp_path, amp="bf16", amp_pool=2, k=2)
+    ctx = pipeline.prepare(cfg, str(tmp_path / "run"))
+    pool = TopK(ctx.layers, precision.mining_k(cfg))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine(lambda x: ctx.dn.activations(x, ctx.layers), make_loader(ImageDataset(ctx.source, ctx.preprocess), 4),
+             pool, progress=False)
+    one = precision.rerank_part(ctx, pool)
+    parts = [precision.rerank_part(dataclasses.replace(ctx, info=DistInfo(rank=r, world=2)), pool) for r in range(2)]
+    assert all(isinstance(p, PoolTopK) for p in parts) and 0 < parts[1].seen < one.seen
+    merged = TopK(ctx.layers, cfg.k).merge(parts[0]).merge(parts[1])
+    ranked, _ = precision.rerank_finish(ctx, merged, pool)
+    for layer in ctx.layers:
+        assert as_rows(ranked, layer) == as_rows(one, layer)
+    assert ranked.seen == pool.seen == 12
