@@ -187,3 +187,17 @@ def test_listed_tiles_are_waited_for_then_an_error(tmp_path):
 
 def test_results_never_hold_non_finite_numbers():
     assert finite_json({"a": [1.0, float("inf"), {"b": float("nan")}], "c": 2}) == {"a": [1.0, None, {"b": None}], "c": 2}
+
+
+def test_mining_forward_applies_the_tf32_flag(tmp_path):
+    import pipeline_fixtures as fx
+    from deconvis.runs import pipeline
+
+    seen = []
+    for allow in (True, False):
+        ctx = pipeline.prepare(fx.tiny_config(tmp_path, tf32=allow), str(tmp_path / "x"))
+        real = ctx.dn.activations
+        ctx.dn.activations = lambda x, layers: seen.append(torch.backends.cudnn.allow_tf32) or real(x, layers)
+        with dev.tf32(not allow):
+            pipeline.mining_forward(ctx)(torch.zeros(1, 3, fx.SIZE, fx.SIZE))
+    assert seen == [True, False]
