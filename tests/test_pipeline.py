@@ -142,7 +142,7 @@ def test_sheets_and_results_roundtrip(done):
     again = results_mod.load(out.run_dir)
     assert again.to_dict() == res.to_dict()
     raw = json.load(open(os.path.join(out.run_dir, "results.json")))
-    assert raw["schema"] == "deconvis.runs.results" and raw["version"] == 1 and raw["status"] == "rendered"
+    assert raw["schema"] == "deconvis.results" and raw["version"] == 1 and raw["status"] == "rendered"
     assert raw["preprocess"]["crop"] == [fx.SIZE, fx.SIZE] and raw["config"]["k"] == 3
     assert all(str(w["image"]) in raw["images"]["items"]
                for lr in raw["layers"] for u in lr["units"] for w in u["winners"])

@@ -17,11 +17,15 @@ from deconvis.runs.config import load_config
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "results_v1")
 
 
-@pytest.fixture
-def old_run(tmp_path):
+@pytest.fixture(params=["deconvis.runs.results", "deconvis.results"])
+def old_run(tmp_path, request):
+    """The fixture as written (schema name of the development builds) and as a release writes it."""
     run_dir = tmp_path / "out" / "v1"
     run_dir.mkdir(parents=True)
-    shutil.copy(os.path.join(FIXTURE, "results.json"), run_dir / "results.json")
+    with open(os.path.join(FIXTURE, "results.json"), encoding="utf-8") as f:
+        d = json.load(f)
+    d["schema"] = request.param
+    (run_dir / "results.json").write_text(json.dumps(d), encoding="utf-8")
     shutil.copytree(os.path.join(FIXTURE, "tiles"), run_dir / "tiles")
     return run_dir
 

@@ -50,6 +50,25 @@ UnitsLike = Union[Tensor, Sequence[Sequence[int]]]
 _ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
+#: above this share of the full backward's work (:attr:`WindowPlan.work`) the windowed path
+#: costs more than it saves (gathers, masks and pastes), so project_window runs the full path
+WINDOW_WORK_LIMIT = 0.6
+
+
+def _cut_boxes(rec: Tensor, boxes: Tensor) -> Tensor:
+    """Full-image reconstructions [M, C, H, W] cut to half-open unclipped boxes [M, 4] of one size
+    (y0, y1, x0, x1): [M, C, rh, rw], zero where a box runs past the image."""
+    M, C, H, W = rec.shape
+    b = boxes.tolist()
+    rh, rw = (b[0][1] - b[0][0], b[0][3] - b[0][2]) if b else (0, 0)
+    out = rec.new_zeros((M, C, rh, rw))
+    for i, (y0, y1, x0, x1) in enumerate(b):
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
+        if cy1 > cy0 and cx1 > cx0:
+            out[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = rec[i, :, cy0:cy1, cx0:cx1]
+    return out
+
+
 class DeconvNet:
     """Zeiler-Fergus mirror of a CNN given as any torch.fx-traceable ``nn.Module``.
 
@@ -318,6 +337,10 @@ class DeconvNet:
             H, W = rec.shape[-2:]
             boxes = torch.tensor([0, H, 0, W], device=rec.device).repeat(len(units), 1)
             return rec, boxes
+        if plan.work > WINDOW_WORK_LIMIT:  # the cones cover (nearly) whole maps: full path, cut to the box
+            rec = self.project(name, units, rule, batch_size)
+            boxes = plan.box(units[:, 2:4])
+            return _cut_boxes(rec, boxes), boxes
         act = self._acts[name]
         if batch_size is None:
             batch_size = auto_batch_size(self._bytes_per_unit(name, plan), act.device)

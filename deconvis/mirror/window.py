@@ -61,6 +61,9 @@ class WindowPlan:
     nodes: List[Node]
     axes: Dict[Node, Tuple[AxisWindow, AxisWindow]]
     hw: Dict[Node, Tuple[int, int]]
+    #: channel-weighted window area over full-map area, summed over the path's nodes: the share of
+    #: the full backward's work the windowed one does (near 1: every cone covers its whole map)
+    work: float = 1.0
 
     def box(self, units_yx: Tensor) -> Tensor:
         """Unclipped half-open RF boxes (y0, y1, x0, x1) [M, 4] of units (y, x) [M, 2]."""
@@ -167,7 +170,9 @@ def plan_window(mirror: Mirror, table: RFTable, target: Node, env: Dict[Node, An
             H = hw[n][axis]
             pair.append(AxisWindow(0, 0, H, J, P, R) if R >= H else AxisWindow(J, -P, R, J, P, R))
         axes[n] = (pair[0], pair[1])
-    return WindowPlan(target, nodes, axes, hw)
+    area = sum(env[n].shape[1] * min(axes[n][0].size, hw[n][0]) * min(axes[n][1].size, hw[n][1]) for n in nodes)
+    full = sum(env[n].shape[1] * hw[n][0] * hw[n][1] for n in nodes)
+    return WindowPlan(target, nodes, axes, hw, work=area / max(full, 1))
 
 
 # ------------------------------------------------------------------------------ tensor helpers
@@ -188,9 +193,16 @@ def _gather(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Te
     return full[n_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _valid(w: Tuple[AxisWindow, AxisWindow], u: Tensor, hw: Tuple[int, int]) -> Optional[Tensor]:
-    """[M, 1, h, w] bool of the window positions inside the map (None: all are)."""
+def _valid(w: Tuple[AxisWindow, AxisWindow], u: Tensor, hw: Tuple[int, int],
+           u_range: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None) -> Optional[Tensor]:
+    """[M, 1, h, w] bool of the window positions inside the map (None: all are). ``u_range``:
+    per axis the (min, max) of ``u`` as Python ints, to skip the mask without a device sync."""
     if w[0].full and w[1].full:
+        return None
+    if u_range is not None and all(
+            min(w[a].a * u_range[a][0], w[a].a * u_range[a][1]) + w[a].b >= 0
+            and max(w[a].a * u_range[a][0], w[a].a * u_range[a][1]) + w[a].b + w[a].size <= hw[a]
+            for a in (0, 1)):
         return None
     o = _origin(w, u)
     dev = u.device
@@ -217,6 +229,13 @@ def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tup
     dev = src.device
     M, C, h, w = src.shape
     off = [u[:, a] * (src_org[a][0] - dst_org[a][0]) + (src_org[a][1] - dst_org[a][1]) for a in (0, 1)]
+    if dev.type == "cpu":  # one slice add per unit: far faster than index_put_(accumulate=True) on CPU
+        H, W = dst.shape[-2:]
+        for i, (oy, ox) in enumerate(zip(off[0].tolist(), off[1].tolist())):
+            y0, y1, x0, x1 = max(oy, 0), min(oy + h, H), max(ox, 0), min(ox + w, W)
+            if y1 > y0 and x1 > x0:
+                dst[i, :, y0:y1, x0:x1] += src[i, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+        return
     rows = off[0][:, None] + torch.arange(h, device=dev)  # [M, h]
     cols = off[1][:, None] + torch.arange(w, device=dev)  # [M, w]
     ok = ((rows >= 0) & (rows < dst.shape[-2]))[:, :, None] & ((cols >= 0) & (cols < dst.shape[-1]))[:, None, :]
@@ -246,12 +265,14 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
         paste(g0, _affine(tw), seed, ((1, 0), (1, 0)), u)
     grads: Dict[Node, Tensor] = {target: g0}
     M = len(n_idx)
+    lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
+    u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
     for node in reversed(plan.nodes):
         g = grads.pop(node, None)
         if g is None:
             continue
         w = plan.axes[node]
-        ok = _valid(w, u, plan.hw[node])
+        ok = _valid(w, u, plan.hw[node], u_range)
         if ok is not None:
             g = g * ok
         if node.op == "placeholder":

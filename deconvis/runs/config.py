@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.mirror.rules import Rule
 from deconvis.runs import configbase
-from deconvis.runs.configbase import Config, flag_name, load_yaml, option
+from deconvis.runs.configbase import Config, check_device, flag_name, load_yaml, option
 
 __all__ = ["VisualizeConfig", "AMP_MODES", "MINING_KEYS", "FIELD_NAMES", "SHORT_FLAGS", "load_config", "from_mapping",
            "validate", "to_dict", "config_hash", "flag_name", "load_yaml", "add_arguments", "overrides_from_args"]
@@ -113,9 +113,7 @@ class VisualizeConfig(Config):
             raise DeconvisError("--render-only and --fresh contradict each other: --fresh discards the results "
                                 "that --render-only re-renders; pass one of them")
         self.rule = Rule.parse(self.rule).value
-        dev = self.device
-        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise DeconvisError(f"device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+        check_device(self.device)
         if not self.model:
             raise DeconvisError("model is empty; set --model (e.g. alexnet, vgg16, zfnet_demo)")
         if self.run and (os.sep in self.run or self.run in (".", "..") or (os.altsep and os.altsep in self.run)):

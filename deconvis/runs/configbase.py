@@ -168,6 +168,13 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"config field type {tp!r} has no coercion; give the field a coerce= function")
 
 
+def check_device(name: str, key: str = "device") -> None:
+    """A device setting names ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists
+    here is checked when the run starts: :func:`deconvis.utils.device.resolve_device`)."""
+    if not (name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise DeconvisError(f"{key} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+
+
 # -- the base class ---------------------------------------------------------------------------
 
 @dataclasses.dataclass

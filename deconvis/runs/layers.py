@@ -7,7 +7,7 @@ its channel counts, the size of its map, and its receptive-field geometry at the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from deconvis.errors import DeconvisError
@@ -29,7 +29,7 @@ class LayerSpec:
     map_size: Pair
     input_size: Pair
     rf_size: Optional[Pair] = None
-    _table: object = None  # the RFTable the geometry comes from (None: no table for this graph)
+    _table: object = field(default=None, repr=False, compare=False)  # the RFTable (None: no table for this graph)
 
     def crop_box(self, y: int, x: int) -> Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]:
         """The image patch shown beside unit (y, x)'s projection: (box clipped to the image,

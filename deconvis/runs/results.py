@@ -9,7 +9,7 @@ is grey in the patch and zero in the reconstruction), ``box_clipped`` its part i
 Schema (version 1)::
 
     {
-      "schema": "deconvis.runs.results", "version": 1,
+      "schema": "deconvis.results", "version": 1,
       "created": "2025-01-01T12:00:00+00:00",
       "status": "mined" | "projected" | "rendered",
       "config": {...every VisualizeConfig key...},
@@ -64,7 +64,9 @@ from deconvis.io.atomic import write_json
 from deconvis.io.models import Preprocess
 from deconvis.mirror.rules import Rule
 
-SCHEMA = "deconvis.runs.results"
+SCHEMA = "deconvis.results"
+# written by development builds between the package re-layout and this fix; read as the same schema
+_SCHEMA_ALIASES = (SCHEMA, "deconvis.runs.results")
 VERSION = 1
 FILENAME = "results.json"
 
@@ -145,7 +147,7 @@ class Results:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Results":
-        if d.get("schema") != SCHEMA:
+        if d.get("schema") not in _SCHEMA_ALIASES:
             raise DeconvisError(f"not a deconvis results file (schema {d.get('schema')!r})")
         if d.get("version") != VERSION:
             raise DeconvisError(f"results.json has schema version {d.get('version')!r}; this deconvis reads "

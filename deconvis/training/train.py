@@ -23,14 +23,17 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.io import atomic
+from deconvis.mirror.rules import Rule
+from deconvis.runs import configbase
 from deconvis.runs.configbase import Config, option
 from deconvis.utils.device import resolve_device
 
@@ -127,9 +130,8 @@ class TrainConfig(Config):
                                     "drop it or raise epochs")
         if self.snapshot_every_n_steps is not None and self.snapshot_every_n_steps < 1:
             raise DeconvisError(f"snapshot_every_n_steps must be at least 1, got {self.snapshot_every_n_steps}")
-        dev = self.device
-        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise DeconvisError(f"device must be cpu, cuda, cuda:N, mps or auto, got {dev!r}")
+        configbase.check_device(self.device)
+        self.rule = Rule.parse(self.rule).value
         if not self.out_dir:
             raise DeconvisError("out_dir is empty; give an output folder")
 
@@ -218,10 +220,79 @@ class _Optimisers:
             s.load_state_dict(d)
 
 
+#: settings that do not change the trained weights: a resumed run may differ in these
+NOT_THE_RUN = ("out_dir", "checkpoint", "device", "threads", "resume", "tensorboard", "snapshots", "snapshot_epochs",
+               "snapshot_every_n_steps", "layers", "features_per_layer", "feature_select", "probe_images", "rule",
+               "tile_size")
+
+
+def _resume(cfg: TrainConfig, state_path: str, model: torch.nn.Module, opt: "_Optimisers",
+            run_config: Mapping[str, Any], log: Callable[[str], None]) -> Tuple[int, List[Dict[str, Any]]]:
+    """Load ``state_path`` (when it exists) into ``model``, ``opt`` and the RNGs; returns (epochs
+    done, their history). An error when it is of a run with other weight-deciding settings."""
+    if not os.path.isfile(state_path):
+        return 0, []
+    try:
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DeconvisError(f"cannot read {state_path!r} ({type(exc).__name__}); delete it or use --no-resume") from exc
+    old = st["config"]
+    diff = [k for k in run_config if k not in NOT_THE_RUN and old.get(k) != run_config[k]]
+    if diff:
+        was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+        raise DeconvisError(f"{state_path!r} is from a run with different {', '.join(diff)} ({was}); "
+                            "use another --out-dir or --no-resume")
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    _set_rng_state(st["rng"])
+    log(f"resumed from {state_path} after epoch {int(st['epoch'])}")
+    return int(st["epoch"]), list(st["history"])
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, val: Tuple[Tensor, Tensor], device: torch.device) -> Tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` in eval mode on ``val`` = (images [N, 3, H, W], labels [N])."""
+    model.eval()
+    vl, vo = 0.0, 0
+    for i in range(0, len(val[0]), 256):
+        lo = model(val[0][i:i + 256].to(device))
+        vl += float(F.cross_entropy(lo, val[1][i:i + 256].to(device), reduction="sum"))
+        vo += int((lo.argmax(1).cpu() == val[1][i:i + 256]).sum())
+    return vl / len(val[0]), vo / len(val[0])
+
+
+def _save_checkpoint(cfg: TrainConfig, data: Any, model: torch.nn.Module, history: List[Dict[str, Any]],
+                     run_config: Mapping[str, Any], checkpoint: str) -> None:
+    """The final checkpoint in the format :func:`deconvis.io.models.load_model` reads."""
+    from deconvis.training.demo_model import DEMO_INPUT_SIZE, DEMO_RESIZE
+
+    final = history[-1] if history else {}
+    classes = [f"{data.photo_names[s.photo]}@y{s.cy:.0f},x{s.cx:.0f},side{s.side:.0f}" for s in data.seeds]
+    meta = {
+        "model": "zfnet_demo",
+        "preprocess": {"resize": int(round(cfg.image_size * DEMO_RESIZE / DEMO_INPUT_SIZE[0])),
+                       "crop": [cfg.image_size, cfg.image_size],
+                       "mean": data.mean_std[0], "std": data.mean_std[1]},
+        "epoch": int(final.get("epoch", 0)),
+        "classes": classes,
+        "train": {**{k: v for k, v in run_config.items() if k not in NOT_THE_RUN},
+                  "task": "exemplar surrogate (Dosovitskiy et al. 2014) on skimage.data photos",
+                  "photos": list(data.photo_names),
+                  "final_loss": final.get("loss"), "final_acc": final.get("acc"),
+                  "final_val_loss": final.get("val_loss"), "final_val_acc": final.get("val_acc"),
+                  "train_seconds": sum(h["train_seconds"] for h in history),
+                  "snapshot_seconds": sum(h["snapshot_seconds"] for h in history),
+                  "torch": str(torch.__version__)},
+    }
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    atomic.save_torch({"state_dict": state, "deconvis": meta}, checkpoint)
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train per ``cfg`` (validated here unless it came from :meth:`TrainConfig.load`); returns the
     run record (also written to ``out_dir/train_log.json``). ``log`` receives one line per event."""
-    from deconvis.training.demo_model import DEMO_RESIZE, DEMO_INPUT_SIZE, zfnet_demo
+    from deconvis.training.demo_model import zfnet_demo
     from deconvis.training.evolution import filter_grid
     from deconvis.training.snapshots import SnapshotCallback, open_summary_writer
     from deconvis.training.surrogate import ExemplarDataset
@@ -243,31 +314,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any
     steps_per_epoch = len(data) // cfg.batch_size
     opt = _Optimisers(cfg, model, cfg.epochs * steps_per_epoch)
 
-    history: List[Dict[str, Any]] = []
-    start_epoch = 0
     state_path = os.path.join(out, TRAIN_STATE)
     run_config = dataclasses.asdict(cfg)
-    same_run_keys = [k for k in run_config if k not in ("out_dir", "checkpoint", "device", "threads", "resume",
-                                                        "tensorboard", "snapshots", "snapshot_epochs",
-                                                        "snapshot_every_n_steps", "layers", "features_per_layer",
-                                                        "feature_select", "probe_images", "rule", "tile_size")]
-    if cfg.resume and os.path.isfile(state_path):
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise DeconvisError(f"cannot read {state_path!r} ({type(exc).__name__}); delete it or use --no-resume") from exc
-        old = st["config"]
-        diff = [k for k in same_run_keys if old.get(k) != run_config[k]]
-        if diff:
-            was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
-            raise DeconvisError(f"{state_path!r} is from a run with different {', '.join(diff)} ({was}); "
-                                "use another --out-dir or --no-resume")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        start_epoch = int(st["epoch"])
-        history = list(st["history"])
-        _set_rng_state(st["rng"])
-        log(f"resumed from {state_path} after epoch {start_epoch}")
+    start_epoch, history = _resume(cfg, state_path, model, opt, run_config, log) if cfg.resume else (0, [])
 
     cb = None
     if cfg.snapshots:
@@ -311,14 +360,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any
         rec: Dict[str, Any] = {"epoch": epoch, "loss": tot_loss / n_seen, "acc": tot_ok / n_seen,
                                "lr": opt.lr()}
         if val is not None:
-            model.eval()
-            with torch.no_grad():
-                vl, vo = 0.0, 0
-                for i in range(0, len(val[0]), 256):
-                    lo = model(val[0][i:i + 256].to(device))
-                    vl += float(F.cross_entropy(lo, val[1][i:i + 256].to(device), reduction="sum"))
-                    vo += int((lo.argmax(1).cpu() == val[1][i:i + 256]).sum())
-            rec["val_loss"], rec["val_acc"] = vl / len(val[0]), vo / len(val[0])
+            rec["val_loss"], rec["val_acc"] = _evaluate(model, val, device)
         rec["train_seconds"] = time.perf_counter() - t0
         rec["data_seconds"] = t_data
         if cb is not None:
@@ -339,27 +381,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any
             + (f"  val_loss {rec['val_loss']:.3f}  val_acc {rec['val_acc']:.3f}" if "val_acc" in rec else "")
             + f"  {rec['train_seconds']:.1f} s (data {t_data:.1f} s)  snapshots {snap_s:.2f} s")
 
-    final = history[-1] if history else {}
-    classes = [f"{data.photo_names[s.photo]}@y{s.cy:.0f},x{s.cx:.0f},side{s.side:.0f}" for s in data.seeds]
-    meta = {
-        "model": "zfnet_demo",
-        "preprocess": {"resize": int(round(cfg.image_size * DEMO_RESIZE / DEMO_INPUT_SIZE[0])),
-                       "crop": [cfg.image_size, cfg.image_size],
-                       "mean": data.mean_std[0], "std": data.mean_std[1]},
-        "epoch": int(final.get("epoch", 0)),
-        "classes": classes,
-        "train": {**{k: v for k, v in run_config.items() if k in same_run_keys},
-                  "task": "exemplar surrogate (Dosovitskiy et al. 2014) on skimage.data photos",
-                  "photos": list(data.photo_names),
-                  "final_loss": final.get("loss"), "final_acc": final.get("acc"),
-                  "final_val_loss": final.get("val_loss"), "final_val_acc": final.get("val_acc"),
-                  "train_seconds": sum(h["train_seconds"] for h in history),
-                  "snapshot_seconds": sum(h["snapshot_seconds"] for h in history),
-                  "torch": str(torch.__version__)},
-    }
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
-    atomic.save_torch({"state_dict": state, "deconvis": meta}, checkpoint)
+    _save_checkpoint(cfg, data, model, history, run_config, checkpoint)
     record = {"config": run_config, "history": history, "checkpoint": checkpoint,
               "wall_seconds_this_run": time.perf_counter() - t_run,
               "snapshots": cb.summary()["snapshots"] if cb is not None else [],
