@@ -13,9 +13,12 @@
    config: wall time per phase, and whether the winners agree with the 1-process run. On a
    2-core machine expect no speedup (1 process already uses both cores through its 2 threads;
    torchrun gives each process 1 thread): the row shows correctness and overhead.
-4. **GPU** (only when CUDA is available): forward vs mining images/s with ``--amp`` none/bf16/fp16
-   and ``--channels-last``, and projections/s of the projection phase; the GPU model and date are
-   recorded.
+4. **GPU** (only when CUDA is available): images/s of the whole-net forward (classifier included),
+   of the forward cut at the deepest mined layer (conv5: what mining runs, without the top-k), and
+   of mining, per precision: fp32 with TF32 off (deconvis's default), fp32 with TF32 convs
+   (``--tf32``), bf16 and fp16 autocast, each with and without ``--channels-last``; at least 64
+   batches per timing (CUDA launches and clocks settle); projections/s of the projection phase;
+   the GPU model and date are recorded.
 
     python benchmarks/bench_scale.py [--images 10000] [--batch-size 32] [--workers 2] [--record]
 """
@@ -75,10 +78,23 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------------------------
 # 1. mining vs plain forward (in this process)
 
+def _precision(amp: str, tf32: bool, device: str) -> str:
+    """The label of a variant's arithmetic."""
+    if amp != "none":
+        return f"{amp} autocast"
+    if device == "cpu":
+        return "fp32"
+    return "fp32, TF32 convs" if tf32 else "fp32, TF32 off"
+
+
 def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device: str = "cpu",
-                      variants: Tuple[Tuple[str, bool], ...] = (("none", False),), rounds: int = 2) -> List[list]:
-    """Rows: plain forward, mining on preloaded tensors (per amp/channels_last variant), and
-    mining through the loader, in images/s, with the time split of the mining runs."""
+                      variants: Tuple[Tuple, ...] = (("none", False),), rounds: int = 2,
+                      cut_forward: bool = False) -> List[list]:
+    """Rows: plain forward (the whole net), optionally the forward cut at the deepest mined layer
+    (``cut_forward``), mining on preloaded tensors (per variant ``(amp, channels_last[, tf32])``),
+    and mining through the loader, in images/s, with the time split of the mining runs."""
+    from deconvis.utils.device import tf32 as tf32_policy
+
     rows: List[list] = []
     load0 = os.getloadavg()[0]
     base = dict(model="alexnet", weights="random", images=data, max_images=n, batch_size=bs, workers=workers,
@@ -94,21 +110,23 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def forward(amp: str, cl: bool) -> float:
+    def forward(amp: str, cl: bool, allow_tf32: bool = False, cut: bool = False) -> float:
         m = model.to(memory_format=torch.channels_last) if cl else model
         dt = torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16" else None
+        run = (lambda x: ctx.dn.activations(x, ctx.layers)) if cut else m
         sync()
         t0 = time.perf_counter()
-        with torch.inference_mode(), (torch.autocast(ctx.device.type, dtype=dt) if dt else _null()):
+        with torch.inference_mode(), tf32_policy(allow_tf32), \
+                (torch.autocast(ctx.device.type, dtype=dt) if dt else _null()):
             for x, _ in pre:
-                m(x.contiguous(memory_format=torch.channels_last) if cl else x)
+                run(x.contiguous(memory_format=torch.channels_last) if cl else x)
         sync()
         dt_s = time.perf_counter() - t0
         model.to(memory_format=torch.contiguous_format)
         return dt_s
 
-    def mine_pre(amp: str, cl: bool) -> Tuple[float, mining.MiningTimes]:
-        c = load_config(None, dict(base, run="mine", amp=amp, channels_last=cl))
+    def mine_pre(amp: str, cl: bool, allow_tf32: bool = False) -> Tuple[float, mining.MiningTimes]:
+        c = load_config(None, dict(base, run="mine", amp=amp, channels_last=cl, tf32=allow_tf32))
         vctx = pipeline.Context(**{**ctx.__dict__, "cfg": c, "amp": pipeline.amp_dtype(amp, ctx.device)})
         if cl:
             model.to(memory_format=torch.channels_last)
@@ -122,17 +140,25 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
         model.to(memory_format=torch.contiguous_format)
         return dt_s, times
 
-    for amp, cl in variants:
-        name = f"amp {amp}" + (", channels_last" if cl else "")
-        best_f, best_m, split = float("inf"), float("inf"), None
-        forward(amp, cl)  # warm-up
-        mine_pre(amp, cl)
+    for variant in variants:
+        amp, cl = variant[0], variant[1]
+        allow = bool(variant[2]) if len(variant) > 2 else False
+        name = _precision(amp, allow, device) + (", channels_last" if cl else "")
+        best_f, best_c, best_m, split = float("inf"), float("inf"), float("inf"), None
+        forward(amp, cl, allow)  # warm-up
+        mine_pre(amp, cl, allow)
         for _ in range(rounds):  # interleaved: the machine is shared and noisy
-            best_f = min(best_f, forward(amp, cl))
-            t, times = mine_pre(amp, cl)
+            best_f = min(best_f, forward(amp, cl, allow))
+            if cut_forward:
+                best_c = min(best_c, forward(amp, cl, allow, cut=True))
+            t, times = mine_pre(amp, cl, allow)
             if t < best_m:
                 best_m, split = t, times
-        rows.append([f"plain forward `model(x)` ({name})", f"{n / best_f:.1f}", "1.00x", "-"])
+        rows.append([f"plain forward `model(x)`, whole net incl. classifier ({name})", f"{n / best_f:.1f}",
+                     "1.00x", "-"])
+        if cut_forward:
+            rows.append([f"forward cut at the deepest mined layer, no top-k ({name})", f"{n / best_c:.1f}",
+                         f"{best_f / best_c:.2f}x", "-"])
         rows.append([f"mining, preloaded tensors ({name})", f"{n / best_m:.1f}", f"{best_f / best_m:.2f}x",
                      _split(split)])
         print(f"  {name}: forward {n / best_f:.1f} img/s, mining {n / best_m:.1f} img/s", flush=True)
@@ -212,19 +238,30 @@ def compare(a: dict, b: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
+#: the GPU timings cover at least this many batches (a handful is mostly launch and clock ramp-up)
+GPU_MIN_BATCHES = 64
+
+
 def gpu_section(data: str, out: str, n: int, bs: int, workers: int) -> str:
     name = torch.cuda.get_device_name(0)
-    variants = [("none", False), ("none", True), ("bf16", False), ("bf16", True), ("fp16", True)]
-    rows = mining_vs_forward(data, out, n, bs, workers, device="cuda", variants=tuple(variants), rounds=3)
+    variants = [("none", False, False), ("none", False, True), ("none", True, True), ("bf16", False), ("bf16", True),
+                ("fp16", False), ("fp16", True)]
+    n_mine = max(n, GPU_MIN_BATCHES * bs)
+    write_images(data, n_mine)  # keeps the images already there
+    rows = mining_vs_forward(data, out, n_mine, bs, workers, device="cuda", variants=tuple(variants), rounds=3,
+                             cut_forward=True)
     cfg = load_config(None, dict(model="alexnet", weights="random", images=data, max_images=n, batch_size=bs,
                                  workers=workers, device="cuda", out=out, run="gpu-e2e", progress=False, fresh=True))
     t0 = time.perf_counter()
     o = pipeline.run(cfg)
     wall = time.perf_counter() - t0
     units = sum(len(u.winners) for lr in o.results.layers for u in lr.units)
-    body = (f"GPU: {name}, recorded {time.strftime('%Y-%m-%d')}; {n} images, batch {bs}, {workers} workers.\n\n"
+    body = (f"GPU: {name}, recorded {time.strftime('%Y-%m-%d')}; {n_mine} preloaded images = {n_mine // bs} batches "
+            f"of {bs} per timing, {workers} workers. The plain forward runs the whole AlexNet (classifier included); "
+            "mining and the cut forward stop at conv5, so compare mining with the cut forward for the top-k's "
+            "cost.\n\n"
             + table(["variant", "images/s", "vs plain forward", "mining time split"], rows)
-            + f"\n\nGPU pipeline in this process: {wall:.1f} s for {n} images; projection phase "
+            + f"\n\nGPU pipeline in this process (fp32, TF32 off, amp none): {wall:.1f} s for {n} images; projection phase "
               f"{o.seconds.get('project', 0):.1f} s for {units} units = {units / max(o.seconds.get('project', 1e-9), 1e-9):.0f} "
               f"projections/s (auto-sized batches); mining split {o.mining.summary() if o.mining else '-'}.")
     return body

@@ -38,7 +38,8 @@ def test_every_key_round_trips_through_its_flag():
               "images": "builtin:skimage", "max_images": "7", "channels": "3", "batch_size": "5", "workers": "1",
               "device": "cpu", "rule": "guided", "seed": "3", "resize": "40", "crop": "32", "out": "o", "run": "r",
               "checkpoint_every": "2", "project_batch": "9", "per_sheet": "4", "sheet_columns": "2",
-              "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30"}
+              "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30",
+              "checkpoint_seconds": "5", "amp_pool": "2", "replay_max_mismatch": "3"}
     bools = {f.name for f in dataclasses.fields(C.VisualizeConfig) if f.type == "bool"}
     assert set(sample) | bools == set(C.FIELD_NAMES)
     argv = [x for k, v in sample.items() for x in (C.flag_name(k), v)]
@@ -48,7 +49,11 @@ def test_every_key_round_trips_through_its_flag():
     assert (cfg.batch_size, cfg.seed, cfg.crop, cfg.out, cfg.run, cfg.max_tile) == (5, 3, 32, "o", "r", 20)
     assert cfg.render_only is True and cfg.fresh is False and cfg.progress is True
     assert (cfg.amp, cfg.prefetch_factor, cfg.dist_timeout, cfg.project_batch) == ("bf16", 4, 30, 9)
-    assert cfg.channels_last is True and cfg.profile is True
+    assert cfg.channels_last is True and cfg.profile is True and cfg.tf32 is True
+    assert (cfg.checkpoint_seconds, cfg.amp_pool, cfg.replay_max_mismatch, cfg.workers) == (5, 2, 3, 1)
+    cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--workers", "auto", "--replay-max-mismatch",
+                                                                        "none"])))
+    assert cfg.workers is None and cfg.replay_max_mismatch is None
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--fresh"])))
     assert cfg.fresh is True and cfg.render_only is False
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--no-progress"])))

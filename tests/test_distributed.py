@@ -1,7 +1,9 @@
-"""torch.distributed primitives on 2 CPU processes (gloo): exact top-k merge across ranks and a
-failure on one rank reaching every rank as the same clear error."""
+"""torch.distributed primitives on 2 CPU processes (gloo): exact top-k merge across ranks, a
+failure on one rank reaching every rank as the same clear error, and rank 0's projection plan
+taken by a rank with a stale view of the shared folder -- all on a gloo side group, as NCCL runs do."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -37,8 +39,9 @@ def _acts(n_images: int):
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = D.init(torch.device("cpu"), timeout_s=60)
+    info = D.init(torch.device("cpu"), timeout_s=60, side_group=True)  # control plane on a gloo side group
     try:
+        _stale_plan(info, out_dir)
         acts = _acts(20)
         topk = TopK(["l"], 3)
         ids = torch.tensor(list(D.ShardSampler(20, rank, world)))
@@ -56,6 +59,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         _more_failures(rank, world, out_dir)
     finally:
         D.shutdown(info)
+
+
+def _stale_plan(info, out_dir: str) -> None:
+    """Rank 1's view of the shared folder misses the newest tile (an NFS attribute cache): the
+    projection plan is rank 0's on every rank, and split, it covers every job exactly once."""
+    names = [f"t{i}" for i in range(6)]
+    visible = {"t0", "t3"} - ({"t3"} if info.rank == 1 else set())
+    own = [n for n in names if n not in visible]
+    with D.phase(info, "plan"):
+        jobs = own if info.is_main else None
+    jobs = D.from_main(jobs, info, "the plan")
+    parts = D.all_gather_objects(D.split_for_rank(jobs, info), info, "check")
+    with open(os.path.join(out_dir, f"plan{info.rank}.json"), "w") as f:
+        json.dump({"group": info.group is not None, "own": own, "jobs": jobs, "parts": parts}, f)
 
 
 def _more_failures(rank: int, world: int, out_dir: str) -> None:
@@ -105,6 +122,11 @@ def test_two_gloo_ranks_merge_exactly_and_share_failures(tmp_path):
         assert msg == "DeconvisError: rank 1 of 2 failed during mining: OSError: cannot decode batch 1 on rank 1"
         assert float(elapsed) < 20  # not the 60 s rank 0 had left: stopped by the failure flag
         assert same == "DeconvisError: unknown layer 'conv9'"  # all ranks alike: the message alone
+        plan = json.loads((tmp_path / f"plan{rank}.json").read_text())
+        assert plan["group"]                                  # the control plane ran on the side group
+        assert plan["jobs"] == ["t1", "t2", "t4", "t5"]       # rank 0's plan, also on the stale rank 1
+        assert sorted(j for part in plan["parts"] for j in part) == plan["jobs"]  # each job once
+    assert "t3" in json.loads((tmp_path / "plan1.json").read_text())["own"]  # rank 1's own view differed
 
 
 def test_failure_watch_and_agree_without_process_group():

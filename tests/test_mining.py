@@ -35,9 +35,8 @@ def oracle(acts: dict, ids, k: int) -> dict:
                             continue  # handled below
                         if v > best:
                             best, by, bx = v, y, x
-                if np.isnan(a[i, ch]).any():  # NaN: ranked -inf, at the first NaN's position
-                    first = int(np.flatnonzero(np.isnan(a[i, ch].ravel()))[0])
-                    best, by, bx = -math.inf, first // w, first % w
+                if np.isnan(a[i, ch]).any() or not math.isfinite(best):  # NaN/+inf: no candidate
+                    continue
                 cands.append((best, int(ids[i]), by, bx))
             cands.sort(key=lambda t: (-t[0], t[1]))
             rows.append(cands[:k])
@@ -124,15 +123,20 @@ def test_fewer_images_than_k_leaves_empty_slots():
     assert as_rows(topk, "l") == oracle({"l": acts["l"].numpy()}, range(2), 5)["l"]
 
 
-def test_nan_never_wins_and_inf_is_fine():
+def test_nan_and_inf_never_win_and_are_counted():
     a = torch.randn(5, 2, 3, 3, dtype=torch.float64)
     a[1, 0, 1, 1] = float("nan")
     a[2, 0, 0, 0] = float("inf")
+    a[3, 1, 0, 0] = float("-inf")  # one -inf among finite values: the finite maximum counts
     topk = run_stream({"l": a}, k=5, batch=2)
     rows = as_rows(topk, "l")
-    assert rows[0][0][:2] == (math.inf, 2)
-    assert rows[0][-1][1] == 1 and rows[0][-1][0] == -math.inf
+    assert [r[1] for r in rows[0]] == sorted([0, 3, 4], key=lambda i: -float(a[i, 0].max()))
+    assert all(math.isfinite(r[0]) for row in rows for r in row)
     assert rows == oracle({"l": a.numpy()}, range(5), 5)["l"]
+    assert topk.nonfinite["l"].tolist() == [2, 0]
+    assert topk.nonfinite_first["l"].tolist() == [1, EMPTY]
+    back = TopK.from_state_dict(torch.load(_roundtrip(topk.state_dict()), weights_only=True))
+    assert back.nonfinite["l"].tolist() == [2, 0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -358,3 +362,64 @@ def test_out_of_memory_inside_the_deconvnet_forward_is_retried(monkeypatch):
         a4 = model(x)
     want = oracle({"1": a1.numpy(), "4": a4.numpy()}, range(7), 2)
     assert as_rows(topk, "1") == want["1"] and as_rows(topk, "4") == want["4"]
+
+
+def _roundtrip(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_overflow_never_wins_and_is_named(half):
+    """fp16 turns 70000 into +inf (bf16 keeps it): an overflowed image is no candidate, is counted
+    per channel, and the summary/message name layer, channel and image; NaN downstream likewise."""
+    from deconvis.mining.nonfinite import nonfinite_messages, nonfinite_summary
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(6, 3, 4, 4, generator=g) * 10
+    a[4, 1, 2, 3] = 70000.0           # above fp16's 65504
+    b = a.clone()
+    b[5, 2] = float("nan")            # a later layer made NaN of it
+    acts = {"conv1": a.to(half), "conv2": b.to(half)}
+    topk = run_stream(acts, k=3, batch=4)
+    ref = oracle({n: t.float().numpy() for n, t in acts.items()}, range(6), 3)
+    for layer in acts:
+        assert as_rows(topk, layer) == ref[layer], layer
+    summary = nonfinite_summary(topk)
+    if half == torch.float16:
+        assert summary["conv1"] == {"images": 1, "channels": {1: 1}, "first_image": 4}
+        assert 4 not in [r[1] for r in as_rows(topk, "conv1")[1]]
+    else:
+        assert "conv1" not in summary and as_rows(topk, "conv1")[1][0][1] == 4
+    assert summary["conv2"]["channels"][2] == 1
+    msgs = nonfinite_messages(summary, {"conv1": "c1", "conv2": "c2"}, amp="fp16", image_name=lambda i: f"img{i}")
+    assert len(msgs) == len(summary)                       # one line per layer
+    assert "layer c2" in msgs[-1] and "channel" in msgs[-1] and "--amp bf16" in msgs[-1]
+
+
+def test_half_precision_ties_break_by_image_index():
+    """Many values round to the same fp16/bf16 number: the ordering stays total (value, then image)."""
+    g = torch.Generator().manual_seed(1)
+    a = (5 + 45 * torch.rand(40, 2, 3, 3, generator=g))
+    for half in (torch.float16, torch.bfloat16):
+        h = a.to(half)
+        topk = run_stream({"l": h}, k=9, batch=7)
+        assert as_rows(topk, "l") == oracle({"l": h.float().numpy()}, range(40), 9)["l"]
+
+
+def test_timer_checkpoint_with_a_fake_clock():
+    """checkpoint_seconds: a checkpoint whenever that much (fake) time passed, none otherwise."""
+    now = [0.0]
+    acts = torch.randn(10, 2, 2, 2)
+    saved = []
+
+    def batches():
+        for i in range(10):
+            now[0] += 25.0 if i < 5 else 1.0  # 5 slow batches, then 5 fast ones
+            yield acts[i:i + 1], torch.tensor([i])
+
+    mine(lambda x: {"l": x}, batches(), TopK(["l"], 2), checkpoint_seconds=60, now=lambda: now[0],
+         on_checkpoint=lambda t: saved.append(t.seen), progress=False)
+    assert saved == [3]  # 75 s after the start; 55 s since then by the end: no second one

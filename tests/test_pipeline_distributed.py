@@ -260,15 +260,35 @@ def test_channels_last_mines_the_same_winners(tmp_path):
 
 def test_bf16_autocast_on_cpu_is_close_to_float32(tmp_path):
     base = pipeline.run(fx.tiny_config(tmp_path, run="base"))
-    out = pipeline.run(fx.tiny_config(tmp_path, run="bf16", amp="bf16"))
+    out = pipeline.run(fx.tiny_config(tmp_path, run="bf16", amp="bf16", amp_pool=0))  # no fp32 re-rank
     assert out.results.mining_identity["amp"] == "bf16" and "amp" not in base.results.mining_identity
     # bf16 keeps 8 bits of mantissa: values within a few per cent of the layer's scale, winners
     # equal up to such near-ties
     _same_up_to_close_ties(_acts_of(out.results), _acts_of(base.results), tol=3e-2)
     assert any(w.activation != bw.activation for lr, blr in zip(out.results.layers, base.results.layers)
                for u, bu in zip(lr.units, blr.units) for w, bw in zip(u.winners, bu.winners))  # really bf16
-    with pytest.raises(DeconvisError, match=r"different configuration \(amp: 'bf16' -> None\)"):
+    assert out.results.stats["precision"]["activation"] == "bf16"
+    with pytest.raises(DeconvisError, match=r"different configuration \(amp: 'bf16' -> None"):
         pipeline.run(fx.tiny_config(tmp_path, run="bf16"))
+
+
+def test_bf16_candidates_re_ranked_in_fp32_give_the_fp32_winners(tmp_path):
+    """amp_pool=2: 6 bf16 candidates of 12 images per channel, re-ranked in fp32: the winners,
+    positions and activations of the fp32 run (where the pool is certain), fp32 values in results."""
+    base = pipeline.run(fx.tiny_config(tmp_path, run="base"))
+    out = pipeline.run(fx.tiny_config(tmp_path, run="pool", amp="bf16", amp_pool=2))
+    prec = out.results.stats["precision"]
+    assert prec["activation"] == "float32" and "among 6 bf16 candidates" in prec["ranking"]
+    assert out.results.mining_identity["amp_pool"] == 2
+    for lr, blr in zip(out.results.layers, base.results.layers):
+        if lr.label in prec["uncertain_channels"]:
+            continue
+        got = [(w.image, w.y, w.x) for u in lr.units for w in u.winners]
+        assert got == [(w.image, w.y, w.x) for u in blr.units for w in u.winners], lr.label
+        for u, bu in zip(lr.units, blr.units):
+            for w, bw in zip(u.winners, bu.winners):
+                assert w.activation == pytest.approx(bw.activation, rel=1e-5)
+    assert out.results.stats["replay"]["mismatches"] == 0 and out.results.stats["replay"]["checked"] == 36
 
 
 def test_fp16_needs_cuda(tmp_path, monkeypatch):

@@ -13,9 +13,12 @@ Ordering (ties break deterministically, so the same inputs and config give the s
 3. within one image, the first position of the maximum in row-major order (smallest ``y``, then
    smallest ``x``) -- the index ``torch.max(dim)`` returns for ties.
 
-NaN activations never win: an image whose map holds a NaN in a channel is ranked as ``-inf``
-there (at the position of its first NaN). Activations are compared in float64 (float32 on MPS),
-which is exact for float16/32 input.
+Non-finite activations never win: an image whose map holds a NaN or ``+inf`` in a channel (an
+fp16 overflow under ``--amp fp16``, NaN weights) is no candidate of that channel at all; every
+such (image, channel) is counted per layer and channel (:attr:`TopK.nonfinite`, with the first
+image it happened in), so the caller can name them (:mod:`deconvis.mining.nonfinite`) and no
+non-finite number reaches ``results.json``. Activations are compared in float64 (float32 on
+MPS), which is exact for float16/32 input.
 
 :meth:`TopK.merge` of states built from disjoint image sets gives exactly the winners of one pass
 over their union (the ordering above is a total order on (value, image)), so shards can be mined
@@ -27,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from deconvis.errors import DeconvisError
+from deconvis.mining.timing import MiningTimes, _Clock  # noqa: F401 - MiningTimes re-exported
 from deconvis.utils.device import is_oom
 
 #: image index of an empty slot (sorts after every real image on equal value -inf)
@@ -65,7 +68,8 @@ def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Per image and channel, the maximum over positions and where it is.
 
     ``act`` is ``[N, C, h, w]`` (or ``[N, C]``, read as ``h = w = 1``). Returns ``values [N, C]``
-    (NaN -> -inf), ``ys [N, C]``, ``xs [N, C]`` (int64, first maximum in row-major order).
+    (NaN where the map holds a NaN, ``+inf`` where it holds one: the reduction propagates them),
+    ``ys [N, C]``, ``xs [N, C]`` (int64, first maximum in row-major order).
     """
     if act.dim() == 2:
         act = act[:, :, None, None]
@@ -76,7 +80,6 @@ def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
     vals, idx = act.reshape(n, c, h * w).max(dim=2)  # ties: index of the first maximal value
     vals = vals.to(_value_dtype(act.device))
-    vals = torch.where(torch.isnan(vals), torch.full_like(vals, float("-inf")), vals)
     return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
 
 
@@ -86,6 +89,9 @@ class TopK:
     Per layer, four ``[C, k]`` tensors on ``device``: ``values`` (float64), ``images`` (global
     image index, int64; :data:`EMPTY` for unfilled slots), ``ys``, ``xs`` (position in the layer's
     map). Row ``c`` is sorted best first. ``C`` is fixed by the first update of the layer.
+    ``nonfinite[layer]`` (int64 ``[C]``) counts the images whose map was not finite in that
+    channel (never candidates), ``nonfinite_first[layer]`` the smallest such image (:data:`EMPTY`
+    for none); both stay on ``device`` (no host sync per batch).
     ``seen`` counts the dataset items consumed (including unreadable ones listed in ``skipped``);
     a resumed run continues at item ``seen``.
     """
@@ -101,6 +107,8 @@ class TopK:
         self.state: Dict[str, Dict[str, Tensor]] = {}
         self.seen = 0
         self.skipped: List[int] = []
+        self.nonfinite: Dict[str, Tensor] = {}
+        self.nonfinite_first: Dict[str, Tensor] = {}
 
     # -- updates -------------------------------------------------------------------------------
     def _empty(self, channels: int, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -113,9 +121,10 @@ class TopK:
         }
 
     @torch.inference_mode()
-    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor) -> None:
+    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor, eligible: Optional[Tensor] = None) -> None:
         """Fold one batch of ``layer``'s activations ``[N, C, h, w]`` for images ``image_ids [N]``
-        (global dataset indices) into the state."""
+        (global dataset indices) into the state. ``eligible`` (bool ``[N, C]``, optional) limits
+        which (image, channel) pairs may compete (the candidate pool of :mod:`deconvis.mining.rerank`)."""
         if layer not in self.layers:
             raise KeyError(f"layer {layer!r} is not mined by this TopK ({self.layers})")
         if act.shape[0] != image_ids.shape[0]:
@@ -127,18 +136,36 @@ class TopK:
         st = self.state.get(layer)
         if st is None:
             st = self._empty(vals.shape[1], vals.dtype)
+            self.nonfinite[layer] = torch.zeros(vals.shape[1], dtype=torch.int64, device=self.device)
+            self.nonfinite_first[layer] = torch.full((vals.shape[1],), EMPTY, dtype=torch.int64, device=self.device)
         elif st["values"].shape[0] != vals.shape[1]:
             raise ValueError(f"layer {layer!r} had {st['values'].shape[0]} channels, now {vals.shape[1]}")
-        cand = (vals.T, ids[None, :].expand(vals.shape[1], -1), ys.T, xs.T)
+        bad = ~torch.isfinite(vals)  # [N, C]: NaN, +inf (or a map of -inf only)
+        ids_nc = ids[:, None].expand_as(vals)
+        self.nonfinite[layer] = self.nonfinite[layer] + bad.sum(0)
+        first = torch.where(bad, ids_nc, torch.full_like(ids_nc, EMPTY)).amin(0)
+        self.nonfinite_first[layer] = torch.minimum(self.nonfinite_first[layer], first)
+        if eligible is not None:
+            bad = bad | ~eligible.to(device=self.device, dtype=torch.bool)
+        vals = vals.masked_fill(bad, float("-inf"))
+        ids_nc = ids_nc.masked_fill(bad, EMPTY)
+        cand = (vals.T, ids_nc.T, ys.T, xs.T)
         merged = [torch.cat((st[f], c.to(st[f].dtype)), dim=1) for f, c in zip(_FIELDS, cand)]
         self.state[layer] = dict(zip(_FIELDS, _select(*merged, self.k)))
 
     def update(self, acts: Mapping[str, Tensor], image_ids: Tensor) -> None:
-        """Fold one batch (``{layer: [N, C, h, w]}``) into every mined layer."""
+        """Fold one batch (``{layer: [N, C, h, w]}``) into every mined layer (the ids go to the
+        device once per batch, not once per layer)."""
+        ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
         for layer in self.layers:
             if layer not in acts:
                 raise KeyError(f"activations lack layer {layer!r} (got {sorted(acts)})")
-            self.update_layer(layer, acts[layer], image_ids)
+            self.update_layer(layer, acts[layer], ids, self.eligible(layer, ids))
+
+    def eligible(self, layer: str, image_ids: Tensor) -> Optional[Tensor]:
+        """Which (image, channel) pairs may compete (bool ``[N, C]``); None: all (subclasses
+        restrict it, see :class:`deconvis.mining.rerank.PoolTopK`)."""
+        return None
 
     @torch.inference_mode()
     def merge(self, other: "TopK") -> "TopK":
@@ -164,6 +191,14 @@ class TopK:
             merged = [torch.cat((mine[f].to(dtype) if f == "values" else mine[f],
                                  theirs[f].to(dtype) if f == "values" else theirs[f]), dim=1) for f in _FIELDS]
             self.state[layer] = dict(zip(_FIELDS, _select(*merged, self.k)))
+        for layer, count in other.nonfinite.items():
+            count = count.to(self.device)
+            first = other.nonfinite_first[layer].to(self.device)
+            if layer in self.nonfinite:
+                self.nonfinite[layer] = self.nonfinite[layer] + count
+                self.nonfinite_first[layer] = torch.minimum(self.nonfinite_first[layer], first)
+            else:
+                self.nonfinite[layer], self.nonfinite_first[layer] = count.clone(), first.clone()
         self.seen += other.seen
         self.skipped = sorted(set(self.skipped) | set(other.skipped))
         return self
@@ -189,6 +224,8 @@ class TopK:
             "skipped": torch.tensor(self.skipped, dtype=torch.int64),
             "state": {layer: {f: t.detach().cpu().clone() for f, t in st.items()}
                       for layer, st in self.state.items()},
+            "nonfinite": {layer: {"count": c.detach().cpu().clone(), "first": self.nonfinite_first[layer].detach().cpu().clone()}
+                          for layer, c in self.nonfinite.items()},
         }
 
     def load_state_dict(self, d: Mapping[str, object]) -> "TopK":
@@ -200,104 +237,14 @@ class TopK:
         self.skipped = [int(i) for i in d["skipped"].tolist()]  # type: ignore[union-attr]
         self.state = {layer: {f: st[f].to(self.device) for f in _FIELDS}
                       for layer, st in d["state"].items()}  # type: ignore[union-attr]
+        nf = d.get("nonfinite") or {}  # type: ignore[union-attr]  # absent in checkpoints before it existed
+        self.nonfinite = {layer: v["count"].to(self.device) for layer, v in nf.items()}
+        self.nonfinite_first = {layer: v["first"].to(self.device) for layer, v in nf.items()}
         return self
 
     @classmethod
     def from_state_dict(cls, d: Mapping[str, object], device: "str | torch.device" = "cpu") -> "TopK":
         return cls(list(d["layers"]), int(d["k"]), device).load_state_dict(d)  # type: ignore[arg-type]
-
-
-@dataclass
-class MiningTimes:
-    """Where :func:`mine`'s time went, in seconds.
-
-    * ``load``: waiting for the next batch from ``batches`` (decoding + preprocessing when the
-      DataLoader has no workers; with workers, only what they could not hide); host wall time.
-    * ``forward``: copy to the device + the forward to the deepest mined layer.
-    * ``topk``: channel maxima + top-k update.
-    * ``total``: wall time of the whole loop; ``other = total - load - forward - topk``
-      (progress bar, checkpoints, skipped items; negative when device work overlapped the host).
-
-    ``clock`` says how ``forward``/``topk`` were measured: ``"host"`` (wall time: exact on the CPU,
-    where the work is synchronous), ``"cuda-events"`` (GPU time between CUDA events, read when they
-    have completed: no host sync per batch; it overlaps ``load``, which the GPU hides) or
-    ``"synced"`` (``profile``: the device is synchronised around every step, exact but slower).
-    """
-
-    load: float = 0.0
-    forward: float = 0.0
-    topk: float = 0.0
-    total: float = 0.0
-    batches: int = 0
-    images: int = 0
-    clock: str = "host"
-    per_batch: List[Tuple[float, float, float]] = field(default_factory=list)  # profile only
-
-    @property
-    def other(self) -> float:
-        return self.total - self.load - self.forward - self.topk
-
-    def to_dict(self) -> Dict[str, object]:
-        return {"load": round(self.load, 4), "forward": round(self.forward, 4), "topk": round(self.topk, 4),
-                "other": round(self.other, 4), "total": round(self.total, 4), "batches": self.batches,
-                "images": self.images, "clock": self.clock}
-
-    def summary(self) -> str:
-        """``load 1.2 s (20%), forward 4.1 s (68%), top-k 0.5 s (8%), other 0.2 s; 41.3 img/s``."""
-        tot = max(self.total, 1e-9)
-        parts = [f"{name} {v:.2f} s ({100 * v / tot:.0f}%)"
-                 for name, v in (("load", self.load), ("forward", self.forward), ("top-k", self.topk))]
-        parts.append(f"other {self.other:.2f} s")
-        clock = "" if self.clock == "host" else f" [{self.clock}]"
-        return ", ".join(parts) + f"; {self.images / tot:.1f} img/s{clock}"
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-class _Clock:
-    """Marks and spans for :class:`MiningTimes` on ``device`` (see its ``clock``)."""
-
-    def __init__(self, device: torch.device, profile: bool):
-        self.device = device
-        self.events = device.type == "cuda" and not profile
-        self.sync = profile and device.type in ("cuda", "mps")
-        self.kind = "cuda-events" if self.events else ("synced" if self.sync else "host")
-        self.pending: List[Tuple[str, object, object]] = []
-
-    def mark(self) -> object:
-        if self.events:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        if self.sync:
-            _synchronize(self.device)
-        return time.perf_counter()
-
-    def span(self, times: MiningTimes, name: str, a: object, b: object) -> float:
-        """Add the span ``a -> b`` to ``times.<name>``; returns it (0 for events not read yet)."""
-        if self.events:
-            self.pending.append((name, a, b))
-            self.harvest(times, block=False)
-            return 0.0
-        dt = float(b) - float(a)  # type: ignore[arg-type]
-        setattr(times, name, getattr(times, name) + dt)
-        return dt
-
-    def harvest(self, times: MiningTimes, block: bool) -> None:
-        """Read the completed events (all of them, waiting, when ``block``)."""
-        while self.pending:
-            name, a, b = self.pending[0]
-            if block:
-                b.synchronize()  # type: ignore[attr-defined]
-            elif not b.query():  # type: ignore[attr-defined]  # non-blocking
-                break
-            setattr(times, name, getattr(times, name) + a.elapsed_time(b) / 1000.0)  # type: ignore[attr-defined]
-            self.pending.pop(0)
 
 
 def mine(
@@ -309,6 +256,8 @@ def mine(
     dtype: Optional[torch.dtype] = None,
     checkpoint_every: int = 0,
     on_checkpoint: Optional[Callable[[TopK], None]] = None,
+    checkpoint_seconds: float = 0.0,
+    now: Callable[[], float] = time.monotonic,
     total: Optional[int] = None,
     progress: bool = True,
     desc: str = "mining",
@@ -324,8 +273,9 @@ def mine(
     e.g. ``lambda x: dn.activations(x, layers)``. ``channels`` keeps only the first N channels of
     every layer. Images move to ``topk.device`` (and ``dtype`` if given); on an out-of-memory
     error the batch is forwarded in halves (and later batches too). ``on_checkpoint(topk)``
-    runs every ``checkpoint_every`` batches (and not at the end: the caller saves the final
-    state). ``total`` (items to stream) sizes the progress bar, which starts at ``topk.seen``.
+    runs every ``checkpoint_every`` batches and whenever ``checkpoint_seconds`` have passed on
+    ``now()`` since the last checkpoint (or the start; 0 turns either off), and not at the end: the
+    caller saves the final state. ``total`` (items to stream) sizes the progress bar, which starts at ``topk.seen``.
 
     ``times`` (a :class:`MiningTimes`) receives where the time went; nothing in the loop waits
     for the device (no host sync per batch) unless ``profile``, which synchronises around every
@@ -375,6 +325,7 @@ def mine(
                dynamic_ncols=True, smoothing=0.1)
     n_batches = 0
     t_start = time.perf_counter()
+    last_checkpoint = now()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         stack.callback(bar.close)
@@ -409,8 +360,11 @@ def mine(
             times.batches += 1
             if profile:
                 times.per_batch.append((t_load, t_fwd, t_upd))
-            if checkpoint_every and on_checkpoint is not None and n_batches % checkpoint_every == 0:
+            if on_checkpoint is not None and (
+                    (checkpoint_every and n_batches % checkpoint_every == 0)
+                    or (checkpoint_seconds > 0 and now() - last_checkpoint >= checkpoint_seconds)):
                 on_checkpoint(topk)
+                last_checkpoint = now()
             if on_batch is not None:
                 on_batch(n_batches)
         clock.harvest(times, block=True)

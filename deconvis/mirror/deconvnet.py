@@ -229,16 +229,16 @@ class DeconvNet:
             raise DeconvisError(f"units must have shape [M, 4] = (image, channel, y, x), got {list(units.shape)}")
         if units.is_floating_point() or units.dtype == torch.bool:
             raise DeconvisError("units must be an integer tensor (LongTensor [M, 4])")
-        units = units.long().to(act.device)
+        units = units.long()
         spatial = list(act.shape[2:]) if act.dim() == 4 else [1, 1]
-        limits = [act.shape[0], act.shape[1]] + spatial
-        for col, what in enumerate(("image", "channel", "y", "x")):
-            bad = (units[:, col] < 0) | (units[:, col] >= limits[col])
-            if bool(bad.any()):
-                row = int(bad.nonzero()[0, 0])
-                raise DeconvisError(f"unit {units[row].tolist()} is out of range for {name!r}: {what} must be in "
-                                    f"[0, {limits[col]}) (activation shape {list(act.shape)})")
-        return units
+        limits = torch.tensor([act.shape[0], act.shape[1]] + spatial, device=units.device)
+        bad = (units < 0) | (units >= limits)  # one check (one host sync at most) for all columns
+        if bool(bad.any()):
+            row, col = (int(v) for v in bad.nonzero()[0])
+            what = ("image", "channel", "y", "x")[col]
+            raise DeconvisError(f"unit {units[row].tolist()} is out of range for {name!r}: {what} must be in "
+                                f"[0, {int(limits[col])}) (activation shape {list(act.shape)})")
+        return units.to(act.device, non_blocking=True)  # checked on the host when given there: no sync
 
     def _seed(self, name: str, chunk: Tensor) -> Tensor:
         act = self._acts[name]

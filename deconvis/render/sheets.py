@@ -1,7 +1,8 @@
 """Projection of the winners, their patches, and ZF Fig. 2 style grid sheets.
 
 For every winning unit (layer, channel, image, y, x) the image is forwarded again (batched) and
-the unit projected down to pixel space with ``DeconvNet.project_window``, which returns the
+the unit projected down to pixel space with ``DeconvNet.project_window``
+(:mod:`deconvis.render.projection`), which returns the
 reconstruction on the unit's receptive-field box only and that box (half-open, unclipped, in
 displayed-image pixels). Two tiles are cut on that same box:
 
@@ -29,8 +30,7 @@ import torch
 
 from deconvis.io.atomic import write_png
 from deconvis.render.display import resize_tile
-from deconvis.io.images import GREY, ImageDataset, UnreadableImage, normalize
-from deconvis.errors import DeconvisError
+from deconvis.io.images import GREY, ImageDataset
 
 Box = Tuple[int, int, int, int]
 log = logging.getLogger("deconvis")
@@ -89,70 +89,17 @@ class TileJob:
     image: int
     y: int
     x: int
+    activation: Optional[float] = None  # the mined value, for the replay check (None: not checked)
 
 
 TileSink = Callable[[TileJob, np.ndarray, np.ndarray, Box], None]
 
 
-def project_jobs(
-    dn,
-    dataset: ImageDataset,
-    jobs: Sequence[TileJob],
-    *,
-    rule: str = "deconvnet",
-    batch_size: int = 16,
-    project_batch: int = 64,
-    device: "str | torch.device" = "cpu",
-    dtype: torch.dtype = torch.float32,
-    sink: TileSink,
-    progress: bool = True,
-) -> int:
-    """Project every job and hand ``(job, rec uint8 [rh, rw, 3], img uint8 [rh, rw, 3], box)`` to
-    ``sink``. Images are forwarded once per batch of ``batch_size`` distinct images (all layers
-    project from the same forward); units go to ``dn.project_window`` in chunks of
-    ``project_batch`` per layer. Returns the number of jobs done."""
-    from tqdm.auto import tqdm
+def project_jobs(dn, dataset: ImageDataset, jobs: Sequence[TileJob], **kwargs) -> int:
+    """See :func:`deconvis.render.projection.project_jobs` (kept here for existing callers)."""
+    from deconvis.render.projection import project_jobs as run
 
-    from deconvis.render.display import to_uint8
-
-    by_image: Dict[int, List[TileJob]] = {}
-    for j in jobs:
-        by_image.setdefault(j.image, []).append(j)
-    image_ids = sorted(by_image)
-    layer_order = {name: i for i, name in enumerate(getattr(dn, "layer_names", []))}
-    done = 0
-    bar = tqdm(total=len(jobs), unit="unit", desc="projecting", disable=not progress, dynamic_ncols=True)
-    try:
-        for start in range(0, len(image_ids), batch_size):
-            ids = image_ids[start:start + batch_size]
-            try:
-                shown = [dataset.display(i) for i in ids]
-            except UnreadableImage as exc:
-                raise DeconvisError(f"an image that won during mining cannot be read any more ({exc}); the image "
-                                    "set changed: re-run with --fresh") from exc
-            x = torch.stack([normalize(s, dataset.preprocess) for s in shown]).to(device=device, dtype=dtype)
-            dn.forward(x)
-            per_layer: Dict[str, List[Tuple[int, TileJob]]] = {}
-            for b, i in enumerate(ids):
-                for j in by_image[i]:
-                    per_layer.setdefault(j.layer, []).append((b, j))
-            for layer in sorted(per_layer, key=lambda n: layer_order.get(n, 0)):
-                items = per_layer[layer]
-                for c0 in range(0, len(items), project_batch):
-                    chunk = items[c0:c0 + project_batch]
-                    units = torch.tensor([[b, j.channel, j.y, j.x] for b, j in chunk], dtype=torch.long, device=device)
-                    rec, boxes = dn.project_window(layer, units, rule=rule)
-                    rec, boxes = _local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]))
-                    recs = to_uint8(rec.detach())
-                    boxes = boxes.detach().cpu().tolist()
-                    for (b, j), r, box in zip(chunk, recs, boxes):
-                        box_t: Box = tuple(int(v) for v in box)  # type: ignore[assignment]
-                        sink(j, np.ascontiguousarray(r), crop_padded(shown[b], box_t), box_t)
-                        done += 1
-                    bar.update(len(chunk))
-    finally:
-        bar.close()
-    return done
+    return run(dn, dataset, jobs, **kwargs)
 
 
 def _local_crop(dn: Any, layer: str, rec: torch.Tensor, boxes: torch.Tensor, units: torch.Tensor,

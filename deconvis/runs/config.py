@@ -42,12 +42,17 @@ class VisualizeConfig(Config):
     max_images: Optional[int] = option(None, "use only the first N images of the set")
     channels: Optional[int] = option(None, "visualise only the first N channels of every layer")
     batch_size: int = option(32, "images per mining/projection batch")
-    workers: int = option(0, "DataLoader worker processes (decode + preprocess in parallel)")
+    workers: Optional[int] = option(None, "DataLoader worker processes (decode + preprocess in parallel); unset/auto: "
+                                          "0 on the CPU, min(8, CPUs per process) on CUDA")
     prefetch_factor: int = option(2, "batches each DataLoader worker loads ahead (with workers > 0)")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun each "
                              "process takes cuda:LOCAL_RANK")
     amp: str = option("none", "mixed precision for the mining forward: none, bf16 (CUDA, CPU) or fp16 (CUDA only); "
                           "projections stay in full precision")
+    amp_pool: int = option(4, "with --amp: keep k x N candidates per channel under amp and re-rank them in fp32, so "
+                              "winners, positions and activations are fp32's among them; 0: keep the amp ranking")
+    tf32: bool = option(False, "allow TensorFloat-32 convs/matmuls in the mining forward on Ampere+ GPUs with --amp "
+                               "none (faster, 10-bit mantissa); default off: full fp32; part of the run identity")
     channels_last: bool = option(False, "mine with the model and images in channels_last memory format (faster convs "
                                     "on recent GPUs, notably with --amp)")
     profile: bool = option(False, "time every mining batch exactly (synchronises the device around each step: "
@@ -61,9 +66,13 @@ class VisualizeConfig(Config):
     out: str = option("outputs", "output root folder")
     run: str = option("", "run name (folder under --out); default: the config file's name, else the model name",
                       short="-n")
-    checkpoint_every: int = option(50, "save the mining state every N batches (0: only at the end)")
+    checkpoint_every: int = option(0, "save the mining state every N batches (0: by time only, see checkpoint_seconds)")
+    checkpoint_seconds: int = option(60, "save the mining state at most every N seconds of mining (0: only at the end)")
     project_batch: Optional[int] = option(0, "units handed to one projection call; 0 = auto (batches sized by free "
                                          "device memory, halved on out-of-memory)")
+    replay_max_mismatch: Optional[int] = option(0, "replay check: fail the run when more than N projected winners' "
+                                                    "recomputed activation differs from the mined value (a changed "
+                                                    "model or image set); unset/none: only count them")
     per_sheet: int = option(16, "channels per grid sheet (PNG page)")
     sheet_columns: int = option(4, "channel blocks per sheet row")
     min_tile: int = option(64, "smallest tile side in sheets, pixels (small RF patches are upscaled, nearest)")
@@ -82,13 +91,17 @@ class VisualizeConfig(Config):
                      "dist_timeout"):
             if getattr(self, name) < 1:
                 raise DeconvisError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("workers", "checkpoint_every"):
+        for name in ("checkpoint_every", "checkpoint_seconds", "amp_pool"):
             if getattr(self, name) < 0:
                 raise DeconvisError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("max_images", "channels", "resize", "crop"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise DeconvisError(f"{name} must be at least 1 (or unset), got {v}")
+        for name in ("workers", "replay_max_mismatch"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise DeconvisError(f"{name} must be 0 or more (or unset), got {v}")
         if self.project_batch is not None and self.project_batch < 0:
             raise DeconvisError(f"project_batch must be 0 or unset (auto) or a positive number, got {self.project_batch}")
         if self.amp not in AMP_MODES:

@@ -21,7 +21,12 @@ long as they make progress (no time limit: an uneven phase is fine); a rank that
 or hangs is caught after ``timeout_s`` seconds without progress (or by the process group's
 timeout on a collective; torchrun also ends the whole group when any process exits with an
 error).
-Backends: NCCL on CUDA, gloo on CPU.
+Backends: NCCL on CUDA, gloo on CPU. The control plane (object all-gathers: the failure
+agreement, the top-k merge, the projection plan) always runs on gloo: on a CUDA run a gloo side
+group (``DistInfo.group``) carries it, so a timeout there is a clear Python error rather than an
+NCCL watchdog abort, and a rank with a sticky CUDA error can still report it. Rank 0 plans work
+from its view of the shared filesystem and broadcasts it (:func:`from_main`), so ranks whose
+view lags (NFS attribute caches) never split the work differently.
 
 Phase bodies hold no collectives (a failing rank leaves its body early: a collective inside would
 pair with the wrong call on the others); collectives run between phases, where every rank
@@ -34,13 +39,14 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from deconvis.errors import DeconvisError
+from deconvis.utils.device import activate
 
 T = TypeVar("T")
 log = logging.getLogger("deconvis")
@@ -59,6 +65,7 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     timeout_s: float = 600.0
     tag: str = ""  # distinguishes runs in one process group (failure-flag key)
+    group: Any = field(default=None, compare=False, repr=False)  # gloo side group of the control plane (None: default)
 
     @property
     def enabled(self) -> bool:
@@ -77,29 +84,50 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] = None) -> DistInfo:
+def check_gpu_count(local_rank: int, local_world: int, device_count: int) -> None:
+    """Refuse a node with more processes than GPUs: two ranks on one GPU would fail much later as
+    'lost contact' (or out of memory)."""
+    if device_count < 1:
+        raise DeconvisError("this CUDA run sees no GPU (torch.cuda.device_count() is 0); check "
+                            "CUDA_VISIBLE_DEVICES or use --device cpu")
+    if local_world > device_count or local_rank >= device_count:
+        raise DeconvisError(f"{max(local_world, local_rank + 1)} processes on this node but only {device_count} "
+                            f"GPU{'s' if device_count > 1 else ''} visible: start at most {device_count} "
+                            f"(torchrun --nproc_per_node={device_count}), one per GPU")
+
+
+def init(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] = None,
+         side_group: Optional[bool] = None) -> DistInfo:
     """Join the process group when launched by torchrun (else a 1-process :class:`DistInfo`).
 
-    CUDA runs use NCCL and the device ``cuda:LOCAL_RANK``; CPU runs use gloo. ``timeout_s``
-    bounds how long a collective waits for a rank that stopped answering. A 1-process torchrun
-    job creates no process group.
+    CUDA runs use NCCL and the device ``cuda:LOCAL_RANK`` (refused when the node has more
+    processes than GPUs), plus a gloo side group for the control plane (``side_group``: None =
+    whenever the main backend is not gloo); CPU runs use gloo. ``timeout_s`` bounds how long a
+    collective waits for a rank that stopped answering. A 1-process torchrun job creates no
+    process group. ``cuda:N`` becomes the current CUDA device in every case.
     """
     if not launched_by_torchrun():
+        activate(device)
         return DistInfo(device=device, timeout_s=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
-        torch.cuda.set_device(device)
+        check_gpu_count(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+        device = torch.device("cuda", local)
+        activate(device)
+    group = None
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(backend=backend, timeout=timeout)
+            if side_group if side_group is not None else backend != "gloo":
+                group = dist.new_group(backend="gloo", timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - rendezvous/network errors become one clear line
             raise DeconvisError(f"rank {rank} of {world} could not join the process group ({backend}, "
                                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    return DistInfo(rank=rank, world=world, local_rank=local, device=device, timeout_s=timeout_s)
+    return DistInfo(rank=rank, world=world, local_rank=local, device=device, timeout_s=timeout_s, group=group)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -161,13 +189,31 @@ def all_gather_objects(obj: object, info: DistInfo, what: str = "") -> List[obje
         return [obj]
     out: List[object] = [None] * info.world
     try:
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=info.group)
     except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors, timeouts
-        where = f" during {what}" if what else ""
-        raise DeconvisError(f"rank {info.rank} of {info.world} lost contact with the other ranks{where} "
-                            f"({type(exc).__name__}: {_first_line(exc)}); another rank crashed or did not "
-                            f"answer within --dist-timeout {info.timeout_s:g} s: see its log") from exc
+        raise _lost(info, what, exc) from exc
     return out
+
+
+def _lost(info: DistInfo, what: str, exc: BaseException) -> DeconvisError:
+    where = f" during {what}" if what else ""
+    return DeconvisError(f"rank {info.rank} of {info.world} lost contact with the other ranks{where} "
+                         f"({type(exc).__name__}: {_first_line(exc)}); another rank crashed or did not "
+                         f"answer within --dist-timeout {info.timeout_s:g} s: see its log")
+
+
+def from_main(obj: T, info: DistInfo, what: str = "") -> T:
+    """Rank 0's ``obj`` on every rank (sent on the control group; the others pass anything, e.g.
+    None): one plan for all, whatever each rank's view of a shared filesystem. Compute ``obj``
+    inside a :func:`phase` on rank 0 and call this after it, where every rank arrives."""
+    if not info.enabled:
+        return obj
+    box: List[object] = [obj if info.is_main else None]
+    try:
+        dist.broadcast_object_list(box, src=0, group=info.group)
+    except Exception as exc:  # noqa: BLE001
+        raise _lost(info, what, exc) from exc
+    return box[0]  # type: ignore[return-value]
 
 
 def gather_topk(topk, info: DistInfo):

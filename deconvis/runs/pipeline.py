@@ -49,6 +49,8 @@ from deconvis.io.atomic import ensure_writable_dir
 from deconvis.runs import lock as run_lock
 from deconvis.errors import DeconvisError
 from deconvis.runs import distributed as dist_mod
+from deconvis.runs import precision
+from deconvis.runs import projection as projection_mod
 from deconvis.runs import ranks
 from deconvis.runs import results as results_mod
 from deconvis.runs.config import VisualizeConfig
@@ -61,7 +63,7 @@ from deconvis.runs.phases.report import report_phase
 from deconvis.runs.phases.rundir import (REPORT_FILE, STATE_FILE, check_state_world, clear_run,
                                          load_results, run_log, state_filename, tiles_done)
 from deconvis.runs.results import Results
-from deconvis.utils.device import resolve_device
+from deconvis.utils.device import resolve_device, tf32
 
 log = logging.getLogger("deconvis")
 
@@ -108,7 +110,7 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
             log.info("visualize: run %s -> %s", cfg.run, os.path.abspath(run_dir))
             return _render_only(cfg, run_dir)
     with dist_mod.session(resolve_device(cfg.device), cfg.dist_timeout) as info:
-        with run_log(run_dir, info), run_lock.hold(run_dir, info):
+        with run_log(run_dir, info), run_lock.hold(run_dir, info), tf32(False):  # full fp32 unless mining allows TF32
             return _run(cfg, run_dir, config_dir, info)
 
 
@@ -141,6 +143,11 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
     log.info("mining time split (%d images, %.1f s): %s", times.images, secs, times.summary())
     rank_stats = {"rank": info.rank, "images": topk.seen, "seconds": round(secs, 3), "split": times.to_dict()}
     topk, all_stats = ranks.merge_mining(topk, rank_stats, info)
+    doubt = None
+    if precision.reranks(ctx.cfg):  # amp: the fp32 winners among each channel's candidate pool
+        with dist_mod.phase(info, "fp32 re-rank"):
+            part = precision.rerank_part(ctx, topk, poll)
+        topk, doubt = precision.rerank_finish(ctx, dist_mod.gather_topk(part, info), topk)
     seconds["mine"] = time.perf_counter() - t
     with dist_mod.phase(info, "results"):
         check_mined(ctx, topk)
@@ -148,7 +155,8 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
                        topk.seen / max(seconds["mine"], 1e-9), f" on {info.world} processes" if info.enabled else "")
         res = build_results(ctx, topk)
         res.stats = {"mining_seconds": round(seconds["mine"], 3), "images": topk.seen, "world": info.world,
-                     "mining_split": times.to_dict()}
+                     "mining_split": times.to_dict(), "precision": precision.record(ctx, doubt),
+                     "nonfinite": precision.report_nonfinite(ctx, topk)}
         if info.enabled:
             res.stats["ranks"] = all_stats
         if info.is_main:
@@ -159,13 +167,18 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
 def _project(ctx: Context, res: Results, poll) -> int:
     """Phase project, split over ranks; returns how many units all ranks projected."""
     info = ctx.info
-    with dist_mod.phase(info, "projection plan"):
-        jobs = plan_projection(ctx, res)
+    with dist_mod.phase(info, "projection plan"):  # rank 0 plans from its view of the folder; every rank takes it
+        jobs = plan_projection(ctx, res) if info.is_main else []
+    jobs = dist_mod.from_main(jobs, info, "the projection plan")
+    if not info.is_main:
+        plan_projection(ctx, res)  # the same rule-change reset of res as on rank 0 (its job list is unused)
     mine = split_jobs(jobs, info)
+    replay = projection_mod.new_replay(res, precision.replay_rtol(ctx))
     if jobs and info.enabled:
         ranks.main_log(info, "projecting %d units (rule %s) on %d processes", len(jobs), ctx.cfg.rule, info.world)
     with dist_mod.phase(info, "projection"):
-        n = project_phase(ctx, res, mine, poll=poll) if mine else 0
+        n = project_phase(ctx, res, mine, poll=poll, replay=replay) if mine else 0
+    projection_mod.add_replay(res.stats, dist_mod.all_gather_objects(replay, info, "the replay check"), replay.rtol)
     return ranks.merge_projection(res, mine, n, info)
 
 
@@ -194,10 +207,13 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             ranks.main_log(info, "projected %d units in %.1f s", n_proj, seconds["project"])
         if info.is_main:
             results_mod.save(res, run_dir)
+    projection_mod.replay_verdict(res.stats["replay"], cfg.replay_max_mismatch, info.is_main)  # alike on every rank
 
     t = time.perf_counter()
     my_layers = dist_mod.split_for_rank([lr.name for lr in res.layers], info)
     with dist_mod.phase(info, "rendering"):
+        if info.enabled:  # tiles other ranks listed: wait until this rank sees them, never render a blank
+            projection_mod.wait_for_tiles(run_dir, res.layers, set(my_layers))
         render_phase(res, run_dir, cfg, layers=set(my_layers), poll=poll)
     ranks.merge_sheets(res, my_layers, info)
     with dist_mod.phase(info, "report"):

@@ -35,15 +35,26 @@ Schema (version 1)::
               ...]},
            ...]},
         ...],
-      "stats": {"mining_seconds": 12.3, "images": 252}
+      "stats": {"mining_seconds": 12.3, "images": 252,
+                "precision": {"device": "cuda", "mining_forward": "bf16 autocast", "activation": "float32",
+                              "ranking": "float32 among 36 bf16 candidates per channel",
+                              "projection": "float32 (TF32 off)", "uncertain_channels": {"conv5": 2}},
+                "nonfinite": {"conv5": {"images": 3, "channels": {"17": 3}, "first_image": 40}},
+                "replay": {"rtol": 1e-4, "checked": 2304, "mismatches": 0, "worst_relative": 3e-7,
+                           "examples": [[layer, channel, image, mined, recomputed], ...]}}
     }
 
-``box``/``box_clipped``/``tiles`` are ``null`` until the unit has been projected.
+``box``/``box_clipped``/``tiles`` are ``null`` until the unit has been projected. ``stats.precision``
+says in which precision each number was computed (``activation``: the winners' values);
+``stats.nonfinite`` the (image, channel) pairs whose map held a NaN or inf (never winners);
+``stats.replay`` how many projected winners' recomputed activation differed from the mined one
+(cumulative over resumed runs). The file never holds a non-finite number (:func:`save`).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -153,10 +164,21 @@ class Results:
             raise DeconvisError(f"results.json is malformed ({type(exc).__name__}: {exc}); re-run with --fresh") from exc
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def save(results: Results, run_dir: str) -> str:
-    """Write ``run_dir/results.json`` atomically; returns its path."""
+    """Write ``run_dir/results.json`` atomically (a non-finite number becomes null); returns its path."""
     path = os.path.join(run_dir, FILENAME)
-    write_json(path, results.to_dict())
+    write_json(path, finite_json(results.to_dict()))
     return path
 
 

@@ -1,14 +1,18 @@
 """Pick the device for a run, and size batches by the memory it has.
 
-``resolve_device("auto")`` gives CUDA when present, then Apple MPS, then the CPU.
+``resolve_device("auto")`` gives CUDA when present, then Apple MPS, then the CPU; ``activate``
+makes ``cuda:N`` current; ``tf32`` sets the TensorFloat-32 policy for a block; ``default_workers``
+and ``bf16_native`` answer the questions a GPU run asks at its start.
 ``batched(fn, items, batch_size, ...)`` runs ``fn`` over chunks of ``items`` and, on an
 out-of-memory error, halves the chunk and carries on (saying so once), so one oversized batch
 never loses a run.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -42,11 +46,51 @@ def resolve_device(name: Optional[str] = "auto") -> torch.device:
     return dev
 
 
+def activate(device: torch.device) -> None:
+    """Make ``cuda:N`` the current CUDA device, so that CUDA events, streams, ``empty_cache`` and
+    the DataLoader's pin-memory thread use it rather than GPU 0; nothing for other devices."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: CUDA compute capability 8.0+ (Ampere), not
+    the emulation older GPUs accept (``is_bf16_supported()`` says yes there); CPU and MPS yes."""
+    if device.type != "cuda":
+        return True
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def default_workers(device: torch.device, procs_per_node: int = 1, cpus: Optional[int] = None) -> int:
+    """DataLoader workers for ``--workers auto``: 0 on the CPU (decoding would take cores from the
+    forward), else the node's CPUs shared by its processes, at most 8 (a GPU starves on 0)."""
+    if device.type == "cpu":
+        return 0
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(max(1, min(8, cpus // max(1, procs_per_node) - 1)))
+
+
+@contextlib.contextmanager
+def tf32(allow: bool) -> Iterator[None]:
+    """Inside: TensorFloat-32 convs and matmuls on (Ampere+) CUDA allowed or not, as asked; the
+    previous settings come back on leaving. No effect on the CPU."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(allow)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
-    """Bytes a batch may use on ``device``: a fraction of free CUDA memory, else a CPU budget."""
+    """Bytes a batch may use on ``device``: a fraction of the CUDA memory that is free or held
+    unused in PyTorch's cache (reserved - allocated), else a CPU budget."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + max(0, cached)) * fraction)
     return CPU_BUDGET_BYTES
 
 

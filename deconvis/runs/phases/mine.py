@@ -1,5 +1,6 @@
 """Mining: stream this rank's shard of the images once and keep the k strongest images of every
-channel (:mod:`deconvis.mining`), checkpointed every ``checkpoint_every`` batches and resumed;
+channel (:mod:`deconvis.mining`), checkpointed every ``checkpoint_seconds`` (or
+``checkpoint_every`` batches) and resumed;
 then the merged winners as a :class:`~deconvis.runs.results.Results` (not yet projected)."""
 from __future__ import annotations
 
@@ -14,21 +15,24 @@ from deconvis.errors import DeconvisError
 from deconvis.io.atomic import save_torch
 from deconvis.io.images import ImageDataset, make_loader
 from deconvis.runs import distributed as dist_mod
+from deconvis.runs import precision
 from deconvis.runs.phases.prepare import Context, autocast
 from deconvis.runs.phases.rundir import check_state, load_state, state_blob, state_filename
 from deconvis.runs.results import ChannelResult, LayerResult, Results, Winner
+from deconvis.utils.device import tf32
 
 log = logging.getLogger("deconvis")
 
 
 def mining_forward(ctx: Context) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
-    """``images -> {layer: activation}`` for mining: autocast ``amp`` and ``channels_last``."""
+    """``images -> {layer: activation}`` for mining: autocast ``amp``, ``channels_last`` and the
+    TF32 policy ``tf32`` (off unless asked)."""
     dn, layers, channels_last = ctx.dn, ctx.layers, ctx.cfg.channels_last
 
     def forward(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(ctx):
+        with tf32(ctx.cfg.tf32), autocast(ctx):
             return dn.activations(x, layers)
 
     return forward
@@ -56,7 +60,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     after every batch (to stop early when another rank failed)."""
     cfg, info = ctx.cfg, ctx.info
     path = os.path.join(ctx.run_dir, state_filename(info))
-    topk = mining.TopK(ctx.layers, cfg.k, ctx.device)
+    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device)  # k, or the amp candidate pool
     times = mining.MiningTimes()
     if _resume(ctx, path, topk):
         return topk, times
@@ -72,9 +76,10 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
             poll()
 
     sampler = dist_mod.ShardSampler(len(ctx.source), info.rank, info.world, start=topk.seen)
-    loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size, cfg.workers,
+    workers = precision.workers(cfg, ctx.device)
+    loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size, workers,
                          pin_memory=ctx.device.type == "cuda", sampler=sampler,
-                         prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.workers > 0)
+                         prefetch_factor=cfg.prefetch_factor, persistent_workers=workers > 0)
     model = ctx.loaded.model
     n_skipped_before = len(topk.skipped)
     try:
@@ -82,6 +87,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
             model.to(memory_format=torch.channels_last)
         mining.mine(mining_forward(ctx), loader, topk, channels=cfg.channels, dtype=ctx.dtype,
                     checkpoint_every=cfg.checkpoint_every, on_checkpoint=checkpoint,
+                    checkpoint_seconds=cfg.checkpoint_seconds,
                     total=dist_mod.shard_size(len(ctx.source), info.rank, info.world),
                     progress=cfg.progress and info.is_main, times=times, profile=cfg.profile, on_batch=on_batch)
     finally:

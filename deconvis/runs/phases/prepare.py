@@ -18,7 +18,8 @@ from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.layers import LayerSpec, layer_specs
 from deconvis.runs.phases.rundir import Identity, run_identity
-from deconvis.utils.device import model_dtype_device, resolve_device
+from deconvis.runs import precision
+from deconvis.utils.device import bf16_native, model_dtype_device, resolve_device
 
 
 @dataclass
@@ -78,7 +79,7 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
             raise DeconvisError(f"--amp fp16 needs a CUDA device but this run is on {device.type}; "
                                 "use --amp bf16 or --amp none")
         return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not bf16_native(device):
         raise DeconvisError(f"--amp bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 "
                             "support; use --amp fp16 or --amp none")
     if device.type not in ("cuda", "cpu", "mps"):
@@ -152,5 +153,6 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
             raise DeconvisError(f"--amp {cfg.amp} does not work for this model on {device.type} "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0]}); use --amp none") from exc
     return Context(cfg=cfg, run_dir=run_dir, device=device, dtype=dtype, loaded=loaded, dn=dn, specs=specs,
-                   preprocess=pp, source=source, identity=run_identity(cfg, layers, weights, source, pp),
+                   preprocess=pp, source=source, identity=run_identity(cfg, layers, weights, source, pp,
+                                                                          precision.identity_extra(cfg, device)),
                    info=info, amp=amp)

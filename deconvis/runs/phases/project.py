@@ -14,6 +14,7 @@ from deconvis.io.atomic import write_png
 from deconvis.io.images import ImageDataset
 from deconvis.render import sheets as render
 from deconvis.runs import distributed as dist_mod
+from deconvis.runs import precision
 from deconvis.runs import results as results_mod
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.prepare import Context
@@ -45,7 +46,7 @@ def plan_projection(ctx: Context, res: Results) -> List[render.TileJob]:
         for _, w in _winners(res).values():
             w.box = w.box_clipped = w.tiles = None
         res.projection_hash, res.rule = ctx.projection_hash, cfg.rule
-    return [render.TileJob(lr.name, u.channel, w.rank, w.image, w.y, w.x)
+    return [render.TileJob(lr.name, u.channel, w.rank, w.image, w.y, w.x, w.activation)
             for lr in res.layers for u in lr.units for w in u.winners if not tiles_done(ctx.run_dir, w)]
 
 
@@ -76,9 +77,10 @@ def project_chunk(ctx: Context) -> int:
 
 
 def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob]] = None,
-                  poll: Optional[Callable[[], None]] = None) -> int:
+                  poll: Optional[Callable[[], None]] = None, replay: Optional[Any] = None) -> int:
     """Project ``jobs`` (default: every winner whose tiles are missing, see :func:`plan_projection`),
-    writing their tiles and filling their boxes in ``res``; returns how many were projected."""
+    writing their tiles and filling their boxes in ``res``; returns how many were projected.
+    ``replay`` (a :class:`deconvis.render.projection.Replay`) receives the replay check."""
     cfg, info = ctx.cfg, ctx.info
     if jobs is None:
         jobs = plan_projection(ctx, res)
@@ -106,7 +108,8 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
 
     return render.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
-                               dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main)
+                               dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
+                               workers=precision.workers(cfg, ctx.device), replay=replay)
 
 
 def projection_updates(res: Results, jobs: List[render.TileJob]) -> Dict[str, Any]:

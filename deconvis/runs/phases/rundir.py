@@ -71,9 +71,10 @@ def _names_digest(source: ImageSource) -> str:
 
 
 def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, source: ImageSource,
-                 pp: Preprocess) -> Identity:
+                 pp: Preprocess, extra: Optional[Dict[str, Any]] = None) -> Identity:
     """The identity of a run over resolved ``layers`` (step names: an alias and its module agree),
-    resolved ``weights`` (path or name), the opened image ``source`` and the preprocessing ``pp``."""
+    resolved ``weights`` (path or name), the opened image ``source`` and the preprocessing ``pp``;
+    ``extra`` adds keys (the precision policy: :func:`deconvis.runs.precision.identity_extra`)."""
     values = cfg.to_dict()
     fields = {key: values[key] for key in config_mod.MINING_KEYS}
     fields.update({
@@ -88,6 +89,7 @@ def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, sour
         fields.pop(key, None)
     if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
         fields["amp"] = cfg.amp
+    fields.update(extra or {})
     mining_hash = config_mod.config_hash(fields, sorted(fields))
     projection_hash = config_mod.config_hash({"mining": mining_hash, "rule": cfg.rule}, ["mining", "rule"])
     return Identity(fields=fields, mining_hash=mining_hash, projection_hash=projection_hash)

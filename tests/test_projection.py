@@ -1,0 +1,84 @@
+"""render.projection.project_jobs against a direct projection of each image on its own: the
+forward stops at the layers the jobs need, an out-of-memory forward is halved with every job done
+once, tiles are the uint8 of the direct reconstruction, and the replay values are the activations."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline_fixtures as fx
+from deconvis.io.images import ImageDataset, open_images
+from deconvis.io.models import Preprocess
+from deconvis.mirror.deconvnet import DeconvNet
+from deconvis.render.display import to_uint8, to_uint8_tensor
+from deconvis.render.projection import Replay, project_jobs
+from deconvis.render.sheets import TileJob
+
+
+@pytest.fixture
+def setup(tmp_path):
+    fx.write_images(tmp_path / "imgs", n=5)
+    torch.manual_seed(0)
+    ns = {}
+    exec(fx.TINY_NET, ns)
+    model = ns["make"]().eval()
+    pp = Preprocess(resize=fx.SIZE, crop=(fx.SIZE, fx.SIZE), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ds = ImageDataset(open_images(str(tmp_path / "imgs")), pp)
+    return DeconvNet(model), ds
+
+
+def _direct(dn, ds, job):
+    """The oracle: forward image ``job.image`` alone, project the unit, uint8 it."""
+    acts = dn.forward(ds[job.image][0][None])
+    rec, box = dn.project_window(job.layer, torch.tensor([[0, job.channel, job.y, job.x]]))
+    return to_uint8(rec)[0], tuple(int(v) for v in box[0]), float(acts[job.layer][0, job.channel, job.y, job.x])
+
+
+def test_jobs_match_direct_projection_with_oom_halving_and_a_cut_forward(setup, monkeypatch):
+    dn, ds = setup
+    jobs = [TileJob("1", c, r, i, (3 * i + c) % 32, (5 * c + i) % 32, None)
+            for r, (i, c) in enumerate([(0, 1), (2, 0), (3, 3), (4, 2), (1, 1)])]
+    jobs += [TileJob("4", 2, 0, 3, 5, 7, None)]
+    want = {(j.layer, j.channel, j.rank): _direct(dn, ds, j) for j in jobs}
+    jobs = [TileJob(j.layer, j.channel, j.rank, j.image, j.y, j.x, want[(j.layer, j.channel, j.rank)][2])
+            for j in jobs]
+    real, seen = dn.forward, []
+
+    def forward(x, layers=None):
+        seen.append((x.shape[0], tuple(layers)))
+        if x.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, layers=layers)
+
+    monkeypatch.setattr(dn, "forward", forward)
+    got = {}
+
+    def sink(job, rec, img, box):
+        key = (job.layer, job.channel, job.rank)
+        assert key not in got  # exactly once
+        got[key] = (rec, box)
+
+    replay = Replay(rtol=1e-5)  # batch of 2 vs 1 image: float32 sums may differ in the last bits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        n = project_jobs(dn, ds, jobs, batch_size=4, project_batch=2, sink=sink, progress=False, replay=replay)
+    assert n == len(jobs) == len(got)
+    assert any("forwarding 2 images at a time" in str(w.message) for w in caught)
+    assert seen[0][0] == 4 and all(b <= 2 for b, _ in seen[1:])
+    assert {layers for _, layers in seen if "4" not in layers} == {("1",)}  # images 0-2 need conv1 only
+    for key, (rec, box) in got.items():
+        assert box == want[key][1]
+        assert np.array_equal(rec, want[key][0]), key
+    assert (replay.checked, replay.mismatches) == (len(jobs), 0)  # batched values = single-image ones (round-off)
+
+
+def test_uint8_on_the_device_equals_the_host_version():
+    rec = torch.randn(3, 3, 5, 4, dtype=torch.float32)
+    rec[1] = 0
+    assert to_uint8_tensor(rec).dtype == torch.uint8
+    assert np.array_equal(to_uint8_tensor(rec).numpy(), to_uint8(rec))
+    ref = (128 + 127 * rec.double() / rec.double().abs().flatten(1).amax(1).clamp_min(1e-300)[:, None, None, None])
+    assert np.array_equal(to_uint8(rec)[0], ref[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
