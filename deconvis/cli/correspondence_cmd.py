@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
+from deconvis.runs.configbase import Config, command, option, parse
 from deconvis.errors import DeconvisError
 
 DEMO_PARTS = "asset:face_parts.yaml"
@@ -44,14 +44,6 @@ class CorrespondenceConfig(Config):
         check_fill(self.fill, ("mean", "black"))
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = _add_parser(subparsers, "correspondence", CorrespondenceConfig,
-                    "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
-                    description=CorrespondenceConfig.__doc__)
-    p.set_defaults(func=run)
-    return p
-
-
 def parts_path(spec: str) -> str:
     """``asset:NAME`` -> the file shipped in deconvis/assets; other paths unchanged."""
     if spec.startswith("asset:"):
@@ -67,19 +59,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+add_parser = command("correspondence", CorrespondenceConfig, run,
+                     "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
+                     CorrespondenceConfig.__doc__)
+
+
 def run_config(cfg: CorrespondenceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the CorrespondenceResult."""
     import torch
 
-    from deconvis.analysis.common import jsonable, load_network, read_photo, to_input
+    from deconvis.analysis.common import jsonable, read_photo, to_input
     from deconvis.analysis.correspondence import correspondence, input_box, load_part_boxes, plot_correspondence
+    from deconvis.cli.analysis_common import configured_network
     from deconvis.io import atomic
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     path = parts_path(cfg.parts)
     records = load_part_boxes(path)
-    lm = load_network(cfg.model, cfg.weights, cfg.device)
+    lm = configured_network(cfg)
     pp = lm.preprocess
     keys = list(dict.fromkeys(r.key for r in records))
     photos, inputs = {}, []

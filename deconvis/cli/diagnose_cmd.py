@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
+from deconvis.runs.configbase import Config, command, option, parse
 from deconvis.errors import DeconvisError
 
 
@@ -53,14 +53,6 @@ class DiagnoseConfig(Config):
             raise DeconvisError(f"band edges must satisfy 0 < band_low < band_high, got {self.band_low}, {self.band_high}")
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = _add_parser(subparsers, "diagnose", DiagnoseConfig,
-                    "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
-                    description=DiagnoseConfig.__doc__)
-    p.set_defaults(func=run)
-    return p
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = parse(DiagnoseConfig, args)
     res = run_config(cfg)
@@ -69,18 +61,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+add_parser = command("diagnose", DiagnoseConfig, run,
+                     "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
+                     DiagnoseConfig.__doc__)
+
+
 def run_config(cfg: DiagnoseConfig):
     """Run the diagnosis of ``cfg`` and write its outputs; returns the DiagnoseResult."""
-    import torch
-
-    from deconvis.analysis.common import jsonable, load_network
+    from deconvis.analysis.common import jsonable
     from deconvis.analysis.diagnose import conv_modules, diagnose, image_set_batches
     from deconvis.analysis.diagnose_plot import plot_diagnose
+    from deconvis.cli.analysis_common import configured_network
     from deconvis.io import atomic
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    lm = load_network(cfg.model, cfg.weights, cfg.device)
+    lm = configured_network(cfg)
     pp = lm.preprocess
     batches = image_set_batches(cfg.images, cfg.resize or pp.resize, cfg.crop or pp.crop[0], cfg.batch_size,
                                 max_images=cfg.max_images or None, mean=pp.mean, std=pp.std)

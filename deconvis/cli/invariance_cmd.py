@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
+from deconvis.runs.configbase import Config, command, option, parse
 from deconvis.errors import DeconvisError
 
 
@@ -63,14 +63,6 @@ class InvarianceConfig(Config):
         check_fill(self.fill)
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = _add_parser(subparsers, "invariance", InvarianceConfig,
-                    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
-                    description=InvarianceConfig.__doc__)
-    p.set_defaults(func=run)
-    return p
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = parse(InvarianceConfig, args)
     res = run_config(cfg)
@@ -82,17 +74,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+add_parser = command("invariance", InvarianceConfig, run,
+                     "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
+                     InvarianceConfig.__doc__)
+
+
 def run_config(cfg: InvarianceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the InvarianceResult."""
     import torch
 
-    from deconvis.analysis.common import jsonable, load_network, read_photo, to_input
+    from deconvis.analysis.common import jsonable, read_photo, to_input
     from deconvis.analysis.invariance import plot_invariance, invariance, sweep_amounts
+    from deconvis.cli.analysis_common import configured_network
     from deconvis.io import atomic
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    lm = load_network(cfg.model, cfg.weights, cfg.device)
+    lm = configured_network(cfg)
     x = torch.stack([to_input(read_photo(s), lm.preprocess)[1] for s in cfg.images])
     h = x.shape[-2]
     limits = {"translate": round(cfg.translate_frac * h), "scale": cfg.scale_max, "rotate": 360.0}
