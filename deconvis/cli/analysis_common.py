@@ -1,8 +1,12 @@
-"""What the Section 4 analysis subcommands (invariance, correspondence, diagnose) share in their
-``run_config``: the torch thread count and the network of the config."""
+"""What the Section 4 analysis subcommands (invariance, correspondence, diagnose) share: their
+``run(args)`` (parse, run, print) and, in ``run_config``, the torch thread count and the network."""
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import os
+from typing import Any, Callable, Iterable, Tuple
+
+from deconvis.runs.configbase import command, parse
 
 
 def configured_network(cfg: Any) -> Any:
@@ -15,3 +19,21 @@ def configured_network(cfg: Any) -> Any:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     return load_network(cfg.model, cfg.weights, cfg.device)
+
+
+def analysis_command(name: str, config_cls: Any, run_config: Callable[[Any], Any], help: str,  # noqa: A002
+                     summary: Callable[[Any], Iterable[str]], first_file: str,
+                     more_files: str) -> Tuple[Callable[[argparse.Namespace], int], Callable[[Any], Any]]:
+    """A subcommand's ``(run, add_parser)``: ``run(args)`` parses and validates the config, runs
+    ``run_config(cfg)``, prints the lines of ``summary(result)`` and ``wrote OUT_DIR/<first_file>
+    <more_files>``, and returns exit status 0; ``add_parser`` registers ``name`` (see
+    :func:`deconvis.runs.configbase.command`, the config class's docstring as description)."""
+    def run(args: argparse.Namespace) -> int:
+        cfg = parse(config_cls, args)
+        res = run_config(cfg)
+        for line in summary(res):
+            print(line)
+        print(f"wrote {os.path.join(cfg.out_dir, first_file)}{more_files}")
+        return 0
+
+    return run, command(name, config_cls, run, help, config_cls.__doc__)

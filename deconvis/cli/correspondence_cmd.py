@@ -6,12 +6,12 @@ pixels), ``correspondence.md`` (the table) and ``correspondence.png`` (bars per 
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, command, option, parse
+from deconvis.cli.analysis_common import analysis_command
+from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
 DEMO_PARTS = "asset:face_parts.yaml"
@@ -51,19 +51,6 @@ def parts_path(spec: str) -> str:
     return spec
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = parse(CorrespondenceConfig, args)
-    res = run_config(cfg)
-    print(res.markdown())
-    print(f"wrote {os.path.join(cfg.out_dir, 'correspondence.json')}, correspondence.md and correspondence.png")
-    return 0
-
-
-add_parser = command("correspondence", CorrespondenceConfig, run,
-                     "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
-                     CorrespondenceConfig.__doc__)
-
-
 def run_config(cfg: CorrespondenceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the CorrespondenceResult."""
     import torch
@@ -101,3 +88,9 @@ def run_config(cfg: CorrespondenceConfig):
     atomic.write_text(os.path.join(cfg.out_dir, "correspondence.md"), res.markdown())
     plot_correspondence(res, os.path.join(cfg.out_dir, "correspondence.png"))
     return res
+
+
+run, add_parser = analysis_command("correspondence", CorrespondenceConfig, run_config,
+                                   "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
+                                   lambda res: [res.markdown()], "correspondence.json",
+                                   ", correspondence.md and correspondence.png")

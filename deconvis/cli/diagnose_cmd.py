@@ -5,12 +5,12 @@ Outputs in ``out_dir``: ``diagnose.json``, ``diagnose.md`` (tables) and ``diagno
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, command, option, parse
+from deconvis.cli.analysis_common import analysis_command
+from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
 
@@ -53,19 +53,6 @@ class DiagnoseConfig(Config):
             raise DeconvisError(f"band edges must satisfy 0 < band_low < band_high, got {self.band_low}, {self.band_high}")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = parse(DiagnoseConfig, args)
-    res = run_config(cfg)
-    print(res.markdown())
-    print(f"wrote {os.path.join(cfg.out_dir, 'diagnose.json')}, diagnose.md and diagnose.png")
-    return 0
-
-
-add_parser = command("diagnose", DiagnoseConfig, run,
-                     "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
-                     DiagnoseConfig.__doc__)
-
-
 def run_config(cfg: DiagnoseConfig):
     """Run the diagnosis of ``cfg`` and write its outputs; returns the DiagnoseResult."""
     from deconvis.analysis.common import jsonable
@@ -88,3 +75,8 @@ def run_config(cfg: DiagnoseConfig):
     plot_diagnose(res, first.weight, os.path.join(cfg.out_dir, "diagnose.png"),
                   title=f"{cfg.model} ({cfg.weights}): architecture diagnosis (ZF Fig. 6)")
     return res
+
+
+run, add_parser = analysis_command("diagnose", DiagnoseConfig, run_config,
+                                   "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
+                                   lambda res: [res.markdown()], "diagnose.json", ", diagnose.md and diagnose.png")

@@ -6,12 +6,12 @@ Outputs in ``out_dir``: ``invariance.json`` (every curve, the fill, the amounts)
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List
 
-from deconvis.runs.configbase import Config, command, option, parse
+from deconvis.cli.analysis_common import analysis_command
+from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
 
@@ -63,20 +63,14 @@ class InvarianceConfig(Config):
         check_fill(self.fill)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = parse(InvarianceConfig, args)
-    res = run_config(cfg)
+def _sweep_lines(res: Any) -> List[str]:
+    """One line per sweep: the largest relative distance per layer, the smallest true-class probability."""
+    lines = []
     for s in res.sweeps:
         worst = {l: float(s.relative[l].max()) for l in res.layers}
-        print(f"{s.transform}: max relative distance " + ", ".join(f"{l} {v:.3f}" for l, v in worst.items())
-              + f"; p(true class) min {float(s.probability.min()):.3f}")
-    print(f"wrote {os.path.join(cfg.out_dir, 'invariance.json')} and invariance.png")
-    return 0
-
-
-add_parser = command("invariance", InvarianceConfig, run,
-                     "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
-                     InvarianceConfig.__doc__)
+        lines.append(f"{s.transform}: max relative distance " + ", ".join(f"{l} {v:.3f}" for l, v in worst.items())
+                     + f"; p(true class) min {float(s.probability.min()):.3f}")
+    return lines
 
 
 def run_config(cfg: InvarianceConfig):
@@ -100,3 +94,8 @@ def run_config(cfg: InvarianceConfig):
     atomic.write_json(os.path.join(cfg.out_dir, "invariance.json"), jsonable(record))
     plot_invariance(res, os.path.join(cfg.out_dir, "invariance.png"))
     return res
+
+
+run, add_parser = analysis_command("invariance", InvarianceConfig, run_config,
+                                   "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
+                                   _sweep_lines, "invariance.json", " and invariance.png")
