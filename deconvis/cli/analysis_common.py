@@ -1,5 +1,5 @@
 """What the Section 4 analysis subcommands (invariance, correspondence, diagnose) share: their
-``run(args)`` (parse, run, print) and, in ``run_config``, the torch thread count and the network."""
+``run(args)`` (parse, run, print) and the torch thread count of ``run_config``."""
 from __future__ import annotations
 
 import argparse
@@ -9,16 +9,12 @@ from typing import Any, Callable, Iterable, Tuple
 from deconvis.runs.configbase import command, parse
 
 
-def configured_network(cfg: Any) -> Any:
-    """Set ``cfg.threads`` torch CPU threads (0: torch's default) and load ``cfg.model`` with
-    ``cfg.weights`` on ``cfg.device``: a :class:`deconvis.analysis.common.LoadedModel`."""
-    import torch
+def apply_threads(threads: int) -> None:
+    """Use ``threads`` torch CPU threads (0: leave torch's default)."""
+    if threads > 0:
+        import torch
 
-    from deconvis.analysis.common import load_network
-
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    return load_network(cfg.model, cfg.weights, cfg.device)
+        torch.set_num_threads(threads)
 
 
 def analysis_command(name: str, config_cls: Any, run_config: Callable[[Any], Any], help: str,  # noqa: A002

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli.analysis_common import analysis_command
+from deconvis.cli.analysis_common import analysis_command, apply_threads
 from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
@@ -55,14 +55,14 @@ def run_config(cfg: CorrespondenceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the CorrespondenceResult."""
     import torch
 
-    from deconvis.analysis.common import jsonable, read_photo, to_input
+    from deconvis.analysis.common import jsonable, load_network, read_photo, to_input
     from deconvis.analysis.correspondence import correspondence, input_box, load_part_boxes, plot_correspondence
-    from deconvis.cli.analysis_common import configured_network
     from deconvis.io import atomic
 
+    apply_threads(cfg.threads)
     path = parts_path(cfg.parts)
     records = load_part_boxes(path)
-    lm = configured_network(cfg)
+    lm = load_network(cfg.model, cfg.weights, cfg.device)
     pp = lm.preprocess
     keys = list(dict.fromkeys(r.key for r in records))
     photos, inputs = {}, []

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli.analysis_common import analysis_command
+from deconvis.cli.analysis_common import analysis_command, apply_threads
 from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
@@ -55,13 +55,13 @@ class DiagnoseConfig(Config):
 
 def run_config(cfg: DiagnoseConfig):
     """Run the diagnosis of ``cfg`` and write its outputs; returns the DiagnoseResult."""
-    from deconvis.analysis.common import jsonable
+    from deconvis.analysis.common import jsonable, load_network
     from deconvis.analysis.diagnose import conv_modules, diagnose, image_set_batches
     from deconvis.analysis.diagnose_plot import plot_diagnose
-    from deconvis.cli.analysis_common import configured_network
     from deconvis.io import atomic
 
-    lm = configured_network(cfg)
+    apply_threads(cfg.threads)
+    lm = load_network(cfg.model, cfg.weights, cfg.device)
     pp = lm.preprocess
     batches = image_set_batches(cfg.images, cfg.resize or pp.resize, cfg.crop or pp.crop[0], cfg.batch_size,
                                 max_images=cfg.max_images or None, mean=pp.mean, std=pp.std)

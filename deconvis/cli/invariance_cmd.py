@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List
 
-from deconvis.cli.analysis_common import analysis_command
+from deconvis.cli.analysis_common import analysis_command, apply_threads
 from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
@@ -77,12 +77,12 @@ def run_config(cfg: InvarianceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the InvarianceResult."""
     import torch
 
-    from deconvis.analysis.common import jsonable, read_photo, to_input
+    from deconvis.analysis.common import jsonable, load_network, read_photo, to_input
     from deconvis.analysis.invariance import plot_invariance, invariance, sweep_amounts
-    from deconvis.cli.analysis_common import configured_network
     from deconvis.io import atomic
 
-    lm = configured_network(cfg)
+    apply_threads(cfg.threads)
+    lm = load_network(cfg.model, cfg.weights, cfg.device)
     x = torch.stack([to_input(read_photo(s), lm.preprocess)[1] for s in cfg.images])
     h = x.shape[-2]
     limits = {"translate": round(cfg.translate_frac * h), "scale": cfg.scale_max, "rotate": 360.0}
