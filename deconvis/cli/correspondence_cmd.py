@@ -51,6 +51,13 @@ def parts_path(spec: str) -> str:
     return spec
 
 
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "correspondence", CorrespondenceConfig, lambda cfg: run_config(cfg),
+    "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
+    lambda res: [res.markdown()], "correspondence.json", ", correspondence.md and correspondence.png")
+
+
 def run_config(cfg: CorrespondenceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the CorrespondenceResult."""
     import torch
@@ -88,9 +95,3 @@ def run_config(cfg: CorrespondenceConfig):
     atomic.write_text(os.path.join(cfg.out_dir, "correspondence.md"), res.markdown())
     plot_correspondence(res, os.path.join(cfg.out_dir, "correspondence.png"))
     return res
-
-
-run, add_parser = analysis_command("correspondence", CorrespondenceConfig, run_config,
-                                   "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
-                                   lambda res: [res.markdown()], "correspondence.json",
-                                   ", correspondence.md and correspondence.png")

@@ -53,6 +53,13 @@ class DiagnoseConfig(Config):
             raise DeconvisError(f"band edges must satisfy 0 < band_low < band_high, got {self.band_low}, {self.band_high}")
 
 
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "diagnose", DiagnoseConfig, lambda cfg: run_config(cfg),
+    "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
+    lambda res: [res.markdown()], "diagnose.json", ", diagnose.md and diagnose.png")
+
+
 def run_config(cfg: DiagnoseConfig):
     """Run the diagnosis of ``cfg`` and write its outputs; returns the DiagnoseResult."""
     from deconvis.analysis.common import jsonable, load_network
@@ -75,8 +82,3 @@ def run_config(cfg: DiagnoseConfig):
     plot_diagnose(res, first.weight, os.path.join(cfg.out_dir, "diagnose.png"),
                   title=f"{cfg.model} ({cfg.weights}): architecture diagnosis (ZF Fig. 6)")
     return res
-
-
-run, add_parser = analysis_command("diagnose", DiagnoseConfig, run_config,
-                                   "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
-                                   lambda res: [res.markdown()], "diagnose.json", ", diagnose.md and diagnose.png")

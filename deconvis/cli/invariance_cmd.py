@@ -73,6 +73,13 @@ def _sweep_lines(res: Any) -> List[str]:
     return lines
 
 
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "invariance", InvarianceConfig, lambda cfg: run_config(cfg),
+    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
+    _sweep_lines, "invariance.json", " and invariance.png")
+
+
 def run_config(cfg: InvarianceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the InvarianceResult."""
     import torch
@@ -94,8 +101,3 @@ def run_config(cfg: InvarianceConfig):
     atomic.write_json(os.path.join(cfg.out_dir, "invariance.json"), jsonable(record))
     plot_invariance(res, os.path.join(cfg.out_dir, "invariance.png"))
     return res
-
-
-run, add_parser = analysis_command("invariance", InvarianceConfig, run_config,
-                                   "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
-                                   _sweep_lines, "invariance.json", " and invariance.png")
