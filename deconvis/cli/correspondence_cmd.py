@@ -44,18 +44,18 @@ class CorrespondenceConfig(Config):
         check_fill(self.fill, ("mean", "black"))
 
 
-def parts_path(spec: str) -> str:
-    """``asset:NAME`` -> the file shipped in deconvis/assets; other paths unchanged."""
-    if spec.startswith("asset:"):
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", spec[len("asset:"):])
-    return spec
-
-
 # run(args) and add_parser(subparsers); run_config is defined below
 run, add_parser = analysis_command(
     "correspondence", CorrespondenceConfig, lambda cfg: run_config(cfg),
     "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
     lambda res: [res.markdown()], "correspondence.json", ", correspondence.md and correspondence.png")
+
+
+def parts_path(spec: str) -> str:
+    """``asset:NAME`` -> the file shipped in deconvis/assets; other paths unchanged."""
+    if spec.startswith("asset:"):
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", spec[len("asset:"):])
+    return spec
 
 
 def run_config(cfg: CorrespondenceConfig):

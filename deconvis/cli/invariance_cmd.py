@@ -63,6 +63,13 @@ class InvarianceConfig(Config):
         check_fill(self.fill)
 
 
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "invariance", InvarianceConfig, lambda cfg: run_config(cfg),
+    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
+    lambda res: _sweep_lines(res), "invariance.json", " and invariance.png")
+
+
 def _sweep_lines(res: Any) -> List[str]:
     """One line per sweep: the largest relative distance per layer, the smallest true-class probability."""
     lines = []
@@ -71,13 +78,6 @@ def _sweep_lines(res: Any) -> List[str]:
         lines.append(f"{s.transform}: max relative distance " + ", ".join(f"{l} {v:.3f}" for l, v in worst.items())
                      + f"; p(true class) min {float(s.probability.min()):.3f}")
     return lines
-
-
-# run(args) and add_parser(subparsers); run_config is defined below
-run, add_parser = analysis_command(
-    "invariance", InvarianceConfig, lambda cfg: run_config(cfg),
-    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
-    _sweep_lines, "invariance.json", " and invariance.png")
 
 
 def run_config(cfg: InvarianceConfig):
