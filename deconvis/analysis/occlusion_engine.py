@@ -127,9 +127,12 @@ class IncrementalOcclusion:
         self.windowed: Dict[Node, LayerRF] = {}
         self.whole: List[str] = []
         self.fallback: List[str] = []
+        self.identity: Set[Node] = set()
         for n in self.order:
             row = self._row(n)
-            if row is not None and n.op != "placeholder" and _windowable(self.mirror, n, self.clean) \
+            if row is not None and self._identity_pool(n):
+                self.identity.add(n)
+            if row is not None and n.op != "placeholder" and (n in self.identity or _windowable(self.mirror, n, self.clean)) \
                     and tuple(row.out) == tuple(self.clean[n].shape[-2:]):
                 self.windowed[n] = row
             elif n.op == "placeholder":
@@ -151,6 +154,15 @@ class IncrementalOcclusion:
         name = self.tg.row_names.get(n)
         return self.table._by_name.get(name) if name is not None else None
 
+    def _identity_pool(self, n: Node) -> bool:
+        """An adaptive pool whose output size is its input size (AlexNet's and VGG's at 224 px)."""
+        m = self.tg.module(n)
+        ins = self.mirror._inputs.get(n, [])
+        if not isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or len(ins) != 1:
+            return False
+        a, b = self.clean.get(ins[0]), self.clean.get(n)
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and a.shape == b.shape
+
     def check_positions(self, tops: Tensor) -> None:
         """DeconvisError unless every square (top-left ``tops`` [B, 2]) lies inside the image."""
         h, w = self.size
@@ -163,11 +175,12 @@ class IncrementalOcclusion:
 
     # ----------------------------------------------------------------------- regions
     def _padded_clean(self, n: Node, pad: Tuple[int, int, int, int], value: float) -> Tensor:
-        """Clean map of ``n`` [C, H+top+bottom, W+left+right], padded with ``value``."""
+        """Clean map of ``n`` padded with ``value``, channels last: [H+top+bottom, W+left+right, C]."""
         key = (n, pad, value)
         if key not in self._padded:
             top, bottom, left, right = pad
-            self._padded[key] = F.pad(self.clean[n][0], (left, right, top, bottom), value=value)
+            padded = F.pad(self.clean[n][0], (left, right, top, bottom), value=value)
+            self._padded[key] = padded.permute(1, 2, 0).contiguous()
         return self._padded[key]
 
     def _region(self, win: _Win, n: Node, r0: Tensor, c0: Tensor, h: int, w: int,
@@ -178,24 +191,17 @@ class IncrementalOcclusion:
         if pad == (0, 0, 0, 0) and v.shape[-2:] == (h, w) and torch.equal(win.oy, r0) and torch.equal(win.ox, c0):
             return v
         base = self._padded_clean(n, pad, value)
-        dev = base.device
-        rows = r0[:, None] + pad[0] + torch.arange(h, device=dev)
-        cols = c0[:, None] + pad[2] + torch.arange(w, device=dev)
-        crop = base[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3).contiguous()
-        dy, dx = win.oy - r0, win.ox - c0
+        # B slice copies of a channels-last map (contiguous runs of w*C values): far cheaper on CPU
+        # than an advanced-indexing gather; the crop is [B, C, h, w] in channels-last memory
+        rows = (r0 + pad[0]).tolist()
+        cols = (c0 + pad[2]).tolist()
+        crop = torch.stack([base[r:r + h, c:c + w] for r, c in zip(rows, cols)]).permute(0, 3, 1, 2)
+        dy, dx = (win.oy - r0).tolist(), (win.ox - c0).tolist()
         hs, ws = v.shape[-2:]
-        if bool((dy == dy[0]).all()) and bool((dx == dx[0]).all()):
-            oy, ox = int(dy[0]), int(dx[0])
+        for b, (oy, ox) in enumerate(zip(dy, dx)):
             y0, y1, x0, x1 = max(oy, 0), min(oy + hs, h), max(ox, 0), min(ox + ws, w)
             if y1 > y0 and x1 > x0:
-                crop[:, :, y0:y1, x0:x1] = v[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
-            return crop
-        ty = dy[:, None] + torch.arange(hs, device=dev)  # [B, hs] target rows in the crop
-        tx = dx[:, None] + torch.arange(ws, device=dev)
-        ok = ((ty >= 0) & (ty < h))[:, :, None] & ((tx >= 0) & (tx < w))[:, None, :]
-        b, i, k = ok.nonzero(as_tuple=True)
-        dst = crop.permute(0, 2, 3, 1)
-        dst[b, ty[b, i], tx[b, k]] = v.permute(0, 2, 3, 1)[b, i, k]
+                crop[b, :, y0:y1, x0:x1] = v[b, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
         return crop
 
     def _full(self, win: _Win, n: Node) -> Tensor:
@@ -291,6 +297,8 @@ class IncrementalOcclusion:
                 val = F.max_pool2d(xin, k, s, 0, d)
             else:
                 val = F.avg_pool2d(xin, k, s, 0, divisor_override=op.module.divisor_override)
+        elif n in self.identity:
+            val = self._region(state[ins[0]], ins[0], oy, ox, h, w)
         else:
             args, kwargs = self._args(n, lambda a: self._region(state[a], a, oy, ox, h, w), oy.shape[0], {})
             val = self.mirror._forward_node(n, args, kwargs, record=False, switches={})
