@@ -109,13 +109,13 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
 
     def mine_pre(amp: str, cl: bool) -> Tuple[float, mining.MiningTimes]:
         c = load_config(None, dict(base, run="mine", amp=amp, channels_last=cl))
-        vctx = pipeline.Context(**{**ctx.__dict__, "cfg": c, "amp": pipeline._amp_dtype(amp, ctx.device)})
+        vctx = pipeline.Context(**{**ctx.__dict__, "cfg": c, "amp": pipeline.amp_dtype(amp, ctx.device)})
         if cl:
             model.to(memory_format=torch.channels_last)
         times = mining.MiningTimes()
         sync()
         t0 = time.perf_counter()
-        mining.mine(pipeline._mining_forward(vctx), pre, mining.TopK(ctx.layers, 9, ctx.device),
+        mining.mine(pipeline.mining_forward(vctx), pre, mining.TopK(ctx.layers, 9, ctx.device),
                     dtype=ctx.dtype, progress=False, times=times)
         sync()
         dt_s = time.perf_counter() - t0

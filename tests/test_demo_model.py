@@ -40,7 +40,7 @@ def test_init_is_deterministic_and_leaves_global_rng_alone():
 
 def test_init_biases_keep_conv2_to_conv5_alive():
     """conv1 (and the linears) start with zero bias, conv2..conv5 with a small positive one."""
-    from deconvis.cli.train_cmd import TrainConfig, load_config
+    from deconvis.training.train import TrainConfig
     from deconvis.training.demo_model import DEMO_CONV_BIAS
 
     assert 0 < DEMO_CONV_BIAS <= 1
@@ -54,7 +54,7 @@ def test_init_biases_keep_conv2_to_conv5_alive():
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(convs, zero))
     cfg_path = os.path.join(os.path.dirname(os.path.dirname(ASSET)), "..", "configs", "train_demo.yaml")
     assert TrainConfig().conv_bias_init == DEMO_CONV_BIAS
-    assert load_config(cfg_path).conv_bias_init == DEMO_CONV_BIAS
+    assert TrainConfig.load(cfg_path).conv_bias_init == DEMO_CONV_BIAS
 
 
 @pytest.mark.skipif(not os.path.isfile(ASSET), reason="deconvis/assets/zfnet_demo.pt not built yet")
@@ -107,7 +107,7 @@ def test_shipped_checkpoint_loads_with_preprocess():
 
 
 def _tiny_cfg(out_dir, **kw):
-    from deconvis.cli.train_cmd import TrainConfig
+    from deconvis.training.train import TrainConfig
 
     base = dict(epochs=2, batch_size=4, num_classes=3, samples_per_class=4, image_size=64, val_samples=6,
                 out_dir=str(out_dir), snapshot_epochs=[1, 2], layers=["conv1", "conv2"], features_per_layer=2,
@@ -120,7 +120,7 @@ def _tiny_cfg(out_dir, **kw):
 def test_train_command_checkpoint_and_bitwise_resume(tmp_path):
     """A run interrupted after epoch 1 and resumed from train_state.pt ends bitwise equal to an
     uninterrupted run, and its evolution figures keep the first column."""
-    from deconvis.cli.train_cmd import train
+    from deconvis.training.train import train
 
     full = train(_tiny_cfg(tmp_path / "full"), log=lambda s: None)
 
@@ -150,15 +150,15 @@ def test_train_command_checkpoint_and_bitwise_resume(tmp_path):
 
 
 def test_train_config_errors(tmp_path):
-    from deconvis.cli.train_cmd import from_mapping, load_config, validate
+    from deconvis.training.train import TrainConfig
 
     with pytest.raises(DeconvisError, match="unknown key 'epoch'.*epochs"):
-        from_mapping({"epoch": 3})
+        TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(DeconvisError, match="strictly increasing"):
-        validate(_tiny_cfg(tmp_path, snapshot_epochs=[2, 1]))
+        _tiny_cfg(tmp_path, snapshot_epochs=[2, 1]).validate()
     with pytest.raises(DeconvisError, match="after the last epoch"):
-        validate(_tiny_cfg(tmp_path, snapshot_epochs=[1, 5]))
+        _tiny_cfg(tmp_path, snapshot_epochs=[1, 5]).validate()
     with pytest.raises(DeconvisError, match="must be an integer"):
-        from_mapping({"epochs": "many"})
-    cfg = load_config(None, {"snapshot_epochs": "1,2", "epochs": "4", "tensorboard": "false", "lr": "0.1"})
+        TrainConfig.from_dict({"epochs": "many"})
+    cfg = TrainConfig.load(None, {"snapshot_epochs": "1,2", "epochs": "4", "tensorboard": "false", "lr": "0.1"})
     assert cfg.snapshot_epochs == [1, 2] and cfg.epochs == 4 and cfg.tensorboard is False and cfg.lr == 0.1

@@ -21,6 +21,7 @@ import torch
 import pipeline_fixtures as fx
 from deconvis import mining
 from deconvis.runs import pipeline
+from deconvis.runs.phases import project as project_phase
 from deconvis.render import sheets as render
 from deconvis.runs import results as results_mod
 from deconvis.io.images import FolderImages, normalize, preprocess_image, read_image
@@ -239,7 +240,7 @@ def test_resume_after_interrupted_mining(tmp_path, monkeypatch):
 def test_resume_after_interrupted_projection(tmp_path, monkeypatch):
     ref = pipeline.run(fx.tiny_config(tmp_path, run="ref"))
     cfg = fx.tiny_config(tmp_path, run="cut")
-    monkeypatch.setattr(pipeline, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(project_phase, "SAVE_EVERY_S", 0.0)
     real = render.crop_padded
     calls = {"n": 0}
 

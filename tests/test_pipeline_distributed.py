@@ -16,12 +16,14 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+import fail_rank_entry
 import pipeline_fixtures as fx
 from deconvis import mining
 from deconvis.runs import pipeline
@@ -52,15 +54,20 @@ def _write_config(tmp_path, **over) -> str:
     return str(path)
 
 
-def _torchrun(conf: str, run: str, log_dir, *extra: str, env_over=None, nproc: int = 2):
-    """Run ``deconvis visualize --config conf -n run`` on ``nproc`` processes; returns the
-    completed process, the per-rank stderr and stdout logs, and the wall time."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_over or {}))
+def _torchrun(conf: str, run: str, log_dir, *extra: str, fail: Optional[str] = None, nproc: int = 2):
+    """Run ``deconvis visualize --config conf -n run`` on ``nproc`` processes (``fail="R[:B]"``:
+    rank R fails in its B-th mining forward, see fail_rank_entry.py); returns the completed
+    process, the per-rank stderr and stdout logs, and the wall time."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    entry = ["-m", "deconvis"]
+    if fail is not None:
+        env[fail_rank_entry.FAIL_ENV] = fail
+        entry = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "fail_rank_entry.py")]
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={_free_port()}", "--log-dir", str(log_dir), "-r", "3",
-           "-m", "deconvis", "visualize", "--config", conf, "-n", run, *extra]
+           *entry, "visualize", "--config", conf, "-n", run, *extra]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT, env=env)
     wall = time.monotonic() - t0
@@ -145,7 +152,7 @@ def test_two_processes_give_the_one_process_winners(tmp_path):
 def test_a_failure_on_one_rank_ends_every_rank_with_the_same_error(tmp_path):
     conf = _write_config(tmp_path)
     proc, logs, wall = _torchrun(conf, "fail", tmp_path / "logs", "--batch-size", "1",
-                                 env_over={pipeline.TEST_FAIL_ENV: "1"})
+                                 fail="1")
     assert proc.returncode != 0
     want = ("deconvis: error: rank 1 of 2 failed during mining: RuntimeError: DECONVIS_TEST_FAIL_RANK: simulated "
             "failure in the mining forward of batch 1 on rank 1")
@@ -166,7 +173,7 @@ def test_per_rank_checkpoints_resume_without_double_counting(tmp_path):
     ref = _single(conf, "single")
     run_dir = tmp_path / "out" / "multi"
     # rank 1 dies in its 3rd batch, after checkpointing 2 (checkpoint_every=1)
-    proc, logs, _ = _torchrun(conf, "multi", tmp_path / "logs1", env_over={pipeline.TEST_FAIL_ENV: "1:3"})
+    proc, logs, _ = _torchrun(conf, "multi", tmp_path / "logs1", fail="1:3")
     assert proc.returncode != 0 and "rank 1 of 2 failed during mining" in logs[0]["stderr"]
     st1 = torch.load(run_dir / "mining_state.rank1-of2.pt", weights_only=True)
     assert st1["topk"]["seen"] == 2 and not st1["complete"] and (st1["rank"], st1["world"]) == (1, 2)

@@ -19,29 +19,19 @@ import os
 import sys
 import time
 
-from deconvis.runs import config as config_mod
+from deconvis.runs import configbase, ranks
+from deconvis.runs.config import VisualizeConfig
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "visualize", help="top-k images per channel, projected to pixel space (ZF Fig. 2)",
+    p = configbase.add_parser(
+        subparsers, "visualize", VisualizeConfig,
+        help="top-k images per channel, projected to pixel space (ZF Fig. 2)",
         description="Mine the k strongest images of every channel over an image set, project each with the "
                     "deconvnet, crop its receptive field, and write grid sheets plus an HTML report into "
                     "<out>/<run>/. Flags override the --config file; every config key is a flag.")
-    p.add_argument("--config", metavar="FILE.yaml", default=None, help="YAML config (keys = the flags below)")
-    config_mod.add_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        try:
-            return int(os.environ["RANK"])
-        except ValueError:
-            return 0
-    return 0
 
 
 def _console_log(rank: int = 0) -> logging.Handler:
@@ -58,9 +48,9 @@ def _console_log(rank: int = 0) -> logging.Handler:
 def run(args: argparse.Namespace) -> int:
     from deconvis.runs import pipeline
 
-    cfg = config_mod.load_config(args.config, config_mod.overrides_from_args(args))
+    cfg = configbase.parse(VisualizeConfig, args)
     config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else None
-    handler = _console_log(_rank())
+    handler = _console_log(ranks.env_rank())
     t0 = time.perf_counter()
     try:
         out = pipeline.run(cfg, config_dir=config_dir)
@@ -70,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     res = out.results
     n_units = sum(len(u.winners) for lr in res.layers for u in lr.units)
-    print(f"run {cfg.run}: {len(res.layers)} layers, {n_units} units, top-{res.config.get('k')} over "
+    print(f"run {cfg.run}: {len(res.layers)} layers, {n_units} units, top-{res.k} over "
           f"{res.images.get('readable', out.n_images)} images"
           + (f" ({len(res.images.get('skipped', []))} unreadable skipped)" if res.images.get("skipped") else "")
           + f", {time.perf_counter() - t0:.1f} s")

@@ -155,7 +155,7 @@ def _data(res: Results) -> Dict[str, Any]:
                 images.setdefault(str(w.image), w.source)
             units.append({"c": u.channel, "w": ws})
         layers.append({"name": lr.name, "label": lr.label, "units": units})
-    return {"k": int(res.config.get("k", 9)), "images": images, "layers": layers}
+    return {"k": res.k, "images": images, "layers": layers}
 
 
 def render_html(res: Results) -> str:

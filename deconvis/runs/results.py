@@ -21,6 +21,7 @@ Schema (version 1)::
       "preprocess": {"resize": 256, "crop": [224, 224], "mean": [...], "std": [...]},
       "input_size": [224, 224],
       "rule": "deconvnet",
+      "k": 9,                     # winners per channel (files written before it existed: config["k"])
       "images": {"spec": "builtin:skimage-crops", "count": 252, "skipped": [{"id": 7, "path": "..."}],
                  "items": {"17": {"name": "...", "path": "..."}, ...}},   # the images that won
       "layers": [
@@ -47,8 +48,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from deconvis.io.atomic import write_json
 from deconvis.errors import DeconvisError
+from deconvis.io.atomic import write_json
+from deconvis.io.models import Preprocess
+from deconvis.mirror.rules import Rule
 
 SCHEMA = "deconvis.runs.results"
 VERSION = 1
@@ -97,9 +100,9 @@ class Results:
     mining_hash: str
     projection_hash: str
     model: Dict[str, Any]
-    preprocess: Dict[str, Any]
+    preprocess: Preprocess    # a dict is accepted and converted
     input_size: List[int]
-    rule: str
+    rule: Rule                # a name is accepted and converted
     images: Dict[str, Any]
     layers: List[LayerResult] = field(default_factory=list)
     status: str = "mined"
@@ -108,6 +111,14 @@ class Results:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
     version: int = VERSION
+    k: int = 0                # winners per channel; 0: the ``k`` of ``config`` (files from before it was a field)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preprocess, dict):
+            self.preprocess = Preprocess.from_dict(self.preprocess)
+        self.rule = Rule.parse(self.rule)
+        if not self.k:
+            self.k = int(self.config.get("k", 9))
 
     def layer(self, name_or_label: str) -> LayerResult:
         for lr in self.layers:
@@ -117,6 +128,7 @@ class Results:
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
+        d["preprocess"], d["rule"] = self.preprocess.to_dict(), Rule.parse(self.rule).value
         order = ["schema", "version", "created", "status"]
         return {**{k: d.pop(k) for k in order}, **d}
 

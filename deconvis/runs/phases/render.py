@@ -1,0 +1,52 @@
+"""Rendering: each layer's grid sheets ``layer_<label>_pNNN.png`` from the saved tiles, skipping
+layers whose sheets are current (same winners, tiles and layout)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Collection, List, Optional
+
+from deconvis.render import sheets as render
+from deconvis.runs.config import VisualizeConfig
+from deconvis.runs.results import LayerResult, Results
+
+log = logging.getLogger("deconvis")
+
+
+def sheets_hash(res: Results, lr: LayerResult, cfg: VisualizeConfig) -> str:
+    """Identity of a layer's sheets: its winners and tiles, k, and the sheet layout."""
+    winners = [(u.channel, w.rank, w.image, w.activation, w.tiles is not None) for u in lr.units for w in u.winners]
+    data = {"projection": res.projection_hash, "winners": winners, "rf": lr.rf, "k": res.k,
+            "render": [cfg.per_sheet, cfg.sheet_columns, cfg.min_tile, cfg.max_tile], "v": 2}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def render_phase(res: Results, run_dir: str, cfg: VisualizeConfig, force: bool = False,
+                 layers: Optional[Collection[str]] = None, poll: Optional[Callable[[], None]] = None) -> List[str]:
+    """Write each layer's sheets (skipping layers whose sheets are current unless ``force``);
+    only the layers named in ``layers`` if given (one rank's share). ``poll`` runs between layers."""
+    written: List[str] = []
+    n_images = res.images.get("readable", res.images.get("count"))
+    for lr in res.layers:
+        if layers is not None and lr.name not in layers:
+            continue
+        if poll is not None:
+            poll()
+        h = sheets_hash(res, lr, cfg)
+        current = lr.sheets_hash == h and lr.sheets and all(os.path.isfile(os.path.join(run_dir, s)) for s in lr.sheets)
+        if current and not force:
+            continue
+        missing = sum(1 for u in lr.units for w in u.winners if not w.tiles)
+        if missing:
+            log.warning("layer %s: %d units have no tiles; they show as empty cells", lr.label, missing)
+        sheets = render.render_layer(lr, run_dir, k=res.k, per_sheet=cfg.per_sheet, columns=cfg.sheet_columns,
+                                     min_tile=cfg.min_tile, max_tile=cfg.max_tile, n_images=n_images)
+        for old in set(lr.sheets) - set(sheets):  # pages of an earlier, longer layout
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, old))
+        lr.sheets, lr.sheets_hash = sheets, h
+        written.extend(sheets)
+    return written

@@ -1,0 +1,217 @@
+"""The run folder ``<out>/<run>/``: its files, the mining checkpoints, and the run's identity.
+
+The identity says what decides the winners (model, weights digest, resolved layers, k, channels,
+image set, preprocessing, amp): a saved mining state or ``results.json`` is reused only when its
+identity hash matches. ``rule`` changes only the tiles (the projection hash).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from deconvis.errors import DeconvisError
+from deconvis.io.images import ImageSource
+from deconvis.io.models import Preprocess
+from deconvis.runs import config as config_mod
+from deconvis.runs import results as results_mod
+from deconvis.runs.config import VisualizeConfig
+from deconvis.runs.distributed import DistInfo
+
+log = logging.getLogger("deconvis")
+
+STATE_FILE = "mining_state.pt"
+STATE_RE = re.compile(r"^mining_state(?:\.rank(\d+)-of(\d+))?\.pt$")
+STATE_FORMAT = 1
+LOG_FILE = "run.log"
+REPORT_FILE = "index.html"
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Identity:
+    """What decides the winners (``fields``), its hash, and the hash of the tiles (+ rule)."""
+
+    fields: Dict[str, Any]
+    mining_hash: str
+    projection_hash: str
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def weights_id(weights: str, seed: int) -> str:
+    """A checkpoint's digest, ``random(seed=S)``, or the weights name as given."""
+    if os.path.isfile(weights):
+        return "sha256:" + _file_digest(weights)
+    if weights.lower() == "random":
+        return f"random(seed={seed})"
+    return weights
+
+
+def _names_digest(source: ImageSource) -> str:
+    h = hashlib.sha256()
+    for i in range(len(source)):
+        h.update(source.name(i).encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, source: ImageSource,
+                 pp: Preprocess) -> Identity:
+    """The identity of a run over resolved ``layers`` (step names: an alias and its module agree),
+    resolved ``weights`` (path or name), the opened image ``source`` and the preprocessing ``pp``."""
+    values = cfg.to_dict()
+    fields = {key: values[key] for key in config_mod.MINING_KEYS}
+    fields.update({
+        "layers": list(layers),
+        "weights_id": weights_id(weights, cfg.seed),
+        "images": source.spec if isinstance(cfg.images, str) else cfg.images,
+        "n_images": len(source),
+        "images_digest": _names_digest(source),
+        "preprocess": pp.to_dict(),                         # replaces resize/crop
+    })
+    for key in ("resize", "crop", "seed"):  # seed matters through weights_id (random weights) only
+        fields.pop(key, None)
+    if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
+        fields["amp"] = cfg.amp
+    mining_hash = config_mod.config_hash(fields, sorted(fields))
+    projection_hash = config_mod.config_hash({"mining": mining_hash, "rule": cfg.rule}, ["mining", "rule"])
+    return Identity(fields=fields, mining_hash=mining_hash, projection_hash=projection_hash)
+
+
+def diff(old: Dict[str, Any], new: Dict[str, Any]) -> str:
+    """``key: old -> new`` for the (first four) keys that differ."""
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts[:4]) + (" ..." if len(parts) > 4 else "")
+
+
+def load_results(run_dir: str, identity: Identity) -> Optional[results_mod.Results]:
+    """The run's ``results.json`` if there is one (None otherwise); an error when it is of another
+    mining configuration."""
+    if not os.path.isfile(os.path.join(run_dir, results_mod.FILENAME)):
+        return None
+    old = results_mod.load(run_dir)
+    if old.mining_hash != identity.mining_hash:
+        raise DeconvisError(f"{run_dir} holds results of a different configuration "
+                            f"({diff(old.mining_identity, identity.fields)}); pass --fresh to discard them "
+                            "or --run NAME for a new run")
+    return old
+
+
+# -- files ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def run_log(run_dir: str, info: Optional[DistInfo] = None) -> Iterator[None]:
+    """Append this run's log records to ``run_dir/run.log`` (every rank appends to the same
+    file, each line tagged with its rank)."""
+    handler = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")
+    tag = f"[rank {info.rank}/{info.world}] " if info is not None and info.enabled else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    old_level = log.level
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(old_level)
+
+
+def clear_run(run_dir: str) -> None:
+    """``--fresh``: remove what earlier runs wrote into ``run_dir`` (never other files)."""
+    for name in (results_mod.FILENAME, REPORT_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, name))
+    shutil.rmtree(os.path.join(run_dir, "tiles"), ignore_errors=True)
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if (name.startswith("layer_") and name.endswith(".png")) or STATE_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(run_dir, name))
+
+
+def tiles_done(run_dir: str, w: results_mod.Winner) -> bool:
+    """Whether winner ``w`` has its box and both tile files (non-empty) on disk."""
+    if w.box is None or w.tiles is None:
+        return False
+    for p in w.tiles.values():
+        full = os.path.join(run_dir, p)
+        if not os.path.isfile(full) or os.path.getsize(full) == 0:
+            return False
+    return True
+
+
+# -- mining checkpoints -----------------------------------------------------------------------
+
+def state_filename(info: Optional[DistInfo] = None) -> str:
+    """This rank's mining checkpoint: ``mining_state.pt`` for one process, else
+    ``mining_state.rank{r}-of{w}.pt``."""
+    if info is None or info.world == 1:
+        return STATE_FILE
+    return f"mining_state.rank{info.rank}-of{info.world}.pt"
+
+
+def _state_worlds(run_dir: str) -> Dict[int, List[str]]:
+    """Mining checkpoints in ``run_dir`` by the number of processes that wrote them."""
+    out: Dict[int, List[str]] = {}
+    if os.path.isdir(run_dir):
+        for name in sorted(os.listdir(run_dir)):
+            m = STATE_RE.match(name)
+            if m:
+                out.setdefault(int(m.group(2) or 1), []).append(name)
+    return out
+
+
+def check_state_world(run_dir: str, info: DistInfo) -> None:
+    """A mining checkpoint of a run with another number of processes cannot be resumed."""
+    other = {w: names for w, names in _state_worlds(run_dir).items() if w != info.world}
+    if other:
+        w, names = sorted(other.items())[0]
+        shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+        raise DeconvisError(f"{run_dir} holds the mining checkpoint of a {w}-process run ({shown}) but this run has "
+                            f"{info.world} process{'es' if info.world > 1 else ''}: restart with {w} processes "
+                            f"(torchrun --nnodes x --nproc_per_node = {w}) to resume it, or pass --fresh to mine again")
+
+
+def state_blob(identity: Identity, info: DistInfo, topk_state: Dict[str, Any], complete: bool) -> Dict[str, Any]:
+    """The mining checkpoint of this rank."""
+    return {"format": STATE_FORMAT, "mining_hash": identity.mining_hash, "identity": json.dumps(identity.fields),
+            "complete": complete, "rank": info.rank, "world": info.world, "topk": topk_state}
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    """Read a mining checkpoint (DeconvisError naming ``--fresh`` when unreadable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DeconvisError(f"cannot read mining state {path} ({type(exc).__name__}: {exc}); "
+                            "re-run with --fresh") from exc
+
+
+def check_state(blob: Dict[str, Any], path: str, run_dir: str, identity: Identity, info: DistInfo) -> None:
+    """A checkpoint must be of this configuration and of this rank."""
+    if blob.get("mining_hash") != identity.mining_hash:
+        old = json.loads(blob.get("identity", "{}"))
+        raise DeconvisError(f"{run_dir} holds a mining state for a different configuration "
+                            f"({diff(old, identity.fields)}); pass --fresh to discard it or --run NAME for a new run")
+    if (int(blob.get("rank", 0)), int(blob.get("world", 1))) != (info.rank, info.world):
+        raise DeconvisError(f"{path} was written by rank {blob.get('rank')} of {blob.get('world')}, not rank "
+                            f"{info.rank} of {info.world}; pass --fresh")
