@@ -207,7 +207,7 @@ def test_occlusion_api_maps_equal_naive():
 def test_occlusion_api_target_and_default_layer():
     model, x = _small_api_case()
     res = occlusion(model, x, size=8, stride=6, target=2, class_names=list("abcdef"))
-    assert res.target == 2 and res.name(2) == "c"
+    assert res.target == 2 and res.name(2) == "c" and res.to_json()["target_name"] == "c"
     assert res.layer == DeconvNet(model).conv_layers()[-1]
     assert res.activation.shape == res.probability.shape == res.top_class.shape == (2, 3)  # 19 x 21 px: tops y 0, 6; x 0, 6, 12
 

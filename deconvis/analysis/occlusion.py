@@ -104,7 +104,7 @@ class OcclusionResult:
     macs_bound: float = 1.0
 
     def name(self, cls: int) -> str:
-        return self.class_names.get(int(cls), str(int(cls)))
+        return self.class_names.get(int(cls), f"class {int(cls)}")
 
     def to_json(self) -> Dict[str, Any]:
         """JSON-ready record (maps as nested lists, rows = square tops)."""
@@ -140,7 +140,7 @@ def occlusion(model: nn.Module, image: Tensor, layer: Optional[str] = None, size
     layer 5); ``size``/``stride``: square side and step in pixels (int or (h, w)); ``fill``:
     ``mean``, ``zero`` or a number (see :func:`fill_values`); ``target``: class of map (d)
     (default: the unoccluded top class); ``batch_size``: squares per incremental pass;
-    ``class_names``: names by class index (default: the indices).
+    ``class_names``: names by class index (default: ``class N``).
     """
     if not isinstance(image, Tensor):
         raise DeconvisError(f"image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
@@ -205,7 +205,8 @@ def occlusion(model: nn.Module, image: Tensor, layer: Optional[str] = None, size
     shape = (len(ys), len(xs))
     top_class = torch.cat(cls_all).reshape(shape).numpy()
     used = sorted({int(c) for c in np.unique(top_class)} | {target, clean_top})
-    names = {c: (str(class_names[c]) if class_names is not None and c < len(class_names) else str(c)) for c in used}
+    names = {c: (str(class_names[c]) if class_names is not None and c < len(class_names) else f"class {c}")
+             for c in used}
     return OcclusionResult(
         layer=layer_name, layer_label=dn.display_name(layer if layer is not None else layer_name), channel=channel,
         size=size_hw, stride=stride_hw, fill=str(fill), fill_value=[float(v) for v in fill_vec.cpu()],
