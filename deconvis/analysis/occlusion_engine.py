@@ -191,14 +191,19 @@ class IncrementalOcclusion:
         if pad == (0, 0, 0, 0) and v.shape[-2:] == (h, w) and torch.equal(win.oy, r0) and torch.equal(win.ox, c0):
             return v
         base = self._padded_clean(n, pad, value)
-        # B slice copies of a channels-last map (contiguous runs of w*C values): far cheaper on CPU
-        # than an advanced-indexing gather; the crop is [B, C, h, w] in channels-last memory
-        rows = (r0 + pad[0]).tolist()
-        cols = (c0 + pad[2]).tolist()
-        crop = torch.stack([base[r:r + h, c:c + w] for r, c in zip(rows, cols)]).permute(0, 3, 1, 2)
-        dy, dx = (win.oy - r0).tolist(), (win.ox - c0).tolist()
+        # one gather of B blocks [C, h, w] from the view of every h x w window of the channels-last
+        # map: contiguous [B, C, h, w], far cheaper on CPU than B slice copies or per-element indexing
+        blocks = base.unfold(0, h, 1).unfold(1, w, 1)  # [Hp-h+1, Wp-w+1, C, h, w], a view
+        crop = blocks[r0 + pad[0], c0 + pad[2]]
+        dy, dx = win.oy - r0, win.ox - c0
         hs, ws = v.shape[-2:]
-        for b, (oy, ox) in enumerate(zip(dy, dx)):
+        if bool((dy == dy[0]).all()) and bool((dx == dx[0]).all()):  # the usual case: one slice copy
+            pairs = [(int(dy[0]), int(dx[0]))]
+            rows = [slice(None)]
+        else:  # windows clamped at the map's border: square by square
+            pairs = list(zip(dy.tolist(), dx.tolist()))
+            rows = list(range(len(pairs)))
+        for b, (oy, ox) in zip(rows, pairs):
             y0, y1, x0, x1 = max(oy, 0), min(oy + hs, h), max(ox, 0), min(ox + ws, w)
             if y1 > y0 and x1 > x0:
                 crop[b, :, y0:y1, x0:x1] = v[b, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
