@@ -147,7 +147,8 @@ def main() -> None:
               "naive / deconvis", "arithmetic bound", "% of bound", "max rel. diff (8 positions)"]
     body = table(header, rows)
     body += (f"\n\n{SIZE} px square, stride {STRIDE}, fill = the image's mean colour (Captum: the same baseline), "
-             "one 224 px scikit-image photo (chelsea), random weights, float32, CPU. deconvis time includes the "
+             "one 224 px scikit-image photo (chelsea), random weights, float32, CPU, "
+             f"{torch.get_num_threads()} torch thread(s) for every variant. deconvis time includes the "
              "trace, the clean forward and the RF table, and produces (b), (d) and (e) for every position; Captum "
              f"produces the attribution of one target. Captum's perturbations_per_eval picked by a {trial_positions}-"
              "position trial (stride 24) of 1, 16 and 64; naive = batches of 64 occluded copies (two timed, scaled). "
