@@ -28,12 +28,11 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, record, table  # noqa: E402
+from common import record, table  # noqa: E402
 
 from deconvis.analysis.occlusion import grid  # noqa: E402
 from deconvis.analysis.occlusion_engine import IncrementalOcclusion  # noqa: E402

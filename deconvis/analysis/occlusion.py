@@ -162,10 +162,9 @@ def occlusion(model: nn.Module, image: Tensor, layer: Optional[str] = None, size
     x = dn._prepare_images(image)
     layer_name = dn.resolve(layer) if layer is not None else _default_layer(dn)
     fill_vec = fill_values(x, fill)
-    acts = dn.forward(x, [layer_name])
-    channel = _strongest_channel(acts[layer_name])
-    clean_activation = float(acts[layer_name][0, channel].sum())
-    dn.forward(x)
+    act = dn.forward(x)[layer_name]
+    channel = _strongest_channel(act)
+    clean_activation = float(act[0, channel].sum())
     projection = dn.project_map(layer_name, 0, [channel], rule=rule)[0].detach().cpu().numpy()
     dn.release()
 

@@ -72,8 +72,8 @@ def render_occlusion(res: OcclusionResult, image_rgb: np.ndarray, path: "str | o
     i, j = np.unravel_index(int(np.argmin(res.probability)), res.probability.shape)
     ax.add_patch(Rectangle((res.tops_x[j], res.tops_y[i]), res.size[1], res.size[0], facecolor="grey",
                            edgecolor="black", alpha=0.85))
-    ax.set_title(f"(a) {res.size[0]}x{res.size[1]} px square (drawn where (d) is lowest),\n"
-                 f"stride {res.stride[0]}x{res.stride[1]} (dots: square centres), fill {res.fill}", fontsize=10)
+    ax.set_title(f"(a) {res.size[0]}x{res.size[1]} px square at the lowest (d),\n"
+                 f"stride {res.stride[0]}x{res.stride[1]} (dots: centres), fill {res.fill}", fontsize=10)
 
     ax = axes[1]
     im = ax.imshow(res.activation, extent=ext, cmap="viridis", interpolation="nearest")
