@@ -228,3 +228,26 @@ def test_bad_input_one_line_error(kwargs, needle):
         occlusion(model, x, **kwargs)
     msg = str(exc.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_changed_range_matches_rf_boxes():
+    """The units whose RF box (RFTable.box, half-open) meets the square, by brute force over every unit."""
+    from deconvis.analysis.occlusion_engine import changed_range
+    from deconvis.graph.rf import receptive_fields
+
+    table = receptive_fields(Chain(), (23, 26))
+    lo_px = torch.arange(0, 20)
+    hi_px = lo_px + 4
+    for row in table:
+        if row.whole or row.name == "input":
+            continue
+        for axis in (0, 1):
+            lo, hi = changed_range(row, axis, lo_px, hi_px)
+            for a, b, l_, h_ in zip(lo_px.tolist(), hi_px.tolist(), lo.tolist(), hi.tolist()):
+                units = []
+                for u in range(row.out[axis]):
+                    box = row.box(u, 0) if axis == 0 else row.box(0, u)
+                    u0, u1 = (box[0], box[1]) if axis == 0 else (box[2], box[3])
+                    if u0 < b and a < u1:
+                        units.append(u)
+                assert (units[0], units[-1] + 1) == (l_, h_) if units else h_ <= l_, (row.name, axis, a, units)
