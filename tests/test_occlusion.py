@@ -251,3 +251,15 @@ def test_changed_range_matches_rf_boxes():
                     if u0 < b and a < u1:
                         units.append(u)
                 assert (units[0], units[-1] + 1) == (l_, h_) if units else h_ <= l_, (row.name, axis, a, units)
+
+
+def test_float32_within_round_off():
+    torch.manual_seed(4)
+    model = _randomise_bn(Residual()).float()
+    x = torch.randn(1, 3, 20, 18)
+    fill = fill_values(x, "mean")
+    tops = _positions(20, 18, (6, 5), (4, 3))
+    _, lg, s = incremental(model, x, tops, (6, 5), fill, "b2.bn2", 16)
+    lg0, s0 = naive(model, x, tops, (6, 5), fill, model.b2.bn2)
+    assert float((lg - lg0).abs().max()) <= 1e-5 * float(lg0.abs().max())
+    assert float((s - s0).abs().max()) <= 1e-5 * float(s0.abs().max())
