@@ -8,7 +8,6 @@ and ``<image>.json`` (:meth:`OcclusionResult.to_json` plus model, weights, image
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -118,18 +117,14 @@ def run_occlusion(cfg: OcclusionConfig, log: Callable[[str], None] = print) -> D
     from deconvis.io.models import load_model
     from deconvis.render.occlusion_figure import render_occlusion
     from deconvis.render.sheets import safe_name
-    from deconvis.runs.phases.prepare import resolve_weights
+    from deconvis.runs.phases.prepare import _preprocess, resolve_weights
     from deconvis.utils.device import resolve_device
 
     cfg.checked()
     device = resolve_device(cfg.device)
     weights = resolve_weights(cfg.weights)
     loaded = load_model(cfg.model, weights, device=device)
-    pp = loaded.preprocess
-    if cfg.resize is not None or cfg.crop is not None:
-        crop = (cfg.crop, cfg.crop) if cfg.crop is not None else pp.crop
-        resize = cfg.resize if cfg.resize is not None else max(1, round(crop[0] * pp.resize / pp.crop[0]))
-        pp = dataclasses.replace(pp, resize=int(resize), crop=(int(crop[0]), int(crop[1])))
+    pp = _preprocess(cfg, loaded.preprocess)  # --resize/--crop over the weights' preprocessing
     names = _class_names(cfg.model, cfg.weights)
     fill: object = cfg.fill
     records = []
