@@ -29,16 +29,16 @@ class OcclusionConfig(Config):
     images: List[str] = option(["skimage:chelsea"], "images: files, folders, skimage:NAME (one scikit-image "
                                                      "photo) or builtin:skimage, comma separated")
     max_images: int = option(4, "at most this many images")
-    layer: Optional[str] = option(None, "layer of map (b): row, container or alias (default: the last conv layer)")
+    layer: Optional[str] = option(None, "layer of map (b): row, container or alias; none = the last conv layer")
     size: int = option(32, "side of the occluding square, pixels of the network input")
     stride: int = option(8, "pixels between square positions")
     fill: str = option("mean", "occluder value: mean (the image's mean colour), zero (0 in the network's "
                                "input space: the training mean colour) or a number (input space)")
-    target: Optional[int] = option(None, "class of map (d) (default: the unoccluded top class)")
+    target: Optional[int] = option(None, "class of map (d); none = the unoccluded top class")
     batch_size: int = option(64, "squares per incremental pass")
     rule: str = option("deconvnet", "projection rule of panel (c): deconvnet, guided or gradient")
-    resize: Optional[int] = option(None, "short side before the centre crop (default: the weights' preprocessing)")
-    crop: Optional[int] = option(None, "centre crop side = network input size (default: the weights' preprocessing)")
+    resize: Optional[int] = option(None, "short side before the centre crop; none = the weights' preprocessing")
+    crop: Optional[int] = option(None, "centre crop side = network input size; none = the weights' preprocessing")
     device: str = option("cpu", "cpu, cuda, cuda:N or auto")
     out_dir: str = option("outputs/occlusion", "output folder (PNG + JSON per image)")
 
