@@ -71,3 +71,11 @@ def test_cli_bad_input_one_line(tmp_path, capsys, argv, needle):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deconvis: error:") and needle in lines[0], err
     assert not (tmp_path / "o" / "occlusion.json").exists()
+
+
+def test_class_names_from_torchvision_weights_metadata():
+    from deconvis.analysis.occlusion_run import _class_names
+
+    names = _class_names("alexnet", "DEFAULT")  # metadata only: nothing is downloaded
+    assert names is not None and len(names) == 1000 and names[0] == "tench"
+    assert _class_names("alexnet", "random") is None
