@@ -218,12 +218,16 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             projection_mod.wait_for_tiles(run_dir, res.layers, set(my_layers))
         render_phase(res, run_dir, cfg, layers=set(my_layers), poll=poll)
     ranks.merge_sheets(res, my_layers, info)
+    t_an = time.perf_counter()
     with dist_mod.phase(info, "analyses"):  # rank 0; the others wait (--analyses)
         if info.is_main:
             analyses_phase(ctx, res, config_dir, poll=poll)
+    t_an = time.perf_counter() - t_an
     with dist_mod.phase(info, "report"):
         report_path = report_phase(res, run_dir, info)
-    seconds["render"] = time.perf_counter() - t
+    seconds["render"] = time.perf_counter() - t - t_an
+    if cfg.analyses:
+        seconds["analyses"] = t_an
     ranks.main_log(info, "wrote %d sheets and %s in %.1f s", sum(len(lr.sheets) for lr in res.layers), report_path,
                    seconds["render"])
     return Outcome(run_dir=run_dir, results=res, n_images=int(res.images.get("count", 0)), mined=mined,
