@@ -174,3 +174,24 @@ def test_results_without_analyses_load_and_records_round_trip():
     d["analyses"] = {"diagnose": {"name": "diagnose", "bogus": 1}}
     with pytest.raises(DeconvisError, match="malformed"):
         R.Results.from_dict(d)
+
+
+def test_occlusion_section_equals_the_occlusion_api(tmp_path):
+    pytest.importorskip("deconvis.analysis.occlusion")
+    from deconvis.analysis.occlusion import occlusion
+
+    cfg = fx.tiny_config(tmp_path, analyses=["occlusion"], analysis_images=1)
+    out = pipeline.run(cfg)
+    rec = out.results.analyses["occlusion"]
+    assert rec.status == "done" and os.path.isfile(os.path.join(out.run_dir, rec.files["png"]))
+    assert f'id="A-occlusion"' in open(out.report, encoding="utf-8").read()
+    lm, x = _model_and_inputs(cfg, 1)
+    # the subcommand's 32 px square and 8 px stride at 224 px, scaled to the 32 px input
+    res = occlusion(lm.model, x[0], size=5, stride=1, fill="mean")
+    [row] = rec.rows
+    assert row[:4] == ["img00.png", "conv3", res.channel, res.name(res.target)]
+    np.testing.assert_allclose(row[4:6], [res.clean_probability, res.probability.min()], rtol=1e-12)
+    assert row[6] == 28 * 28
+    with torch.no_grad():  # the unoccluded probability by a plain forward
+        p = torch.softmax(lm.model(x[:1]).double(), 1)[0]
+    assert res.target == int(p.argmax()) and abs(row[4] - float(p.max())) < 1e-6

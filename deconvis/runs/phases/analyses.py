@@ -244,16 +244,52 @@ def _run_diagnose(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> Ana
 
 
 def _plan_occlusion(inp: Inputs) -> Dict[str, Any]:
-    raise DeconvisError("analyses: occlusion is not available in this build yet (deconvis occlusion has not "
-                        "landed); drop it from --analyses")
+    import importlib.util
+
+    if importlib.util.find_spec("deconvis.analysis.occlusion_run") is None:
+        raise DeconvisError("analyses: occlusion needs deconvis.analysis.occlusion, which this build lacks; "
+                            "drop occlusion from --analyses")
+    from deconvis.analysis.occlusion_run import OcclusionConfig
+
+    d = OcclusionConfig()
+    side = int(min(inp.images.shape[-2:]))
+    scale = side / 224.0  # the subcommand's square and stride are for a 224 px input (ZF: 32 and 8 px)
+    return {"layer": d.layer, "size": max(1, min(side, round(d.size * scale))), "stride": max(1, round(d.stride * scale)),
+            "fill": d.fill, "target": d.target, "batch_size": d.batch_size, "rule": inp.cfg.rule}
 
 
-#: name -> (settings of this run, runner); occlusion joins here (same two functions)
+def _run_occlusion(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> AnalysisRecord:
+    from deconvis.analysis.occlusion import occlusion
+    from deconvis.analysis.occlusion_run import _class_names
+    from deconvis.render.occlusion_figure import render_occlusion
+    from deconvis.render.sheets import safe_name
+
+    classes = _class_names(inp.cfg.model, inp.cfg.weights)
+    files, rows, results = {}, [], []
+    for i, name in enumerate(inp.names):
+        res = occlusion(inp.model, inp.images[i], layer=s["layer"], size=s["size"], stride=s["stride"],
+                        fill=s["fill"], target=s["target"], batch_size=s["batch_size"], class_names=classes,
+                        rule=s["rule"])
+        png = os.path.join(out, f"{i:02d}_{safe_name(os.path.splitext(name)[0])}.png")
+        render_occlusion(res, inp.shown[i], png, title=f"{inp.cfg.model} on {name}: occlusion sensitivity (ZF Fig. 7)")
+        files["png" if i == 0 else f"png {i + 1}"] = _rel(run_dir, png)
+        rows.append([name, res.layer_label, res.channel, res.name(res.target), res.clean_probability,
+                     float(res.probability.min()), len(res.tops_y) * len(res.tops_x)])
+        results.append(dict(res.to_json(), image=name))
+    rec = AnalysisRecord("occlusion", "done", files=files,
+                         headers=["image", "layer", "map", "target", "p(target) unoccluded", "min p(target) occluded",
+                                  "positions"], rows=rows,
+                         notes=[f"square {s['size']} px, stride {s['stride']} px (the subcommand's 32/8 px at 224 px, "
+                                f"scaled to this input), fill {s['fill']}; ZF Fig. 7"])
+    return _finish(run_dir, out, "occlusion", s, rec, {"images": results})
+
+
+#: name -> (settings of this run, runner)
 REGISTRY: Dict[str, Tuple[Plan, Run]] = {
     "invariance": (_plan_invariance, _run_invariance),
     "correspondence": (_plan_correspondence, _run_correspondence),
     "diagnose": (_plan_diagnose, _run_diagnose),
-    "occlusion": (_plan_occlusion, None),  # type: ignore[dict-item]
+    "occlusion": (_plan_occlusion, _run_occlusion),
 }
 assert set(REGISTRY) == set(ANALYSES)
 
