@@ -159,6 +159,10 @@ def test_bad_analysis_name_is_a_one_line_error_with_a_suggestion(tmp_path, capsy
     assert main(["visualize", "--analyses", "diagnose,ocllusion", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "did you mean: occlusion" in err
+    # a missing part-box file fails before any mining
+    with pytest.raises(DeconvisError, match="part-box file .*nope.yaml.* does not exist"):
+        pipeline.run(fx.tiny_config(tmp_path, analyses=["correspondence"], correspondence_parts="nope.yaml"))
+    assert not os.path.exists(os.path.join(str(tmp_path), "out", "t", "results.json"))
 
 
 def test_results_without_analyses_load_and_records_round_trip():
@@ -184,7 +188,7 @@ def test_occlusion_section_equals_the_occlusion_api(tmp_path):
     out = pipeline.run(cfg)
     rec = out.results.analyses["occlusion"]
     assert rec.status == "done" and os.path.isfile(os.path.join(out.run_dir, rec.files["png"]))
-    assert f'id="A-occlusion"' in open(out.report, encoding="utf-8").read()
+    assert 'id="A-occlusion"' in open(out.report, encoding="utf-8").read()
     lm, x = _model_and_inputs(cfg, 1)
     # the subcommand's 32 px square and 8 px stride at 224 px, scaled to the 32 px input
     res = occlusion(lm.model, x[0], size=5, stride=1, fill="mean")

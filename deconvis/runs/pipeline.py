@@ -56,7 +56,7 @@ from deconvis.runs import ranks
 from deconvis.runs import results as results_mod
 from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
-from deconvis.runs.phases.analyses import analyses_phase
+from deconvis.runs.phases.analyses import analyses_phase, check_analyses
 from deconvis.runs.phases.mine import build_results, check_mined, mine_phase, mining_forward
 from deconvis.runs.phases.prepare import Context, amp_dtype, prepare, resolve_weights
 from deconvis.runs.phases.project import plan_projection, project_chunk, project_phase, split_jobs
@@ -127,6 +127,7 @@ def _setup(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: 
     with dist_mod.phase(info, "prepare"):
         ranks.check_shared(run_dir, token, info)
         ctx = prepare(cfg, run_dir, config_dir, info)
+        check_analyses(cfg, config_dir)
         res = load_results(run_dir, ctx.identity)
         if res is not None:
             res.config = cfg.to_dict()

@@ -36,6 +36,8 @@ from deconvis.runs.results import AnalysisRecord, Results
 log = logging.getLogger("deconvis")
 
 ANALYSIS_DIR = "analyses"
+OCCLUSION_MISSING = ("analyses: occlusion needs deconvis.analysis.occlusion, which this build lacks; drop occlusion "
+                     "from --analyses")
 #: bumped when an analysis's outputs change meaning (recompute old ones)
 FORMAT = 1
 
@@ -155,19 +157,20 @@ def _run_invariance(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> A
     return _finish(run_dir, out, "invariance", s, rec, res.to_dict())
 
 
-def _parts_file(inp: Inputs) -> Tuple[Optional[str], str]:
-    """(part-box file, '') or (None, why the correspondence analysis is skipped)."""
+def _parts_file(cfg: VisualizeConfig, config_dir: Optional[str]) -> Tuple[Optional[str], str]:
+    """(part-box file, '') or (None, why the correspondence analysis is skipped); a relative
+    ``correspondence_parts`` path missing from the working directory is tried in ``config_dir``."""
     from deconvis.cli.correspondence_cmd import DEMO_PARTS, parts_path
 
-    spec = inp.cfg.correspondence_parts
+    spec = cfg.correspondence_parts
     if spec:
         path = parts_path(spec)
-        if not os.path.isabs(path) and not os.path.isfile(path) and inp.config_dir:
-            path = os.path.join(inp.config_dir, path)
+        if not os.path.isabs(path) and not os.path.isfile(path) and config_dir:
+            path = os.path.join(config_dir, path)
         return path, ""
-    if inp.cfg.model == "zfnet_demo":
+    if cfg.model == "zfnet_demo":
         return parts_path(DEMO_PARTS), ""
-    return None, (f"no part boxes for model {inp.cfg.model!r}: the packaged face boxes fit the demo net only; "
+    return None, (f"no part boxes for model {cfg.model!r}: the packaged face boxes fit the demo net only; "
                   "give --correspondence-parts FILE")
 
 
@@ -175,7 +178,7 @@ def _plan_correspondence(inp: Inputs) -> Dict[str, Any]:
     from deconvis.cli.correspondence_cmd import CorrespondenceConfig
 
     d = CorrespondenceConfig()
-    path, why = _parts_file(inp)
+    path, why = _parts_file(inp.cfg, inp.config_dir)
     digest = ""
     if path is not None and os.path.isfile(path):
         with open(path, "rb") as f:
@@ -247,8 +250,7 @@ def _plan_occlusion(inp: Inputs) -> Dict[str, Any]:
     import importlib.util
 
     if importlib.util.find_spec("deconvis.analysis.occlusion_run") is None:
-        raise DeconvisError("analyses: occlusion needs deconvis.analysis.occlusion, which this build lacks; "
-                            "drop occlusion from --analyses")
+        raise DeconvisError(OCCLUSION_MISSING)
     from deconvis.analysis.occlusion_run import OcclusionConfig
 
     d = OcclusionConfig()
@@ -295,6 +297,19 @@ assert set(REGISTRY) == set(ANALYSES)
 
 
 # -- the phase -------------------------------------------------------------------------------------
+
+def check_analyses(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> None:
+    """Checks of ``--analyses`` that need files, before any mining: the occlusion module is there,
+    a ``correspondence_parts`` file exists and parses. DeconvisError otherwise."""
+    import importlib.util
+
+    if "occlusion" in cfg.analyses and importlib.util.find_spec("deconvis.analysis.occlusion_run") is None:
+        raise DeconvisError(OCCLUSION_MISSING)
+    if "correspondence" in cfg.analyses and cfg.correspondence_parts:
+        from deconvis.analysis.correspondence import load_part_boxes
+
+        load_part_boxes(_parts_file(cfg, config_dir)[0] or "")
+
 
 def saved_record(run_dir: str, name: str, h: str) -> Optional[AnalysisRecord]:
     """The record of a finished analysis ``name`` computed with settings hash ``h`` whose files are
