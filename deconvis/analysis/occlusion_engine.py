@@ -1,4 +1,4 @@
-"""Exact incremental occlusion (METHOD.md section 6): recompute only what an occluder changes.
+"""Exact incremental occlusion (docs/method.md section 7): recompute only what an occluder changes.
 
 A square covering input rows ``[a, b)`` changes only the units of a layer whose receptive field
 meets it: rows ``y`` with ``start + y*j + (r-1)/2 >= a`` and ``start + y*j - (r-1)/2 <= b-1``
