@@ -3,6 +3,7 @@ section whose numbers equal the analysis API called directly; resuming does not 
 ``--fresh`` does; a bad name is a one-line error with a suggestion; old results.json still load."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -133,13 +134,15 @@ def test_resume_does_not_recompute_and_fresh_does(done, monkeypatch):
     again = pipeline.run(cfg)
     assert calls == [] and again.results.analyses.keys() == out.results.analyses.keys()
     assert [r.rows for r in again.results.analyses.values()] == [r.rows for r in out.results.analyses.values()]
+    # --render-only keeps the sections (from results.json; no model, nothing recomputed)
+    os.remove(again.report)
+    pipeline.run(dataclasses.replace(cfg, render_only=True))
+    assert calls == [] and all(f'id="A-{n}"' in open(again.report, encoding="utf-8").read() for n in ALL)
     # a missing figure is recomputed (only that analysis)
     os.remove(os.path.join(out.run_dir, out.results.analyses["diagnose"].files["png"]))
     pipeline.run(cfg)
     assert calls == ["diagnose"]
     calls.clear()
-    import dataclasses
-
     pipeline.run(dataclasses.replace(cfg, fresh=True, analyses=["diagnose"]))
     assert calls == ["diagnose"] and not os.path.exists(os.path.join(out.run_dir, "analyses", "invariance"))
 
