@@ -202,3 +202,22 @@ def test_occlusion_section_equals_the_occlusion_api(tmp_path):
     with torch.no_grad():  # the unoccluded probability by a plain forward
         p = torch.softmax(lm.model(x[:1]).double(), 1)[0]
     assert res.target == int(p.argmax()) and abs(row[4] - float(p.max())) < 1e-6
+
+
+def test_demo_analyses_config_loads():
+    from deconvis.runs.config import ANALYSES, load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "demo_analyses.yaml"))
+    assert cfg.run == "demo_analyses" and cfg.analyses == list(ANALYSES) and cfg.model == "zfnet_demo"
+
+
+def test_an_analysis_the_model_cannot_do_is_skipped_and_the_run_finishes(tmp_path):
+    net = tmp_path / "convonly.py"
+    net.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), "
+                   "nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.ReLU())\n")
+    out = pipeline.run(fx.tiny_config(tmp_path, model=f"{net}:make", analyses=["invariance", "diagnose"]))
+    inv, dia = out.results.analyses["invariance"], out.results.analyses["diagnose"]
+    assert inv.status == "skipped" and "logits" in inv.reason and dia.status == "done"
+    text = open(out.report, encoding="utf-8").read()
+    assert "Skipped: " in text and 'id="A-diagnose"' in text

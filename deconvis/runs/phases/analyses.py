@@ -328,6 +328,32 @@ def saved_record(run_dir: str, name: str, h: str) -> Optional[AnalysisRecord]:
     return rec
 
 
+def _one(inp: Inputs, name: str, mining_hash: str, run_dir: str) -> AnalysisRecord:
+    """Analysis ``name``: its saved record when current, else run it. An analysis the model does
+    not allow (a DeconvisError: no class scores, a square larger than the image, ...) is skipped
+    with that reason, so the sheets and the report still come out."""
+    plan, run = REGISTRY[name]
+    t = time.perf_counter()
+    try:
+        settings = {"format": FORMAT, "mining_hash": mining_hash, "images": inp.names, **plan(inp)}
+        h = settings_hash(settings)
+        rec = saved_record(run_dir, name, h)
+        if rec is not None:
+            log.info("analysis %s: done earlier (settings unchanged), not recomputed", name)
+            return rec
+        out = analysis_dir(run_dir, name)
+        os.makedirs(out, exist_ok=True)
+        rec = run(inp, settings, run_dir, out)
+    except DeconvisError as exc:
+        rec = AnalysisRecord(name, "skipped", reason=str(exc))
+    rec.seconds = round(time.perf_counter() - t, 3)
+    if rec.status == "skipped":
+        log.warning("analysis %s skipped: %s", name, rec.reason)
+    else:
+        log.info("analysis %s: %.1f s -> %s", name, rec.seconds, rec.files.get("png", ""))
+    return rec
+
+
 def analyses_phase(ctx, res: Results, config_dir: Optional[str] = None,
                    poll: Optional[Callable[[], None]] = None) -> Dict[str, AnalysisRecord]:
     """Run (or reuse) every analysis of ``ctx.cfg.analyses``; their records replace
@@ -346,23 +372,7 @@ def analyses_phase(ctx, res: Results, config_dir: Optional[str] = None,
     inp.model.eval()
     try:
         for name in cfg.analyses:
-            plan, run = REGISTRY[name]
-            settings = {"format": FORMAT, "mining_hash": res.mining_hash, "images": names, **plan(inp)}
-            h = settings_hash(settings)
-            rec = saved_record(ctx.run_dir, name, h)
-            if rec is not None:
-                log.info("analysis %s: done earlier (settings unchanged), not recomputed", name)
-            else:
-                t = time.perf_counter()
-                out = analysis_dir(ctx.run_dir, name)
-                os.makedirs(out, exist_ok=True)
-                rec = run(inp, settings, ctx.run_dir, out)
-                rec.seconds = round(time.perf_counter() - t, 3)
-                if rec.status == "skipped":
-                    log.warning("analysis %s skipped: %s", name, rec.reason)
-                else:
-                    log.info("analysis %s: %.1f s -> %s", name, rec.seconds, rec.files.get("png", ""))
-            records[name] = rec
+            records[name] = _one(inp, name, res.mining_hash, ctx.run_dir)
             if poll is not None:
                 poll()
     finally:
