@@ -7,7 +7,10 @@ writes into ``<run>/analyses/<name>/``: its figure (PNG) and ``<name>.json`` (th
 hash, the report record and the full result), atomically, the JSON last. Its report record
 (:class:`~deconvis.runs.results.AnalysisRecord`: files and a short table of key numbers) goes
 into ``results.json``. Resuming: an analysis whose JSON holds the same settings hash and whose
-files exist is not recomputed; ``--fresh`` removes the folder.
+files exist is not recomputed; ``--fresh`` removes the folder. An analysis the model does not
+allow (no class scores for invariance, ...) is recorded as skipped with its one-line reason, and
+the run goes on. Under torchrun the other ranks wait for rank 0 (it reports progress between
+analyses, so one analysis must finish within ``dist_timeout``).
 
 Layers: each analysis's default layers (ZF's: invariance conv1/fc6, correspondence conv5/fc6)
 when the model has them, else the run's first and last visualised layer. Correspondence needs
