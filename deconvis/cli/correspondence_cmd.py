@@ -6,12 +6,12 @@ pixels), ``correspondence.md`` (the table) and ``correspondence.png`` (bars per 
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
+from deconvis.cli.analysis_common import analysis_command, apply_threads
+from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
 DEMO_PARTS = "asset:face_parts.yaml"
@@ -44,12 +44,11 @@ class CorrespondenceConfig(Config):
         check_fill(self.fill, ("mean", "black"))
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = _add_parser(subparsers, "correspondence", CorrespondenceConfig,
-                    "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
-                    description=CorrespondenceConfig.__doc__)
-    p.set_defaults(func=run)
-    return p
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "correspondence", CorrespondenceConfig, lambda cfg: run_config(cfg),
+    "part correspondence: sign-Hamming consistency of feature changes (ZF Table 1)",
+    lambda res: [res.markdown()], "correspondence.json", ", correspondence.md and correspondence.png")
 
 
 def parts_path(spec: str) -> str:
@@ -57,14 +56,6 @@ def parts_path(spec: str) -> str:
     if spec.startswith("asset:"):
         return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", spec[len("asset:"):])
     return spec
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = parse(CorrespondenceConfig, args)
-    res = run_config(cfg)
-    print(res.markdown())
-    print(f"wrote {os.path.join(cfg.out_dir, 'correspondence.json')}, correspondence.md and correspondence.png")
-    return 0
 
 
 def run_config(cfg: CorrespondenceConfig):
@@ -75,8 +66,7 @@ def run_config(cfg: CorrespondenceConfig):
     from deconvis.analysis.correspondence import correspondence, load_part_boxes, plot_correspondence
     from deconvis.io import atomic
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     path = parts_path(cfg.parts)
     records = load_part_boxes(path)
     lm = load_network(cfg.model, cfg.weights, cfg.device)

@@ -5,12 +5,12 @@ Outputs in ``out_dir``: ``diagnose.json``, ``diagnose.md`` (tables) and ``diagno
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
+from deconvis.cli.analysis_common import analysis_command, apply_threads
+from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
 
@@ -53,33 +53,21 @@ class DiagnoseConfig(Config):
             raise DeconvisError(f"band edges must satisfy 0 < band_low < band_high, got {self.band_low}, {self.band_high}")
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = _add_parser(subparsers, "diagnose", DiagnoseConfig,
-                    "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
-                    description=DiagnoseConfig.__doc__)
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = parse(DiagnoseConfig, args)
-    res = run_config(cfg)
-    print(res.markdown())
-    print(f"wrote {os.path.join(cfg.out_dir, 'diagnose.json')}, diagnose.md and diagnose.png")
-    return 0
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "diagnose", DiagnoseConfig, lambda cfg: run_config(cfg),
+    "dead/dominating filters, layer-1 spectra, layer-2 aliasing (ZF Fig. 6)",
+    lambda res: [res.markdown()], "diagnose.json", ", diagnose.md and diagnose.png")
 
 
 def run_config(cfg: DiagnoseConfig):
     """Run the diagnosis of ``cfg`` and write its outputs; returns the DiagnoseResult."""
-    import torch
-
     from deconvis.analysis.common import jsonable, load_network
     from deconvis.analysis.diagnose import conv_modules, diagnose, image_set_batches
     from deconvis.analysis.diagnose_plot import plot_diagnose
     from deconvis.io import atomic
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     lm = load_network(cfg.model, cfg.weights, cfg.device)
     pp = lm.preprocess
     batches = image_set_batches(cfg.images, cfg.resize or pp.resize, cfg.crop or pp.crop[0], cfg.batch_size,

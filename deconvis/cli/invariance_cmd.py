@@ -6,12 +6,12 @@ Outputs in ``out_dir``: ``invariance.json`` (every curve, the fill, the amounts)
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List
 
-from deconvis.runs.configbase import Config, add_parser as _add_parser, option, parse
+from deconvis.cli.analysis_common import analysis_command, apply_threads
+from deconvis.runs.configbase import Config, option
 from deconvis.errors import DeconvisError
 
 
@@ -63,23 +63,21 @@ class InvarianceConfig(Config):
         check_fill(self.fill)
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = _add_parser(subparsers, "invariance", InvarianceConfig,
-                    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
-                    description=InvarianceConfig.__doc__)
-    p.set_defaults(func=run)
-    return p
+# run(args) and add_parser(subparsers); run_config is defined below
+run, add_parser = analysis_command(
+    "invariance", InvarianceConfig, lambda cfg: run_config(cfg),
+    "feature distance and class probability under translation, scale, rotation (ZF Fig. 5)",
+    lambda res: _sweep_lines(res), "invariance.json", " and invariance.png")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = parse(InvarianceConfig, args)
-    res = run_config(cfg)
+def _sweep_lines(res: Any) -> List[str]:
+    """One line per sweep: the largest relative distance per layer, the smallest true-class probability."""
+    lines = []
     for s in res.sweeps:
         worst = {l: float(s.relative[l].max()) for l in res.layers}
-        print(f"{s.transform}: max relative distance " + ", ".join(f"{l} {v:.3f}" for l, v in worst.items())
-              + f"; p(true class) min {float(s.probability.min()):.3f}")
-    print(f"wrote {os.path.join(cfg.out_dir, 'invariance.json')} and invariance.png")
-    return 0
+        lines.append(f"{s.transform}: max relative distance " + ", ".join(f"{l} {v:.3f}" for l, v in worst.items())
+                     + f"; p(true class) min {float(s.probability.min()):.3f}")
+    return lines
 
 
 def run_config(cfg: InvarianceConfig):
@@ -90,8 +88,7 @@ def run_config(cfg: InvarianceConfig):
     from deconvis.analysis.invariance import plot_invariance, invariance
     from deconvis.io import atomic
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     lm = load_network(cfg.model, cfg.weights, cfg.device)
     x = torch.stack([to_input(read_photo(s), lm.preprocess)[1] for s in cfg.images])
     amounts = sweeps(cfg, x.shape[-2])

@@ -29,10 +29,9 @@ from torch import nn
 
 from deconvis.errors import DeconvisError
 from deconvis.utils.device import model_dtype_device
-from deconvis.graph.ops import window_params
-from deconvis.graph.rf import (_MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Box, LayerRF, Pair, RFTable,
-                         TracedGraph, _size_pair, clip_box, pool_out_size,
-                         resolve_layer, table_from_traced, trace_graph)
+from deconvis.graph.ops import _MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Pair, window_params
+from deconvis.graph.rf import (Box, LayerRF, RFTable, TracedGraph, _size_pair, clip_box, pool_out_size,
+                               resolve_layer, table_from_traced, trace_graph)
 
 
 # ------------------------------------------------------------------------------------ helpers

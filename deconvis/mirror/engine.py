@@ -21,11 +21,12 @@ BatchNorm on its running statistics) whatever the model's mode, and never writes
 it recorded (in-place ops run out of place).
 
 :meth:`Mirror.backward_window` carries each unit's cone only (see :class:`WindowPlan`).
+
+The op classification is :mod:`deconvis.mirror.classify`; the larger local rules are in
+:mod:`deconvis.mirror.local_rules` (re-exported here for :mod:`deconvis.mirror.window`).
 """
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,127 +37,9 @@ from torch import Tensor, nn
 from deconvis.errors import DeconvisError
 from deconvis.graph import ops
 from deconvis.graph.trace import TracedGraph, signal_inputs
+from deconvis.mirror.classify import _DROPOUT, Node, Op, classify
+from deconvis.mirror.local_rules import _accumulate, _pairs, _prelu_slope, _reduce_to, _relu_rule
 from deconvis.mirror.rules import Rule
-
-Node = torch.fx.Node
-
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_CAT = ops._CAT_FUNCS
-_SKIP_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
-               F.local_response_norm}
-_SKIP_METHODS = {"contiguous", "clone", "detach"}
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
-_RESHAPE_FUNCS = {torch.flatten, torch.reshape}
-_LRN = (nn.LocalResponseNorm, nn.CrossMapLRN2d)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
-@dataclass(frozen=True)
-class Op:
-    """How the mirror treats one signal node: ``kind`` is one of input, relu, conv, maxpool,
-    avgpool, bn, skip, linear, reshape, add, sub, mul, cat, generic; ``unit`` the ReLU-family
-    unit; ``win`` kernel/stride/padding/dilation pairs of conv and pools."""
-
-    kind: str
-    unit: Optional[ops.ReluUnit] = None
-    win: Optional[Dict[str, Any]] = None
-    module: Optional[nn.Module] = None
-
-
-def classify(node: Node, tg: TracedGraph) -> Op:
-    """The :class:`Op` of a signal node."""
-    gm = tg.graph_module
-    if node.op == "placeholder":
-        return Op("input")
-    unit = ops.relu_unit(node, gm)
-    if unit is not None:
-        return Op("relu", unit=unit, module=tg.module(node))
-    t = node.target
-    m = tg.module(node)
-    if m is not None:
-        if isinstance(m, nn.Conv2d):
-            win = ops.window_params(node, gm, {})
-            same_even = m.padding == "same" and any(k % 2 == 0 for k in win["k"])
-            if m.padding_mode == "zeros" and not same_even:
-                return Op("conv", win=win, module=m)
-            return Op("generic", module=m)
-        if isinstance(m, nn.MaxPool2d) and not m.return_indices:
-            return Op("maxpool", win=ops.window_params(node, gm, {}), module=m)
-        if isinstance(m, nn.AvgPool2d):
-            return Op("avgpool", win=ops.window_params(node, gm, {}), module=m)
-        if isinstance(m, nn.BatchNorm2d):
-            if not m.track_running_stats or m.running_var is None:
-                raise DeconvisError(f"{tg.row_names[node]!r} (BatchNorm2d) keeps no running statistics, so it "
-                                    "has no eval-mode form to mirror; build it with track_running_stats=True")
-            return Op("bn", module=m)
-        if isinstance(m, _DROPOUT + _LRN + (nn.Identity,)):
-            return Op("skip", module=m)
-        if isinstance(m, nn.Linear):
-            return Op("linear", module=m)
-        if isinstance(m, (nn.Flatten,)):
-            return Op("reshape", module=m)
-        return Op("generic", module=m)
-    if node.op == "call_function":
-        if t in _SKIP_FUNCS:
-            return Op("skip")
-        name = getattr(t, "__name__", "")
-        if (t in (F.max_pool2d, torch.max_pool2d) or name == "max_pool2d") and not ops._arg(
-                node, 6, "return_indices", False):
-            return Op("maxpool", win=ops.window_params(node, gm, {}))
-        if t in _RESHAPE_FUNCS:
-            return Op("reshape")
-        if t in _CAT:
-            return Op("cat")
-    key = t if node.op == "call_function" else (t if node.op == "call_method" else None)
-    if node.op == "call_method" and t in _SKIP_METHODS:
-        return Op("skip")
-    if node.op == "call_method" and t in _RESHAPE_METHODS:
-        return Op("reshape")
-    if key in _ADD and not node.kwargs:
-        return Op("add")
-    if key in _SUB and not node.kwargs:
-        return Op("sub")
-    if key in _MUL and not node.kwargs:
-        return Op("mul")
-    return Op("generic")
-
-
-# ---------------------------------------------------------------------------------- helpers
-def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
-    """Sum ``g`` over the dims that broadcasting expanded, so it has ``shape`` (batch dim kept)."""
-    shape = tuple(shape)
-    if tuple(g.shape) == shape:
-        return g
-    while g.dim() > len(shape):
-        g = g.sum(0)
-    dims = [i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1]
-    return g.sum(dims, keepdim=True) if dims else g
-
-
-def _relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor]) -> Tensor:
-    """The ReLU-family backward of :mod:`deconvis.mirror.rules` for signal ``g`` at forward input ``x``."""
-    if unit.kind in ("relu", "relu6"):
-        if rule is Rule.DECONVNET:
-            return g.clamp(min=0)
-        on = (x > 0) if unit.kind == "relu" else ((x > 0) & (x < 6))
-        return (g.clamp(min=0) if rule is Rule.GUIDED else g) * on
-    a = slope if slope is not None else unit.slope
-    if rule is Rule.DECONVNET:
-        return torch.where(g > 0, g, a * g)
-    s = torch.where(x > 0, torch.ones_like(x), a * torch.ones_like(x))
-    return (g.clamp(min=0) if rule is Rule.GUIDED else g) * s
-
-
-def _prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optional[Tensor]:
-    if op.unit is None or op.unit.kind != "prelu":
-        return None
-    w = op.module.weight if op.module is not None else env[op.unit.weight] if isinstance(op.unit.weight, Node) \
-        else op.unit.weight
-    if w.numel() == 1:
-        return w.reshape(())
-    return w.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 class Mirror:
@@ -437,26 +320,4 @@ def _depends_on_signal(a: Node, tg: TracedGraph) -> bool:
     return False
 
 
-def _pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
-    if isinstance(out, Tensor):
-        return ([out], [g]) if out.requires_grad else ([], [])
-    outs, gs = [], []
-    for o, gi in zip(out, g):
-        if gi is not None and isinstance(o, Tensor) and o.requires_grad:
-            outs.append(o)
-            gs.append(gi)
-    return outs, gs
-
-
-def _accumulate(grads: Dict[Node, Any], node: Node, g: Any) -> None:
-    if node not in grads:
-        grads[node] = g
-        return
-    cur = grads[node]
-    if isinstance(cur, tuple) or isinstance(g, tuple):
-        grads[node] = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(cur, g))
-    else:
-        grads[node] = cur + g
-
-
-__all__ = ["Mirror", "Op", "classify"]
+__all__ = ["Mirror", "Op", "classify", "_prelu_slope", "_reduce_to", "_relu_rule"]

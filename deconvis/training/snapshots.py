@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from deconvis.mirror.deconvnet import DeconvNet
 from deconvis.mirror.rules import Rule
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.training.evolution import evolution_figure, patch_tiles, rec_tiles
+from deconvis.training.snapshot_features import FEATURE_SELECTIONS, FeaturesSpec, resolve_features, spec_repr
 from deconvis.training.snapshot_parts import (Column, _check_epochs, _fingerprint, _probe_tensor,
                                               open_summary_writer, preserve_training_state)
 
@@ -49,12 +50,9 @@ __all__ = ["SnapshotCallback", "Column", "preserve_training_state", "open_summar
 log = logging.getLogger("deconvis.training.snapshots")
 
 ZF_EPOCHS: Tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
-FEATURE_SELECTIONS = ("top", "first", "spread")
 STATE_FILE = "snapshots.pt"
 SUMMARY_FILE = "snapshots.json"
 STATE_VERSION = 1
-
-FeaturesSpec = Union[int, Sequence[int], Mapping[str, Sequence[int]]]
 
 
 # ------------------------------------------------------------------------------ callback
@@ -145,7 +143,8 @@ class SnapshotCallback:
                 raise DeconvisError(f"layer {self.display[l]!r} ({l}) has no spatial map (shape "
                                     f"{list(acts[l].shape)}); choose conv or pool layers")
             self.channels[l] = int(acts[l].shape[1])
-        self.features: Dict[str, Optional[List[int]]] = self._resolve_features(features_per_layer)
+        self.features: Dict[str, Optional[List[int]]] = resolve_features(
+            features_per_layer, self.layers, self.display, self.channels, select, self.dn.resolve)
         self.n_features: Dict[str, int] = {l: (len(f) if f is not None else int(features_per_layer))  # type: ignore[arg-type]
                                            for l, f in self.features.items()}
 
@@ -154,74 +153,10 @@ class SnapshotCallback:
         self.history: List[Tuple[str, float]] = []  # (label, seconds incl. drawing/saving) per snapshot
         self.figures: Dict[str, np.ndarray] = {}
         self._config = {"layers": list(self.layers), "rule": rule, "tile_size": tile_size, "select": select,
-                        "features_spec": self._spec_repr(features_per_layer), "probe": _fingerprint(self.probe),
+                        "features_spec": spec_repr(features_per_layer), "probe": _fingerprint(self.probe),
                         "mean": self.mean, "std": self.std}
         if out_dir is not None and resume:
             self._load_state()
-
-    # -------------------------------------------------------------- configuration
-    @staticmethod
-    def _spec_repr(spec: FeaturesSpec) -> Any:
-        if isinstance(spec, Mapping):
-            return {str(k): [int(c) for c in v] for k, v in spec.items()}
-        if isinstance(spec, (int, np.integer)):
-            return int(spec)
-        return [int(c) for c in spec]
-
-    def _check_channels(self, layer: str, chans: Any) -> List[int]:
-        try:
-            ids = list(chans)
-        except TypeError:
-            raise DeconvisError(f"features for {self.display[layer]!r} must be a list of channel ids, got {chans!r}") from None
-        if not ids:
-            raise DeconvisError(f"features for {self.display[layer]!r} is empty; give at least one channel id")
-        c = self.channels[layer]
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-                raise DeconvisError(f"channel ids must be integers, got {i!r} for {self.display[layer]!r}")
-            if not 0 <= i < c:
-                raise DeconvisError(f"feature {i} is out of range for {self.display[layer]!r}, which has "
-                                    f"{c} channels (ids 0..{c - 1})")
-        if len(set(ids)) != len(ids):
-            raise DeconvisError(f"features for {self.display[layer]!r} repeat a channel: {ids}")
-        return [int(i) for i in ids]
-
-    def _resolve_features(self, spec: FeaturesSpec) -> Dict[str, Optional[List[int]]]:
-        out: Dict[str, Optional[List[int]]] = {}
-        if isinstance(spec, Mapping):
-            given = {}
-            for k, v in spec.items():
-                try:
-                    name = self.dn.resolve(str(k))
-                except DeconvisError:
-                    name = None
-                if name not in self.layers:
-                    raise DeconvisError(f"features_per_layer names layer {k!r}, which is not in layers "
-                                        f"{[self.display[l] for l in self.layers]}"
-                                        + close_matches(str(k), list(self.display.values())))
-                given[name] = v
-            missing = [self.display[l] for l in self.layers if l not in given]
-            if missing:
-                raise DeconvisError(f"features_per_layer gives no channels for {missing}; add them or use an int")
-            return {l: self._check_channels(l, given[l]) for l in self.layers}
-        if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-            n = int(spec)
-            if n < 1:
-                raise DeconvisError(f"features_per_layer must be at least 1, got {n}")
-            for l in self.layers:
-                if n > self.channels[l]:
-                    raise DeconvisError(f"features_per_layer={n} but {self.display[l]!r} has only "
-                                        f"{self.channels[l]} channels")
-                if self.select == "first":
-                    out[l] = list(range(n))
-                elif self.select == "spread":
-                    out[l] = [int(round(i)) for i in np.linspace(0, self.channels[l] - 1, n)]
-                else:
-                    out[l] = None  # chosen at the first snapshot
-            return out
-        if isinstance(spec, (str, bytes)) or isinstance(spec, bool):
-            raise DeconvisError(f"features_per_layer must be an int, a list of channel ids or a dict, got {spec!r}")
-        return {l: self._check_channels(l, spec) for l in self.layers}  # type: ignore[arg-type]
 
     # -------------------------------------------------------------- persistence
     def _state_path(self) -> str:

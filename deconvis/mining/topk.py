@@ -1,0 +1,241 @@
+"""The top-k state of mining: for every channel of every chosen layer, the k strongest images
+(:class:`TopK`), updated batch by batch (the loop is :func:`deconvis.mining.mine.mine`).
+
+One image contributes at most one entry per channel: its strongest activation over spatial
+positions (ZF 2014, Fig. 2), with the position ``(y, x)`` of that maximum in the layer's map.
+The state is O(layers x channels x k) whatever the size of the image set, lives on the
+activations' device, and is updated with tensor ops only (no per-element Python, no host sync per
+batch).
+
+Ordering (ties break deterministically, so the same inputs and config give the same winners):
+
+1. larger activation first;
+2. on equal activations, the smaller global image index first;
+3. within one image, the first position of the maximum in row-major order (smallest ``y``, then
+   smallest ``x``) -- the index ``torch.max(dim)`` returns for ties.
+
+Non-finite activations never win: an image whose map holds a NaN or ``+inf`` in a channel (an
+fp16 overflow under ``--amp fp16``, NaN weights) is no candidate of that channel at all; every
+such (image, channel) is counted per layer and channel (:attr:`TopK.nonfinite`, with the first
+image it happened in), so the caller can name them (:mod:`deconvis.mining.nonfinite`) and no
+non-finite number reaches ``results.json``. Activations are compared in float64 (float32 on
+MPS), which is exact for float16/32 input.
+
+:meth:`TopK.merge` of states built from disjoint image sets gives exactly the winners of one pass
+over their union (the ordering above is a total order on (value, image)), so shards can be mined
+independently (e.g. per torch.distributed rank) and merged. :meth:`TopK.state_dict` holds only
+plain tensors, ints and lists: ``torch.load(..., weights_only=True)`` reads it back.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from deconvis.errors import DeconvisError
+
+#: image index of an empty slot (sorts after every real image on equal value -inf)
+EMPTY = torch.iinfo(torch.int64).max
+
+_FIELDS = ("values", "images", "ys", "xs")
+
+
+def _value_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _select(values: Tensor, images: Tensor, ys: Tensor, xs: Tensor, k: int) -> Tuple[Tensor, ...]:
+    """Keep, per row, the ``k`` best of the candidates ``[C, n]`` by (value desc, image asc).
+
+    Two stable sorts implement the lexicographic order; the row-major position tie-break inside
+    one image happened earlier (one candidate per image and row).
+    """
+    by_image = torch.argsort(images, dim=1, stable=True)
+    v = values.gather(1, by_image)
+    by_value = torch.argsort(v, dim=1, descending=True, stable=True)
+    order = by_image.gather(1, by_value)[:, :k]
+    return tuple(t.gather(1, order) for t in (values, images, ys, xs))
+
+
+def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per image and channel, the maximum over positions and where it is.
+
+    ``act`` is ``[N, C, h, w]`` (or ``[N, C]``, read as ``h = w = 1``). Returns ``values [N, C]``
+    (NaN where the map holds a NaN, ``+inf`` where it holds one: the reduction propagates them),
+    ``ys [N, C]``, ``xs [N, C]`` (int64, first maximum in row-major order).
+    """
+    if act.dim() == 2:
+        act = act[:, :, None, None]
+    if act.dim() != 4:
+        raise DeconvisError(f"mining needs activations [N, C, h, w] or [N, C], got shape {tuple(act.shape)}")
+    n, c, h, w = act.shape
+    if h * w == 0:
+        raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
+    vals, idx = act.reshape(n, c, h * w).max(dim=2)  # ties: index of the first maximal value
+    vals = vals.to(_value_dtype(act.device))
+    return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
+
+
+class TopK:
+    """The running k strongest (one per image) activations of every channel of ``layers``.
+
+    Per layer, four ``[C, k]`` tensors on ``device``: ``values`` (float64), ``images`` (global
+    image index, int64; :data:`EMPTY` for unfilled slots), ``ys``, ``xs`` (position in the layer's
+    map). Row ``c`` is sorted best first. ``C`` is fixed by the first update of the layer.
+    ``nonfinite[layer]`` (int64 ``[C]``) counts the images whose map was not finite in that
+    channel (never candidates), ``nonfinite_first[layer]`` the smallest such image (:data:`EMPTY`
+    for none); both stay on ``device`` (no host sync per batch).
+    ``seen`` counts the dataset items consumed (including unreadable ones listed in ``skipped``);
+    a resumed run continues at item ``seen``.
+    """
+
+    def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu"):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DeconvisError(f"k must be a positive integer, got {k!r}")
+        if not layers:
+            raise DeconvisError("mining needs at least one layer")
+        self.layers: List[str] = list(layers)
+        self.k = k
+        self.device = torch.device(device)
+        self.state: Dict[str, Dict[str, Tensor]] = {}
+        self.seen = 0
+        self.skipped: List[int] = []
+        self.nonfinite: Dict[str, Tensor] = {}
+        self.nonfinite_first: Dict[str, Tensor] = {}
+
+    # -- updates -------------------------------------------------------------------------------
+    def _empty(self, channels: int, dtype: torch.dtype) -> Dict[str, Tensor]:
+        dev = self.device
+        return {
+            "values": torch.full((channels, self.k), float("-inf"), dtype=dtype, device=dev),
+            "images": torch.full((channels, self.k), EMPTY, dtype=torch.int64, device=dev),
+            "ys": torch.zeros((channels, self.k), dtype=torch.int64, device=dev),
+            "xs": torch.zeros((channels, self.k), dtype=torch.int64, device=dev),
+        }
+
+    @torch.inference_mode()
+    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor, eligible: Optional[Tensor] = None) -> None:
+        """Fold one batch of ``layer``'s activations ``[N, C, h, w]`` for images ``image_ids [N]``
+        (global dataset indices) into the state. ``eligible`` (bool ``[N, C]``, optional) limits
+        which (image, channel) pairs may compete (the candidate pool of :mod:`deconvis.mining.rerank`)."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} is not mined by this TopK ({self.layers})")
+        if act.shape[0] != image_ids.shape[0]:
+            raise ValueError(f"{act.shape[0]} activations for {image_ids.shape[0]} image ids")
+        if act.device != self.device:
+            act = act.to(self.device)
+        vals, ys, xs = channel_maxima(act)
+        ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        st = self.state.get(layer)
+        if st is None:
+            st = self._empty(vals.shape[1], vals.dtype)
+            self.nonfinite[layer] = torch.zeros(vals.shape[1], dtype=torch.int64, device=self.device)
+            self.nonfinite_first[layer] = torch.full((vals.shape[1],), EMPTY, dtype=torch.int64, device=self.device)
+        elif st["values"].shape[0] != vals.shape[1]:
+            raise ValueError(f"layer {layer!r} had {st['values'].shape[0]} channels, now {vals.shape[1]}")
+        bad = ~torch.isfinite(vals)  # [N, C]: NaN, +inf (or a map of -inf only)
+        ids_nc = ids[:, None].expand_as(vals)
+        self.nonfinite[layer] = self.nonfinite[layer] + bad.sum(0)
+        first = torch.where(bad, ids_nc, torch.full_like(ids_nc, EMPTY)).amin(0)
+        self.nonfinite_first[layer] = torch.minimum(self.nonfinite_first[layer], first)
+        if eligible is not None:
+            bad = bad | ~eligible.to(device=self.device, dtype=torch.bool)
+        vals = vals.masked_fill(bad, float("-inf"))
+        ids_nc = ids_nc.masked_fill(bad, EMPTY)
+        cand = (vals.T, ids_nc.T, ys.T, xs.T)
+        merged = [torch.cat((st[f], c.to(st[f].dtype)), dim=1) for f, c in zip(_FIELDS, cand)]
+        self.state[layer] = dict(zip(_FIELDS, _select(*merged, self.k)))
+
+    def update(self, acts: Mapping[str, Tensor], image_ids: Tensor) -> None:
+        """Fold one batch (``{layer: [N, C, h, w]}``) into every mined layer (the ids go to the
+        device once per batch, not once per layer)."""
+        ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        for layer in self.layers:
+            if layer not in acts:
+                raise KeyError(f"activations lack layer {layer!r} (got {sorted(acts)})")
+            self.update_layer(layer, acts[layer], ids, self.eligible(layer, ids))
+
+    def eligible(self, layer: str, image_ids: Tensor) -> Optional[Tensor]:
+        """Which (image, channel) pairs may compete (bool ``[N, C]``); None: all (subclasses
+        restrict it, see :class:`deconvis.mining.rerank.PoolTopK`)."""
+        return None
+
+    @torch.inference_mode()
+    def merge(self, other: "TopK") -> "TopK":
+        """Fold ``other`` (mined over a disjoint set of images) into this state, in place.
+
+        The result equals one pass over the union of both image sets. Returns ``self``.
+        """
+        if other.k != self.k or other.layers != self.layers:
+            raise ValueError(f"cannot merge TopK(k={other.k}, layers={other.layers}) into "
+                             f"TopK(k={self.k}, layers={self.layers})")
+        for layer in self.layers:
+            theirs = other.state.get(layer)
+            if theirs is None:
+                continue
+            theirs = {f: t.to(self.device) for f, t in theirs.items()}
+            mine = self.state.get(layer)
+            if mine is None:
+                self.state[layer] = theirs
+                continue
+            if mine["values"].shape[0] != theirs["values"].shape[0]:
+                raise ValueError(f"layer {layer!r}: {mine['values'].shape[0]} vs {theirs['values'].shape[0]} channels")
+            dtype = torch.promote_types(mine["values"].dtype, theirs["values"].dtype)
+            merged = [torch.cat((mine[f].to(dtype) if f == "values" else mine[f],
+                                 theirs[f].to(dtype) if f == "values" else theirs[f]), dim=1) for f in _FIELDS]
+            self.state[layer] = dict(zip(_FIELDS, _select(*merged, self.k)))
+        for layer, count in other.nonfinite.items():
+            count = count.to(self.device)
+            first = other.nonfinite_first[layer].to(self.device)
+            if layer in self.nonfinite:
+                self.nonfinite[layer] = self.nonfinite[layer] + count
+                self.nonfinite_first[layer] = torch.minimum(self.nonfinite_first[layer], first)
+            else:
+                self.nonfinite[layer], self.nonfinite_first[layer] = count.clone(), first.clone()
+        self.seen += other.seen
+        self.skipped = sorted(set(self.skipped) | set(other.skipped))
+        return self
+
+    # -- read out ------------------------------------------------------------------------------
+    def winners(self, layer: str) -> Dict[str, Tensor]:
+        """``layer``'s state on the CPU: ``values, images, ys, xs`` ``[C, k]`` plus ``valid``
+        (bool ``[C, k]``, False for empty slots when fewer than k images were seen)."""
+        st = self.state.get(layer)
+        if st is None:
+            raise KeyError(f"layer {layer!r} has not been mined yet")
+        out = {f: st[f].detach().cpu().clone() for f in _FIELDS}
+        out["valid"] = out["images"] != EMPTY
+        return out
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        """Plain CPU tensors, ints and lists (loads with ``weights_only=True``)."""
+        return {
+            "k": self.k,
+            "layers": list(self.layers),
+            "seen": int(self.seen),
+            "skipped": torch.tensor(self.skipped, dtype=torch.int64),
+            "state": {layer: {f: t.detach().cpu().clone() for f, t in st.items()}
+                      for layer, st in self.state.items()},
+            "nonfinite": {layer: {"count": c.detach().cpu().clone(), "first": self.nonfinite_first[layer].detach().cpu().clone()}
+                          for layer, c in self.nonfinite.items()},
+        }
+
+    def load_state_dict(self, d: Mapping[str, object]) -> "TopK":
+        """Restore a :meth:`state_dict` (same k and layers) onto this object's device."""
+        if int(d["k"]) != self.k or list(d["layers"]) != self.layers:  # type: ignore[arg-type]
+            raise ValueError(f"state for k={d['k']}, layers={d['layers']} does not fit "
+                             f"k={self.k}, layers={self.layers}")
+        self.seen = int(d["seen"])  # type: ignore[arg-type]
+        self.skipped = [int(i) for i in d["skipped"].tolist()]  # type: ignore[union-attr]
+        self.state = {layer: {f: st[f].to(self.device) for f in _FIELDS}
+                      for layer, st in d["state"].items()}  # type: ignore[union-attr]
+        nf = d.get("nonfinite") or {}  # type: ignore[union-attr]  # absent in checkpoints before it existed
+        self.nonfinite = {layer: v["count"].to(self.device) for layer, v in nf.items()}
+        self.nonfinite_first = {layer: v["first"].to(self.device) for layer, v in nf.items()}
+        return self
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, object], device: "str | torch.device" = "cpu") -> "TopK":
+        return cls(list(d["layers"]), int(d["k"]), device).load_state_dict(d)  # type: ignore[arg-type]
