@@ -60,8 +60,6 @@ def parts_path(spec: str) -> str:
 
 def run_config(cfg: CorrespondenceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the CorrespondenceResult."""
-    import torch
-
     from deconvis.analysis.common import jsonable, load_network
     from deconvis.analysis.correspondence import correspondence, load_part_boxes, plot_correspondence
     from deconvis.io import atomic
