@@ -39,7 +39,8 @@ def test_every_key_round_trips_through_its_flag():
               "device": "cpu", "rule": "guided", "seed": "3", "resize": "40", "crop": "32", "out": "o", "run": "r",
               "checkpoint_every": "2", "project_batch": "9", "per_sheet": "4", "sheet_columns": "2",
               "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30",
-              "checkpoint_seconds": "5", "amp_pool": "2", "replay_max_mismatch": "3"}
+              "checkpoint_seconds": "5", "amp_pool": "2", "replay_max_mismatch": "3",
+              "analyses": "diagnose,invariance", "analysis_images": "3", "correspondence_parts": "p.yaml"}
     bools = {f.name for f in dataclasses.fields(C.VisualizeConfig) if f.type == "bool"}
     assert set(sample) | bools == set(C.FIELD_NAMES)
     argv = [x for k, v in sample.items() for x in (C.flag_name(k), v)]
@@ -51,6 +52,7 @@ def test_every_key_round_trips_through_its_flag():
     assert (cfg.amp, cfg.prefetch_factor, cfg.dist_timeout, cfg.project_batch) == ("bf16", 4, 30, 9)
     assert cfg.channels_last is True and cfg.profile is True and cfg.tf32 is True
     assert (cfg.checkpoint_seconds, cfg.amp_pool, cfg.replay_max_mismatch, cfg.workers) == (5, 2, 3, 1)
+    assert (cfg.analyses, cfg.analysis_images, cfg.correspondence_parts) == (["diagnose", "invariance"], 3, "p.yaml")
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--workers", "auto", "--replay-max-mismatch",
                                                                         "none"])))
     assert cfg.workers is None and cfg.replay_max_mismatch is None

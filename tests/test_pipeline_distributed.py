@@ -341,3 +341,17 @@ def test_cuda_mining_has_no_host_sync_per_batch(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     assert times.clock == "cuda-events" and times.forward > 0 and topk.seen == 12
 
+
+
+def test_analyses_run_once_on_rank_0(tmp_path):
+    """--analyses under torchrun: rank 0 runs them after the sheets, the other rank waits; one record."""
+    conf = _write_config(tmp_path)
+    proc, logs, _ = _torchrun(conf, "an", tmp_path / "logs", "--analyses", "diagnose")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "out" / "an"
+    res = json.load(open(run_dir / "results.json"))
+    assert res["analyses"]["diagnose"]["status"] == "done" and res["status"] == "rendered"
+    assert (run_dir / res["analyses"]["diagnose"]["files"]["png"]).stat().st_size > 0
+    text = open(run_dir / "run.log").read()
+    assert text.count("analysis diagnose:") == 1 and "[rank 0/2] analysis diagnose:" in text
+    assert 'id="A-diagnose"' in open(run_dir / "index.html").read()

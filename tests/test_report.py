@@ -135,3 +135,30 @@ def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_
     browser.settle()
     assert browser.js("document.getElementById('box').classList.contains('on')") is False
     assert browser.errors == []
+
+
+def test_report_with_analyses_in_headless_chromium(tmp_path, browser):
+    """With --analyses, each analysis is a tab after the layers: a click shows its section with
+    the figure (loaded) and the key-number table; no console errors."""
+    out = pipeline.run(fx.tiny_config(tmp_path, analyses=["diagnose", "correspondence"]))
+    browser.goto("file://" + os.path.abspath(out.report))
+    labels = [lr.label for lr in out.results.layers]
+    assert browser.js("[...document.querySelectorAll('nav button')].map(b=>b.textContent)") == \
+        labels + ["diagnose", "correspondence"]
+    browser.click(f"nav button:nth-of-type({len(labels) + 1})")
+    browser.settle()
+    assert browser.js("document.querySelector('section.analysis.active').id") == "A-diagnose"
+    assert browser.js("location.hash") == "#diagnose"
+    assert browser.js("document.querySelectorAll('section.layer.active').length") == 0
+    browser.js("new Promise(r=>{const i=document.querySelector('section.analysis.active img.fig');"
+               " i.complete ? r() : (i.onload=i.onerror=r);})")
+    assert browser.js("document.querySelector('section.analysis.active img.fig').naturalWidth") > 100
+    rows = out.results.analyses["diagnose"].rows
+    assert browser.js("document.querySelectorAll('section.analysis.active table.keys tr').length") == len(rows) + 1
+    browser.click(f"nav button:nth-of-type({len(labels) + 2})")
+    browser.settle()
+    assert "Skipped" in browser.js("document.querySelector('section.analysis.active').textContent")
+    browser.click("nav button:nth-of-type(2)")  # back to a layer: its channels are built
+    browser.settle()
+    assert browser.js("document.querySelectorAll('section.layer.active .ch').length") == out.results.layers[1].channels
+    assert browser.errors == []

@@ -60,10 +60,8 @@ def parts_path(spec: str) -> str:
 
 def run_config(cfg: CorrespondenceConfig):
     """Run the analysis of ``cfg`` and write its outputs; returns the CorrespondenceResult."""
-    import torch
-
-    from deconvis.analysis.common import jsonable, load_network, read_photo, to_input
-    from deconvis.analysis.correspondence import correspondence, input_box, load_part_boxes, plot_correspondence
+    from deconvis.analysis.common import jsonable, load_network
+    from deconvis.analysis.correspondence import correspondence, load_part_boxes, plot_correspondence
     from deconvis.io import atomic
 
     apply_threads(cfg.threads)
@@ -71,6 +69,24 @@ def run_config(cfg: CorrespondenceConfig):
     records = load_part_boxes(path)
     lm = load_network(cfg.model, cfg.weights, cfg.device)
     pp = lm.preprocess
+    keys, inputs, boxes = part_inputs(records, path, pp)
+    res = correspondence(lm.model, inputs, boxes, cfg.layers, cfg.random_trials, cfg.seed,
+                         cfg.fill, pp, names=keys)
+    atomic.write_json(os.path.join(cfg.out_dir, "correspondence.json"), jsonable(dict(res.to_dict(), config=cfg.to_dict())))
+    atomic.write_text(os.path.join(cfg.out_dir, "correspondence.md"), res.markdown())
+    plot_correspondence(res, os.path.join(cfg.out_dir, "correspondence.png"))
+    return res
+
+
+def part_inputs(records, path: str, pp):
+    """The images of part-box ``records`` (read from ``path``: relative image paths are tried
+    against its folder) as network inputs: (image keys, inputs [n, 3, H, W], {part: input-pixel box
+    per image or None}) for :func:`deconvis.analysis.correspondence.correspondence`."""
+    import torch
+
+    from deconvis.analysis.common import read_photo, to_input
+    from deconvis.analysis.correspondence import input_box
+
     keys = list(dict.fromkeys(r.key for r in records))
     photos, inputs = {}, []
     for k in keys:
@@ -89,9 +105,4 @@ def run_config(cfg: CorrespondenceConfig):
         ph = photos[r.image]
         boxes[r.part][keys.index(r.key)] = input_box(r.box, ph.shape[:2], r.crop, pp,
                                                      where=f"{path}: {r.part} box of {r.key}")
-    res = correspondence(lm.model, torch.stack(inputs), boxes, cfg.layers, cfg.random_trials, cfg.seed,
-                         cfg.fill, pp, names=keys)
-    atomic.write_json(os.path.join(cfg.out_dir, "correspondence.json"), jsonable(dict(res.to_dict(), config=cfg.to_dict())))
-    atomic.write_text(os.path.join(cfg.out_dir, "correspondence.md"), res.markdown())
-    plot_correspondence(res, os.path.join(cfg.out_dir, "correspondence.png"))
-    return res
+    return keys, torch.stack(inputs), boxes

@@ -85,19 +85,25 @@ def run_config(cfg: InvarianceConfig):
     import torch
 
     from deconvis.analysis.common import jsonable, load_network, read_photo, to_input
-    from deconvis.analysis.invariance import plot_invariance, invariance, sweep_amounts
+    from deconvis.analysis.invariance import plot_invariance, invariance
     from deconvis.io import atomic
 
     apply_threads(cfg.threads)
     lm = load_network(cfg.model, cfg.weights, cfg.device)
     x = torch.stack([to_input(read_photo(s), lm.preprocess)[1] for s in cfg.images])
-    h = x.shape[-2]
-    limits = {"translate": round(cfg.translate_frac * h), "scale": cfg.scale_max, "rotate": 360.0}
-    steps = {"translate": cfg.translate_steps, "scale": cfg.scale_steps, "rotate": cfg.rotate_steps}
-    amounts = {t: sweep_amounts(t, steps[t], limits[t]) for t in cfg.transforms}
+    amounts = sweeps(cfg, x.shape[-2])
     res = invariance(lm.model, x, cfg.layers, amounts, targets=cfg.targets or None, fill=cfg.fill,
                      pp=lm.preprocess, names=cfg.images, batch_size=cfg.batch_size)
     record = dict(res.to_dict(), config=cfg.to_dict())
     atomic.write_json(os.path.join(cfg.out_dir, "invariance.json"), jsonable(record))
     plot_invariance(res, os.path.join(cfg.out_dir, "invariance.png"))
     return res
+
+
+def sweeps(cfg: InvarianceConfig, height: int):
+    """{transform: amounts} of ``cfg`` for inputs ``height`` pixels tall (translation in pixels)."""
+    from deconvis.analysis.invariance import sweep_amounts
+
+    limits = {"translate": round(cfg.translate_frac * height), "scale": cfg.scale_max, "rotate": 360.0}
+    steps = {"translate": cfg.translate_steps, "scale": cfg.scale_steps, "rotate": cfg.rotate_steps}
+    return {t: sweep_amounts(t, steps[t], limits[t]) for t in cfg.transforms}

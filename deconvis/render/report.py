@@ -26,9 +26,15 @@ nav{display:flex;flex-wrap:wrap;gap:4px;padding:8px 18px;background:#37474f;posi
 nav button{border:0;border-radius:4px;padding:5px 11px;background:#546e7a;color:#fff;cursor:pointer;font-size:13px}
 nav button.active{background:#ffb300;color:#000;font-weight:600}
 main{padding:12px 18px}
-section.layer{display:none}
-section.layer.active{display:block}
-.nojs section.layer{display:block}
+section.layer,section.analysis{display:none}
+section.layer.active,section.analysis.active{display:block}
+.nojs section.layer,.nojs section.analysis{display:block}
+nav button.an{background:#00695c}
+table.keys{border-collapse:collapse;margin:8px 0;font-size:13px;background:#fff}
+table.keys th,table.keys td{border:1px solid #ccc;padding:3px 8px;text-align:left}
+table.keys td.num{text-align:right;font-family:monospace}
+section.analysis img.fig{max-width:100%;border:1px solid #ddd;background:#fff}
+section.analysis .files a{margin-right:8px;font-size:12.5px}
 .lhead{display:flex;flex-wrap:wrap;align-items:baseline;gap:14px;margin:4px 0 10px}
 .lhead h2{margin:0;font-size:17px}
 .lhead .info{color:#555;font-size:12.5px}
@@ -98,13 +104,16 @@ function build(li){
   }
   grid.appendChild(frag);
 }
+const tabs = [...document.querySelectorAll('section.layer, section.analysis')];
+const tabName = i => i < D.layers.length ? D.layers[i].label : tabs[i].dataset.name;
 function activate(li){
-  document.querySelectorAll('section.layer').forEach((s,i)=>s.classList.toggle('active', i===li));
+  tabs.forEach((s,i)=>s.classList.toggle('active', i===li));
   nav.querySelectorAll('button').forEach((b,i)=>b.classList.toggle('active', i===li));
-  build(li);
-  if(location.hash !== '#'+D.layers[li].label) history.replaceState(null,'','#'+D.layers[li].label);
+  if(li < D.layers.length) build(li);
+  if(location.hash !== '#'+tabName(li)) history.replaceState(null,'','#'+tabName(li));
 }
-D.layers.forEach((L,li)=>{ const b = el('button','',L.label); b.addEventListener('click',()=>activate(li)); nav.appendChild(b); });
+tabs.forEach((s,li)=>{ const b = el('button', li < D.layers.length ? '' : 'an', tabName(li));
+  b.addEventListener('click',()=>activate(li)); nav.appendChild(b); });
 function show(L,c,w){
   current = {L,c,w};
   box.querySelector('.rec').src = w.rec; box.querySelector('.img').src = w.img;
@@ -134,8 +143,8 @@ document.querySelectorAll('.goto').forEach(inp=>inp.addEventListener('change',()
   const t = document.getElementById('L'+li+'c'+inp.value); if(t){ t.scrollIntoView({block:'center'}); t.style.outline='3px solid #ffb300'; }
 }));
 const want = decodeURIComponent(location.hash.slice(1));
-const start = Math.max(0, D.layers.findIndex(L=>L.label===want));
-if(D.layers.length) activate(start);
+const start = Math.max(0, tabs.findIndex((s,i)=>tabName(i)===want));
+if(tabs.length) activate(start);
 })();
 """
 
@@ -156,6 +165,39 @@ def _data(res: Results) -> Dict[str, Any]:
             units.append({"c": u.channel, "w": ws})
         layers.append({"name": lr.name, "label": lr.label, "units": units})
     return {"k": res.k, "images": images, "layers": layers}
+
+
+def _cell(v: Any) -> str:
+    """A table cell: numbers with 4 significant digits (right-aligned), anything else as text."""
+    if isinstance(v, float):
+        return f'<td class="num">{v:.4g}</td>'
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f'<td class="num">{v}</td>'
+    return f"<td>{html.escape(str(v))}</td>"
+
+
+def analysis_sections(res: Results) -> List[str]:
+    """One ``section.analysis`` per record of ``res.analyses`` (``--analyses``): its figure, key
+    numbers and files, or why it was skipped."""
+    e = html.escape
+    out = []
+    for name, rec in res.analyses.items():
+        body = [f'<div class="lhead"><h2>{e(name)}</h2><span class="info">{e(rec.status)}'
+                + (f" &middot; {rec.seconds:.1f} s" if rec.seconds else "") + "</span></div>"]
+        if rec.status != "done":
+            body.append(f"<p>Skipped: {e(rec.reason)}</p>")
+        if rec.headers:
+            body.append('<table class="keys"><tr>' + "".join(f"<th>{e(str(h))}</th>" for h in rec.headers) + "</tr>"
+                        + "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rec.rows) + "</table>")
+        body.extend(f"<p class=\"info\">{e(n)}</p>" for n in rec.notes)
+        if rec.files:
+            body.append('<div class="files">' + " ".join(f'<a href="{e(p)}">{e(k)}</a>' for k, p in rec.files.items())
+                        + "</div>")
+        for p in rec.files.values():
+            if p.endswith(".png"):
+                body.append(f'<p><a href="{e(p)}"><img class="fig" src="{e(p)}" alt="{e(name)} figure"></a></p>')
+        out.append(f'<section class="analysis" id="A-{e(name)}" data-name="{e(name)}">' + "".join(body) + "</section>")
+    return out
 
 
 def render_html(res: Results) -> str:
@@ -193,7 +235,7 @@ def render_html(res: Results) -> str:
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{title}</title>'
             f'<style>:root{{--tile:{tile_px}px}}{_CSS}</style></head>\n'
             f'<body class="nojs"><header><h1>{title}</h1><div class="meta">{meta}</div></header>\n'
-            f'<nav></nav><main>\n' + "\n".join(sections) + "\n</main>\n"
+            f'<nav></nav><main>\n' + "\n".join(sections + analysis_sections(res)) + "\n</main>\n"
             f'<div id="box"><div class="big"><img class="rec" alt="reconstruction"><img class="img" alt="patch">'
             f'</div><p></p></div>\n'
             f'<script type="application/json" id="data">{data}</script>\n<script>{_JS}</script>\n</body></html>\n')

@@ -21,10 +21,12 @@ from deconvis.mirror.rules import Rule
 from deconvis.runs import configbase
 from deconvis.runs.configbase import Config, check_device, flag_name, load_yaml, option
 
-__all__ = ["VisualizeConfig", "AMP_MODES", "MINING_KEYS", "FIELD_NAMES", "SHORT_FLAGS", "load_config", "from_mapping",
+__all__ = ["VisualizeConfig", "AMP_MODES", "ANALYSES", "MINING_KEYS", "FIELD_NAMES", "SHORT_FLAGS", "load_config", "from_mapping",
            "validate", "to_dict", "config_hash", "flag_name", "load_yaml", "add_arguments", "overrides_from_args"]
 
 AMP_MODES = ("none", "bf16", "fp16")
+#: the Section 4 analyses a visualize run can add to its report (``--analyses``)
+ANALYSES = ("invariance", "correspondence", "diagnose", "occlusion")
 
 
 @dataclass
@@ -80,6 +82,14 @@ class VisualizeConfig(Config):
     render_only: bool = option(False, "re-render sheets and report from results.json and saved tiles; never re-mine")
     fresh: bool = option(False, "ignore (delete) this run's saved mining state, tiles and results and start over")
     progress: bool = option(True, "show progress bars")
+    analyses: List[str] = option([], "Section 4 analyses to run after rendering, each a report section and files "
+                                     "under analyses/<name>/: invariance, correspondence, diagnose, occlusion "
+                                     "(settings: each subcommand's defaults)")
+    analysis_images: int = option(2, "images of the run's set the analyses use (diagnose: up to 32 for the dead "
+                                     "filter count)")
+    correspondence_parts: str = option("", "part-box file (YAML/JSON, as deconvis correspondence --parts) for the "
+                                           "correspondence analysis; empty: the packaged face boxes with the demo "
+                                           "net (zfnet_demo), else the analysis is skipped")
 
     def validate(self) -> None:
         """Range and name checks that need no model; raises DeconvisError. Normalises ``rule``."""
@@ -104,6 +114,13 @@ class VisualizeConfig(Config):
                 raise DeconvisError(f"{name} must be 0 or more (or unset), got {v}")
         if self.project_batch is not None and self.project_batch < 0:
             raise DeconvisError(f"project_batch must be 0 or unset (auto) or a positive number, got {self.project_batch}")
+        for name in self.analyses:
+            if name not in ANALYSES:
+                raise DeconvisError(f"analyses: unknown analysis {name!r}; choose among {', '.join(ANALYSES)}"
+                                    + close_matches(name, ANALYSES))
+        self.analyses = list(dict.fromkeys(self.analyses))
+        if self.analysis_images < 1:
+            raise DeconvisError(f"analysis_images must be at least 1, got {self.analysis_images}")
         if self.amp not in AMP_MODES:
             raise DeconvisError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"
                                 + close_matches(self.amp, AMP_MODES))

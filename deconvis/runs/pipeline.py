@@ -11,6 +11,7 @@
    ``DeconvNet.project_window`` (batches sized by free memory unless ``project_batch`` is set);
    saves two tiles per winner (``tiles/<layer>/...``);
 3. **render** -- compose per-layer sheets ``layer_<label>_pNNN.png`` from the tiles;
+   then the Section 4 analyses of ``analyses`` (rank 0; :mod:`deconvis.runs.phases.analyses`);
 4. **report** -- ``index.html`` to browse it all.
 
 Many processes (``torchrun --nproc_per_node=N [--nnodes ...] -m deconvis visualize ...``): each
@@ -55,6 +56,7 @@ from deconvis.runs import ranks
 from deconvis.runs import results as results_mod
 from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
+from deconvis.runs.phases.analyses import analyses_phase, check_analyses
 from deconvis.runs.phases.mine import build_results, check_mined, mine_phase, mining_forward
 from deconvis.runs.phases.prepare import Context, amp_dtype, prepare, resolve_weights
 from deconvis.runs.phases.project import plan_projection, project_chunk, project_phase, split_jobs
@@ -70,7 +72,7 @@ log = logging.getLogger("deconvis")
 #: the run (``run``, ``Outcome``) and, for tools and benchmarks, the phases it is made of
 __all__ = ["Outcome", "run", "Context", "prepare", "resolve_weights", "amp_dtype", "mine_phase", "mining_forward",
            "build_results", "check_mined", "plan_projection", "split_jobs", "project_chunk", "project_phase",
-           "render_phase", "report_phase", "state_filename", "STATE_FILE", "REPORT_FILE"]
+           "render_phase", "analyses_phase", "report_phase", "state_filename", "STATE_FILE", "REPORT_FILE"]
 
 
 @dataclass
@@ -125,6 +127,7 @@ def _setup(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: 
     with dist_mod.phase(info, "prepare"):
         ranks.check_shared(run_dir, token, info)
         ctx = prepare(cfg, run_dir, config_dir, info)
+        check_analyses(cfg, config_dir)
         res = load_results(run_dir, ctx.identity)
         if res is not None:
             res.config = cfg.to_dict()
@@ -216,9 +219,16 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             projection_mod.wait_for_tiles(run_dir, res.layers, set(my_layers))
         render_phase(res, run_dir, cfg, layers=set(my_layers), poll=poll)
     ranks.merge_sheets(res, my_layers, info)
+    t_an = time.perf_counter()
+    with dist_mod.phase(info, "analyses"):  # rank 0; the others wait (--analyses)
+        if info.is_main:
+            analyses_phase(ctx, res, config_dir, poll=poll)
+    t_an = time.perf_counter() - t_an
     with dist_mod.phase(info, "report"):
         report_path = report_phase(res, run_dir, info)
-    seconds["render"] = time.perf_counter() - t
+    seconds["render"] = time.perf_counter() - t - t_an
+    if cfg.analyses:
+        seconds["analyses"] = t_an
     ranks.main_log(info, "wrote %d sheets and %s in %.1f s", sum(len(lr.sheets) for lr in res.layers), report_path,
                    seconds["render"])
     return Outcome(run_dir=run_dir, results=res, n_images=int(res.images.get("count", 0)), mined=mined,

@@ -35,6 +35,10 @@ Schema (version 1)::
               ...]},
            ...]},
         ...],
+      "analyses": {"invariance": {"name": "invariance", "status": "done", "reason": "",
+                                  "files": {"json": "analyses/invariance/invariance.json", "png": ...},
+                                  "headers": [...], "rows": [[...]], "notes": [...],
+                                  "settings_hash": "...", "seconds": 1.2}, ...},   # optional (--analyses)
       "stats": {"mining_seconds": 12.3, "images": 252,
                 "precision": {"device": "cuda", "mining_forward": "bf16 autocast", "activation": "float32",
                               "ranking": "float32 among 36 bf16 candidates per channel",
@@ -108,6 +112,22 @@ class LayerResult:
 
 
 @dataclass
+class AnalysisRecord:
+    """A Section 4 analysis run as part of the visualisation (``--analyses``): where its files are
+    and its key numbers, for the report (:mod:`deconvis.runs.phases.analyses`)."""
+
+    name: str                 # invariance | correspondence | diagnose | occlusion
+    status: str               # "done" or "skipped" (``reason`` says why)
+    reason: str = ""
+    files: Dict[str, str] = field(default_factory=dict)   # {"json": path, "png": path, ...}, relative to the run dir
+    headers: List[str] = field(default_factory=list)      # the key-number table
+    rows: List[List[Any]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)        # one-line remarks under the table
+    settings_hash: str = ""   # identity of the settings the files were computed with (resume)
+    seconds: float = 0.0
+
+
+@dataclass
 class Results:
     config: Dict[str, Any]
     mining_hash: str
@@ -125,6 +145,7 @@ class Results:
     schema: str = SCHEMA
     version: int = VERSION
     k: int = 0                # winners per channel; 0: the ``k`` of ``config`` (files from before it was a field)
+    analyses: Dict[str, "AnalysisRecord"] = field(default_factory=dict)  # name -> record (files before: none)
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
@@ -158,7 +179,8 @@ class Results:
                                                                    winners=[Winner(**w) for w in u["winners"]])
                                                      for u in lr["units"]]})
                       for lr in d["layers"]]
-            rest = {k: v for k, v in d.items() if k != "layers"}
+            rest = {k: v for k, v in d.items() if k not in ("layers", "analyses")}
+            rest["analyses"] = {k: AnalysisRecord(**v) for k, v in (d.get("analyses") or {}).items()}
             return cls(layers=layers, **rest)
         except (KeyError, TypeError) as exc:
             raise DeconvisError(f"results.json is malformed ({type(exc).__name__}: {exc}); re-run with --fresh") from exc

@@ -5,6 +5,7 @@
 - :mod:`~deconvis.runs.phases.mine` -- the k strongest images per channel (checkpointed);
 - :mod:`~deconvis.runs.phases.project` -- project the winners, write their tiles;
 - :mod:`~deconvis.runs.phases.render` -- the grid sheets;
+- :mod:`~deconvis.runs.phases.analyses` -- the Section 4 analyses of ``--analyses`` (rank 0);
 - :mod:`~deconvis.runs.phases.report` -- ``results.json`` and ``index.html``.
 
 :mod:`deconvis.runs.pipeline` runs them in order; :mod:`deconvis.runs.ranks` holds what the

@@ -143,6 +143,7 @@ def clear_run(run_dir: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run_dir, name))
     shutil.rmtree(os.path.join(run_dir, "tiles"), ignore_errors=True)
+    shutil.rmtree(os.path.join(run_dir, "analyses"), ignore_errors=True)  # --analyses outputs
     if os.path.isdir(run_dir):
         for name in os.listdir(run_dir):
             if (name.startswith("layer_") and name.endswith(".png")) or STATE_RE.match(name):
