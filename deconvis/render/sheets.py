@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from deconvis.graph.rf_geometry import clip_box as _clip_box
 from deconvis.io.atomic import write_png
 from deconvis.render.display import resize_tile
 from deconvis.io.images import GREY, ImageDataset
@@ -40,17 +41,11 @@ log = logging.getLogger("deconvis")
 # geometry helpers (pure)
 
 def clip_box(box: Sequence[int], h: int, w: int) -> Tuple[Box, Tuple[int, int, int, int]]:
-    """Clip a half-open box ``(y0, y1, x0, x1)`` to an ``h x w`` image.
-
-    Returns ``(clipped box, pad)`` with ``pad = (top, bottom, left, right)`` pixels of the box
-    that lie outside the image. A box fully outside gives an empty clipped box.
-    """
+    """Clip a half-open box ``(y0, y1, x0, x1)`` to an ``h x w`` image: ``(clipped box, pad)`` with
+    ``pad = (top, bottom, left, right)`` pixels of the box outside the image (the geometry's
+    :func:`deconvis.graph.rf.clip_box`, with the image size as two ints)."""
     y0, y1, x0, x1 = (int(v) for v in box)
-    cy0, cy1 = min(max(y0, 0), h), max(min(y1, h), 0)
-    cx0, cx1 = min(max(x0, 0), w), max(min(x1, w), 0)
-    cy1, cx1 = max(cy1, cy0), max(cx1, cx0)
-    pad = (cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1)
-    return (cy0, cy1, cx0, cx1), pad
+    return _clip_box((y0, y1, x0, x1), (int(h), int(w)))
 
 
 def crop_padded(img: np.ndarray, box: Sequence[int], fill: float = GREY) -> np.ndarray:
