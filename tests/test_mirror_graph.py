@@ -67,20 +67,20 @@ ZOO = {
 
 @pytest.mark.parametrize("arch", list(ZOO))
 def test_zoo_matches_oracle_and_windowed_equals_full(arch):
-    """The deepest listed layer of each model (its path crosses every op kind of the model); on
-    ResNet-18 also a second call of a shared module (``layer1.0.relu#2``)."""
-    targets = ZOO[arch][2]
-    _check_zoo(arch, targets[-1:] + (targets[:1] if arch == "resnet18" else []))
+    """Every listed layer of each model, 64 px, two random active units, all three rules."""
+    _check_zoo(arch, ZOO[arch][2])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ZOO))
-def test_zoo_every_listed_layer(arch):
-    _check_zoo(arch, ZOO[arch][2])
+def test_zoo_bigger_inputs_more_units(arch):
+    """The same at 96 px with six units per layer."""
+    _check_zoo(arch, ZOO[arch][2], size=96, n_units=6)
 
 
-def _check_zoo(arch, targets):
-    build, size, _ = ZOO[arch]
+def _check_zoo(arch, targets, size=None, n_units=2):
+    build, default_size, _ = ZOO[arch]
+    size = size or default_size
     torch.manual_seed(0)
     model = _randomise(build(), 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -90,7 +90,7 @@ def _check_zoo(arch, targets):
     acts = dn.forward(x)
     for i, (layer, module, call) in enumerate(targets):
         act = acts[dn.resolve(layer)]
-        units = _units(act, 2, seed=i)
+        units = _units(act, n_units, seed=i)
         for rule in RULES:
             got = dn.project(layer, units, rule=rule)
             want = graph_oracle_project(model, x, module, units, rule, call=call)
