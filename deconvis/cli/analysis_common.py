@@ -1,12 +1,27 @@
-"""What the Section 4 analysis subcommands (invariance, correspondence, diagnose) share: their
-``run(args)`` (parse, run, print) and the torch thread count of ``run_config``."""
+"""What the Section 4 analysis subcommands (invariance, correspondence, diagnose) share: the
+settings every one of them has (:class:`AnalysisConfig`), their ``run(args)`` (parse, run,
+print) and the torch thread count of ``run_config``."""
 from __future__ import annotations
 
 import argparse
 import os
 from typing import Any, Callable, Iterable, Tuple
 
-from deconvis.runs.configbase import command, parse
+from dataclasses import dataclass
+
+from deconvis.runs.configbase import Config, command, option, parse
+
+
+@dataclass
+class AnalysisConfig(Config):
+    """The model, its weights, where to write, and where to compute: the first keys of every
+    analysis config (a subclass redefines ``out_dir`` to give its own default folder)."""
+
+    model: str = option("zfnet_demo", "torchvision name, module:callable, file.py:callable or zfnet_demo")
+    weights: str = option("asset:zfnet_demo.pt", "checkpoint path, asset:NAME, a torchvision weights name or random")
+    out_dir: str = option("outputs/analysis", "output folder")
+    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
 
 
 def apply_threads(threads: int) -> None:

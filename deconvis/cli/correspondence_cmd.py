@@ -10,20 +10,18 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli.analysis_common import analysis_command, apply_threads
-from deconvis.runs.configbase import Config, option
+from deconvis.cli.analysis_common import AnalysisConfig, analysis_command, apply_threads
+from deconvis.runs.configbase import option
 from deconvis.errors import DeconvisError
 
 DEMO_PARTS = "asset:face_parts.yaml"
 
 
 @dataclass
-class CorrespondenceConfig(Config):
+class CorrespondenceConfig(AnalysisConfig):
     """Part correspondence (ZF 2014 Table 1): Delta_l for masked parts vs random boxes of the same
     size. Every key is a YAML key (--config) and a --flag."""
 
-    model: str = option("zfnet_demo", "torchvision name, module:callable, file.py:callable or zfnet_demo")
-    weights: str = option("asset:zfnet_demo.pt", "checkpoint path, asset:NAME, a torchvision weights name or random")
     parts: str = option(DEMO_PARTS, "YAML/JSON list of {image, part, box[, crop]} records (boxes [y0, y1, x0, x1] "
                                     "half-open photo pixels); asset:face_parts.yaml is the offline demo set")
     layers: List[str] = option(["conv5", "fc6"], "layers to compare (ZF: 5 and 7)")
@@ -31,8 +29,6 @@ class CorrespondenceConfig(Config):
     seed: int = option(0, "seed of the random boxes")
     fill: str = option("mean", "masked pixels: mean (normalisation mean colour) or black")
     out_dir: str = option("outputs/correspondence", "output folder")
-    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
-    threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:
         from deconvis.analysis.common import check_fill

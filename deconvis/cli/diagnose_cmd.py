@@ -9,18 +9,16 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-from deconvis.cli.analysis_common import analysis_command, apply_threads
-from deconvis.runs.configbase import Config, option
+from deconvis.cli.analysis_common import AnalysisConfig, analysis_command, apply_threads
+from deconvis.runs.configbase import option
 from deconvis.errors import DeconvisError
 
 
 @dataclass
-class DiagnoseConfig(Config):
+class DiagnoseConfig(AnalysisConfig):
     """Architecture diagnosis (ZF 2014 Fig. 6): dead filters, dominating filters, layer-1 spectra,
     layer-2 aliasing. Every key is a YAML key (--config) and a --flag."""
 
-    model: str = option("zfnet_demo", "torchvision name, module:callable, file.py:callable or zfnet_demo")
-    weights: str = option("asset:zfnet_demo.pt", "checkpoint path, asset:NAME, a torchvision weights name or random")
     images: str = option("builtin:skimage-crops", "image set: folder, torchvision:NAME:ROOT, builtin:skimage(-crops)")
     max_images: int = option(0, "use at most this many images (0: all)")
     resize: int = option(0, "short side before the centre crop, pixels (0: the weights' preprocessing)")
@@ -37,8 +35,6 @@ class DiagnoseConfig(Config):
     alias_stride: int = option(0, "lattice period, pixels (0: the first conv's stride, ZF's definition)")
     batch_size: int = option(32, "images per forward")
     out_dir: str = option("outputs/diagnose", "output folder")
-    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
-    threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:
         for k in ("max_images", "resize", "crop", "alias_halfwidth", "alias_stride"):

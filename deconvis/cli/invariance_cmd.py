@@ -10,18 +10,16 @@ import os
 from dataclasses import dataclass
 from typing import Any, List
 
-from deconvis.cli.analysis_common import analysis_command, apply_threads
-from deconvis.runs.configbase import Config, option
+from deconvis.cli.analysis_common import AnalysisConfig, analysis_command, apply_threads
+from deconvis.runs.configbase import option
 from deconvis.errors import DeconvisError
 
 
 @dataclass
-class InvarianceConfig(Config):
+class InvarianceConfig(AnalysisConfig):
     """Invariance of features and output to translation, scale and rotation (ZF 2014 Fig. 5).
     Every key is a YAML key (--config) and a --flag."""
 
-    model: str = option("zfnet_demo", "torchvision name, module:callable, file.py:callable or zfnet_demo")
-    weights: str = option("asset:zfnet_demo.pt", "checkpoint path, asset:NAME, a torchvision weights name or random")
     images: List[str] = option(["skimage:chelsea", "skimage:coffee", "skimage:astronaut", "skimage:rocket",
                                 "skimage:motorcycle"], "image files or skimage:NAME photos")
     targets: List[int] = option([], "true class per image (empty: the top class of the untransformed image)")
@@ -36,8 +34,6 @@ class InvarianceConfig(Config):
     fill: str = option("mean", "uncovered border: mean (normalisation mean colour), black, edge or reflect")
     batch_size: int = option(0, "images per forward (0: each sweep, all images x amounts, in one batch)")
     out_dir: str = option("outputs/invariance", "output folder")
-    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
-    threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def validate(self) -> None:
         from deconvis.analysis.common import check_fill
