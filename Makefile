@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_deconv.py --record
 	$(PY) benchmarks/bench_mining.py --record
 	$(PY) benchmarks/bench_scale.py --record
+	$(PY) benchmarks/bench_occlusion.py --record
 
 clean:
 	rm -rf $(VENV) build *.egg-info
