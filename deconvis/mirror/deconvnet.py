@@ -55,7 +55,7 @@ _ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
 WINDOW_WORK_LIMIT = 0.6
 
 
-def _cut_boxes(rec: Tensor, boxes: Tensor) -> Tensor:
+def cut_boxes(rec: Tensor, boxes: Tensor) -> Tensor:
     """Full-image reconstructions [M, C, H, W] cut to half-open unclipped boxes [M, 4] of one size
     (y0, y1, x0, x1): [M, C, rh, rw], zero where a box runs past the image."""
     M, C, H, W = rec.shape
@@ -340,7 +340,7 @@ class DeconvNet:
         if plan.work > WINDOW_WORK_LIMIT:  # the cones cover (nearly) whole maps: full path, cut to the box
             rec = self.project(name, units, rule, batch_size)
             boxes = plan.box(units[:, 2:4])
-            return _cut_boxes(rec, boxes), boxes
+            return cut_boxes(rec, boxes), boxes
         act = self._acts[name]
         if batch_size is None:
             batch_size = auto_batch_size(self._bytes_per_unit(name, plan), act.device)

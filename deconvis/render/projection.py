@@ -14,6 +14,7 @@ between mining and projection shows as mismatches instead of silently wrong shee
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -25,12 +26,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from deconvis.errors import DeconvisError
 from deconvis.io.images import ImageDataset, UnreadableImage, normalize
+from deconvis.mirror.deconvnet import cut_boxes
 from deconvis.render.display import to_uint8_tensor
 from deconvis.render import sheets
 from deconvis.render.sheets import Box, TileJob, TileSink
 from deconvis.utils.device import is_oom
 
 Key = Tuple[str, int, int]
+log = logging.getLogger("deconvis")
 
 
 @dataclass
@@ -91,6 +94,26 @@ class _Decoded(Dataset):
         return torch.from_numpy(np.ascontiguousarray(shown)), normalize(shown, self.dataset.preprocess), i
 
 
+def _local_crop(dn, layer: str, rec: torch.Tensor, boxes: torch.Tensor, units: torch.Tensor,
+                size: Tuple[int, int], noted: Set[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For a layer that sees the whole image only through a squeeze-excitation gate (its
+    projection is full-image), cut ``rec`` [M, C, H, W] and ``boxes`` [M, 4] down to the local
+    field of the conv path around each unit (the gate detached): the patch that drives the unit
+    locally (:meth:`deconvis.graph.rf.RFTable.crop_box`). Other layers pass through unchanged;
+    the first cut of each layer is logged (``noted``)."""
+    if not hasattr(dn, "receptive_fields"):
+        return rec, boxes
+    row = dn.receptive_fields(size)[layer]
+    if row.local is None or tuple(rec.shape[-2:]) != tuple(size):
+        return rec, boxes
+    if layer not in noted:
+        noted.add(layer)
+        log.info("layer %s sees the whole image through a gate: tiles show the local field of its conv path "
+                 "(%dx%d px, the gate detached)", layer, *row.local.rf)
+    local = torch.tensor([row.local.box(y, x) for y, x in units[:, 2:4].tolist()], dtype=torch.long)
+    return cut_boxes(rec, local), local
+
+
 def project_jobs(
     dn,
     dataset: ImageDataset,
@@ -119,6 +142,7 @@ def project_jobs(
         by_image.setdefault(j.image, []).append(j)
     order = {name: i for i, name in enumerate(getattr(dn, "layer_names", []))}
     done: Set[Key] = set()
+    noted: Set[str] = set()  # gated layers already logged
     size = [max(1, int(batch_size))]
     geo_dtype = torch.float32 if device.type == "mps" else torch.float64
     bar = tqdm(total=len(jobs), unit="unit", desc="projecting", disable=not progress, dynamic_ncols=True)
@@ -140,7 +164,7 @@ def project_jobs(
                 chunk = items[c0:c0 + project_batch]
                 units = torch.tensor([[b, j.channel, j.y, j.x] for b, j in chunk], dtype=torch.long)  # host
                 rec, boxes = dn.project_window(layer, units, rule=rule)
-                rec, boxes = sheets._local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]))  # SE-gated layers
+                rec, boxes = _local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]), noted)  # SE-gated
                 tiles = to_uint8_tensor(rec).cpu().numpy()           # sync 1: uint8 tiles
                 u = units.to(act.device, non_blocking=True)
                 vals = act[u[:, 0], u[:, 1], u[:, 2], u[:, 3]] if act.dim() == 4 else act[u[:, 0], u[:, 1]]

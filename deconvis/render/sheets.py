@@ -18,23 +18,20 @@ tile's activation.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from deconvis.graph.rf_geometry import clip_box as _clip_box
 from deconvis.io.atomic import write_png
 from deconvis.render.display import resize_tile
-from deconvis.io.images import GREY, ImageDataset
+from deconvis.io.images import GREY
 
 Box = Tuple[int, int, int, int]
-log = logging.getLogger("deconvis")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,40 +85,6 @@ class TileJob:
 
 
 TileSink = Callable[[TileJob, np.ndarray, np.ndarray, Box], None]
-
-
-def project_jobs(dn, dataset: ImageDataset, jobs: Sequence[TileJob], **kwargs) -> int:
-    """See :func:`deconvis.render.projection.project_jobs` (kept here for existing callers)."""
-    from deconvis.render.projection import project_jobs as run
-
-    return run(dn, dataset, jobs, **kwargs)
-
-
-def _local_crop(dn: Any, layer: str, rec: torch.Tensor, boxes: torch.Tensor, units: torch.Tensor,
-                size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For a layer that sees the whole image only through a squeeze-excitation gate (its
-    projection is full-image), cut ``rec`` [M, C, H, W] and ``boxes`` [M, 4] down to the local
-    field of the conv path around each unit (the gate detached): the patch that drives the unit
-    locally. Other layers pass through unchanged."""
-    if not hasattr(dn, "receptive_fields") or units.shape[1] < 4:
-        return rec, boxes
-    row = dn.receptive_fields(size)[layer]
-    if row.local is None or tuple(rec.shape[-2:]) != tuple(size):
-        return rec, boxes
-    if layer not in _LOCAL_NOTED:
-        _LOCAL_NOTED.add(layer)
-        log.info("layer %s sees the whole image through a gate: tiles show the local field of its conv path "
-                 "(%dx%d px, the gate detached)", layer, *row.local.rf)
-    new_boxes = [row.local.box(int(y), int(x)) for y, x in units[:, 2:4].tolist()]
-    out = rec.new_zeros((rec.shape[0], rec.shape[1], row.local.rf[0], row.local.rf[1]))
-    for i, (y0, y1, x0, x1) in enumerate(new_boxes):
-        (cy0, cy1, cx0, cx1), (top, _, left, _) = clip_box((y0, y1, x0, x1), size[0], size[1])
-        if cy1 > cy0 and cx1 > cx0:
-            out[i, :, top:top + cy1 - cy0, left:left + cx1 - cx0] = rec[i, :, cy0:cy1, cx0:cx1]
-    return out, torch.tensor(new_boxes, dtype=torch.long)
-
-
-_LOCAL_NOTED: set = set()
 
 
 # ---------------------------------------------------------------------------------------------

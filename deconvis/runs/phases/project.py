@@ -12,6 +12,7 @@ import torch
 
 from deconvis.io.atomic import write_png
 from deconvis.io.images import ImageDataset
+from deconvis.render import projection
 from deconvis.render import sheets as render
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
@@ -106,7 +107,7 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         if poll is not None:
             poll()
 
-    return render.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
+    return projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
                                dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
                                workers=precision.workers(cfg, ctx.device), replay=replay)
