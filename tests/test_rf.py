@@ -481,6 +481,9 @@ def test_shapes_sizes_and_records():
     assert set(recs[2]) == {"name", "kind", "out", "rf", "jump", "start", "whole"}
     text = t.format()
     assert "0.0" in text and "MaxPool2d" in text and "10x17" in text
+    lines = {ln.split()[0]: ln for ln in text.splitlines()[2:-1]}  # rows by name (no header, no footnote)
+    assert t.layers[-1].whole and "(all)" in lines[t.layers[-1].name]  # the Linear sees the whole image
+    assert [l.name for l in t.layers if "(all)" in lines[l.name]] == [l.name for l in t.layers if l.whole]
     with pytest.raises(DeconvisError, match="did you mean"):
         t["0.00"]
 
