@@ -484,6 +484,10 @@ def test_shapes_sizes_and_records():
     lines = {ln.split()[0]: ln for ln in text.splitlines()[2:-1]}  # rows by name (no header, no footnote)
     assert t.layers[-1].whole and "(all)" in lines[t.layers[-1].name]  # the Linear sees the whole image
     assert [l.name for l in t.layers if "(all)" in lines[l.name]] == [l.name for l in t.layers if l.whole]
+    # aligned columns: names and kinds flush left, the numbers flush right (their ends line up)
+    assert all(lines[l.name].startswith(l.name + " ") for l in t.layers)
+    ends = {lines[l.name].index(f" {l.out[0]}x{l.out[1]} ") + len(f" {l.out[0]}x{l.out[1]}") for l in t.layers}
+    assert len(ends) == 1
     with pytest.raises(DeconvisError, match="did you mean"):
         t["0.00"]
 
