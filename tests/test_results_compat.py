@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from deconvis.io import models
+from deconvis.io import images, models
 from deconvis.runs import pipeline
 from deconvis.runs.phases import prepare
 from deconvis.runs.config import load_config
@@ -39,8 +39,10 @@ def test_old_results_rerender_to_the_same_sheets(old_run, monkeypatch):
     over.update(out=str(old_run.parent), render_only=True)  # model and images are gone: never read
     # the functions that load a model and open an image folder (real attributes: a renamed one
     # makes setattr fail here instead of patching nothing)
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
-    monkeypatch.setattr(prepare, "open_images", lambda *a, **k: pytest.fail("opened the images"))
+    for mod in (models, prepare):
+        monkeypatch.setattr(mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for mod in (images, prepare):
+        monkeypatch.setattr(mod, "open_images", lambda *a, **k: pytest.fail("opened the images"))
     out = pipeline.run(load_config(None, over))
     assert [lr.label for lr in out.results.layers] == ["conv1", "conv2"]
     assert out.sheets == ["layer_conv1_p001.png", "layer_conv2_p001.png"]
