@@ -101,3 +101,18 @@ def test_rerank_split_over_ranks_equals_one_process(tmp_path):
     for layer in ctx.layers:
         assert as_rows(ranked, layer) == as_rows(one, layer)
     assert ranked.seen == pool.seen == 12
+
+
+def test_pool_size_and_finish_keep_the_pool_bookkeeping():
+    """``k * factor`` candidates (``k`` for factor 0 or 1); the re-ranked state takes the pool's
+    items seen, unreadable images and non-finite counts (where autocast overflows), as copies."""
+    assert [pool_size(3, f) for f in (0, 1, 2, 4)] == [3, 3, 6, 12]
+    full = _acts(12)
+    full["a"][4, 1] = float("inf")  # image 4's channel 1 is not finite under autocast
+    pool = _stream(TopK(list(full), 6), {n: a.to(torch.bfloat16) for n, a in full.items()}, list(range(12)))
+    pool.skipped = [7]
+    ranked = finish(TopK(list(full), 3), pool)
+    assert ranked.seen == pool.seen and ranked.skipped == [7] and ranked.skipped is not pool.skipped
+    assert set(ranked.nonfinite) == set(pool.nonfinite) and ranked.nonfinite is not pool.nonfinite
+    assert int(ranked.nonfinite["a"][1]) == 1 and int(ranked.nonfinite_first["a"][1]) == 4
+    assert ranked.nonfinite_first is not pool.nonfinite_first

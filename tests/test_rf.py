@@ -508,6 +508,8 @@ def test_crop_box_is_the_local_field_after_a_gate():
         assert plain.crop_box(y, x) == plain.box(y, x)
     assert gated.crop_box(5, 9) == (3, 8, 7, 12)  # two 3x3 convs: 5x5 centred on the unit
     assert t.crop_box("3", 5, 9)[0] == (3, 8, 7, 12)
+    rec = next(r for r in t.to_records() if r["name"] == "3")
+    assert rec["whole"] and rec["local"] == {"rf": [5, 5], "jump": [1, 1], "start": [0, 0]}
 
 
 # ---------------------------------------------------------------------------------- errors
