@@ -17,6 +17,7 @@ two images of ``--channel`` next to each other to ``docs/images/featvis_vs_lucen
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -82,15 +83,18 @@ def main() -> None:
 
     # warm-up both (allocator, oneDNN kernels, lazy imports)
     visualize_channels(model, args.layer, [args.channel], **{**kw, "steps": 2}, objective=obj)
-    lucent_run(model, key, [args.channel], 2, args.size, args.lr)
+    lucent_run(copy.deepcopy(model), key, [args.channel], 2, args.size, args.lr)
 
     rows, images = [], {}
     for n_ch, chans in ((1, [args.channel]), (len(batch), batch)):
         t0 = time.perf_counter()
         ours = visualize_channels(model, args.layer, chans, batch=n_ch, objective=obj, **kw)
         t_ours = time.perf_counter() - t0
+        # Lucent adds a forward hook to every module at each call and never removes them (and
+        # writes parameter gradients): give it its own copy each time, so neither side pays for them
+        theirs = copy.deepcopy(model)
         t0 = time.perf_counter()
-        luc = lucent_run(model, key, chans, args.steps, args.size, args.lr)
+        luc = lucent_run(theirs, key, chans, args.steps, args.size, args.lr)
         t_luc = time.perf_counter() - t0
         luc_t = torch.from_numpy(luc).permute(0, 3, 1, 2).to(torch.float64)
         with torch.no_grad():
@@ -123,7 +127,9 @@ def main() -> None:
                 f"objective (mean of the rectified channel), against torch-lucent "
                 f"{getattr(lucent, '__version__', '0.1.8')} (`render_vis`, standard transforms, "
                 f"`fixed_image_size={args.size}`), both timed in one run after a warm-up. Objective: the "
-                "channel mean of the final image seen untransformed (uniform noise for reference). "
+                "channel mean of the final image seen untransformed (uniform noise for reference). Lucent "
+                "gets a fresh copy of the model per call: it leaves a forward hook on every module per "
+                "call and writes the parameters' gradients. "
                 "Other helpers' work shared the 2 cores, so the absolute seconds are loose; the ratio is "
                 "the number to read.\n\n" + text +
                 "\n\nThe two images of the single-channel run, deconvis left, Lucent right: "
