@@ -205,7 +205,7 @@ def test_model_is_left_alone():
     (dict(layer="conv9"), "unknown layer 'conv9'.*conv2"),
     (dict(channels=[8]), "channel 8 is out of range for layer 'conv2' with 8 channels"),
     (dict(channels=[-1]), "channel -1 is out of range"),
-    (dict(unit=(12, 0)), r"unit \(12, 0\) is outside layer 'conv2'"),
+    (dict(unit=(12, 0)), r"unit \(12, 0\) is outside the 6x6 map of layer 'conv2' at 24x24 px"),
     (dict(layer="9", unit=(0, 0)), "outputs vectors"),
     (dict(steps=0), "steps=0 must be"),
     (dict(size=0), "image size"),

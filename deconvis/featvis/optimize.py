@@ -122,8 +122,8 @@ class LayerObjective:
                                     "map: leave unit unset")
             y, x = unit
             if not (0 <= y < shape[1] and 0 <= x < shape[2]):
-                raise DeconvisError(f"unit ({y}, {x}) is outside layer {self.label!r}'s {shape[1]}x{shape[2]} map "
-                                    f"at {size[0]}x{size[1]} px; choose y < {shape[1]}, x < {shape[2]}")
+                raise DeconvisError(f"unit ({y}, {x}) is outside the {shape[1]}x{shape[2]} map of layer "
+                                    f"{self.label!r} at {size[0]}x{size[1]} px; choose y < {shape[1]}, x < {shape[2]}")
         return shape
 
     def score(self, images: Tensor, channels: Sequence[int], unit: Optional[Tuple[int, int]] = None,
