@@ -16,7 +16,10 @@ dropout) and aligned merges (residual add, product with a per-channel constant, 
 channels) run on the window itself.
 
 Nodes whose units see the whole image (global pooling, flatten, Linear) are computed in full
-for the batch, on the small maps near the top. Ops that cannot be windowed (the same set as the
+for the batch, on the small maps near the top. So is every node downstream of one (its
+:attr:`IncrementalOcclusion.spread`): a squeeze-excitation gate ``x * sigmoid(fc(mean(x)))``
+broadcasts a global reduction back onto a map, so after it every unit of every later map
+differs from the clean one and there is no window to recompute. Ops that cannot be windowed (the same set as the
 windowed deconvnet, :func:`deconvis.mirror.window._windowable`: pads, permutes, adaptive pools
 that are not global, unaligned branches) are also computed in full for the batch, from the
 materialised maps of their inputs: :attr:`IncrementalOcclusion.fallback` names them.
@@ -128,16 +131,24 @@ class IncrementalOcclusion:
         self.whole: List[str] = []
         self.fallback: List[str] = []
         self.identity: Set[Node] = set()
+        self.spread: Set[Node] = set()
         for n in self.order:
+            if n.op == "placeholder":
+                continue
             row = self._row(n)
+            # A node that reads a global reduction (global pool, mean over space, Linear) changes
+            # everywhere when any input pixel changes; so does every node that reads such a node:
+            # after a gate (x * sigmoid(fc(mean(x)))) the whole map differs from the clean one.
+            # Taken from the RF table's whole flag and, independently, from the inputs' spread.
+            if (row is not None and row.whole) or any(a in self.spread for a in self.mirror._inputs.get(n, [])):
+                self.spread.add(n)
             if row is not None and self._identity_pool(n):
                 self.identity.add(n)
-            if row is not None and n.op != "placeholder" and (n in self.identity or _windowable(self.mirror, n, self.clean)) \
+            if row is not None and n not in self.spread \
+                    and (n in self.identity or _windowable(self.mirror, n, self.clean)) \
                     and tuple(row.out) == tuple(self.clean[n].shape[-2:]):
                 self.windowed[n] = row
-            elif n.op == "placeholder":
-                continue
-            elif row is not None and row.whole:
+            elif n in self.spread:
                 self.whole.append(self.tg.row_names[n])
             else:
                 self.fallback.append(self.tg.row_names[n])
