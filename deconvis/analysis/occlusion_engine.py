@@ -107,11 +107,6 @@ class IncrementalOcclusion:
         self.mirror = mirror if mirror is not None else Mirror(self.tg)
         self.H, self.W = int(image.shape[-2]), int(image.shape[-1])
         self.size = (int(size[0]), int(size[1]))
-        try:
-            self.table: Optional[RFTable] = table if table is not None else \
-                table_from_traced(self.tg, (self.H, self.W), int(image.shape[1]))
-        except DeconvisError:  # no geometry for this graph: every node runs in full
-            self.table = None
         self.layers = [self.tg.resolve(l) for l in layers]
         out_node = next(n for n in self.tg.graph_module.graph.nodes if n.op == "output")
         out = out_node.args[0]
@@ -122,6 +117,11 @@ class IncrementalOcclusion:
         with torch.no_grad():
             self.clean, _ = self.mirror.run(image, None, record=False,
                                             keep=[n for n in self.tg.graph_module.graph.nodes])
+        try:  # shapes from the clean pass: no separate shape pass
+            self.table: Optional[RFTable] = table if table is not None else \
+                table_from_traced(self.tg, (self.H, self.W), int(image.shape[1]), values=self.clean)
+        except DeconvisError:  # no geometry for this graph: every node runs in full
+            self.table = None
         targets = [self.output] + [self.tg.node(l) for l in self.layers]
         needed: Set[Node] = set()
         for t in targets:
@@ -295,6 +295,8 @@ class IncrementalOcclusion:
         lx, hx = changed_range(row, 1, lo_x, hi_x)
         h = max(int((hy - ly).max()), 1)
         w = max(int((hx - lx).max()), 1)
+        if h >= Hn and w >= Wn:  # the window is the whole map: the op itself, on whole maps, no gathers
+            return self._in_full(n, state, int(lo_y.shape[0]), {})
         oy = ly.clamp(max=Hn - h)
         ox = lx.clamp(max=Wn - w)
         op = self.mirror.ops[n]
