@@ -12,13 +12,15 @@ and every generated-network test then checks it on every engine.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torchvision
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -73,6 +75,9 @@ class GenNet:
     def __repr__(self) -> str:
         blocks = "\n    ".join(self.spec)
         return f"GenNet(size={self.size}, in_ch={self.in_ch}, seed={self.seed}, blocks=[\n    {blocks}])"
+
+    def _repr_pretty_(self, p, cycle) -> None:  # hypothesis prints failing examples with this
+        p.text(repr(self))
 
     def images(self, n: int, seed: int = 0) -> torch.Tensor:
         """``n`` random float64 images [n, in_ch, h, w]."""
@@ -416,7 +421,6 @@ class _Builder:
         self.tags: Set[str] = set()
         self.spec: List[str] = []
         self.blocks: List[nn.Module] = []
-        self.probes: List[str] = []
         self.last_kind = "input"       # what produced the current signal (for the combination tags)
         self.after_se = False
 
@@ -430,9 +434,6 @@ class _Builder:
         self.tags |= set(tags)
         if self.after_se and kind in ("conv", "residual", "concat", "maxpool", "avgpool"):
             self.tags.add("conv_after_se")
-        for name, m in block.named_modules():  # leaf modules, in registration order
-            if name and not list(m.children()) and not isinstance(m, (nn.Dropout, nn.Dropout2d)):
-                self.probes.append(f"blocks.{i}.{name}")
         self.spec.append(f"{i}: {desc} -> [{c}, {h}, {w}]")
         self.c, self.hw = c, (h, w)
         self.last_kind = kind
@@ -538,7 +539,7 @@ class _Builder:
         d = self.draw
         k, s, p, ceil = self._pool_common("max")
         dil = (1, 1)
-        if d(st.integers(0, 3)) == 0 and min(self.hw) >= 12:
+        if d(st.booleans()) and min(self.hw) >= 12:
             dil = (2, d(st.integers(1, 2)))
             p = (min(p[0], k[0] // 2), min(p[1], k[1] // 2))
         functional = d(st.booleans())
@@ -763,11 +764,10 @@ def nets(draw, max_blocks: int = 7, head: Optional[bool] = None, in_ch: Optional
     with _seeded(seed):
         b = _Builder(draw, gen, ch, (h, w))
         b.b_conv()  # the stem: a conv first, so no in-place op touches the input
-        order = draw(st.permutations(kinds))
         # half the draws take the full length (richer nets, fewer draws to cover every op); a
-        # failure still shrinks towards the first branch: fewer blocks
+        # failure still shrinks towards the first branch: fewer blocks, then earlier kinds
         n_blocks = draw(st.one_of(st.integers(0, max_blocks), st.just(max_blocks)))
-        for kind in order[:n_blocks]:
+        for kind in draw(st.lists(st.sampled_from(kinds), min_size=n_blocks, max_size=n_blocks, unique=True)):
             b.block(kind)
         with_head = draw(st.booleans()) if head is None else head
         head_mod, classes = None, 0
@@ -780,9 +780,10 @@ def nets(draw, max_blocks: int = 7, head: Optional[bool] = None, in_ch: Optional
     tags = set(b.tags)
     if h != w:
         tags.add("input_nonsquare")
-    probes = list(b.probes)
-    if head_mod is not None:
-        probes += ["head.fc1", "head.fc"] if head_mod.fc1 is not None else ["head.fc"]
+    # probes: every module the forward calls (in execution order), dropout aside
+    gm = torch.fx.symbolic_trace(model)
+    probes = [n.target for n in gm.graph.nodes if n.op == "call_module"
+              and not isinstance(model.get_submodule(n.target), (nn.Dropout, nn.Dropout2d))]
     return GenNet(model, (h, w), ch, frozenset(tags), probes, classes, b.spec, seed)
 
 
@@ -812,8 +813,41 @@ def count(seen: Dict[str, int], net: GenNet) -> None:
 
 
 def gen_settings(n: int, **kw) -> settings:
-    """Generated-net settings: no deadline, derandomized (a failure reproduces on every run and
-    shrinks to a small net, printed), no example database."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+    """Generated-net settings: no deadline, no example database; with :func:`check_nets`'s fixed
+    seed a failure reproduces on every run and shrinks to a small net (printed)."""
+    return settings(max_examples=n, deadline=None, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much], **kw)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny float64 convs run ~50x slower on 2 threads of a loaded machine than on one."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_nets(name: str, check: Callable[[GenNet], None], n: int, strategy=None,
+               want: Iterable[str] = OPS | COMBOS) -> Dict[str, int]:
+    """Run ``check`` on ``n`` nets drawn from ``strategy`` (default :func:`nets`) with a fixed
+    seed taken from ``name`` (printed on failure; every engine draws its own nets), then fail
+    if some tag of ``want`` never appeared. Returns the tag counts."""
+    seen: Dict[str, int] = {}
+    fixed = zlib.crc32(name.encode())
+
+    @seed(fixed)
+    @gen_settings(n)
+    @given(net=strategy if strategy is not None else nets())
+    def run(net: GenNet) -> None:
+        check(net)
+        count(seen, net)
+
+    with one_thread():
+        run()
+    missing = covered(seen, want)
+    assert not missing, f"{name}: {n} nets (seed {fixed}) never had {missing}; draw more nets"
+    return seen
