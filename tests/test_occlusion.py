@@ -199,6 +199,28 @@ def test_residual_graph_equals_naive(layer):
     assert "pad" in eng.fallback  # computed in full for the batch, and said so
 
 
+class ViewHead(nn.Module):
+    """A head that flattens with ``view``, which needs the plain forward's memory layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 12 * 10, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_view_after_a_window_equals_naive():
+    """The whole-map inputs of a view are gathered from windows (found by the generated nets)."""
+    torch.manual_seed(8)
+    model = ViewHead().double().eval()
+    x = torch.randn(1, 3, 12, 10, dtype=torch.float64)
+    eng = _check(model, x, (3, 4), (2, 3), "zero", "conv", 5)
+    assert "view" in eng.whole
+
+
 def test_max_pool_padding_is_minus_infinity():
     torch.manual_seed(5)
     model = _randomise_bn(NegativePool())

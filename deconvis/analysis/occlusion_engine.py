@@ -47,6 +47,10 @@ Node = torch.fx.Node
 Pair = Tuple[int, int]
 
 
+#: op kinds whose result does not depend on the memory layout of their input
+_ANY_LAYOUT = frozenset({"conv", "maxpool", "avgpool", "relu", "bn"})
+
+
 @dataclass
 class _Win:
     """A 4-D node's value for B squares: ``value`` [B, C, h, w] holds map rows ``[oy, oy+h)`` and
@@ -203,7 +207,8 @@ class IncrementalOcclusion:
             return v
         base = self._padded_clean(n, pad, value)
         # one gather of B blocks [C, h, w] from the view of every h x w window of the channels-last
-        # map: contiguous [B, C, h, w], far cheaper on CPU than B slice copies or per-element indexing
+        # map: [B, C, h, w] in channels-last layout, far cheaper on CPU than B slice copies or
+        # per-element indexing
         blocks = base.unfold(0, h, 1).unfold(1, w, 1)  # [Hp-h+1, Wp-w+1, C, h, w], a view
         crop = blocks[r0 + pad[0], c0 + pad[2]]
         dy, dx = win.oy - r0, win.ox - c0
@@ -278,8 +283,17 @@ class IncrementalOcclusion:
 
     def _in_full(self, n: Node, state: Dict[Node, Any], B: int, memo: Dict[Node, Any]) -> Any:
         """Node ``n`` computed on the whole maps of the batch (whole-image units and fallbacks)."""
-        args, kwargs = self._args(n, lambda a: self._full(state[a], a) if isinstance(state[a], _Win) else state[a],
-                                  B, memo)
+        op = self.mirror.ops.get(n)
+        any_layout = op is not None and op.kind in _ANY_LAYOUT
+
+        def whole(a: Node) -> Any:
+            if not isinstance(state[a], _Win):
+                return state[a]
+            v = self._full(state[a], a)
+            # windows are gathered channels-last; a view or reshape needs the layout the plain forward has
+            return v if any_layout else v.contiguous()
+
+        args, kwargs = self._args(n, whole, B, memo)
         val = self.mirror._forward_node(n, args, kwargs, record=False, switches={})
         self._count(n, val, None)
         if isinstance(val, Tensor) and val.dim() == 4:
