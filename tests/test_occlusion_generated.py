@@ -13,7 +13,7 @@ import torch
 import netgen
 from deconvis.analysis.occlusion import occlusion
 
-DRAWS, SLOW_DRAWS = 24, 240
+DRAWS, SLOW_DRAWS = 50, 500
 FILLS = ("mean", "zero", "number")
 
 
