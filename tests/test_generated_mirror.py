@@ -13,7 +13,7 @@ from autograd_oracle import graph_oracle_project
 from deconvis.mirror.deconvnet import DeconvNet
 
 RULES = ("deconvnet", "guided", "gradient")
-DRAWS, SLOW_DRAWS = 40, 400
+DRAWS, SLOW_DRAWS = 60, 600
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from deconvis.mirror import deconvnet as dn_module
 from deconvis.mirror.deconvnet import DeconvNet
 from test_generated_mirror import RULES, pick_units, rel_err
 
-DRAWS, SLOW_DRAWS = 40, 400
+DRAWS, SLOW_DRAWS = 60, 600
 #: ops the windowed path leaves to the full path by design (deconvis/mirror/window.py): gates and
 #: heads see the whole image; pads, reshapes (shuffles), permutes (channels-last) and chunks
 NOT_WINDOWED = {"se_torchvision", "se_hand", "global_avgpool", "global_maxpool", "global_mean", "flatten",
