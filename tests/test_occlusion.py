@@ -371,6 +371,20 @@ def test_changed_range_matches_rf_boxes():
                 assert (units[0], units[-1] + 1) == (l_, h_) if units else h_ <= l_, (row.name, axis, a, units)
 
 
+@pytest.mark.parametrize("make,size", [(lambda: Residual(), (20, 18)), (lambda: NegativePool(), (21, 19)),
+                                       (lambda: SENet(2, 2, nn.SiLU), (32, 32))])
+def test_engine_table_from_its_clean_pass_equals_receptive_fields(make, size):
+    """The engine reads the RF table's shapes off its clean pass; the rows equal the shape pass's."""
+    from deconvis.graph.rf import receptive_fields
+
+    torch.manual_seed(9)
+    model = _randomise_bn(make())
+    eng = IncrementalOcclusion(model, torch.randn(1, 3, *size, dtype=torch.float64), (3, 3))
+    want = receptive_fields(model, size)
+    rows = [(r.name, r.out, r.rf, r.jump, r.start, r.whole) for r in eng.table]
+    assert rows == [(r.name, r.out, r.rf, r.jump, r.start, r.whole) for r in want] and len(rows) >= 8
+
+
 def test_float32_within_round_off():
     torch.manual_seed(4)
     model = _randomise_bn(Residual()).float()
