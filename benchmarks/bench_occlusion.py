@@ -10,7 +10,7 @@ For VGG16, AlexNet and ResNet-50 (torchvision, random weights, seeded), a 32 px 
   and the batches are timed apart;
 * Captum: ``Occlusion.attribute`` with the same square, stride and baseline on the softmax output
   for the target class, at its best ``perturbations_per_eval`` of 1, 16 and 64: on grids of at
-  most 200 positions each is timed on the grid itself, on larger ones the fastest on a trial grid
+  most 64 positions each is timed on the grid itself, on larger ones the fastest on a trial grid
   (stride 24: 81 positions) runs the full grid;
 * naive: the plain forward of the occluded copies at its faster batch size (64 or 1; timed on 64
   and on 8 copies, scaled to the grid): what the incremental pass saves time against;
@@ -153,7 +153,7 @@ def main() -> None:
             e2 = IncrementalOcclusion(model, x, (SIZE, SIZE), [layer], graph=eng.tg, table=eng.table, mirror=eng.mirror)
             err = float((e2.run(pick, fill).logits - ref).abs().max() / ref.abs().max())
             t_naive = naive_per_position(model, x, fill, tops) * len(tops)
-            if len(tops) <= 200:
+            if len(tops) <= 64:
                 times = {ppe: captum_seconds(model, x, fill, target, stride, ppe) for ppe in (1, 16, 64)}
                 best_ppe = min(times, key=times.get)
                 t_captum = times[best_ppe]
@@ -184,7 +184,7 @@ def main() -> None:
              f"{torch.get_num_threads()} torch thread(s) for every variant. deconvis time includes the "
              "trace, the RF table and the clean forward (\"fixed s\") and produces (b), (d) and (e) for every "
              f"position, {BATCH} squares per batch; Captum produces the attribution of one target, at its best "
-             "perturbations_per_eval of 1, 16 and 64 (each timed on grids of at most 200 positions; above, picked by "
+             "perturbations_per_eval of 1, 16 and 64 (each timed on grids of at most 64 positions; above, picked by "
              f"a {trial_positions}-position trial at stride 24); naive = the plain forward of occluded copies at its "
              "faster batch size (64 or 1; timed on 64 and 8 copies, scaled). Bound = naive multiply-adds / "
              "incremental multiply-adds (convs and Linears); % of bound = speed-up / bound. "
