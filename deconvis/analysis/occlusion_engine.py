@@ -13,14 +13,16 @@ window is computed from its inputs' values over the region its window needs: a c
 reads the clean map (padded as the op pads: zeros, or -inf for max-pools), with the input's
 window pasted over it, and runs with no padding; per-position ops (ReLU, eval BatchNorm, LRN,
 dropout) and aligned merges (residual add, product with a per-channel constant, concat along
-channels) run on the window itself.
+channels) run on the window itself. A node whose window is its whole map (deep layers, where
+every unit's receptive field meets the square) runs the op itself on the whole maps, with no
+gathers. The receptive-field rows take their shapes from the clean pass.
 
 Nodes whose units see the whole image (global pooling, flatten, Linear) are computed in full
 for the batch, on the small maps near the top. So is every node downstream of one (its
 :attr:`IncrementalOcclusion.spread`): a squeeze-excitation gate ``x * sigmoid(fc(mean(x)))``
 broadcasts a global reduction back onto a map, so after it every unit of every later map
-differs from the clean one and there is no window to recompute. Ops that cannot be windowed (the same set as the
-windowed deconvnet, :func:`deconvis.mirror.window._windowable`: pads, permutes, adaptive pools
+differs from the clean one and there is no window to recompute. Ops that cannot be windowed
+(the same set as the windowed deconvnet, :func:`deconvis.mirror.window._windowable`: pads, permutes, adaptive pools
 that are not global, unaligned branches) are also computed in full for the batch, from the
 materialised maps of their inputs: :attr:`IncrementalOcclusion.fallback` names them.
 
