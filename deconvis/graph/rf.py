@@ -35,12 +35,13 @@ from deconvis.errors import DeconvisError
 from deconvis.graph.ops import Pair, kind_name
 from deconvis.graph.rf_geometry import (AxisRF, Box, LayerRF, RFTable, clip_box, conv_out_size,
                                         pool_out_size)
-from deconvis.graph.rf_shapes import _propagate, _shape_of
-from deconvis.graph.rf_walk import _Walker
+from deconvis.graph.rf_shapes import propagate, shape_of
+from deconvis.graph.rf_walk import Walker
 from deconvis.graph.trace import TracedGraph, trace_graph
 
 
-def _size_pair(input_size: Union[int, Sequence[int]]) -> Pair:
+def size_pair(input_size: Union[int, Sequence[int]]) -> Pair:
+    """An input size (int or (height, width), pixels) as a validated (h, w) pair; DeconvisError otherwise."""
     if isinstance(input_size, bool):
         raise DeconvisError(f"input size must be an int or (height, width), got {input_size!r}")
     if isinstance(input_size, int):
@@ -65,9 +66,9 @@ def table_from_traced(tg: TracedGraph, input_size: Union[int, Sequence[int]], in
     """:func:`receptive_fields` for an already traced model. ``values``: every node's value from
     a forward of one [1, in_channels, H, W] image that the caller already ran (eval semantics),
     to read the shapes from instead of running the shape pass."""
-    size = _size_pair(input_size)
-    shapes = {n: _shape_of(v) for n, v in values.items()} if values is not None else _propagate(tg, size, in_channels)
-    rows = _Walker(tg, shapes, size).walk()
+    size = size_pair(input_size)
+    shapes = {n: shape_of(v) for n, v in values.items()} if values is not None else propagate(tg, size, in_channels)
+    rows = Walker(tg, shapes, size).walk()
     layers = []
     for node, g in rows:
         kind = kind_name(node, tg.graph_module)

@@ -4,6 +4,7 @@ with one-line DeconvisErrors for inputs too small for, or not fitting, the netwo
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional
 
 import torch
@@ -27,7 +28,9 @@ class _TooSmall(Exception):
         self.node, self.in_hw, self.out_hw = node, in_hw, out_hw
 
 
-def _shape_of(v: Any) -> Any:
+def shape_of(v: Any) -> Any:
+    """A value's shape as the RF walk reads it: a tuple for a tensor, a list of tuples for a
+    tuple of tensors, else None."""
     if isinstance(v, torch.Tensor):
         return tuple(v.shape)
     if isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
@@ -62,7 +65,7 @@ class _Recorder(torch.fx.Interpreter):
             failed = _NodeFailed(n, exc)
             failed.shapes = self.shapes  # type: ignore[attr-defined]
             raise failed from exc
-        self.shapes[n] = _shape_of(val)
+        self.shapes[n] = shape_of(val)
         return val
 
 
@@ -72,9 +75,7 @@ def _run_recorder(gm: torch.fx.GraphModule, x: torch.Tensor, fake: bool) -> "_Re
         with torch.no_grad():
             rec.run(x)
         return rec
-    import logging
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode  # start-up time: loaded only for a fake-tensor shape pass
 
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level = log.level
@@ -87,7 +88,7 @@ def _run_recorder(gm: torch.fx.GraphModule, x: torch.Tensor, fake: bool) -> "_Re
     return rec
 
 
-def _propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.Node, Any]:
+def propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.Node, Any]:
     """Output shape of every node for one [1, in_channels, H, W] zero image (eval mode, no_grad).
 
     Shapes come from fake tensors (no arithmetic: instant even for VGG at 224 px); if that fails
