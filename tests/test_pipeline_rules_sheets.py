@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pipeline_fixtures as fx
+from deconvis.render.sheets import load_tile
 from deconvis.io.images import FolderImages, normalize, preprocess_image
 from deconvis.io.models import load_model
 from deconvis.mirror.deconvnet import DeconvNet
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rules")
     cfg = fx.tiny_config(tmp, rule="guided", per_sheet=3, k=3)
     guided = pipeline.run(cfg)
-    guided_tiles = {w.tiles["rec"]: _read(os.path.join(guided.run_dir, w.tiles["rec"]))
+    guided_tiles = {(lr.name, u.channel, w.rank): load_tile(guided.run_dir, lr, u, w, "rec")
                     for lr in guided.results.layers for u in lr.units for w in u.winners}
     gradient = pipeline.run(dataclasses.replace(cfg, rule="gradient"))  # reprojects, does not re-mine
     return cfg, guided, guided_tiles, gradient
@@ -60,11 +61,11 @@ def test_guided_and_gradient_tiles_equal_direct_projections(runs):
         for u in lr.units:
             for w in u.winners:
                 shown = preprocess_image(src.load(w.image), pp)
-                got = _read(os.path.join(gradient.run_dir, w.tiles["rec"]))
+                got = load_tile(gradient.run_dir, lr, u, w, "rec")
                 want = _expected_rec(dn, shown, pp, lr.name, u.channel, w, "gradient")
                 assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, (lr.name, u.channel, w.rank)
                 want_g = _expected_rec(dn, shown, pp, lr.name, u.channel, w, "guided")
-                assert np.abs(guided_tiles[w.tiles["rec"]].astype(int) - want_g.astype(int)).max() <= 1
+                assert np.abs(guided_tiles[(lr.name, u.channel, w.rank)].astype(int) - want_g.astype(int)).max() <= 1
                 changed += not np.array_equal(want, want_g)
     assert changed > 0  # the two rules differ somewhere (conv2, conv3 see ReLUs below them)
 
