@@ -115,6 +115,7 @@ def load_results(run_dir: str, identity: Identity) -> Optional[results_mod.Resul
         raise DeconvisError(f"{run_dir} holds results of a different configuration "
                             f"({diff(old.mining_identity, identity.fields)}); pass --fresh to discard them "
                             "or --run NAME for a new run")
+    old.version = results_mod.VERSION  # a resumed run saves the current schema (version-1 tile files stay listed)
     return old
 
 
