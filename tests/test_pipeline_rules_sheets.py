@@ -30,7 +30,7 @@ def _read(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rules")
-    cfg = fx.tiny_config(tmp, rule="guided", per_sheet=3, k=3)
+    cfg = fx.tiny_config(tmp, rule="guided", per_sheet=3, k=3, lossless=True)  # PNG sheets: compared pixel for pixel
     guided = pipeline.run(cfg)
     guided_tiles = {(lr.name, u.channel, w.rank): load_tile(guided.run_dir, lr, u, w, "rec")
                     for lr in guided.results.layers for u in lr.units for w in u.winners}
@@ -109,3 +109,19 @@ def test_sheets_show_each_channels_winners_in_rank_order(runs):
                     x_rec = bx + gx * (tw + layout.gap)
                     got = sheet[y + th:y + th + layout.label_h, x_rec:x_rec + tw]
                     assert np.array_equal(got, _label_strip(layout, f"{w.activation:.3g}")), (lr.label, u.channel, r)
+
+
+def test_jpeg_sheets_match_the_lossless_ones(runs, tmp_path):
+    """The default sheets (JPEG, quality 95, 4:4:4) are the lossless sheets within JPEG's error:
+    same pages, same size, a mean error under a level."""
+    cfg, _, _, out = runs
+    lossless = {s: _read(os.path.join(out.run_dir, s)) for s in out.sheets}  # the re-render replaces them
+    again = pipeline.run(dataclasses.replace(cfg, lossless=False, render_only=True))
+    for lr, jlr in zip(out.results.layers, again.results.layers):
+        assert [s[:-4] for s in jlr.sheets] == [s[:-4] for s in lr.sheets] and all(s.endswith(".jpg") for s in jlr.sheets)
+        assert not any(os.path.exists(os.path.join(out.run_dir, s)) for s in lr.sheets)  # no stale PNG pages
+        for png, jpg in zip(lr.sheets, jlr.sheets):
+            a, b = lossless[png], _read(os.path.join(out.run_dir, jpg))
+            assert a.shape == b.shape
+            diff = np.abs(a.astype(int) - b.astype(int))
+            assert diff.mean() < 1.0, (jpg, diff.mean())
