@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from deconvis.io.images import GREY
+from deconvis.io.images import GREY  # noqa: F401 - the fill of empty cells, re-exported
 
 ROWS = ("rec", "img")
 #: tiles whose longer side is below this many pixels are stored losslessly

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from deconvis.io.atomic import write_image, write_text
@@ -177,6 +178,36 @@ class _Progress:
         self.last = time.monotonic()
 
 
+class _Staging:
+    """The tiles of channels not yet complete, in one memory-mapped array file per layer
+    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel's
+    winners arrive in image order, so most channels complete late; the page cache, not the
+    process, holds them (bounded memory on VGG-sized runs). Removed when the projection ends."""
+
+    def __init__(self, run_dir: str, rank: int, k: int):
+        self.run_dir, self.rank, self.k = run_dir, rank, k
+        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str]] = {}
+
+    def slot(self, lr: LayerResult, channels: List[int]) -> Tuple[np.ndarray, Dict[int, int]]:
+        if lr.name not in self.layers:
+            h, w = lr.cell  # type: ignore[misc]
+            path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
+            self.layers[lr.name] = (arr, {c: i for i, c in enumerate(channels)}, path)
+        arr, rows, _ = self.layers[lr.name]
+        return arr, rows
+
+    def close(self) -> None:
+        for arr, _, path in self.layers.values():
+            del arr
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        self.layers.clear()
+
+
 def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress) -> None:
     """Compose and write one channel's sprite (on the writer thread), then count it as done."""
     sheet = sprites.compose(tiles, k, entry[3])
@@ -201,7 +232,11 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
     expected: Dict[Tuple[str, int], int] = {}
     for j in jobs:
         expected[(j.layer, j.channel)] = expected.get((j.layer, j.channel), 0) + 1
-    pending: Dict[Tuple[str, int], Dict[int, sprites.Tile]] = {}
+    pending: Dict[Tuple[str, int], List[int]] = {}  # ranks of a channel staged so far
+    channels_of: Dict[str, List[int]] = {}
+    for layer, c in expected:
+        channels_of.setdefault(layer, []).append(c)
+    staging = _Staging(ctx.run_dir, info.rank, res.k)
     progress = _Progress(ctx.run_dir, info, ctx.projection_hash)
     lossless = bool(getattr(cfg, "lossless", False))
     log.info("projecting %d units (rule %s)", len(jobs), cfg.rule)
@@ -216,10 +251,21 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         if lr.cell is None:
             lr.cell = [int(rec.shape[0]), int(rec.shape[1])]
         key = (job.layer, job.channel)
-        got = pending.setdefault(key, {})
-        got[job.rank] = (rec, img)
+        arr, rows = staging.slot(lr, channels_of[job.layer])
+        cell = arr[rows[job.channel], job.rank]
+        if rec.shape[:2] == cell.shape[1:3] and img.shape[:2] == cell.shape[1:3]:
+            cell[0], cell[1] = rec, img
+        else:  # never for one layer's boxes: keep the tile's top left, grey around
+            cell[:] = sprites.GREY
+            for side, t in enumerate((rec, img)):
+                th, tw = min(t.shape[0], cell.shape[1]), min(t.shape[1], cell.shape[2])
+                cell[side, :th, :tw] = t[:th, :tw]
+        got = pending.setdefault(key, [])
+        got.append(job.rank)
         if len(got) == expected[key]:
             del pending[key]
+            row = arr[rows[job.channel]]
+            got = {r: (row[r, 0], row[r, 1]) for r in got}  # views into the staging file
             u = units[key][1]
             u.sprite = sprites.sprite_path(render.safe_name(lr.label), job.channel, sprites.sprite_ext(lr.cell, lossless))
             entry: Entry = (lr.name, job.channel, u.sprite, list(lr.cell), list(lr.rf),
@@ -239,6 +285,7 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
             writer.close()
         finally:
             progress.save(force=True)  # what was written, even when the projection failed
+            staging.close()
     return n
 
 
