@@ -211,6 +211,37 @@ def test_changed_config_is_an_error_unless_fresh(done):
     assert sorted(os.listdir(out.run_dir + "/tiles")) == ["conv1", "conv2", "conv3"]
 
 
+def test_fresh_moves_the_tiles_aside_and_deletes_them_off_the_calling_thread(tmp_path, monkeypatch):
+    """--fresh on a run folder of an older version (two files per winner): the tiles folder is gone
+    at once (one rename), its files are unlinked on a background thread, never the caller's."""
+    import threading
+
+    from deconvis.runs.phases import rundir
+
+    run_dir = tmp_path / "run"
+    for i in range(300):
+        (run_dir / "tiles" / f"l{i % 3}").mkdir(parents=True, exist_ok=True)
+        (run_dir / "tiles" / f"l{i % 3}" / f"c{i:04d}_0_rec.png").write_bytes(b"x")
+    (run_dir / "layer_conv1_p001.png").write_bytes(b"x")
+    (run_dir / "projection.rank1.json").write_text("{}")
+    (run_dir / "mine.txt").write_text("not ours")
+    callers = []
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **k):
+        callers.append(threading.current_thread() is threading.main_thread())
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    rundir.clear_run(str(run_dir))
+    assert not (run_dir / "tiles").exists()
+    for t in threading.enumerate():
+        if t.name == "deconvis-discard":
+            t.join()
+    assert sorted(os.listdir(run_dir)) == ["mine.txt"]
+    assert callers.count(False) >= 300 and callers.count(True) <= 2  # the two top-level files
+
+
 class _Interrupt(Exception):
     pass
 

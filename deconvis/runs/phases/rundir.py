@@ -158,7 +158,12 @@ def _discard_dir(path: str) -> None:
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
         return
-    threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True},
+    _delete_aside(trash)
+
+
+def _delete_aside(path: str) -> None:
+    """Delete folder ``path`` on a background thread (the process waits for it before exiting)."""
+    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
                      name="deconvis-discard", daemon=False).start()
 
 
@@ -167,19 +172,19 @@ def clear_run(run_dir: str) -> None:
     for name in (results_mod.FILENAME, REPORT_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run_dir, name))
-    _discard_dir(os.path.join(run_dir, "tiles"))
-    _discard_dir(os.path.join(run_dir, "analyses"))  # --analyses outputs
-    if os.path.isdir(run_dir):
+    if os.path.isdir(run_dir):  # before the renames below: their folders go on the background thread
         for name in os.listdir(run_dir):
             if ((name.startswith("layer_") and name.endswith((".png", ".jpg"))) or STATE_RE.match(name)
                     or PROGRESS_RE.match(name) or (name.startswith(("tiles.deleting-", "analyses.deleting-"))
                                                    and os.path.isdir(os.path.join(run_dir, name)))):
                 path = os.path.join(run_dir, name)
                 if os.path.isdir(path):  # left by a run killed while deleting
-                    shutil.rmtree(path, ignore_errors=True)
+                    _delete_aside(path)
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(path)
+    _discard_dir(os.path.join(run_dir, "tiles"))
+    _discard_dir(os.path.join(run_dir, "analyses"))  # --analyses outputs
 
 
 def _nonempty(path: str) -> bool:
