@@ -177,7 +177,10 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
         if cut_forward:
             rows.append([f"forward cut at the deepest mined layer, no top-k ({name})", f"{n / best_c:.1f}",
                          f"{best_f / best_c:.2f}x", "-"])
-        rows.append([f"mining, preloaded tensors ({name})", f"{n / best_m:.1f}", f"{best_f / best_m:.2f}x",
+        pool = load_config(None, dict(base, amp=amp))
+        rerank_note = (f", {precision.mining_k(pool)} candidates per channel + fp32 re-rank"
+                       if precision.reranks(pool) else "")
+        rows.append([f"mining, preloaded tensors ({name}{rerank_note})", f"{n / best_m:.1f}", f"{best_f / best_m:.2f}x",
                      _split(split)])
         print(f"  {name}: forward {n / best_f:.1f} img/s, mining {n / best_m:.1f} img/s", flush=True)
     # the real thing: pipeline.mine_phase over the JPEG folder through the DataLoader
