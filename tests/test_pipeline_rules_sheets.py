@@ -112,7 +112,7 @@ def test_sheets_show_each_channels_winners_in_rank_order(runs):
 
 
 def test_jpeg_sheets_match_the_lossless_ones(runs, tmp_path):
-    """The default sheets (JPEG, quality 95, 4:4:4) are the lossless sheets within JPEG's error:
+    """The default sheets (JPEG, quality 93, 4:4:4) are the lossless sheets within JPEG's error:
     same pages, same size, a mean error under a level."""
     cfg, _, _, out = runs
     lossless = {s: _read(os.path.join(out.run_dir, s)) for s in out.sheets}  # the re-render replaces them

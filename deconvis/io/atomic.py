@@ -86,9 +86,9 @@ def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray, durable: bool = T
     write_bytes(path, buf.tobytes(), durable=durable)
 
 
-#: JPEG quality of lossy tiles and sheets: at 95 with full-resolution colour (4:4:4) the mean pixel
+#: JPEG quality of lossy tiles and sheets: at 93 with full-resolution colour (4:4:4) the mean pixel
 #: error is below 1 level of 255 on photographic crops and reconstructions (BENCHMARKS.md, output path)
-JPEG_QUALITY = 95
+JPEG_QUALITY = 93
 #: zlib level of PNGs: 3 with the default strategy is smaller and faster than OpenCV's default (1, RLE)
 PNG_LEVEL = 3
 

@@ -14,7 +14,7 @@ A channel's tiles are saved as one sprite (``tiles/<layer>/c<channel>.<png|jpg>`
 digits; column = rank, 0 = strongest; row 0 reconstructions, row 1 patches: :mod:`deconvis.render.sprites`)
 and the sheets are composed from those files (one decode per channel, on a few threads), so
 ``--render-only`` needs neither the model nor the images. Runs of version 1 kept two files per
-winner (``c<channel>_<rank>_{rec,img}.png``); they still render. Sheets are JPEG (quality 95,
+winner (``c<channel>_<rank>_{rec,img}.png``); they still render. Sheets are JPEG (quality 93,
 4:4:4: 2.5x smaller and 10x faster to encode than PNG on these photographic grids), PNG with
 ``lossless``. A sheet holds ``per_sheet`` channels; each channel is a block
 of k reconstructions (left) beside its k patches (right), labelled with the channel and each
