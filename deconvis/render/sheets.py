@@ -23,6 +23,7 @@ tile's activation.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 import os
 import re
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ def tile_scale(rh: int, rw: int, min_tile: int, max_tile: int) -> Tuple[int, int
     """Displayed tile size ``(th, tw)`` for an ``rh x rw`` patch and the OpenCV interpolation:
     integer nearest-neighbour upscaling until the long side reaches ``min_tile``, area
     downscaling when it exceeds ``max_tile``."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     side = max(rh, rw)
     if side < min_tile:
@@ -147,13 +148,13 @@ _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
 
 
 def _text(img: np.ndarray, text: str, x: int, y: int, scale: float, color=(0, 0, 0), thick: int = 1) -> None:
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     cv2.putText(img, text, (x, y), _FONT, scale, color, thick, cv2.LINE_AA)
 
 
 def _fit_text(text: str, width: int, scale: float) -> str:
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     while text and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
         text = text[:-1]
@@ -273,8 +274,6 @@ def render_layer(
 
     Returns the sheet paths relative to ``run_dir``. Units without tiles show as empty cells.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     rf = layer.rf or [1, 1]
     th, tw, _ = tile_scale(int(rf[0]), int(rf[1]), min_tile, max_tile)
     layout = SheetLayout(k=k, th=th, tw=tw, per_sheet=per_sheet, columns=columns)
