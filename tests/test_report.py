@@ -58,11 +58,11 @@ def test_report_is_self_contained_and_links_resolve(run_out):
     assert len(p.links) == sum(len(lr.sheets) for lr in run_out.results.layers)
     n = 0
     for L, lr in zip(data["layers"], run_out.results.layers):
-        assert len(L["units"]) == lr.channels
-        for u in L["units"]:
+        assert len(L["units"]) == lr.channels and L["cell"] == lr.cell
+        for u, ru in zip(L["units"], lr.units):
+            assert u["s"] == ru.sprite and os.path.isfile(os.path.join(run_out.run_dir, u["s"]))  # one sprite per channel
             for w in u["w"]:
-                for kind in ("rec", "img"):
-                    assert os.path.isfile(os.path.join(run_out.run_dir, w[kind]))
+                assert "rec" not in w and "img" not in w  # tiles are cells of the sprite, not files
                 assert data["images"][str(w["i"])].startswith("img")
                 n += 1
     assert n == sum(len(u.winners) for lr in run_out.results.layers for u in lr.units)
@@ -118,26 +118,46 @@ def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_
     # every tile image of the open tab loaded (no broken links), and only the open tab is shown
     assert _loaded(page, "section.layer.active .t img") == 0
     expect(page.locator("section.layer:not(.active)").first).to_be_hidden()
-    # a tile click opens the enlarged view of that winner
+    # each tile is the window of its cell in the channel's sprite: rank r in column r, rec above img
+    h, wd = second.cell
+    k = len(second.units[0].winners)
+    assert page.evaluate("document.querySelector('section.layer.active .t img').naturalWidth") == k * wd
     unit = second.units[1]
     w = unit.winners[2]
+    s = 64 / max(h, wd)
+    boxes = page.evaluate(f"[...document.querySelectorAll('#L1c{unit.channel} .t')].map(t=>{{const i=t.querySelector('img');"
+                          "const a=t.getBoundingClientRect(), b=i.getBoundingClientRect();"
+                          "return [i.getAttribute('src'), b.left-a.left, b.top-a.top, a.width, a.height];})")
+    for n, (src, dx, dy, tw, th) in enumerate(boxes):  # k rec tiles, then k img tiles
+        row, rank = divmod(n, k)
+        assert src == unit.sprite and (dx, dy) == pytest.approx((-rank * wd * s, -row * h * s), abs=0.6), n
+        assert (tw, th) == pytest.approx((round(wd * s), round(h * s)), abs=0.6)
+
+    def big_offset():
+        """The enlarged patch's offset inside its frame and the frame's width (CSS px)."""
+        return page.evaluate("(()=>{const i=document.querySelector('#box img.img'), a=i.parentElement.getBoundingClientRect(),"
+                             "b=i.getBoundingClientRect(); return [b.left-a.left, b.top-a.top, a.width];})()")
+
+    # a tile click opens the enlarged view of that winner: its cell of the sprite
     page.locator(f"#L1c{unit.channel} .tiles").first.locator(".t").nth(2).click()
     box = page.locator("#box")
     expect(box).to_have_class("on")
     expect(box).to_be_visible()
-    expect(page.locator("#box img.rec")).to_have_attribute("src", w.tiles["rec"])
+    expect(page.locator("#box img.rec")).to_have_attribute("src", unit.sprite)
+    dx, dy, fw = big_offset()
+    assert dx == pytest.approx(-2 * fw, abs=1.0) and dy == pytest.approx(-h * fw / wd, abs=1.0)
     text = page.locator("#box p").text_content()
     assert f"channel {unit.channel}  rank 3 of" in text and f"image #{w.image}" in text
     assert _loaded(page, "#box img") == 0
     # arrows step to the previous and next rank (not past the last), Escape closes
     assert len(unit.winners) == 3
     page.keyboard.press("ArrowLeft")
-    expect(page.locator("#box img.rec")).to_have_attribute("src", unit.winners[1].tiles["rec"])
     expect(page.locator("#box p")).to_contain_text(f"channel {unit.channel}  rank 2 of")
+    assert big_offset()[0] == pytest.approx(-1 * fw, abs=1.0)
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
     expect(page.locator("#box p")).to_contain_text(f"channel {unit.channel}  rank 3 of")
-    expect(page.locator("#box img.rec")).to_have_attribute("src", w.tiles["rec"])
+    assert big_offset()[0] == pytest.approx(-2 * fw, abs=1.0)
     page.keyboard.press("Escape")
     expect(box).not_to_have_class("on")
     # reopen; a click on the view closes it

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Collection, Dict, Iterable, List, Optional
 
 from deconvis.errors import DeconvisError
+from deconvis.runs.phases.rundir import tile_files
 from deconvis.runs.results import finite_json
 from deconvis.render.projection import Replay  # noqa: F401 - re-exported for the pipeline
 
@@ -72,7 +73,7 @@ def wait_for_tiles(run_dir: str, layers: Iterable[Any], names: Optional[Collecti
     """Wait until every tile the ``layers`` (``LayerResult``; only those in ``names`` if given) list
     exists under ``run_dir``; a :class:`DeconvisError` naming the first missing one after ``timeout_s``."""
     missing: List[str] = [os.path.join(run_dir, p) for lr in layers if names is None or lr.name in names
-                          for u in lr.units for w in u.winners if w.tiles for p in w.tiles.values()]
+                          for u in lr.units for p in tile_files(u)]
     start = now()
     while True:
         missing = [p for p in missing if not exists(p)]
