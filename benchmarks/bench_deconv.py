@@ -1,20 +1,24 @@
 """Projections per second for the ZF Fig. 2 workload on CPU, float32, 224 px: the top unit of every
 channel of every AlexNet conv layer, and of the first 64 channels of each ResNet-50 stage
-(``layer1`` .. ``layer4``, the output of the stage), by
+(``layer1`` .. ``layer4``, the output of the stage), of four MobileNetV2 stages and (32 channels)
+of VGG16's conv2_2, conv3_3, conv4_3 and conv5_3, by
 
 (a) Captum's ``NeuronDeconvolution`` called the way its users call it: on the unit's own image,
     one unit per call (a full forward + backward each);
 (b) deconvis's full-image mirror, batched;
 (c) deconvis's windowed mirror (each unit's receptive-field cone only), batched;
 
-with the plain forward pass's images/s as the yardstick, and the agreement of (c) with (b) and
+with the plain forward pass's images/s as the yardstick; each projection path's multiply-add rate
+over the forward's (the forward up to the layer on the same machine, threads and a batch of
+``BATCH`` images: the bound for a projection, which does the same multiply-adds transposed); and
+the agreement of (c) with (b) and
 (AlexNet) of Captum with deconvis in float64 (Captum seeds 1, deconvis seeds the activation:
 compared after rescaling).
 
 Captum is timed on a sample of units per layer (``--captum-units``); its per-layer rate times
 the layer's unit count gives its time for the whole workload.
 
-    python benchmarks/bench_deconv.py [--images 8] [--captum-units 12] [--models alexnet,resnet50] [--record]
+    python benchmarks/bench_deconv.py [--images 8] [--captum-units 12] [--models alexnet,resnet50,vgg16,mobilenet_v2] [--record]
 """
 from __future__ import annotations
 
@@ -89,6 +93,11 @@ WORKLOADS = {
 
 #: units per full-path chunk, and the batch of the forward that sets the bound
 BATCH = 32
+
+
+def _num(v: float, unit: str = "") -> str:
+    """``v`` with one decimal (and ``unit``), or n/a when not measured (NaN)."""
+    return "n/a" if v != v else f"{v:.1f}{unit}"
 
 
 def cpu_time(fn, repeat: int = 2) -> float:
@@ -197,14 +206,14 @@ def bench_model(name: str, x: torch.Tensor, captum_units: int) -> tuple:
         work = f"{plan.work:.3f}" if plan is not None else "1 (full)"
         if plan is not None and not windowed:
             work += " (cut)"
-        rows.append([f"{name} {dn.display_name(layer)}", n, f"{n / t_a:.1f}", f"{n / t_b:.1f}", f"{n / t_c:.1f}",
-                     f"{t_a / t_c:.1f}x", f"{t_b / t_c:.1f}x", work, f"{rate_f / 1e9:.1f}",
+        rows.append([f"{name} {dn.display_name(layer)}", n, _num(n / t_a), f"{n / t_b:.1f}", f"{n / t_c:.1f}",
+                     _num(t_a / t_c, "x"), f"{t_b / t_c:.1f}x", work, f"{rate_f / 1e9:.1f}",
                      f"{eff_b:.2f}", f"{eff_c:.2f}"])
         print(f"{name} {layer}: {n} units  captum {n / t_a:.1f}/s  full {n / t_b:.1f}/s  window {n / t_c:.1f}/s  "
               f"fwd {rate_f / 1e9:.1f} GMAC/s  full {eff_b:.2f}  window {eff_c:.2f} of it", flush=True)
-    rows.append([f"**{name} workload**", tot["units"], f"{tot['units'] / tot['a']:.1f}",
+    rows.append([f"**{name} workload**", tot["units"], _num(tot['units'] / tot['a']),
                  f"{tot['units'] / tot['b']:.1f}", f"{tot['units'] / tot['c']:.1f}",
-                 f"**{tot['a'] / tot['c']:.1f}x**", f"{tot['b'] / tot['c']:.1f}x", "", "", "", ""])
+                 f"**{_num(tot['a'] / tot['c'], 'x')}**", f"{tot['b'] / tot['c']:.1f}x", "", "", "", ""])
     return rows, tot, worst_cb, len(x) / t_fwd, model
 
 
@@ -222,7 +231,7 @@ def main() -> None:
     for name in args.models.split(","):
         r, tot, worst_cb, fwd_ips, model = bench_model(name.strip(), x, args.captum_units)
         rows += r
-        notes.append(f"{name}: workload time (a) {tot['a']:.1f} s, (b) {tot['b']:.1f} s, (c) {tot['c']:.2f} s; "
+        notes.append(f"{name}: workload time (a) {_num(tot['a'], ' s')}, (b) {tot['b']:.1f} s, (c) {tot['c']:.2f} s; "
                      f"plain forward {fwd_ips:.1f} images/s (batch {args.images}); max relative difference "
                      f"(c) vs (b) {worst_cb:.1e}.")
         if name == "alexnet":
@@ -231,8 +240,17 @@ def main() -> None:
                   "(c)/(b)", "cone work", "fwd GMAC/s", "(b) MAC/s / fwd", "(c) MAC/s / fwd"], rows)
     body += "\n\n" + "\n".join(f"- {n}" for n in notes)
     body += (f"\n- Random weights, {args.images} scikit-image photos at 224 px, float32, CPU; Captum called on the "
-             f"unit's own image, one unit per call, timed on {args.captum_units} units per layer. Load average "
-             f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after.")
+             f"unit's own image, one unit per call, timed on {args.captum_units} units per layer (VGG16 and "
+             f"MobileNetV2: not timed, n/a). Times are CPU seconds of the benchmark process (best of 2-3 "
+             f"calls after a warm-up): the machine was shared with other work (load average {load0:.1f} "
+             f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores), which swings wall times; "
+             "CPU time is far steadier.")
+    body += (f"\n- MAC/s over forward: multiply-adds counted from the shapes (convs C_out*h*w*C_in/groups*kh*kw, "
+             f"Linears in*out, pools kh*kw per output; an unpool one add per value) on the layer's path; the "
+             f"forward is the mirror's own forward up to the layer on {BATCH} images (the full path's chunk), "
+             "the projections count their real work: every map for (b), each unit's cone windows for (c) "
+             "(rows marked cut take the full path and cut it to the box, so they count full maps). 1.0 means "
+             "the projection runs at the forward's multiply-add rate on this machine, batch and threads.")
     body += ("\n- Cone work: the share of the full backward's multiply-adds the windowed path does (channel-weighted "
              "window area over map area, summed over the unit's path; above 0.6 project_window runs the full path "
              "and cuts it to the box). Captum does a forward and a backward per unit, so (c)/(a) cannot much exceed "
