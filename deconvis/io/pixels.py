@@ -48,7 +48,7 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
 def read_image(path: str) -> np.ndarray:
     """Read ``path`` with OpenCV (IMREAD_UNCHANGED) -> uint8 RGB ``[H, W, 3]``;
     :class:`UnreadableImage` if it cannot be decoded."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     try:
         data = np.fromfile(path, dtype=np.uint8)  # fromfile+imdecode copes with non-ASCII paths
@@ -81,7 +81,7 @@ def preprocess_image(rgb: np.ndarray, pp: Preprocess) -> np.ndarray:
     """uint8 RGB ``[H, W, 3]`` -> the displayed image, uint8 RGB ``[crop_h, crop_w, 3]``:
     short side resized to ``pp.resize`` (area when shrinking, bilinear when enlarging), then
     centre-cropped to ``pp.crop`` (zero padding if the resized image is smaller)."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     h, w = rgb.shape[:2]
     nh, nw = resized_size(h, w, pp.resize)

@@ -19,7 +19,7 @@ def bn_scale(bn: nn.Module) -> Tensor:
     return scale * bn.weight if bn.weight is not None else scale
 
 
-def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
+def reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     """Sum ``g`` over the dims that broadcasting expanded, so it has ``shape`` (batch dim kept)."""
     shape = tuple(shape)
     if tuple(g.shape) == shape:
@@ -30,8 +30,8 @@ def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def _relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor],
-               inplace: bool = False) -> Tensor:
+def relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor],
+              inplace: bool = False) -> Tensor:
     """The ReLU-family backward of :mod:`deconvis.mirror.rules` for signal ``g`` at forward input ``x``;
     ``inplace``: ``g`` belongs to the caller alone and may be overwritten (ReLU and ReLU6)."""
     if unit.kind in ("relu", "relu6"):
@@ -48,7 +48,8 @@ def _relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, s
     return (g.clamp(min=0) if rule is Rule.GUIDED else g) * s
 
 
-def _prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optional[Tensor]:
+def prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optional[Tensor]:
+    """The PReLU slope of ``op`` shaped to broadcast over an ``ndim``-dim input; None for other units."""
     if op.unit is None or op.unit.kind != "prelu":
         return None
     w = op.module.weight if op.module is not None else env[op.unit.weight] if isinstance(op.unit.weight, Node) \
@@ -58,7 +59,8 @@ def _prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optiona
     return w.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
+def grad_pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
+    """(outputs, gradients) of a node output (tensor or tuple) that require grad, for ``torch.autograd.grad``."""
     if isinstance(out, Tensor):
         return ([out], [g]) if out.requires_grad else ([], [])
     outs, gs = [], []
@@ -69,11 +71,12 @@ def _pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
     return outs, gs
 
 
-def _accumulate(grads: Dict[Node, Any], node: Node, g: Any, owned: Optional[Dict[Node, bool]] = None,
-                fresh: bool = False) -> None:
-    """Add signal ``g`` into ``grads[node]`` (branches that meet sum). With ``owned`` (node -> the
-    signal belongs to the backward alone, so it may be written in place), ``fresh`` says whether
-    ``g`` does; the sum is then formed in place where one side is owned."""
+def accumulate_grad(grads: Dict[Node, Any], node: Node, g: Any, owned: Optional[Dict[Node, bool]] = None,
+                    fresh: bool = False) -> None:
+    """Add gradient ``g`` (tensor or tuple, None entries skipped) into ``grads[node]`` (branches
+    that meet sum). With ``owned`` (node -> the signal belongs to the backward alone, so it may be
+    written in place), ``fresh`` says whether ``g`` does; the sum is then formed in place where one
+    side is owned."""
     if node not in grads:
         grads[node] = g
         if owned is not None:
