@@ -76,9 +76,7 @@ def test_rf_names_functional_calls_by_their_block(model_file, capsys):
     assert len(set(names)) == len(names)
 
 
-def test_old_fx_names_resolve_with_a_note(model_file, capsys, caplog, monkeypatch):
-    # import-linter (tests/test_layers.py) configures logging with disable_existing_loggers
-    monkeypatch.setattr(logging.getLogger("deconvis"), "disabled", False)
+def test_old_fx_names_resolve_with_a_note(model_file, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="deconvis"):
         assert main(["rf", "--model", model_file, "--input-size", "16", "--json",
                      "--layer", "relu_4", "--layer", "add_1"]) == 0
