@@ -139,7 +139,8 @@ def test_two_processes_give_the_one_process_winners(tmp_path):
     text = open(os.path.join(run_dir, "run.log")).read()
     assert text.count("wrote 4 sheets and") == 1 and "[rank 0/2] wrote 4 sheets" in text
     assert "[rank 0/2] skipped unreadable image 12" in text
-    assert "[rank 0/2] mining time split (7 images" in text and "[rank 1/2] mining time split (6 images" in text
+    assert "[rank 0/2] mining time split (7 images" in text and "[rank 1/2]" not in text  # one log per rank
+    assert "[rank 1/2] mining time split (6 images" in open(os.path.join(run_dir, "run.rank1.log")).read()
     # only rank 0 talks: the summary on its stdout, nothing from rank 1 but warnings
     assert "run multi: 3 layers, 24 units, top-2 over 12 images (1 unreadable skipped)" in logs[0]["stdout"]
     assert "mining time (rank 1 of 2)" in logs[0]["stdout"]
@@ -206,7 +207,7 @@ def test_per_rank_checkpoints_resume_without_double_counting(tmp_path):
     assert res["stats"]["images"] == 13  # 7 + 6: nothing counted twice
     split = {r["rank"]: r["split"]["images"] for r in res["stats"]["ranks"]}
     assert split == {0: 7 - done0, 1: 4}  # each rank streamed only the rest of its shard
-    text = open(run_dir / "run.log").read()
+    text = open(run_dir / "run.rank1.log").read()
     assert "[rank 1/2] resuming mining at item 2 of 6 (this rank's shard of 13)" in text
     for path in _tile_files(str(run_dir)):
         assert os.path.getsize(path) > 0

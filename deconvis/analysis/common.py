@@ -25,9 +25,9 @@ def load_network(model: str, weights: str = "random", device: str = "cpu") -> Lo
     ``deconvis/assets``) and the device (``auto``: cuda, then mps, then cpu)."""
     from deconvis.io.models import load_model
     from deconvis.runs.phases.prepare import resolve_weights
-    from deconvis.utils.device import resolve_device
+    from deconvis.utils.device import use_device
 
-    return load_model(model, resolve_weights(weights or "random"), device=resolve_device(device))
+    return load_model(model, resolve_weights(weights or "random"), device=use_device(device))
 
 
 def read_photo(spec: str, base_dir: Optional[str] = None) -> np.ndarray:

@@ -118,10 +118,10 @@ def run_occlusion(cfg: OcclusionConfig, log: Callable[[str], None] = print) -> D
     from deconvis.render.occlusion_figure import render_occlusion
     from deconvis.render.sheets import safe_name
     from deconvis.runs.phases.prepare import _preprocess, resolve_weights
-    from deconvis.utils.device import resolve_device
+    from deconvis.utils.device import use_device
 
     cfg.checked()
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     weights = resolve_weights(cfg.weights)
     loaded = load_model(cfg.model, weights, device=device)
     pp = _preprocess(cfg, loaded.preprocess)  # --resize/--crop over the weights' preprocessing

@@ -118,22 +118,25 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
 
 def _setup(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: DistInfo):
     """Phases setup + prepare: (context, the results of an earlier run to continue, or None)."""
-    with dist_mod.phase(info, "setup"):
+    with dist_mod.phase(info, "setup", solo=True):
         if cfg.fresh and info.is_main:
             log.info("--fresh: discarding earlier results in %s", run_dir)
             clear_run(run_dir)
         token = ranks.share_token(run_dir, info)
     token = ranks.exchange_token(token, info)
+    res = None
     with dist_mod.phase(info, "prepare"):
         ranks.check_shared(run_dir, token, info)
         ctx = prepare(cfg, run_dir, config_dir, info)
         check_analyses(cfg, config_dir)
-        res = load_results(run_dir, ctx.identity)
-        if res is not None:
-            res.config = cfg.to_dict()
-        else:
-            check_state_world(run_dir, info)
-    ranks.check_same_run(ctx)
+        if info.is_main:  # rank 0 decides whether to resume, from its view of the folder
+            res = load_results(run_dir, ctx.identity)
+            if res is None:
+                check_state_world(run_dir, info)
+    res = ranks.resume_decision(res, info)
+    if res is not None:
+        res.config = cfg.to_dict()
+    ranks.check_same_run(ctx, res)
     return ctx, res
 
 
@@ -152,7 +155,7 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
             part = precision.rerank_part(ctx, topk, poll)
         topk, doubt = precision.rerank_finish(ctx, dist_mod.gather_topk(part, info), topk)
     seconds["mine"] = time.perf_counter() - t
-    with dist_mod.phase(info, "results"):
+    with dist_mod.phase(info, "results", solo=True):
         check_mined(ctx, topk)
         ranks.main_log(info, "mined %d images in %.1f s (%.1f images/s)%s", topk.seen, seconds["mine"],
                        topk.seen / max(seconds["mine"], 1e-9), f" on {info.world} processes" if info.enabled else "")
@@ -170,7 +173,7 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
 def _project(ctx: Context, res: Results, poll) -> int:
     """Phase project, split over ranks; returns how many units all ranks projected."""
     info = ctx.info
-    with dist_mod.phase(info, "projection plan"):  # rank 0 plans from its view of the folder; every rank takes it
+    with dist_mod.phase(info, "projection plan", solo=True):  # rank 0 plans from its view of the folder; every rank takes it
         jobs = plan_projection(ctx, res) if info.is_main else []
     jobs = dist_mod.from_main(jobs, info, "the projection plan")
     if not info.is_main:
@@ -205,7 +208,7 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
     n_proj = _project(ctx, res, poll)
     seconds["project"] = time.perf_counter() - t
     res.status = "projected"
-    with dist_mod.phase(info, "projection save"):
+    with dist_mod.phase(info, "projection save", solo=True):
         if n_proj:
             ranks.main_log(info, "projected %d units in %.1f s", n_proj, seconds["project"])
         if info.is_main:
@@ -220,11 +223,11 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
         render_phase(res, run_dir, cfg, layers=set(my_layers), poll=poll)
     ranks.merge_sheets(res, my_layers, info)
     t_an = time.perf_counter()
-    with dist_mod.phase(info, "analyses"):  # rank 0; the others wait (--analyses)
+    with dist_mod.phase(info, "analyses", solo=True):  # rank 0; the others wait (--analyses)
         if info.is_main:
             analyses_phase(ctx, res, config_dir, poll=poll)
     t_an = time.perf_counter() - t_an
-    with dist_mod.phase(info, "report"):
+    with dist_mod.phase(info, "report", solo=True):
         report_path = report_phase(res, run_dir, info)
     seconds["render"] = time.perf_counter() - t - t_an
     if cfg.analyses:

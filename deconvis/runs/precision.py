@@ -58,9 +58,11 @@ def reranks(cfg: Any) -> bool:
     return cfg.amp != "none" and int(cfg.amp_pool) > 0
 
 
-def workers(cfg: Any, device: torch.device, procs_per_node: int = 1) -> int:
-    """``--workers``, or its default for ``device`` (see :func:`deconvis.utils.device.default_workers`)."""
-    return int(cfg.workers) if cfg.workers is not None else default_workers(device, procs_per_node)
+def workers(cfg: Any, info: dist_mod.DistInfo) -> int:
+    """``--workers``, or its default for this rank's device shared by the node's processes
+    (``info.local_world``, torchrun's ``LOCAL_WORLD_SIZE``; see
+    :func:`deconvis.utils.device.default_workers`)."""
+    return int(cfg.workers) if cfg.workers is not None else default_workers(info.device, info.local_world)
 
 
 def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None) -> TopK:
@@ -71,7 +73,7 @@ def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None)
     cands = dist_mod.split_for_rank(candidate_images(pool), info)
     part = PoolTopK(pool, cfg.k)
     loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size,
-                         workers(cfg, ctx.device), pin_memory=ctx.device.type == "cuda", sampler=cands)
+                         workers(cfg, info), pin_memory=ctx.device.type == "cuda", sampler=cands)
 
     def forward(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         with tf32(False):

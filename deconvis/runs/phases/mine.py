@@ -62,8 +62,8 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     path = os.path.join(ctx.run_dir, state_filename(info))
     topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device)  # k, or the amp candidate pool
     times = mining.MiningTimes()
-    if _resume(ctx, path, topk):
-        return topk, times
+    if not cfg.fresh and _resume(ctx, path, topk):  # --fresh: never read a checkpoint (rank 0 deleted them;
+        return topk, times                          # another node may still see them through its cache)
 
     def checkpoint(t: mining.TopK) -> None:
         save_torch(state_blob(ctx.identity, info, t.state_dict(), complete=False), path)
@@ -76,7 +76,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
             poll()
 
     sampler = dist_mod.ShardSampler(len(ctx.source), info.rank, info.world, start=topk.seen)
-    workers = precision.workers(cfg, ctx.device)
+    workers = precision.workers(cfg, info)
     loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size, workers,
                          pin_memory=ctx.device.type == "cuda", sampler=sampler,
                          prefetch_factor=cfg.prefetch_factor, persistent_workers=workers > 0)

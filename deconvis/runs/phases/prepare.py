@@ -19,7 +19,7 @@ from deconvis.runs.distributed import DistInfo
 from deconvis.runs.layers import LayerSpec, layer_specs
 from deconvis.runs.phases.rundir import Identity, run_identity
 from deconvis.runs import precision
-from deconvis.utils.device import bf16_native, model_dtype_device, resolve_device
+from deconvis.utils.device import bf16_native, model_dtype_device, use_device
 
 
 @dataclass
@@ -127,7 +127,7 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
     from deconvis.io.models import load_model
     from deconvis.mirror.deconvnet import DeconvNet
 
-    device = info.device if info is not None else resolve_device(cfg.device)
+    device = info.device if info is not None else use_device(cfg.device)  # (a session made it current)
     info = info if info is not None else DistInfo(device=device, timeout_s=cfg.dist_timeout)
     amp = amp_dtype(cfg.amp, device)
     source = open_images(cfg.images, cfg.max_images, base_dir=config_dir)

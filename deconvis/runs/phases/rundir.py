@@ -117,11 +117,20 @@ def load_results(run_dir: str, identity: Identity) -> Optional[results_mod.Resul
 
 # -- files ------------------------------------------------------------------------------------
 
+def log_filename(info: Optional[DistInfo] = None) -> str:
+    """This rank's log: ``run.log`` for rank 0 (and a one-process run), ``run.rank{r}.log`` for
+    the others -- one writer per file, since appends of several nodes to one file on a shared
+    filesystem (NFS) interleave or vanish."""
+    if info is None or info.rank == 0:
+        return LOG_FILE
+    return f"run.rank{info.rank}.log"
+
+
 @contextlib.contextmanager
 def run_log(run_dir: str, info: Optional[DistInfo] = None) -> Iterator[None]:
-    """Append this run's log records to ``run_dir/run.log`` (every rank appends to the same
-    file, each line tagged with its rank)."""
-    handler = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")
+    """Append this run's log records to this rank's log in ``run_dir`` (:func:`log_filename`;
+    each line tagged with its rank under torchrun)."""
+    handler = logging.FileHandler(os.path.join(run_dir, log_filename(info)), encoding="utf-8")
     tag = f"[rank {info.rank}/{info.world}] " if info is not None and info.enabled else ""
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
     handler.setLevel(logging.INFO)
