@@ -356,3 +356,37 @@ def test_analyses_run_once_on_rank_0(tmp_path):
     text = open(run_dir / "run.log").read()
     assert text.count("analysis diagnose:") == 1 and "[rank 0/2] analysis diagnose:" in text
     assert 'id="A-diagnose"' in open(run_dir / "index.html").read()
+
+
+def test_an_overflowed_activation_is_re_ranked_through_the_pipeline(tmp_path, monkeypatch):
+    """The mining forward under autocast returns +inf for the fp32 winner of a channel (an fp16
+    overflow, emulated on the CPU's bf16): the re-rank still makes it that channel's winner with
+    its fp32 value, and the overflow is counted."""
+    from deconvis.io.images import ImageDataset
+    from deconvis.runs.phases import mine as mine_phase
+
+    base = pipeline.run(fx.tiny_config(tmp_path, run="base"))
+    lr = base.results.layers[-1]
+    top = lr.units[0].winners[0]
+    ctx = pipeline.prepare(fx.tiny_config(tmp_path), str(tmp_path / "probe"))
+    target = ImageDataset(ctx.source, ctx.preprocess)[top.image][0]
+    real = mine_phase.mining_forward
+
+    def overflowing(c):
+        forward = real(c)
+
+        def wrapped(x):
+            acts = dict(forward(x))
+            hit = torch.tensor([torch.equal(row, target) for row in x.float()])
+            if hit.any():
+                a = acts[lr.name].clone()
+                a[hit, 0, 0, 0] = float("inf")
+                acts[lr.name] = a
+            return acts
+        return wrapped
+
+    monkeypatch.setattr(mine_phase, "mining_forward", overflowing)
+    out = pipeline.run(fx.tiny_config(tmp_path, run="amp", amp="bf16", amp_pool=2))
+    got = next(layer for layer in out.results.layers if layer.name == lr.name).units[0].winners[0]
+    assert got.image == top.image and got.activation == pytest.approx(top.activation, rel=1e-5)
+    assert out.results.stats["nonfinite"][lr.label]["channels"]["0"] >= 1

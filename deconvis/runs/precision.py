@@ -128,7 +128,7 @@ def report_nonfinite(ctx: Any, topk: TopK) -> Dict[str, Any]:
     keyed by layer label (ints only)."""
     summary = nonfinite_summary(topk)
     if summary and ctx.info.is_main:
-        for msg in nonfinite_messages(summary, _labels(ctx), ctx.cfg.amp, ctx.source.name):
+        for msg in nonfinite_messages(summary, _labels(ctx), ctx.cfg.amp, ctx.source.name, reranked=reranks(ctx.cfg)):
             log.warning(msg)
     return {_labels(ctx).get(layer, layer): {"images": v["images"], "channels": {str(c): n for c, n in v["channels"].items()},
                                            "first_image": v["first_image"]}

@@ -60,7 +60,8 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     after every batch (to stop early when another rank failed)."""
     cfg, info = ctx.cfg, ctx.info
     path = os.path.join(ctx.run_dir, state_filename(info))
-    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device)  # k, or the amp candidate pool
+    # k, or the amp candidate pool (where an fp16 overflow competes, to be re-ranked in fp32)
+    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device, inf_wins=precision.reranks(cfg))
     times = mining.MiningTimes()
     if not cfg.fresh and _resume(ctx, path, topk):  # --fresh: never read a checkpoint (rank 0 deleted them;
         return topk, times                          # another node may still see them through its cache)
