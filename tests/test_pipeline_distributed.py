@@ -390,3 +390,22 @@ def test_an_overflowed_activation_is_re_ranked_through_the_pipeline(tmp_path, mo
     got = next(layer for layer in out.results.layers if layer.name == lr.name).units[0].winners[0]
     assert got.image == top.image and got.activation == pytest.approx(top.activation, rel=1e-5)
     assert out.results.stats["nonfinite"][lr.label]["channels"]["0"] >= 1
+
+
+def test_identical_images_tie_exactly_when_one_lands_in_a_short_batch(tmp_path, monkeypatch):
+    """Images 2 and 9 are byte copies; with 10 images in batches of 4, image 9 is in the short
+    last batch. Under a forward whose last bits depend on the batch shape (cuDNN/oneDNN pick
+    kernels by shape) the mining pads that batch, so the two tie and image 2 comes first."""
+    from deconvis.runs.phases import mine as mine_phase
+
+    real = mine_phase.mining_forward
+
+    def shape_dependent(c):
+        forward = real(c)
+        return lambda x: {n: a * (1.0 - 1e-6 * x.shape[0]) for n, a in forward(x).items()}
+
+    monkeypatch.setattr(mine_phase, "mining_forward", shape_dependent)
+    out = pipeline.run(fx.tiny_config(tmp_path, batch_size=4, max_images=10))
+    both = [[w.image for w in u.winners] for lr in out.results.layers for u in lr.units
+            if {2, 9} <= {w.image for w in u.winners}]
+    assert both and all(imgs.index(2) < imgs.index(9) for imgs in both), both

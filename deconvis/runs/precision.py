@@ -80,7 +80,8 @@ def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None)
             return ctx.dn.activations(x, ctx.layers)
 
     mine(forward, loader, part, channels=cfg.channels, dtype=ctx.dtype, total=len(cands),
-         progress=cfg.progress and info.is_main, desc="fp32 re-rank", on_batch=lambda n: poll() if poll else None)
+         progress=cfg.progress and info.is_main, desc="fp32 re-rank", on_batch=lambda n: poll() if poll else None,
+         batch_size=cfg.batch_size)
     return part
 
 

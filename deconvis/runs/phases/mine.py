@@ -90,7 +90,8 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
                     checkpoint_every=cfg.checkpoint_every, on_checkpoint=checkpoint,
                     checkpoint_seconds=cfg.checkpoint_seconds,
                     total=dist_mod.shard_size(len(ctx.source), info.rank, info.world),
-                    progress=cfg.progress and info.is_main, times=times, profile=cfg.profile, on_batch=on_batch)
+                    progress=cfg.progress and info.is_main, times=times, profile=cfg.profile, on_batch=on_batch,
+                    batch_size=cfg.batch_size)
     finally:
         if cfg.channels_last:  # projections run on the usual layout
             model.to(memory_format=torch.contiguous_format)
