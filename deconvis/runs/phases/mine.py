@@ -96,8 +96,9 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
         if cfg.channels_last:  # projections run on the usual layout
             model.to(memory_format=torch.contiguous_format)
         del loader  # ends persistent workers
-    for i in topk.skipped[n_skipped_before:]:
-        log.warning("skipped unreadable image %d: %s", i, ctx.source.path(i))
+    for i in topk.skipped[n_skipped_before:]:  # a refusal is re-read from the header (cheap, no decode)
+        why = ctx.source.refusal(i)
+        log.warning("skipped unreadable image %d: %s%s", i, ctx.source.path(i), f" ({why})" if why else "")
     save_torch(state_blob(ctx.identity, info, topk.state_dict(), complete=True), path)
     return topk, times
 

@@ -130,7 +130,7 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
     device = info.device if info is not None else use_device(cfg.device)  # (a session made it current)
     info = info if info is not None else DistInfo(device=device, timeout_s=cfg.dist_timeout)
     amp = amp_dtype(cfg.amp, device)
-    source = open_images(cfg.images, cfg.max_images, base_dir=config_dir)
+    source = open_images(cfg.images, cfg.max_images, base_dir=config_dir, max_pixels=cfg.max_pixels)
     weights = resolve_weights(cfg.weights, config_dir)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, weights, device)

@@ -21,6 +21,7 @@ import torch
 from deconvis.errors import DeconvisError
 from deconvis.io.images import ImageSource
 from deconvis.io.models import Preprocess
+from deconvis.io.pixels import MAX_PIXELS
 from deconvis.runs import config as config_mod
 from deconvis.runs import results as results_mod
 from deconvis.runs.config import VisualizeConfig
@@ -89,6 +90,8 @@ def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, sour
         fields.pop(key, None)
     if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
         fields["amp"] = cfg.amp
+    if cfg.max_pixels != MAX_PIXELS:  # which images are skipped (default: absent, so older runs keep their hash)
+        fields["max_pixels"] = cfg.max_pixels
     fields.update(extra or {})
     mining_hash = config_mod.config_hash(fields, sorted(fields))
     projection_hash = config_mod.config_hash({"mining": mining_hash, "rule": cfg.rule}, ["mining", "rule"])
