@@ -17,7 +17,8 @@ process group's key-value store (:func:`signal_failure`), which the others poll 
 (:func:`failure_watch`, at most once a second, no collective), so a failure at batch 1 does not
 wait for the other ranks to finish a long phase: they stop within about a second plus one batch
 and join the agreement. A rank that finishes a phase early waits for the others in the store as
-long as they make progress (no time limit: an uneven phase is fine); a rank that crashed outright
+long as they make progress (no time limit: an uneven phase is fine; work one rank does alone
+beats a :func:`heartbeat`); a rank that crashed outright
 or hangs is caught after ``timeout_s`` seconds without progress (or by the process group's
 timeout on a collective; torchrun also ends the whole group when any process exits with an
 error).

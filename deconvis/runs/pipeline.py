@@ -24,7 +24,11 @@ sheets; rank 0 writes ``results.json`` and the report after the others are done.
 be a folder every rank sees (a shared filesystem across nodes): this is checked at the start.
 Every phase runs inside :func:`deconvis.runs.distributed.phase`, so a failure on one rank ends every
 rank with the same error, within about a second plus one batch; a rank that crashed or hangs is
-given up on after ``dist_timeout`` seconds without progress. Only rank 0 shows progress bars.
+given up on after ``dist_timeout`` seconds without progress (work rank 0 does alone -- clearing,
+planning, the analyses, the report -- runs under a heartbeat, see
+:func:`deconvis.runs.distributed.heartbeat`). Rank 0 decides whether the run resumes and sends
+the results it loaded (:func:`deconvis.runs.ranks.resume_decision`). Each rank logs to its own
+file (``run.log`` for rank 0, ``run.rank{r}.log``). Only rank 0 shows progress bars.
 
 Resuming: everything is written atomically and a restarted run with the same config skips what
 is done -- a finished mining (``results.json``), tiles already on disk, sheets whose inputs did
