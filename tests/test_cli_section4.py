@@ -9,10 +9,10 @@ import os
 import pytest
 import yaml
 
+from deconvis.analysis.correspondence_run import CorrespondenceConfig
+from deconvis.analysis.diagnose_run import DiagnoseConfig
+from deconvis.analysis.invariance_run import InvarianceConfig
 from deconvis.cli import main
-from deconvis.cli.correspondence_cmd import CorrespondenceConfig
-from deconvis.cli.diagnose_cmd import DiagnoseConfig
-from deconvis.cli.invariance_cmd import InvarianceConfig
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

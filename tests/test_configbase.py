@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Union
 
 import pytest
 
+from deconvis import config as cb
 from deconvis.errors import DeconvisError
-from deconvis.runs import configbase as cb
 
 
 @dataclasses.dataclass

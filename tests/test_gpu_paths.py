@@ -122,20 +122,20 @@ def test_cuda_n_is_made_current_wherever_a_device_is_chosen(fake_cuda, monkeypat
     """Without torchrun too: the visualize prepare, the analyses' network loader, the occlusion
     run and training make ``cuda:1`` current before any CUDA work (model load stopped here)."""
     import pipeline_fixtures as fx
-    from deconvis.analysis import common
+    from deconvis.analysis import common, occlusion_run
     from deconvis.analysis.occlusion_run import OcclusionConfig, run_occlusion
-    from deconvis.io import models
+    from deconvis.runs.phases import prepare as prepare_mod
     from deconvis.runs.phases.prepare import prepare
+    from deconvis.training import train as train_mod
     from deconvis.training.train import TrainConfig, train
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    from deconvis.training import surrogate
 
     def stop(*a, **k):
         raise _Stop()
 
-    monkeypatch.setattr(models, "load_model", stop)
-    monkeypatch.setattr(surrogate, "ExemplarDataset", stop)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for mod in (prepare_mod, common, occlusion_run):
+        monkeypatch.setattr(mod, "load_model", stop)
+    monkeypatch.setattr(train_mod, "ExemplarDataset", stop)
     calls = [
         lambda: prepare(fx.tiny_config(tmp_path, device="cuda:1"), str(tmp_path / "run")),
         lambda: common.load_network("zfnet_demo", device="cuda:1"),

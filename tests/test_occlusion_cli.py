@@ -74,8 +74,8 @@ def test_cli_bad_input_one_line(tmp_path, capsys, argv, needle):
 
 
 def test_class_names_from_torchvision_weights_metadata():
-    from deconvis.analysis.occlusion_run import _class_names
+    from deconvis.analysis.occlusion_run import class_names_of
 
-    names = _class_names("alexnet", "DEFAULT")  # metadata only: nothing is downloaded
+    names = class_names_of("alexnet", "DEFAULT")  # metadata only: nothing is downloaded
     assert names is not None and len(names) == 1000 and names[0] == "tench"
-    assert _class_names("alexnet", "random") is None
+    assert class_names_of("alexnet", "random") is None

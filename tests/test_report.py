@@ -10,7 +10,7 @@ import pytest
 import pipeline_fixtures as fx
 from cdp_browser import Browser, chromium
 from deconvis.runs import pipeline
-from deconvis.render import report
+from deconvis.runs import report
 from deconvis.runs import results as R
 
 

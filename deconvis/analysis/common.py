@@ -1,20 +1,45 @@
 """Helpers shared by the Section 4 analyses (invariance, correspondence, diagnosis).
 
-Loading a network and single images, resolving layer names through :class:`DeconvNet`, the
+The settings every analysis has (:class:`AnalysisConfig`: model, weights, output folder, device,
+threads), loading a network and single images, resolving layer names through :class:`DeconvNet`, the
 class-score layer, checks of class ids, and writing figures and Markdown tables atomically.
 """
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from deconvis.config import Config, option
 from deconvis.errors import DeconvisError, close_matches
-from deconvis.io.models import LoadedModel, Preprocess
+from deconvis.io.atomic import write_bytes
+from deconvis.io.images import SKIMAGE_PHOTOS, UnreadableImage, normalize, preprocess_image, read_image, skimage_photo
+from deconvis.io.models import LoadedModel, Preprocess, load_model, resolve_weights
+from deconvis.utils.device import use_device
+
+
+@dataclass
+class AnalysisConfig(Config):
+    """The model, its weights, where to write, and where to compute: the first keys of every
+    analysis config (a subclass redefines ``out_dir`` to give its own default folder)."""
+
+    model: str = option("zfnet_demo", "torchvision name, module:callable, file.py:callable or zfnet_demo")
+    weights: str = option("asset:zfnet_demo.pt", "checkpoint path, asset:NAME, a torchvision weights name or random")
+    out_dir: str = option("outputs/analysis", "output folder")
+    device: str = option("cpu", "auto, cpu, cuda or cuda:N")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+
+
+def apply_threads(threads: int) -> None:
+    """Use ``threads`` torch CPU threads (0: leave torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
 
 #: the border fills the transforms and masks know; values in the network's normalised input space
 FILLS = ("mean", "black", "edge", "reflect")
@@ -23,18 +48,12 @@ FILLS = ("mean", "black", "edge", "reflect")
 def load_network(model: str, weights: str = "random", device: str = "cpu") -> LoadedModel:
     """:func:`deconvis.io.models.load_model` after resolving ``asset:NAME`` weights (files shipped in
     ``deconvis/assets``) and the device (``auto``: cuda, then mps, then cpu)."""
-    from deconvis.io.models import load_model
-    from deconvis.runs.phases.prepare import resolve_weights
-    from deconvis.utils.device import use_device
-
     return load_model(model, resolve_weights(weights or "random"), device=use_device(device))
 
 
 def read_photo(spec: str, base_dir: Optional[str] = None) -> np.ndarray:
     """``skimage:NAME`` (a photo bundled with scikit-image) or an image file path (relative paths
     tried against ``base_dir`` too) -> uint8 RGB [H, W, 3]."""
-    from deconvis.io.images import SKIMAGE_PHOTOS, UnreadableImage, read_image, skimage_photo
-
     if spec.startswith("skimage:"):
         name = spec[len("skimage:"):]
         if name not in SKIMAGE_PHOTOS:
@@ -55,8 +74,6 @@ def read_photo(spec: str, base_dir: Optional[str] = None) -> np.ndarray:
 def to_input(photo: np.ndarray, pp: Preprocess) -> Tuple[np.ndarray, Tensor]:
     """uint8 RGB photo -> (displayed uint8 [h, w, 3], network input float32 [3, h, w]) as the
     model's preprocessing (short side ``pp.resize``, centre crop ``pp.crop``, normalise)."""
-    from deconvis.io.images import normalize, preprocess_image
-
     shown = preprocess_image(photo, pp)
     return shown, normalize(shown, pp)
 
@@ -114,9 +131,7 @@ def flat(act: Tensor) -> Tensor:
 
 def save_figure(fig, path: str, dpi: int = 80) -> None:
     """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    from deconvis.io.atomic import write_bytes
+    import matplotlib.pyplot as plt  # start-up time: matplotlib loads only when a figure is drawn
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -126,10 +141,10 @@ def save_figure(fig, path: str, dpi: int = 80) -> None:
 
 def pyplot():
     """matplotlib.pyplot with the Agg backend (no display needed)."""
-    import matplotlib
+    import matplotlib  # start-up time: matplotlib loads only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: matplotlib loads only when a figure is drawn
 
     return plt
 

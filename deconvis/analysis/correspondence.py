@@ -26,11 +26,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
-from deconvis.analysis.common import check_fill, fill_value, flat, resolve_layers
+from deconvis.analysis.common import check_fill, fill_value, flat, markdown_table, pyplot, resolve_layers, save_figure
 from deconvis.errors import DeconvisError
+from deconvis.io.images import crop_offset, resized_size
 from deconvis.io.models import Preprocess
+from deconvis.mirror.deconvnet import DeconvNet
 
 Box = Tuple[int, int, int, int]
 
@@ -87,8 +90,6 @@ def parse_part_boxes(records: object, source: str = "parts") -> List[PartBox]:
 
 def load_part_boxes(path: str) -> List[PartBox]:
     """Part boxes from a YAML or JSON file (see :func:`parse_part_boxes`)."""
-    import yaml
-
     if not os.path.isfile(path):
         raise DeconvisError(f"part-box file {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:
@@ -103,8 +104,6 @@ def input_box(box: Box, photo_hw: Tuple[int, int], crop: Optional[Box], pp: Prep
     """Map ``box`` (photo pixels) to network-input pixels: into the ``crop``, then the short-side
     resize and centre crop of ``pp`` (outer rounding, clipped to the input). DeconvisError when the
     box leaves the photo or the crop, or falls outside the network input."""
-    from deconvis.io.images import crop_offset, resized_size
-
     H, W = photo_hw
     cy0, cy1, cx0, cx1 = crop if crop is not None else (0, H, 0, W)
     if not (0 <= cy0 < cy1 <= H and 0 <= cx0 < cx1 <= W):
@@ -180,8 +179,6 @@ class CorrespondenceResult:
                 "hamming": self.hamming}
 
     def markdown(self) -> str:
-        from deconvis.analysis.common import markdown_table
-
         heads = ["mask"] + [f"Delta {l}: mean ± std over pairs [std over images]" for l in self.layers] + ["images"]
         rows = [[r] + [f"{c[l].mean:.4f} ± {c[l].std_pairs:.4f} [{c[l].std_images:.4f}]" for l in self.layers]
                 + [next(iter(c.values())).n_images] for r, c in self.table.items()]
@@ -205,8 +202,6 @@ def correspondence(model: nn.Module, inputs: Tensor, part_boxes: Dict[str, List[
                    batch_size: int = 64) -> CorrespondenceResult:
     """ZF Table 1 for ``inputs`` [n, 3, H, W] (network input) and ``part_boxes`` {part: box in
     input pixels per image, or None where the image lacks the part}; each part needs >= 2 images."""
-    from deconvis.mirror.deconvnet import DeconvNet
-
     if inputs.dim() != 4:
         raise DeconvisError(f"inputs must be [n, 3, H, W], got shape {list(inputs.shape)}")
     check_fill(fill, ("mean", "black"))
@@ -267,8 +262,6 @@ def correspondence(model: nn.Module, inputs: Tensor, part_boxes: Dict[str, List[
 def plot_correspondence(res: CorrespondenceResult, path: str, dpi: int = 80) -> None:
     """Bar chart: Delta per mask (parts solid, random boxes hatched) for each layer, with the
     std over pairs as error bars."""
-    from deconvis.analysis.common import pyplot, save_figure
-
     plt = pyplot()
     rows = list(res.table)
     fig, axes = plt.subplots(1, len(res.layers), figsize=(1.1 * len(rows) + 2, 3.4), squeeze=False)

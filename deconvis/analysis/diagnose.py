@@ -21,8 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from deconvis.analysis.common import markdown_table
 from deconvis.analysis.spectra import BAND_EDGES, Aliasing, aliasing, band_fractions, power_spectrum, radial_profile
 from deconvis.errors import DeconvisError
+from deconvis.io.images import normalize, open_images, preprocess_image
+from deconvis.io.models import Preprocess
+from deconvis.mirror.deconvnet import DeconvNet
 
 Images = Union[Tensor, Iterable[Tensor]]
 
@@ -35,8 +39,6 @@ def channel_max(model: nn.Module, images: Images, layers: Sequence[str],
     of such batches. ``layers``: aliases (conv1..) or module names, resolved by
     :class:`deconvis.mirror.deconvnet.DeconvNet`. Returns {layer as given: float64 [C]}.
     """
-    from deconvis.mirror.deconvnet import DeconvNet
-
     layers = list(layers)
     if not layers:
         raise DeconvisError("no layers given; name at least one layer, e.g. conv2")
@@ -84,9 +86,6 @@ def image_set_batches(spec: str, resize: int, crop: int, batch_size: int = 32,
     """An image set (:func:`deconvis.io.images.open_images` spec, e.g. ``builtin:skimage-crops``)
     preprocessed (short side ``resize``, centre crop ``crop`` pixels) and normalised, as a list
     of float32 batches [<=batch_size, 3, crop, crop]."""
-    from deconvis.io.images import normalize, open_images, preprocess_image
-    from deconvis.io.models import Preprocess
-
     pp = Preprocess(resize=int(resize), crop=(int(crop), int(crop)), mean=tuple(mean), std=tuple(std))
     src = open_images(spec, max_images=max_images)
     xs = [normalize(preprocess_image(src.load(i), pp), pp) for i in range(len(src))]
@@ -155,8 +154,6 @@ class DiagnoseResult:
                 "aliasing": None if self.aliasing is None else dict(self.aliasing.to_dict(), layer=self.alias_layer)}
 
     def markdown(self) -> str:
-        from deconvis.analysis.common import markdown_table
-
         lo, hi = self.band_edges
         b = self.band_fractions.mean(0)
         out = [f"Image set: {self.images} images.\n", "Dead channels (never active):\n",
@@ -193,7 +190,6 @@ def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] =
     """
     if alias_stride < 0:
         raise DeconvisError(f"alias_stride {alias_stride} must be >= 0 (0: the first conv's stride)")
-    from deconvis.mirror.deconvnet import DeconvNet
 
     convs = conv_modules(model)
     if not convs:
@@ -250,20 +246,3 @@ def diagnose(model: nn.Module, images: Images, layers: Optional[Sequence[str]] =
             p = power_spectrum(proj, h).mean(0)
             res.alias_spectrum = np.fft.fftshift(p)
     return res
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deconvis.analysis.diagnose [WEIGHTS] [FLAGS]``: the same as ``deconvis diagnose
-    [--weights WEIGHTS] [FLAGS]`` (kept for older instructions)."""
-    import sys
-
-    from deconvis.cli import main as cli_main
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and not args[0].startswith("-"):
-        args = ["--weights", args[0]] + args[1:]
-    return cli_main(["diagnose"] + args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deconvis.analysis.common import check_fill, check_targets, fill_value, flat, output_layer, resolve_layers, \
-    softmax_prob
+from deconvis.analysis.common import (check_fill, check_targets, fill_value, flat, output_layer, pyplot, resolve_layers,
+                                      save_figure, softmax_prob)
 from deconvis.errors import DeconvisError
 from deconvis.io.models import Preprocess
+from deconvis.mirror.deconvnet import DeconvNet
 
 TRANSFORMS = ("translate", "scale", "rotate")
 UNITS = {"translate": "pixels", "scale": "ratio", "rotate": "degrees"}
@@ -84,7 +85,7 @@ FILL_MEANING = {
 def affine_matrix(transform: str, amount: float, height: int, width: int) -> np.ndarray:
     """2x3 matrix (OpenCV convention: source -> destination pixel coordinates) of ``transform`` by
     ``amount`` on an image of ``height`` x ``width`` pixels; centre ``((W-1)/2, (H-1)/2)``."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     if transform == "translate":
@@ -103,7 +104,7 @@ def transform_input(x: Tensor, transform: str, amount: float, fill: str = "mean"
                     pp: Optional[Preprocess] = None) -> Tensor:
     """Network input ``x`` [3, H, W] transformed (bilinear), uncovered pixels filled by ``fill``
     (see module doc; ``pp`` gives mean/std for ``black``). Same dtype as ``x``."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     check_fill(fill)
     c, h, w = x.shape
@@ -144,8 +145,6 @@ def invariance(model: nn.Module, inputs: Tensor, layers: Sequence[str], amounts:
     ``batch_size`` images when > 0 (to bound memory on large nets). The model is left unchanged
     (eval-mode forward through :class:`~deconvis.mirror.deconvnet.DeconvNet`).
     """
-    from deconvis.mirror.deconvnet import DeconvNet
-
     if inputs.dim() != 4:
         raise DeconvisError(f"inputs must be [N, 3, H, W], got shape {list(inputs.shape)}")
     check_fill(fill)
@@ -188,8 +187,6 @@ def invariance(model: nn.Module, inputs: Tensor, layers: Sequence[str], amounts:
 def plot_invariance(res: InvarianceResult, path: str, dpi: int = 70) -> None:
     """ZF Fig. 5 layout: one row per transform; columns: distance at each layer (raw), the same
     divided by the original norm, and the true-class probability; one line per image."""
-    from deconvis.analysis.common import pyplot, save_figure
-
     plt = pyplot()
     nl = len(res.layers)
     cols = 2 * nl + 1

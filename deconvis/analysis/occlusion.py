@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from deconvis.analysis.occlusion_engine import IncrementalOcclusion
 from deconvis.errors import DeconvisError
@@ -159,7 +160,7 @@ def occlusion(model: nn.Module, image: Tensor, layer: Optional[str] = None, size
         raise DeconvisError(f"batch size {batch_size!r} must be at least 1")
 
     dn = DeconvNet(model)
-    x = dn._prepare_images(image)
+    x = dn.prepare_images(image)
     layer_name = dn.resolve(layer) if layer is not None else _default_layer(dn)
     fill_vec = fill_values(x, fill)
     act = dn.forward(x)[layer_name]
@@ -190,8 +191,6 @@ def occlusion(model: nn.Module, image: Tensor, layer: Optional[str] = None, size
     act_all, p_all, cls_all, pc_all = [], [], [], []
     chunks = tops.split(int(batch_size))
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, desc="occlusion", unit="batch")
     for chunk in chunks:
         out = eng.run(chunk, fill_vec)

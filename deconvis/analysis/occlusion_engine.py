@@ -17,7 +17,7 @@ channels) run on the window itself.
 
 Nodes whose units see the whole image (global pooling, flatten, Linear) are computed in full
 for the batch, on the small maps near the top. Ops that cannot be windowed (the same set as the
-windowed deconvnet, :func:`deconvis.mirror.window._windowable`: pads, permutes, adaptive pools
+windowed deconvnet, :func:`deconvis.mirror.window.windowable`: pads, permutes, adaptive pools
 that are not global, unaligned branches) are also computed in full for the batch, from the
 materialised maps of their inputs: :attr:`IncrementalOcclusion.fallback` names them.
 
@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from deconvis.errors import DeconvisError
 from deconvis.graph.rf import LayerRF, RFTable, table_from_traced
 from deconvis.graph.trace import TracedGraph, trace_graph
-from deconvis.mirror.engine import Mirror, _depends_on_signal
-from deconvis.mirror.window import _windowable
+from deconvis.mirror.engine import Mirror, depends_on_signal
+from deconvis.mirror.window import windowable
 
 Node = torch.fx.Node
 Pair = Tuple[int, int]
@@ -132,7 +132,7 @@ class IncrementalOcclusion:
             row = self._row(n)
             if row is not None and self._identity_pool(n):
                 self.identity.add(n)
-            if row is not None and n.op != "placeholder" and (n in self.identity or _windowable(self.mirror, n, self.clean)) \
+            if row is not None and n.op != "placeholder" and (n in self.identity or windowable(self.mirror, n, self.clean)) \
                     and tuple(row.out) == tuple(self.clean[n].shape[-2:]):
                 self.windowed[n] = row
             elif n.op == "placeholder":
@@ -152,12 +152,12 @@ class IncrementalOcclusion:
         if self.table is None:
             return None
         name = self.tg.row_names.get(n)
-        return self.table._by_name.get(name) if name is not None else None
+        return self.table.by_name.get(name) if name is not None else None
 
     def _identity_pool(self, n: Node) -> bool:
         """An adaptive pool whose output size is its input size (AlexNet's and VGG's at 224 px)."""
         m = self.tg.module(n)
-        ins = self.mirror._inputs.get(n, [])
+        ins = self.mirror.node_inputs.get(n, [])
         if not isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or len(ins) != 1:
             return False
         a, b = self.clean.get(ins[0]), self.clean.get(n)
@@ -260,8 +260,8 @@ class IncrementalOcclusion:
         def arg(a: Node) -> Any:
             if a in self.tg.signal:
                 return value_of(a)
-            if a.op in ("call_function", "call_method") and _depends_on_signal(a, self.tg):
-                return self.mirror._aux(a, self.clean, B, memo)  # shape queries see the batch of B
+            if a.op in ("call_function", "call_method") and depends_on_signal(a, self.tg):
+                return self.mirror.aux_value(a, self.clean, B, memo)  # shape queries see the batch of B
             return self.clean[a]
         return torch.fx.node.map_arg(n.args, arg), torch.fx.node.map_arg(n.kwargs, arg)
 
@@ -269,7 +269,7 @@ class IncrementalOcclusion:
         """Node ``n`` computed on the whole maps of the batch (whole-image units and fallbacks)."""
         args, kwargs = self._args(n, lambda a: self._full(state[a], a) if isinstance(state[a], _Win) else state[a],
                                   B, memo)
-        val = self.mirror._forward_node(n, args, kwargs, record=False, switches={})
+        val = self.mirror.forward_node(n, args, kwargs, record=False, switches={})
         self._count(n, val, None)
         if isinstance(val, Tensor) and val.dim() == 4:
             zeros = torch.zeros(B, dtype=torch.long, device=val.device)
@@ -287,7 +287,7 @@ class IncrementalOcclusion:
         oy = ly.clamp(max=Hn - h)
         ox = lx.clamp(max=Wn - w)
         op = self.mirror.ops[n]
-        ins = self.mirror._inputs[n]
+        ins = self.mirror.node_inputs[n]
         if op.kind in ("conv", "maxpool", "avgpool"):
             win = op.win
             k, s, p, d = win["k"], win["s"], win["p"], win["d"]
@@ -306,7 +306,7 @@ class IncrementalOcclusion:
             val = self._region(state[ins[0]], ins[0], oy, ox, h, w)
         else:
             args, kwargs = self._args(n, lambda a: self._region(state[a], a, oy, ox, h, w), oy.shape[0], {})
-            val = self.mirror._forward_node(n, args, kwargs, record=False, switches={})
+            val = self.mirror.forward_node(n, args, kwargs, record=False, switches={})
         self._count(n, val, None)
         return _Win(val, oy, ox)
 

@@ -1,8 +1,8 @@
 """``deconvis occlusion`` as a library call: :class:`OcclusionConfig` and :func:`run_occlusion`.
 
 Every field of :class:`OcclusionConfig` is a YAML key (``--config configs/occlusion.yaml``) and a
-flag (``--size 32``), by :mod:`deconvis.runs.configbase`. For each image the run writes, under
-``out_dir`` (atomically): ``<image>.png`` (ZF Fig. 7, :mod:`deconvis.render.occlusion_figure`)
+flag (``--size 32``), by :mod:`deconvis.config`. For each image the run writes, under
+``out_dir`` (atomically): ``<image>.png`` (ZF Fig. 7, :mod:`deconvis.analysis.occlusion_figure`)
 and ``<image>.json`` (:meth:`OcclusionResult.to_json` plus model, weights, image and timing);
 ``occlusion.json`` lists the settings and every image's files.
 """
@@ -14,9 +14,19 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
-from deconvis.errors import DeconvisError
-from deconvis.runs.configbase import Config, option
+from deconvis.analysis.occlusion import fill_values, occlusion
+from deconvis.analysis.occlusion_figure import render_occlusion
+from deconvis.config import Config, option
+from deconvis.errors import DeconvisError, close_matches
+from deconvis.io.atomic import write_json
+from deconvis.io.images import (SKIMAGE_PHOTOS, UnreadableImage, normalize, open_images, preprocess_image, read_image,
+                                skimage_photo)
+from deconvis.io.models import load_model, resolve_weights, torchvision_weights, with_resize_crop
+from deconvis.mirror.rules import Rule
+from deconvis.render.sheets import safe_name
+from deconvis.utils.device import use_device
 
 
 @dataclass
@@ -59,19 +69,13 @@ class OcclusionConfig(Config):
             raise DeconvisError("images is empty; give image files, a folder or skimage:NAME")
         if not self.out_dir:
             raise DeconvisError("out_dir is empty; give an output folder")
-        from deconvis.analysis.occlusion import fill_values  # noqa: F401 - same parser as the API
-        from deconvis.mirror.rules import Rule
 
         Rule.parse(self.rule)
-        import torch
-
         fill_values(torch.zeros(1, 1, 1, 1), self.fill)
 
 
 def _load_images(specs: List[str], limit: int) -> List[Tuple[str, np.ndarray]]:
     """(name, uint8 RGB [H, W, 3]) for each entry: a file, skimage:NAME, or an image set (folder, builtin:...)."""
-    from deconvis.io.images import UnreadableImage, open_images, read_image, skimage_photo, SKIMAGE_PHOTOS
-
     out: List[Tuple[str, np.ndarray]] = []
     for spec in specs:
         if len(out) >= limit:
@@ -79,8 +83,6 @@ def _load_images(specs: List[str], limit: int) -> List[Tuple[str, np.ndarray]]:
         if spec.startswith("skimage:"):
             name = spec[len("skimage:"):]
             if name not in SKIMAGE_PHOTOS:
-                from deconvis.errors import close_matches
-
                 raise DeconvisError(f"unknown scikit-image photo {name!r}" + close_matches(name, SKIMAGE_PHOTOS))
             out.append((name, skimage_photo(name)))
         elif os.path.isfile(spec):
@@ -94,14 +96,13 @@ def _load_images(specs: List[str], limit: int) -> List[Tuple[str, np.ndarray]]:
     return out[:limit]
 
 
-def _class_names(spec: str, weights: str) -> Optional[List[str]]:
+def class_names_of(spec: str, weights: str) -> Optional[List[str]]:
     """Class names from the torchvision weights' metadata, when the weights are a torchvision enum."""
     if weights.lower() == "random" or os.path.isfile(weights):
         return None
-    from deconvis.io.models import _torchvision_weights
 
     try:
-        return list(_torchvision_weights(spec, weights).meta.get("categories") or []) or None
+        return list(torchvision_weights(spec, weights).meta.get("categories") or []) or None
     except DeconvisError:
         return None
 
@@ -109,23 +110,12 @@ def _class_names(spec: str, weights: str) -> Optional[List[str]]:
 def run_occlusion(cfg: OcclusionConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
     """Run :func:`~deconvis.analysis.occlusion.occlusion` on every image of ``cfg``; write the
     figures and JSON under ``cfg.out_dir``; return the summary written to ``occlusion.json``."""
-    import torch
-
-    from deconvis.analysis.occlusion import occlusion
-    from deconvis.io.atomic import write_json
-    from deconvis.io.images import normalize, preprocess_image
-    from deconvis.io.models import load_model
-    from deconvis.render.occlusion_figure import render_occlusion
-    from deconvis.render.sheets import safe_name
-    from deconvis.runs.phases.prepare import _preprocess, resolve_weights
-    from deconvis.utils.device import use_device
-
     cfg.checked()
     device = use_device(cfg.device)
     weights = resolve_weights(cfg.weights)
     loaded = load_model(cfg.model, weights, device=device)
-    pp = _preprocess(cfg, loaded.preprocess)  # --resize/--crop over the weights' preprocessing
-    names = _class_names(cfg.model, cfg.weights)
+    pp = with_resize_crop(loaded.preprocess, cfg.resize, cfg.crop)  # --resize/--crop over the weights' preprocessing
+    names = class_names_of(cfg.model, cfg.weights)
     fill: object = cfg.fill
     records = []
     for name, rgb in _load_images(cfg.images, cfg.max_images):

@@ -7,9 +7,13 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from deconvis.cli.rf_cmd import parse_size
+from deconvis import config as configbase
+from deconvis.config import Config, option
 from deconvis.errors import DeconvisError
-from deconvis.runs import configbase
-from deconvis.runs.configbase import Config, option
+from deconvis.graph.erf import effective_receptive_field, path_count, write_heatmap, write_npy
+from deconvis.io.atomic import ensure_writable_dir
+from deconvis.io.models import load_model
 
 HELP = "effective receptive field map of a layer's centre unit"
 DESCRIPTION = ("Average |d unit / d input| of a layer's centre unit over random N(0, 1) images; writes erf.npy and "
@@ -40,8 +44,6 @@ class ERFConfig(Config):
     out: str = option("", "output folder (empty: outputs/erf-<model>-<layer>/)", metavar="DIR")
 
     def validate(self) -> None:
-        from deconvis.cli.rf_cmd import parse_size
-
         if not self.model:
             raise DeconvisError("model is empty; set --model (e.g. alexnet, file.py:make)")
         if not self.layer:
@@ -53,11 +55,6 @@ class ERFConfig(Config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis.cli.rf_cmd import parse_size
-    from deconvis.graph.erf import effective_receptive_field, path_count, write_heatmap, write_npy
-    from deconvis.io.atomic import ensure_writable_dir
-    from deconvis.io.models import load_model
-
     args = configbase.parse(ERFConfig, args)
     size = parse_size(args.input_size)
     if args.images < 1:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deconvis.analysis.occlusion_run import OcclusionConfig
-from deconvis.runs import configbase
+from deconvis.analysis.occlusion_run import OcclusionConfig, run_occlusion
+from deconvis import config as configbase
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,7 +25,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis.analysis.occlusion_run import run_occlusion
-
     run_occlusion(configbase.parse(OcclusionConfig, args), log=lambda s: print(s, flush=True))
     return 0

@@ -6,9 +6,11 @@ import json
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from deconvis import config as configbase
+from deconvis.config import Config, option
 from deconvis.errors import DeconvisError
-from deconvis.runs import configbase
-from deconvis.runs.configbase import Config, option
+from deconvis.graph.rf import receptive_fields, resolve_layer
+from deconvis.io.models import build_model
 
 HELP = "receptive-field table: size, jump and centre of every layer's units"
 DESCRIPTION = ("Print each layer's receptive field (rf), jump and start (centre of unit (0, 0)) in input pixels, "
@@ -49,9 +51,6 @@ class RFConfig(Config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis.io.models import build_model
-    from deconvis.graph.rf import receptive_fields, resolve_layer
-
     args = configbase.parse(RFConfig, args)
     size = parse_size(args.input_size)
     model = build_model(args.model)

@@ -1,7 +1,7 @@
 """``deconvis train``: train the demo net with ZF Fig. 4 feature-evolution snapshots.
 
 Only parses: the flags and ``--config FILE.yaml`` become a
-:class:`deconvis.training.train.TrainConfig` (see :mod:`deconvis.runs.configbase`), and
+:class:`deconvis.training.train.TrainConfig` (see :mod:`deconvis.config`), and
 :func:`deconvis.training.train.train` does the work; its docstring lists the outputs.
 """
 from __future__ import annotations
@@ -10,8 +10,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from deconvis.runs import configbase
-from deconvis.training.train import TrainConfig
+from deconvis.cli import main as cli_main
+from deconvis import config as configbase
+from deconvis.training.train import TrainConfig, train
 
 HELP = "train the demo net with feature-evolution snapshots (ZF Fig. 4)"
 DESCRIPTION = ("Train zfnet_demo on an exemplar surrogate task built from scikit-image's sample photos (offline, "
@@ -20,8 +21,6 @@ DESCRIPTION = ("Train zfnet_demo on an exemplar surrogate task built from scikit
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis.training.train import train
-
     train(configbase.parse(TrainConfig, args), log=lambda s: print(s, flush=True))
     return 0
 
@@ -31,6 +30,4 @@ add_parser = configbase.command("train", TrainConfig, run, HELP, DESCRIPTION)
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Standalone entry (``scripts/train_with_snapshots.py``): same as ``deconvis train``."""
-    from deconvis.cli import main as cli_main
-
     return cli_main(["train"] + list(sys.argv[1:] if argv is None else argv))

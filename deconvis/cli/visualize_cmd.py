@@ -19,7 +19,9 @@ import os
 import sys
 import time
 
-from deconvis.runs import configbase, ranks
+from deconvis import config as configbase
+from deconvis.runs import ranks
+from deconvis.runs import pipeline
 from deconvis.runs.config import VisualizeConfig
 
 HELP = "top-k images per channel, projected to pixel space (ZF Fig. 2)"
@@ -40,8 +42,6 @@ def _console_log(rank: int = 0) -> logging.Handler:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconvis.runs import pipeline
-
     cfg = configbase.parse(VisualizeConfig, args)
     config_dir = os.path.dirname(os.path.abspath(args.config)) if args.config else None
     handler = _console_log(ranks.env_rank())

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.errors import DeconvisError
-from deconvis.utils.device import model_dtype_device
-from deconvis.graph.ops import _MERGE_FUNCS, _PASS_FUNCS, _PASS_METHODS, _PASS_MODULES, Pair, window_params
-from deconvis.graph.rf import (Box, LayerRF, RFTable, TracedGraph, _size_pair, clip_box, pool_out_size,
+from deconvis.graph.ops import MERGE_FUNCS, PASS_FUNCS, PASS_METHODS, PASS_MODULES, Pair, window_params
+from deconvis.graph.rf import (Box, LayerRF, RFTable, TracedGraph, size_pair, clip_box, pool_out_size,
                                resolve_layer, table_from_traced, trace_graph)
+from deconvis.io.atomic import atomic_path, write_png
+from deconvis.utils.device import model_dtype_device
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -131,13 +132,13 @@ def effective_receptive_field(model: nn.Module, layer: str, input_size: Union[in
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise DeconvisError("images must be a tensor [N, C, H, W]")
         size = (int(images.shape[2]), int(images.shape[3]))
-        if input_size is not None and _size_pair(input_size) != size:
+        if input_size is not None and size_pair(input_size) != size:
             raise DeconvisError(f"input size {input_size} does not match the images' {size[0]}x{size[1]}")
         in_channels = int(images.shape[1])
     else:
         if input_size is None:
             raise DeconvisError("give input_size or images")
-        size = _size_pair(input_size)
+        size = size_pair(input_size)
         in_channels = 3
         if n_random < 1:
             raise DeconvisError(f"n_random={n_random} must be at least 1")
@@ -197,13 +198,13 @@ def _path_count_rewrite(gm: torch.fx.GraphModule):
     def rewrite(g: torch.fx.Graph, n: torch.fx.Node, env: Dict[torch.fx.Node, torch.fx.Node]) -> Optional[torch.fx.Node]:
         if n.op == "call_module":
             m = gm.get_submodule(n.target)
-            if isinstance(m, _PASS_MODULES):
+            if isinstance(m, PASS_MODULES):
                 return env[n.args[0]]  # activation, BN, dropout, LRN: identity
             if isinstance(m, nn.AdaptiveMaxPool2d):
                 return g.call_function(F.adaptive_avg_pool2d, (env[n.args[0]], m.output_size))
-        if n.op == "call_function" and n.target in _PASS_FUNCS and n.target not in _MERGE_FUNCS:
+        if n.op == "call_function" and n.target in PASS_FUNCS and n.target not in MERGE_FUNCS:
             return env[n.args[0]]
-        if n.op == "call_method" and n.target in _PASS_METHODS:
+        if n.op == "call_method" and n.target in PASS_METHODS:
             return env[n.args[0]]
         if n.op in ("call_module", "call_function"):
             win = window_params(n, gm, {})
@@ -222,7 +223,7 @@ def path_count(model: nn.Module, layer: str, input_size: Union[int, Sequence[int
     """Contribution-count map float64 [H, W]: for the centre unit (or ``unit``) of ``layer``,
     channel ``channel``, the number of paths from each input pixel (summed over input channels)
     in a copy of the network with unit weights, no biases, no nonlinearity/BN, and sum pools."""
-    size = _size_pair(input_size)
+    size = size_pair(input_size)
     work = copy.deepcopy(model).to("cpu", torch.float64)
     tg, table, name = _prepare(work, layer, size, in_channels)
     row = table[name]
@@ -251,7 +252,7 @@ def heatmap_image(values: np.ndarray, box: Optional[Box] = None, log: bool = Fal
     """RGB uint8 [H*f, W*f, 3] heat map of ``values`` [H, W] (scaled to its maximum; ``log``:
     log1p of values / min positive), enlarged by an integer factor f so the longer side reaches
     ``min_side``, with the half-open input-pixel ``box`` (y0, y1, x0, x1) drawn as a rectangle."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2:
@@ -275,15 +276,11 @@ def heatmap_image(values: np.ndarray, box: Optional[Box] = None, log: bool = Fal
 def write_heatmap(path: Union[str, os.PathLike], values: np.ndarray, box: Optional[Box] = None,
                   log: bool = False, min_side: int = 256) -> None:
     """Write :func:`heatmap_image` as a PNG, atomically."""
-    from deconvis.io.atomic import write_png
-
     write_png(path, heatmap_image(values, box, log=log, min_side=min_side))
 
 
 def write_npy(path: Union[str, os.PathLike], array: np.ndarray) -> None:
     """``np.save`` to ``path`` atomically."""
-    from deconvis.io.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(array))

@@ -19,7 +19,7 @@ from torch import nn
 
 Pair = Tuple[int, int]
 
-_PASS_MODULES: Tuple[type, ...] = (
+PASS_MODULES: Tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink,
@@ -27,7 +27,7 @@ _PASS_MODULES: Tuple[type, ...] = (
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity,
 )
 # elementwise / per-position functions (ReLU-like, dropout, LRN, eval batch norm)
-_PASS_FUNCS = {f for f in (
+PASS_FUNCS = {f for f in (
     F.relu, getattr(F, "relu_", None), torch.relu, torch.relu_, F.relu6, F.leaky_relu,
     getattr(F, "leaky_relu_", None), F.elu, getattr(F, "elu_", None), F.selu, F.celu, F.gelu, F.silu,
     F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, getattr(F, "hardtanh_", None), F.sigmoid, F.tanh,
@@ -38,32 +38,32 @@ _PASS_FUNCS = {f for f in (
 ) if f is not None}
 try:  # torchvision's stochastic depth (identity in eval) is an fx leaf function
     from torchvision.ops import stochastic_depth as _stochastic_depth
-    _PASS_FUNCS.add(_stochastic_depth)
+    PASS_FUNCS.add(_stochastic_depth)
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
+PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
                  "clamp_min_", "clamp_max", "abs", "neg", "exp", "square", "sqrt", "contiguous", "float",
                  "double", "half", "to", "type_as", "clone", "detach", "__neg__"}
 # maps combined position by position
-_MERGE_FUNCS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
+MERGE_FUNCS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
                 operator.truediv, operator.itruediv, torch.add, torch.mul, torch.sub, torch.div,
                 torch.cat, torch.concat, torch.stack, torch.maximum, torch.minimum,
                 getattr(torch, "concatenate", None)} - {None}
-_MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "maximum", "minimum"}
-_CAT_FUNCS = {torch.cat, torch.concat, getattr(torch, "concatenate", None)} - {None}
+MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "maximum", "minimum"}
+CAT_FUNCS = {torch.cat, torch.concat, getattr(torch, "concatenate", None)} - {None}
 # shape changes: keep the geometry when the spatial dims survive as the last two, else whole
-_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.mean, torch.sum,
+RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.mean, torch.sum,
                   torch.amax, torch.amin}
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "mean", "sum", "amax", "amin",
+RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "mean", "sum", "amax", "amin",
                     "view_as", "reshape_as"}
-_SPLIT_FUNCS = {torch.chunk, torch.split}
-_SPLIT_METHODS = {"chunk", "split"}
-_WHOLE_MODULES: Tuple[type, ...] = (nn.Linear, nn.Bilinear)
-_WHOLE_FUNCS = {F.linear}
-_NON_TENSOR_METHODS = {"size", "dim", "numel"}
+SPLIT_FUNCS = {torch.chunk, torch.split}
+SPLIT_METHODS = {"chunk", "split"}
+WHOLE_MODULES: Tuple[type, ...] = (nn.Linear, nn.Bilinear)
+WHOLE_FUNCS = {F.linear}
+NON_TENSOR_METHODS = {"size", "dim", "numel"}
 # modules the ZF mirror passes straight through (dropout in eval, LRN as ZF skip it, identity)
-_SKIP_MODULES: Tuple[type, ...] = (nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                                   nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
+SKIP_MODULES: Tuple[type, ...] = (nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                                  nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
 
 
 def _pair(v: Any) -> Pair:
@@ -73,7 +73,8 @@ def _pair(v: Any) -> Pair:
     return (int(v), int(v))
 
 
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+def node_arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` of an fx call ``node``, given positionally or as keyword ``name``; else ``default``."""
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
@@ -110,28 +111,28 @@ def window_params(node: torch.fx.Node, gm: torch.fx.GraphModule, shapes: Dict[to
     t = node.target
     name = getattr(t, "__name__", "")
     if t in (F.conv2d, torch.conv2d) or name == "conv2d":
-        w = _arg(node, 1, "weight")
+        w = node_arg(node, 1, "weight")
         wshape = shapes.get(w) if isinstance(w, torch.fx.Node) else None
         if wshape is None or len(wshape) != 4:
             return None
         k = (int(wshape[2]), int(wshape[3]))
-        d = _pair(_arg(node, 5, "dilation", 1))
-        pad = _arg(node, 4, "padding", 0)
+        d = _pair(node_arg(node, 5, "dilation", 1))
+        pad = node_arg(node, 4, "padding", 0)
         same = pad == "same"
         if isinstance(pad, str):
             pad = (0, 0) if pad == "valid" else ((d[0] * (k[0] - 1)) // 2, (d[1] * (k[1] - 1)) // 2)
-        return dict(k=k, s=_pair(_arg(node, 3, "stride", 1)), p=_pair(pad), d=d, ceil=False, conv=True, same=same)
+        return dict(k=k, s=_pair(node_arg(node, 3, "stride", 1)), p=_pair(pad), d=d, ceil=False, conv=True, same=same)
     if t in (F.max_pool2d, torch.max_pool2d) or name in ("max_pool2d", "max_pool2d_with_indices"):
-        k = _pair(_arg(node, 1, "kernel_size"))
-        s = _arg(node, 2, "stride", None)
-        return dict(k=k, s=_pair(s) if s not in (None, [], ()) else k, p=_pair(_arg(node, 3, "padding", 0)),
-                    d=_pair(_arg(node, 4, "dilation", 1)), ceil=bool(_arg(node, 5, "ceil_mode", False)),
+        k = _pair(node_arg(node, 1, "kernel_size"))
+        s = node_arg(node, 2, "stride", None)
+        return dict(k=k, s=_pair(s) if s not in (None, [], ()) else k, p=_pair(node_arg(node, 3, "padding", 0)),
+                    d=_pair(node_arg(node, 4, "dilation", 1)), ceil=bool(node_arg(node, 5, "ceil_mode", False)),
                     conv=False, same=False)
     if t in (F.avg_pool2d,) or name == "avg_pool2d":
-        k = _pair(_arg(node, 1, "kernel_size"))
-        s = _arg(node, 2, "stride", None)
-        return dict(k=k, s=_pair(s) if s not in (None, [], ()) else k, p=_pair(_arg(node, 3, "padding", 0)),
-                    d=(1, 1), ceil=bool(_arg(node, 4, "ceil_mode", False)), conv=False, same=False)
+        k = _pair(node_arg(node, 1, "kernel_size"))
+        s = node_arg(node, 2, "stride", None)
+        return dict(k=k, s=_pair(s) if s not in (None, [], ()) else k, p=_pair(node_arg(node, 3, "padding", 0)),
+                    d=(1, 1), ceil=bool(node_arg(node, 4, "ceil_mode", False)), conv=False, same=False)
     return None
 
 
@@ -185,9 +186,9 @@ def relu_unit(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[ReluUni
         if t is F.relu6:
             return ReluUnit("relu6")
         if t in _LEAKY_FUNCS:
-            return ReluUnit("leaky", float(_arg(node, 1, "negative_slope", 0.01)))
+            return ReluUnit("leaky", float(node_arg(node, 1, "negative_slope", 0.01)))
         if t in (F.prelu, torch.prelu):
-            return ReluUnit("prelu", weight=_arg(node, 1, "weight"))
+            return ReluUnit("prelu", weight=node_arg(node, 1, "weight"))
         return None
     if node.op == "call_method" and t in ("relu", "relu_"):
         return ReluUnit("relu")

@@ -34,12 +34,13 @@ from deconvis.errors import DeconvisError
 from deconvis.graph.ops import Pair, kind_name
 from deconvis.graph.rf_geometry import (AxisRF, Box, LayerRF, RFTable, clip_box, conv_out_size,
                                         pool_out_size)
-from deconvis.graph.rf_shapes import _propagate
-from deconvis.graph.rf_walk import _Walker
+from deconvis.graph.rf_shapes import propagate
+from deconvis.graph.rf_walk import Walker
 from deconvis.graph.trace import TracedGraph, trace_graph
 
 
-def _size_pair(input_size: Union[int, Sequence[int]]) -> Pair:
+def size_pair(input_size: Union[int, Sequence[int]]) -> Pair:
+    """An input size (int or (height, width), pixels) as a validated (h, w) pair; DeconvisError otherwise."""
     if isinstance(input_size, bool):
         raise DeconvisError(f"input size must be an int or (height, width), got {input_size!r}")
     if isinstance(input_size, int):
@@ -61,9 +62,9 @@ def _size_pair(input_size: Union[int, Sequence[int]]) -> Pair:
 
 def table_from_traced(tg: TracedGraph, input_size: Union[int, Sequence[int]], in_channels: int = 3) -> RFTable:
     """:func:`receptive_fields` for an already traced model."""
-    size = _size_pair(input_size)
-    shapes = _propagate(tg, size, in_channels)
-    rows = _Walker(tg, shapes, size).walk()
+    size = size_pair(input_size)
+    shapes = propagate(tg, size, in_channels)
+    rows = Walker(tg, shapes, size).walk()
     layers = []
     for node, g in rows:
         kind = kind_name(node, tg.graph_module)

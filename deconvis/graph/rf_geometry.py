@@ -113,15 +113,16 @@ class LayerRF:
         start + (rf+1)/2)`` and ``start + y*jump`` does not apply; ``local``: the gate-detached
         field ({rf, jump, start}) when there is one."""
         rec: Dict[str, Any] = {"name": self.name, "kind": self.kind, "out": list(self.out), "rf": list(self.rf),
-                               "jump": list(self.jump), "start": [_num(self.start[0]), _num(self.start[1])],
+                               "jump": list(self.jump), "start": [as_number(self.start[0]), as_number(self.start[1])],
                                "whole": self.whole}
         if self.local is not None:
             rec["local"] = {"rf": list(self.local.rf), "jump": list(self.local.jump),
-                            "start": [_num(self.local.start[0]), _num(self.local.start[1])]}
+                            "start": [as_number(self.local.start[0]), as_number(self.local.start[1])]}
         return rec
 
 
-def _num(v: float) -> Union[int, float]:
+def as_number(v: float) -> Union[int, float]:
+    """``v`` as an int when it is whole, else a float (for JSON and tables)."""
     return int(v) if float(v).is_integer() else float(v)
 
 
@@ -152,32 +153,32 @@ class RFTable:
                  model_name: str = "model", graph: Optional[TracedGraph] = None):
         self.input_size: Pair = (int(input_size[0]), int(input_size[1]))
         self.layers: List[LayerRF] = list(layers)
-        self._by_name: Dict[str, LayerRF] = {l.name: l for l in self.layers}
-        self.containers: Dict[str, str] = {k: v for k, v in (containers or {}).items() if k not in self._by_name}
+        self.by_name: Dict[str, LayerRF] = {l.name: l for l in self.layers}
+        self.containers: Dict[str, str] = {k: v for k, v in (containers or {}).items() if k not in self.by_name}
         self.model_name = model_name
         self.graph = graph
 
     def resolve(self, name: str) -> str:
         """Row name, container name or alias (``conv5``, ``pool2``, ``layer3``) -> row name, by the
         traced graph's resolver; DeconvisError naming close matches when unknown."""
-        if name in self._by_name:
+        if name in self.by_name:
             return name
         if name in self.containers:
             return self.containers[name]
         if self.graph is not None:
             row = self.graph.resolve(name)
-            if row in self._by_name:
+            if row in self.by_name:
                 return row
             raise DeconvisError(f"layer {name!r} ({row}) of {self.model_name} has no receptive-field row "
                                 "(it does not depend on the image)")
         raise DeconvisError(f"unknown layer {name!r} in {self.model_name}"
-                            + close_matches(name, list(self._by_name) + list(self.containers)))
+                            + close_matches(name, list(self.by_name) + list(self.containers)))
 
     def __getitem__(self, name: str) -> LayerRF:
-        return self._by_name[self.resolve(name)]
+        return self.by_name[self.resolve(name)]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and (name in self._by_name or name in self.containers)
+        return isinstance(name, str) and (name in self.by_name or name in self.containers)
 
     def __iter__(self) -> Iterator[LayerRF]:
         return iter(self.layers)
@@ -213,12 +214,12 @@ class RFTable:
         rows = [("layer", "kind", "out", "rf", "jump", "start")]
 
         def hw(p: Sequence[Any]) -> str:
-            a, b = (_num(v) for v in p)
+            a, b = (as_number(v) for v in p)
             return f"{a}x{b}"
 
         for l in (self.layers if layers is None else layers):
             rf = hw(l.rf) + (" (all)" if l.whole else "")
-            rows.append((l.name, l.kind, hw(l.out), rf, hw(l.jump), ", ".join(str(_num(v)) for v in l.start)))
+            rows.append((l.name, l.kind, hw(l.out), rf, hw(l.jump), ", ".join(str(as_number(v)) for v in l.start)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = []
         for i, r in enumerate(rows):

@@ -4,6 +4,7 @@ with one-line DeconvisErrors for inputs too small for, or not fitting, the netwo
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional
 
 import torch
@@ -72,9 +73,7 @@ def _run_recorder(gm: torch.fx.GraphModule, x: torch.Tensor, fake: bool) -> "_Re
         with torch.no_grad():
             rec.run(x)
         return rec
-    import logging
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode  # start-up time: loaded only for a fake-tensor shape pass
 
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level = log.level
@@ -87,7 +86,7 @@ def _run_recorder(gm: torch.fx.GraphModule, x: torch.Tensor, fake: bool) -> "_Re
     return rec
 
 
-def _propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.Node, Any]:
+def propagate(tg: TracedGraph, size: Pair, in_channels: int) -> Dict[torch.fx.Node, Any]:
     """Output shape of every node for one [1, in_channels, H, W] zero image (eval mode, no_grad).
 
     Shapes come from fake tensors (no arithmetic: instant even for VGG at 224 px); if that fails

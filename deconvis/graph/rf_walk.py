@@ -1,6 +1,6 @@
 """The torch.fx walk that fills the receptive-field rows: one geometry (:class:`_Geo`) per node,
 from its inputs' geometry and the op (window, padding, reshape, merge, whole-image op, ...), in
-execution order. Shapes come from :func:`deconvis.graph.rf_shapes._propagate`.
+execution order. Shapes come from :func:`deconvis.graph.rf_shapes.propagate`.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.errors import DeconvisError
-from deconvis.graph.ops import (_CAT_FUNCS, _MERGE_FUNCS, _MERGE_METHODS, _NON_TENSOR_METHODS, _PASS_FUNCS,
-                                _PASS_METHODS, _PASS_MODULES, _RESHAPE_FUNCS, _RESHAPE_METHODS, _SPLIT_FUNCS,
-                                _SPLIT_METHODS, _WHOLE_FUNCS, _WHOLE_MODULES, Pair, _arg, kind_name,
+from deconvis.graph.ops import (CAT_FUNCS, MERGE_FUNCS, MERGE_METHODS, NON_TENSOR_METHODS, PASS_FUNCS,
+                                PASS_METHODS, PASS_MODULES, RESHAPE_FUNCS, RESHAPE_METHODS, SPLIT_FUNCS,
+                                SPLIT_METHODS, WHOLE_FUNCS, WHOLE_MODULES, Pair, node_arg, kind_name,
                                 window_params)
-from deconvis.graph.rf_geometry import AxisRF, _num
+from deconvis.graph.rf_geometry import AxisRF, as_number
 from deconvis.graph.trace import TracedGraph
 
 @dataclass(frozen=True)
@@ -70,7 +70,10 @@ def _out_pair(shape: Any) -> Pair:
     return (1, 1)
 
 
-class _Walker:
+class Walker:
+    """One walk over a traced graph that computes each node's receptive-field geometry (used by
+    :func:`deconvis.graph.rf.table_from_traced`)."""
+
     def __init__(self, tg: TracedGraph, shapes: Dict[torch.fx.Node, Any], size: Pair):
         self.tg, self.gm, self.shapes, self.size = tg, tg.graph_module, shapes, size
         self.geo: Dict[torch.fx.Node, _Geo] = {}
@@ -130,15 +133,15 @@ class _Walker:
         module = self.gm.get_submodule(t) if node.op == "call_module" else None
         is_fn, is_meth = node.op == "call_function", node.op == "call_method"
 
-        if is_meth and t in _NON_TENSOR_METHODS:
+        if is_meth and t in NON_TENSOR_METHODS:
             return first
         # anything computed from inputs that already see their whole region sees it too
         if all(g.whole for _, g in ins):
             return _whole([g for _, g in ins], self.size, out)
-        if (is_fn and t in _MERGE_FUNCS) or (is_meth and t in _MERGE_METHODS):
+        if (is_fn and t in MERGE_FUNCS) or (is_meth and t in MERGE_METHODS):
             return self.merge(node, ins, shape, out)
         if len(ins) > 1:  # several input-dependent tensors into one op that is not a known merge
-            if any(g.whole for _, g in ins) or (is_fn and t in _WHOLE_FUNCS) or isinstance(module, _WHOLE_MODULES):
+            if any(g.whole for _, g in ins) or (is_fn and t in WHOLE_FUNCS) or isinstance(module, WHOLE_MODULES):
                 return _whole([g for _, g in ins], self.size, out)
             raise self.unknown(node)
 
@@ -146,7 +149,7 @@ class _Walker:
         if win is not None:
             return self.window(node, first, win, out)
         if module is not None:
-            if isinstance(module, _PASS_MODULES):
+            if isinstance(module, PASS_MODULES):
                 return self.passthrough(node, first, shape, out)
             if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
                 left, _right, top, _bottom = module.padding
@@ -155,22 +158,22 @@ class _Walker:
                 return self.reshape(first, shape, out)
             if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
                 return self.adaptive(node, first, shape, out)
-            if isinstance(module, _WHOLE_MODULES):
+            if isinstance(module, WHOLE_MODULES):
                 return _whole([g for _, g in ins], self.size, out)
             raise self.unknown(node)
         if is_fn:
-            if t in _PASS_FUNCS:
+            if t in PASS_FUNCS:
                 return self.passthrough(node, first, shape, out)
-            if t in _RESHAPE_FUNCS:
+            if t in RESHAPE_FUNCS:
                 return self.reshape(first, shape, out)
-            if t in _WHOLE_FUNCS:
+            if t in WHOLE_FUNCS:
                 return _whole([g for _, g in ins], self.size, out)
             if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d) or \
                     getattr(t, "__name__", "") in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
                 return self.adaptive(node, first, shape, out)
             if t is F.pad:
-                pad = list(_arg(node, 1, "pad"))
-                mode = _arg(node, 2, "mode", "constant")
+                pad = list(node_arg(node, 1, "pad"))
+                mode = node_arg(node, 2, "mode", "constant")
                 if mode != "constant" or len(pad) not in (2, 4):
                     raise self.fail(node, f"F.pad with mode {mode!r} and pad {pad} is not supported "
                                           "(only constant padding of the last two dims)")
@@ -178,15 +181,15 @@ class _Walker:
                 return self.pad(node, first, top, pad[0], out)
             if t is operator.getitem:
                 return self.getitem(node, first, shape)
-            if t in _SPLIT_FUNCS:
-                return self.split(node, first, _arg(node, 2, "dim", 0))
+            if t in SPLIT_FUNCS:
+                return self.split(node, first, node_arg(node, 2, "dim", 0))
         if is_meth:
-            if t in _PASS_METHODS:
+            if t in PASS_METHODS:
                 return self.passthrough(node, first, shape, out)
-            if t in _RESHAPE_METHODS:
+            if t in RESHAPE_METHODS:
                 return self.reshape(first, shape, out)
-            if t in _SPLIT_METHODS:
-                return self.split(node, first, _arg(node, 2, "dim", 0))
+            if t in SPLIT_METHODS:
+                return self.split(node, first, node_arg(node, 2, "dim", 0))
         if (is_meth and t in ("transpose", "permute")) or (is_fn and t in (torch.transpose, torch.permute)):
             return self.permute(node, first, shape)
         raise self.unknown(node)
@@ -221,13 +224,13 @@ class _Walker:
             return replace(g, cl=False, out=(int(shape[2]), int(shape[3])))
         same = (int(shape[1]), int(shape[2])) == g.out
         per_position = (
-            isinstance(module, _PASS_MODULES + (nn.Linear,))
+            isinstance(module, PASS_MODULES + (nn.Linear,))
             or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1)
-            or (is_fn and (t in _PASS_FUNCS or t is F.linear or (t is F.layer_norm and len(_arg(node, 1, "normalized_shape")) == 1)))
-            or (is_meth and t in _PASS_METHODS))
+            or (is_fn and (t in PASS_FUNCS or t is F.linear or (t is F.layer_norm and len(node_arg(node, 1, "normalized_shape")) == 1)))
+            or (is_meth and t in PASS_METHODS))
         if per_position and len(ins) == 1 and same:
             return g
-        if ((is_fn and t in _MERGE_FUNCS) or (is_meth and t in _MERGE_METHODS)) and same \
+        if ((is_fn and t in MERGE_FUNCS) or (is_meth and t in MERGE_METHODS)) and same \
                 and all(b.cl and b.h == g.h and b.w == g.w and b.out == g.out for _, b in ins):
             return g
         raise self.fail(node, "only per-position ops (LayerNorm or Linear over channels, elementwise ops) "
@@ -295,8 +298,8 @@ class _Walker:
 
     def merge(self, node: torch.fx.Node, ins: List[Tuple[torch.fx.Node, _Geo]], shape: Any, out: Pair) -> _Geo:
         t = node.target
-        if t in _CAT_FUNCS:
-            dim = _arg(node, 1, "dim", 0)
+        if t in CAT_FUNCS:
+            dim = node_arg(node, 1, "dim", 0)
             first_shape = self.shapes.get(ins[0][0])
             nd = len(first_shape) if isinstance(first_shape, tuple) else 0
             if nd >= 3 and isinstance(dim, int) and (dim % nd) >= nd - 2:
@@ -312,8 +315,8 @@ class _Walker:
                                       f"{self.name(b_node)} ({b.out[0]}x{b.out[1]}) have different map sizes")
             for axis, (x, y) in (("height", (a.h, b.h)), ("width", (a.w, b.w))):
                 if x.j != y.j or x.start != y.start:
-                    raise self.fail(node, f"branches {self.name(a_node)} (jump {x.j}, start {_num(float(x.start))}) "
-                                          f"and {self.name(b_node)} (jump {y.j}, start {_num(float(y.start))}) "
+                    raise self.fail(node, f"branches {self.name(a_node)} (jump {x.j}, start {as_number(float(x.start))}) "
+                                          f"and {self.name(b_node)} (jump {y.j}, start {as_number(float(y.start))}) "
                                           f"disagree along the {axis}; their units are not aligned")
         h = max((g.h for _, g in ins), key=lambda ax: ax.r)
         w = max((g.w for _, g in ins), key=lambda ax: ax.r)

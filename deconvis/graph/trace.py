@@ -135,7 +135,7 @@ def _signal_nodes(gm: torch.fx.GraphModule) -> Set[torch.fx.Node]:
             continue
         if node.op in ("output", "get_attr"):
             continue
-        if node.op == "call_method" and node.target in ops._NON_TENSOR_METHODS:
+        if node.op == "call_method" and node.target in ops.NON_TENSOR_METHODS:
             continue
         if node.op == "call_function" and node.target is getattr:
             continue
@@ -170,7 +170,7 @@ def _chain_aliases(gm: torch.fx.GraphModule, order: List[torch.fx.Node], names: 
             kinds.append("maxpool")
         elif isinstance(m, nn.Linear):
             kinds.append("linear")
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d) + ops._SKIP_MODULES):
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d) + ops.SKIP_MODULES):
             kinds.append("skip")
         else:
             kinds.append("other")

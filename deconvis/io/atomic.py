@@ -12,6 +12,7 @@ import tempfile
 from typing import Any, Iterator
 
 import numpy as np
+from deconvis.errors import DeconvisError
 
 
 def _file_mode() -> int:
@@ -71,7 +72,7 @@ def write_json(path: "str | os.PathLike[str]", obj: Any, indent: int = 1) -> Non
 
 def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray, durable: bool = True) -> None:
     """Write an RGB (``[H, W, 3]``) or grey (``[H, W]``) uint8 image as PNG atomically (OpenCV)."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     img = np.ascontiguousarray(rgb)
     if img.dtype != np.uint8:
@@ -89,7 +90,7 @@ def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray, durable: bool = T
 def save_torch(obj: Any, path: "str | os.PathLike[str]") -> None:
     """``torch.save(obj, path)`` atomically (keep ``obj`` to plain tensors/containers so it loads
     with ``weights_only=True``)."""
-    import torch
+    import torch  # start-up time: the text and JSON writers need no torch
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -102,8 +103,6 @@ def ensure_writable_dir(path: "str | os.PathLike[str]", what: str = "output fold
     """Create folder ``path`` (and its parents) if needed and check that files can be written
     in it; a one-line DeconvisError naming the path and the reason otherwise (a parent that is a
     regular file, no permission, a read-only file system). Returns ``path``."""
-    from deconvis.errors import DeconvisError
-
     path = os.fspath(path)
     probe = os.path.abspath(path)
     while probe and not os.path.exists(probe):  # the first part of the path that exists

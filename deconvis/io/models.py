@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -70,7 +71,7 @@ class LoadedModel:
 
 
 def torchvision_names() -> list:
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # start-up time: torchvision's model zoo is slow to import
 
     return sorted(tvm.list_models(module=tvm))
 
@@ -118,7 +119,7 @@ def build_model(spec: str, **builtin_kwargs: Any) -> nn.Module:
         except Exception as exc:
             raise DeconvisError(f"calling {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     else:
-        import torchvision.models as tvm
+        import torchvision.models as tvm  # start-up time: torchvision's model zoo is slow to import
 
         names = torchvision_names()
         if spec not in names:
@@ -135,8 +136,11 @@ def _hub_checkpoint_path(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
-def _torchvision_weights(spec: str, name: str):
-    import torchvision.models as tvm
+def torchvision_weights(spec: str, name: str):
+    """The torchvision weights enum member ``name`` (``DEFAULT``, ``IMAGENET1K_V1`` or
+    ``Enum.MEMBER``) of model ``spec``; reads metadata only, downloads nothing. A one-line
+    :class:`DeconvisError` for an unknown model or weights name."""
+    import torchvision.models as tvm  # start-up time: torchvision's model zoo is slow to import
 
     try:
         enum = tvm.get_model_weights(spec)
@@ -271,7 +275,7 @@ def load_model(spec: str, weights: Optional[str] = None, device: str | torch.dev
     elif weights.lower() == "random":
         model = build_model(spec)
     else:
-        w = _torchvision_weights(spec, weights)
+        w = torchvision_weights(spec, weights)
         path = _hub_checkpoint_path(w.url)
         if not os.path.isfile(path):
             raise DeconvisError(
@@ -292,3 +296,34 @@ def load_model(spec: str, weights: Optional[str] = None, device: str | torch.dev
                                 mean=tuple(tf.mean), std=tuple(tf.std))  # type: ignore[arg-type]
     model.eval().to(device)
     return LoadedModel(model=model, spec=spec, weights=weights, preprocess=preprocess)
+
+
+def asset_path(name: str) -> str:
+    """The file ``name`` shipped in ``deconvis/assets`` (may not exist)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", name)
+
+
+def resolve_weights(weights: str, config_dir: Optional[str] = None) -> str:
+    """``asset:NAME`` -> the file in ``deconvis/assets``; relative checkpoint paths that do not
+    exist from the working directory are tried against ``config_dir``."""
+    if weights.startswith("asset:"):
+        path = asset_path(weights[len("asset:"):])
+        if not os.path.isfile(path):
+            raise DeconvisError(f"weights {weights!r}: {path} does not exist; this checkout has no trained demo "
+                                "checkpoint yet: train it (deconvis train) or use --weights random")
+        return path
+    if weights.lower() == "random" or os.path.isabs(weights) or os.path.exists(weights):
+        return weights
+    if config_dir and os.path.exists(os.path.join(config_dir, weights)):
+        return os.path.join(config_dir, weights)
+    return weights
+
+
+def with_resize_crop(pp: Preprocess, resize: Optional[int], crop: Optional[int]) -> Preprocess:
+    """``pp`` with ``--resize`` (short side, pixels) and ``--crop`` (square side, pixels) applied;
+    None keeps the weights' value. A crop alone scales the resize by the same ratio."""
+    if resize is None and crop is None:
+        return pp
+    crop_hw = (crop, crop) if crop is not None else pp.crop
+    size = resize if resize is not None else max(1, round(crop_hw[0] * pp.resize / pp.crop[0]))
+    return dataclasses.replace(pp, resize=int(size), crop=(int(crop_hw[0]), int(crop_hw[1])))

@@ -116,7 +116,7 @@ def read_image(path: str, max_pixels: Optional[int] = MAX_PIXELS, min_side: Opti
     if its header says it has more than ``max_pixels`` pixels (0/None: no cap). ``min_side``: the
     caller only needs the short side at that many pixels, so an image above
     :data:`REDUCED_DECODE_ABOVE` pixels is decoded at a reduced size no smaller than that."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     size, n = header_pixels(path)
     refused = _refusal(size, n, max_pixels)
@@ -154,7 +154,7 @@ def preprocess_image(rgb: np.ndarray, pp: Preprocess) -> np.ndarray:
     """uint8 RGB ``[H, W, 3]`` -> the displayed image, uint8 RGB ``[crop_h, crop_w, 3]``:
     short side resized to ``pp.resize`` (area when shrinking, bilinear when enlarging), then
     centre-cropped to ``pp.crop`` (zero padding if the resized image is smaller)."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     h, w = rgb.shape[:2]
     nh, nw = resized_size(h, w, pp.resize)

@@ -89,7 +89,7 @@ class TorchvisionImages(ImageSource):
 
     def __init__(self, name: str, root: str, split: Optional[str] = None, train: Optional[bool] = None,
                  kwargs: Optional[Mapping[str, Any]] = None):
-        import torchvision.datasets as tvd
+        import torchvision.datasets as tvd  # start-up time: torchvision's datasets are slow to import
 
         names = [n for n in dir(tvd) if not n.startswith("_") and isinstance(getattr(tvd, n), type)]
         cls = getattr(tvd, name, None)
@@ -154,7 +154,7 @@ class TorchvisionImages(ImageSource):
 
 # scikit-image photographs (offline, bundled with the package); name -> loader
 def _skimage_photos() -> Dict[str, Callable[[], np.ndarray]]:
-    import skimage.data as sd
+    import skimage.data as sd  # optional dependency: scikit-image (the demo extra)
 
     def stereo_left() -> np.ndarray:
         return sd.stereo_motorcycle()[0]

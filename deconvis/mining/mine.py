@@ -13,8 +13,8 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from deconvis.errors import DeconvisError
-from deconvis.mining.timing import MiningTimes, _Clock
+from deconvis.errors import DeconvisError, close_matches
+from deconvis.mining.timing import MiningTimes, Clock
 from deconvis.mining.topk import EMPTY, TopK, channel_maxima
 from deconvis.utils.device import is_oom
 
@@ -67,10 +67,10 @@ def mine(
     seconds). ``on_batch(n_batches)`` runs after every batch (e.g. to poll for a failure of
     another rank).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # start-up time: tqdm.auto probes for Jupyter
 
     times = times if times is not None else MiningTimes()
-    clock = _Clock(topk.device, profile)
+    clock = Clock(topk.device, profile)
     times.clock = clock.kind
     chunk = [0]  # images per forward; shrinks (and stays small) after an out-of-memory error
 
@@ -168,8 +168,6 @@ def hooked_activations(model: nn.Module, layers: Sequence[str]) -> ActivationFn:
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:
-        from deconvis.errors import close_matches
-
         raise DeconvisError(f"model has no module {missing[0]!r}" + close_matches(missing[0], modules))
 
     def run(images: Tensor) -> Dict[str, Tensor]:

@@ -61,7 +61,7 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-class _Clock:
+class Clock:
     """Marks and spans for :class:`MiningTimes` on ``device`` (see its ``clock``)."""
 
     def __init__(self, device: torch.device, profile: bool):

@@ -23,14 +23,15 @@ Node = torch.fx.Node
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_CAT = ops._CAT_FUNCS
+_CAT = ops.CAT_FUNCS
 _SKIP_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
                F.local_response_norm}
 _SKIP_METHODS = {"contiguous", "clone", "detach"}
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
-_RESHAPE_FUNCS = {torch.flatten, torch.reshape}
+RESHAPE_METHODS = {"view", "reshape", "flatten"}
+RESHAPE_FUNCS = {torch.flatten, torch.reshape}
 _LRN = (nn.LocalResponseNorm, nn.CrossMapLRN2d)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: dropout modules: identity at eval, so the mirror passes the signal through
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def classify(node: Node, tg: TracedGraph) -> Op:
                 raise DeconvisError(f"{tg.row_names[node]!r} (BatchNorm2d) keeps no running statistics, so it "
                                     "has no eval-mode form to mirror; build it with track_running_stats=True")
             return Op("bn", module=m)
-        if isinstance(m, _DROPOUT + _LRN + (nn.Identity,)):
+        if isinstance(m, DROPOUT + _LRN + (nn.Identity,)):
             return Op("skip", module=m)
         if isinstance(m, nn.Linear):
             return Op("linear", module=m)
@@ -82,17 +83,17 @@ def classify(node: Node, tg: TracedGraph) -> Op:
         if t in _SKIP_FUNCS:
             return Op("skip")
         name = getattr(t, "__name__", "")
-        if (t in (F.max_pool2d, torch.max_pool2d) or name == "max_pool2d") and not ops._arg(
+        if (t in (F.max_pool2d, torch.max_pool2d) or name == "max_pool2d") and not ops.node_arg(
                 node, 6, "return_indices", False):
             return Op("maxpool", win=ops.window_params(node, gm, {}))
-        if t in _RESHAPE_FUNCS:
+        if t in RESHAPE_FUNCS:
             return Op("reshape")
         if t in _CAT:
             return Op("cat")
     key = t if node.op == "call_function" else (t if node.op == "call_method" else None)
     if node.op == "call_method" and t in _SKIP_METHODS:
         return Op("skip")
-    if node.op == "call_method" and t in _RESHAPE_METHODS:
+    if node.op == "call_method" and t in RESHAPE_METHODS:
         return Op("reshape")
     if key in _ADD and not node.kwargs:
         return Op("add")

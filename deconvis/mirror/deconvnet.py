@@ -152,7 +152,9 @@ class DeconvNet:
                 return m.in_channels
         return None
 
-    def _prepare_images(self, images: Tensor) -> Tensor:
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """``images`` [N, C, H, W] checked (one-line DeconvisError naming the fix) and moved to the
+        model's device and dtype."""
         if not isinstance(images, Tensor):
             raise DeconvisError(f"images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
         if images.dim() == 3:
@@ -186,7 +188,7 @@ class DeconvNet:
         stops at the deepest of them). Later ``project`` calls refer to this batch."""
         names = self._names(layers)
         stop = self._deepest(names) if names else None
-        x = self._prepare_images(images)
+        x = self.prepare_images(images)
         self._clear()
         env, switches = self.mirror.run(x, stop, record=True)
         self._env, self._switches = env, switches
@@ -206,7 +208,7 @@ class DeconvNet:
         if not names:
             return {}
         nodes = [self.graph.node(n) for n in names]
-        env, _ = self.mirror.run(self._prepare_images(images), self._deepest(names), record=False, keep=nodes)
+        env, _ = self.mirror.run(self.prepare_images(images), self._deepest(names), record=False, keep=nodes)
         return {n: env[node] for n, node in zip(names, nodes)}
 
     # --------------------------------------------------------------- helpers

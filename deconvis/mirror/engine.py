@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from deconvis.errors import DeconvisError
 from deconvis.graph import ops
 from deconvis.graph.trace import TracedGraph, signal_inputs
-from deconvis.mirror.classify import _DROPOUT, Node, Op, classify
-from deconvis.mirror.local_rules import _accumulate, _pairs, _prelu_slope, _reduce_to, _relu_rule
+from deconvis.mirror.classify import DROPOUT, Node, Op, classify
+from deconvis.mirror.local_rules import accumulate_grad, grad_pairs, prelu_slope, reduce_to, relu_rule
 from deconvis.mirror.rules import Rule
 
 
@@ -51,7 +51,7 @@ class Mirror:
         self.order: List[Node] = [n for n in self.gm.graph.nodes if n in tg.signal]
         self.position = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         self.ops: Dict[Node, Op] = {n: classify(n, tg) for n in self.order}
-        self._inputs: Dict[Node, List[Node]] = {n: signal_inputs(n, tg.signal) for n in self.order}
+        self.node_inputs: Dict[Node, List[Node]] = {n: signal_inputs(n, tg.signal) for n in self.order}
         self._ancestors: Dict[Node, List[Node]] = {}
         last_use: Dict[Node, int] = {}
         for i, n in enumerate(self.gm.graph.nodes):
@@ -65,7 +65,7 @@ class Mirror:
             seen = {target}
             stack = [target]
             while stack:
-                for a in self._inputs.get(stack.pop(), []):
+                for a in self.node_inputs.get(stack.pop(), []):
                     if a not in seen:
                         seen.add(a)
                         stack.append(a)
@@ -91,7 +91,7 @@ class Mirror:
                 args = torch.fx.node.map_arg(node.args, lambda n: env[n])
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
                 try:
-                    env[node] = self._forward_node(node, args, kwargs, record, switches)
+                    env[node] = self.forward_node(node, args, kwargs, record, switches)
                 except DeconvisError:
                     raise
                 except RuntimeError as exc:
@@ -108,7 +108,9 @@ class Mirror:
                         env.pop(a, None)
         return env, switches
 
-    def _forward_node(self, node: Node, args: tuple, kwargs: dict, record: bool, switches: Dict[Node, Tensor]) -> Any:
+    def forward_node(self, node: Node, args: tuple, kwargs: dict, record: bool, switches: Dict[Node, Tensor]) -> Any:
+        """Run one node forward on ``args``/``kwargs``; with ``record``, store its max-pool switches
+        in ``switches`` for the backward pass."""
         op = self.ops.get(node)
         if op is not None:
             k = op.kind
@@ -133,7 +135,7 @@ class Mirror:
             if k == "bn":
                 m = op.module
                 return F.batch_norm(args[0], m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-            if k == "skip" and (op.module is None or isinstance(op.module, _DROPOUT + (nn.Identity,))) \
+            if k == "skip" and (op.module is None or isinstance(op.module, DROPOUT + (nn.Identity,))) \
                     and node.target not in (F.local_response_norm,) and node.op != "call_method":
                 return args[0]
         if node.op == "call_module":
@@ -161,17 +163,17 @@ class Mirror:
             if node.op == "placeholder":
                 return g
             for inp, gi in self._vjp(node, g, env, switches, n_idx, rule):
-                _accumulate(grads, inp, gi)
+                accumulate_grad(grads, inp, gi)
         return seed.new_zeros((len(n_idx),) + tuple(x0.shape[1:]))
 
     def _vjp(self, node: Node, g: Any, env: Dict[Node, Any], switches: Dict[Node, Tensor], n_idx: Tensor,
              rule: Rule) -> List[Tuple[Node, Any]]:
         op = self.ops[node]
         k = op.kind
-        ins = self._inputs[node]
+        ins = self.node_inputs[node]
         if k == "relu":
             x = env[ins[0]][n_idx] if rule is not Rule.DECONVNET or op.unit.kind in ("leaky", "prelu") else None
-            return [(ins[0], _relu_rule(op.unit, g, x, rule, _prelu_slope(op, node, env, g.dim())))]
+            return [(ins[0], relu_rule(op.unit, g, x, rule, prelu_slope(op, node, env, g.dim())))]
         if k == "conv":
             m, w = op.module, op.win
             shape = (len(n_idx),) + tuple(env[ins[0]].shape[1:])
@@ -204,7 +206,7 @@ class Mirror:
             for pos, a in enumerate(node.args):
                 if isinstance(a, Node) and a in self.tg.signal:
                     gi = -g if (k == "sub" and pos == 1) else g
-                    out.append((a, _reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
+                    out.append((a, reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
             return out
         if k == "mul" and len(node.args) == 2:
             out = []
@@ -215,11 +217,11 @@ class Mirror:
                     if isinstance(other, Node) and other in self.tg.signal:
                         val = val[n_idx]
                     gi = g * val
-                    out.append((a, _reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
+                    out.append((a, reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
             return out
         if k == "cat":
             tensors = node.args[0]
-            dim = ops._arg(node, 1, "dim", 0)
+            dim = ops.node_arg(node, 1, "dim", 0)
             sizes = [env[t].shape[dim] if isinstance(t, Node) else t.shape[dim] for t in tensors]
             parts = torch.split(g, sizes, dim=dim)
             return [(t, p) for t, p in zip(tensors, parts) if isinstance(t, Node) and t in self.tg.signal]
@@ -240,13 +242,13 @@ class Mirror:
                     else:  # tuple output (chunk/split): gather each element
                         leaves[a] = tuple(t[n_idx].detach().requires_grad_(True) for t in v)
                 return leaves[a]
-            return self._aux(a, env, M, aux)
+            return self.aux_value(a, env, M, aux)
 
         args = torch.fx.node.map_arg(node.args, value)
         kwargs = torch.fx.node.map_arg(node.kwargs, value)
         with torch.enable_grad():
-            out = self._forward_node(node, args, kwargs, record=False, switches={})
-            outs, gs = _pairs(out, g)
+            out = self.forward_node(node, args, kwargs, record=False, switches={})
+            outs, gs = grad_pairs(out, g)
             flat: List[Tensor] = []
             owners: List[Tuple[Node, Optional[int]]] = []
             for a, leaf in leaves.items():
@@ -271,7 +273,7 @@ class Mirror:
                 result[a] = tuple(cur)
         return list(result.items())
 
-    def _aux(self, a: Node, env: Dict[Node, Any], M: int, memo: Dict[Node, Any]) -> Any:
+    def aux_value(self, a: Node, env: Dict[Node, Any], M: int, memo: Dict[Node, Any]) -> Any:
         """A non-signal value recomputed for a batch of ``M`` (``x.size(0)`` means M, not N)."""
         if a in memo:
             return memo[a]
@@ -280,9 +282,9 @@ class Mirror:
         elif a.op == "placeholder" or a in self.tg.signal:
             v = env[a]
             val = torch.empty((M,) + tuple(v.shape[1:]), dtype=v.dtype, device="meta")
-        elif a.op in ("call_function", "call_method") and a not in self.tg.signal and _depends_on_signal(a, self.tg):
-            args = torch.fx.node.map_arg(a.args, lambda n: self._aux(n, env, M, memo))
-            kwargs = torch.fx.node.map_arg(a.kwargs, lambda n: self._aux(n, env, M, memo))
+        elif a.op in ("call_function", "call_method") and a not in self.tg.signal and depends_on_signal(a, self.tg):
+            args = torch.fx.node.map_arg(a.args, lambda n: self.aux_value(n, env, M, memo))
+            kwargs = torch.fx.node.map_arg(a.kwargs, lambda n: self.aux_value(n, env, M, memo))
             if a.op == "call_method":
                 val = getattr(args[0], a.target)(*args[1:], **kwargs)
             else:
@@ -307,7 +309,8 @@ def _arg_nodes(node: Node) -> List[Node]:
     return found
 
 
-def _depends_on_signal(a: Node, tg: TracedGraph) -> bool:
+def depends_on_signal(a: Node, tg: TracedGraph) -> bool:
+    """Whether fx node ``a`` depends on the traced graph's input signal (else it is a constant)."""
     seen, stack = set(), [a]
     while stack:
         n = stack.pop()
@@ -320,4 +323,4 @@ def _depends_on_signal(a: Node, tg: TracedGraph) -> bool:
     return False
 
 
-__all__ = ["Mirror", "Op", "classify", "_prelu_slope", "_reduce_to", "_relu_rule"]
+__all__ = ["Mirror", "Op", "classify", "prelu_slope", "reduce_to", "relu_rule"]

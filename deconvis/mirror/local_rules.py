@@ -13,7 +13,7 @@ from deconvis.graph import ops
 from deconvis.mirror.classify import Node, Op
 from deconvis.mirror.rules import Rule
 
-def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
+def reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     """Sum ``g`` over the dims that broadcasting expanded, so it has ``shape`` (batch dim kept)."""
     shape = tuple(shape)
     if tuple(g.shape) == shape:
@@ -24,7 +24,7 @@ def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def _relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor]) -> Tensor:
+def relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor]) -> Tensor:
     """The ReLU-family backward of :mod:`deconvis.mirror.rules` for signal ``g`` at forward input ``x``."""
     if unit.kind in ("relu", "relu6"):
         if rule is Rule.DECONVNET:
@@ -38,7 +38,8 @@ def _relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, s
     return (g.clamp(min=0) if rule is Rule.GUIDED else g) * s
 
 
-def _prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optional[Tensor]:
+def prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optional[Tensor]:
+    """The PReLU slope of ``op`` shaped to broadcast over an ``ndim``-dim input; None for other units."""
     if op.unit is None or op.unit.kind != "prelu":
         return None
     w = op.module.weight if op.module is not None else env[op.unit.weight] if isinstance(op.unit.weight, Node) \
@@ -48,7 +49,8 @@ def _prelu_slope(op: Op, node: Node, env: Dict[Node, Any], ndim: int) -> Optiona
     return w.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
+def grad_pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
+    """(outputs, gradients) of a node output (tensor or tuple) that require grad, for ``torch.autograd.grad``."""
     if isinstance(out, Tensor):
         return ([out], [g]) if out.requires_grad else ([], [])
     outs, gs = [], []
@@ -59,7 +61,8 @@ def _pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
     return outs, gs
 
 
-def _accumulate(grads: Dict[Node, Any], node: Node, g: Any) -> None:
+def accumulate_grad(grads: Dict[Node, Any], node: Node, g: Any) -> None:
+    """Add gradient ``g`` (tensor or tuple, None entries skipped) into ``grads[node]``."""
     if node not in grads:
         grads[node] = g
         return

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
-from deconvis.mirror.engine import Mirror, _relu_rule, _prelu_slope, _reduce_to
+from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to
 from deconvis.mirror.rules import Rule
 
 Node = torch.fx.Node
@@ -73,7 +73,9 @@ class WindowPlan:
         return torch.stack([y0, y0 + ay.R, x0, x0 + ax.R], 1)
 
 
-def _windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
+def windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
+    """Whether ``node``'s output [N, C, H, W] can be computed on a window of its input (a local
+    op whose receptive field the RF table knows); other nodes are computed in full."""
     op = mirror.ops[node]
     k = op.kind
     val = env.get(node)
@@ -86,7 +88,7 @@ def _windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
         m, w = op.module, op.win
         if w["p"] != (0, 0) and not m.count_include_pad:
             return False
-        x = env[mirror._inputs[node][0]]
+        x = env[mirror.node_inputs[node][0]]
         floor = tuple((x.shape[-2 + a] + 2 * w["p"][a] - w["k"][a]) // w["s"][a] + 1 for a in (0, 1))
         return tuple(val.shape[-2:]) == floor
     if k in ("add", "sub", "mul") and len(node.args) == 2 and not node.kwargs:
@@ -102,20 +104,20 @@ def _windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
                     return False
         return n_sig == 1 or (k != "mul" and n_sig == 2)
     if k == "cat":
-        dim = ops._arg(node, 1, "dim", 0)
+        dim = ops.node_arg(node, 1, "dim", 0)
         return dim in (1, -3)
     if k == "generic":
-        ins = mirror._inputs[node]
+        ins = mirror.node_inputs[node]
         if len(ins) != 1 or tuple(env[ins[0]].shape) != tuple(val.shape):
             return False
         t = node.target
         m = mirror.tg.module(node)
         if m is not None:
-            return isinstance(m, ops._PASS_MODULES)
+            return isinstance(m, ops.PASS_MODULES)
         if node.op == "call_function":
-            return t in ops._PASS_FUNCS and not any(isinstance(a, Node) and a not in sig and isinstance(env.get(a), Tensor)
+            return t in ops.PASS_FUNCS and not any(isinstance(a, Node) and a not in sig and isinstance(env.get(a), Tensor)
                                                     for a in node.args[1:])
-        return node.op == "call_method" and t in ops._PASS_METHODS
+        return node.op == "call_method" and t in ops.PASS_METHODS
     return False
 
 
@@ -137,7 +139,7 @@ def plan_window(mirror: Mirror, table: RFTable, target: Node, env: Dict[Node, An
     one's input). ``table`` (the RF table of the same trace) marks the rows that see the whole
     image through a gate: those take the full path."""
     names = mirror.tg.row_names
-    rows = table._by_name
+    rows = table.by_name
     t_row = rows.get(names[target])
     if t_row is None or t_row.whole:
         return None
@@ -145,14 +147,14 @@ def plan_window(mirror: Mirror, table: RFTable, target: Node, env: Dict[Node, An
     in_plan = set(nodes)
     consumers: Dict[Node, List[Node]] = {n: [] for n in nodes}
     for c in nodes:
-        for n in mirror._inputs[c]:
+        for n in mirror.node_inputs[c]:
             if n in in_plan:
                 consumers[n].append(c)
     axes: Dict[Node, Tuple[AxisWindow, AxisWindow]] = {}
     hw: Dict[Node, Tuple[int, int]] = {}
     for n in reversed(nodes):
         row = rows.get(names[n])
-        if row is None or row.whole or not _windowable(mirror, n, env):
+        if row is None or row.whole or not windowable(mirror, n, env):
             return None
         shape = env[n].shape
         hw[n] = (int(shape[-2]), int(shape[-1]))
@@ -292,14 +294,14 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
                 ) -> List[Tuple[Node, Tensor, Tuple[Affine, Affine]]]:
     op = mirror.ops[node]
     k = op.kind
-    ins = mirror._inputs[node]
+    ins = mirror.node_inputs[node]
     w = plan.axes[node]
     here = _affine(w)
     if k == "relu":
         x = None
         if rule is not Rule.DECONVNET or op.unit.kind in ("leaky", "prelu"):
             x = _gather(env[ins[0]], n_idx, w, u)
-        return [(ins[0], _relu_rule(op.unit, g, x, rule, _prelu_slope(op, node, env, 4)), here)]
+        return [(ins[0], relu_rule(op.unit, g, x, rule, prelu_slope(op, node, env, 4)), here)]
     if k in ("conv", "avgpool"):
         p, s, d = op.win["p"], op.win["s"], op.win["d"]
         if k == "conv":
@@ -338,7 +340,7 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
                 if k == "mul":
                     other = node.args[1 - pos]
                     gi = g * (env[other] if isinstance(other, Node) else other)
-                out.append((a, _reduce_to(gi, g.shape), here))
+                out.append((a, reduce_to(gi, g.shape), here))
         return out
     if k == "cat":
         sizes = [env[t].shape[1] for t in node.args[0]]
@@ -349,7 +351,7 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
     args = torch.fx.node.map_arg(node.args, lambda a: x if a is ins[0] else env[a])
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: x if a is ins[0] else env[a])
     with torch.enable_grad():
-        y = mirror._forward_node(node, args, kwargs, record=False, switches={})
+        y = mirror.forward_node(node, args, kwargs, record=False, switches={})
         (gx,) = torch.autograd.grad(y, x, g)
     return [(ins[0], gx, here)]
 

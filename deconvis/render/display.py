@@ -47,7 +47,7 @@ def to_uint8_tensor(rec: Tensor, shared: bool = False, percentile: Optional[floa
 def resize_tile(img: np.ndarray, th: int, tw: int) -> np.ndarray:
     """uint8 tile ``[h, w, C]`` -> ``[th, tw, C]``: nearest when enlarging (pixels stay visible),
     area averaging when shrinking; the tile itself (contiguous) when it already has that size."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     h, w = img.shape[:2]
     img = np.ascontiguousarray(img)

@@ -134,7 +134,7 @@ def project_jobs(
     (halved on out-of-memory), up to the deepest layer their jobs need; units go to
     ``dn.project_window`` in chunks of ``project_batch`` per layer. ``replay`` (optional) receives
     the replay check of the jobs that carry an ``activation``. Returns the number of jobs done."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # start-up time: tqdm.auto probes for Jupyter
 
     device = torch.device(device)
     by_image: Dict[int, List[TileJob]] = {}

@@ -92,7 +92,7 @@ TileSink = Callable[[TileJob, np.ndarray, np.ndarray, Box], None]
 
 def read_rgb(path: str) -> Optional[np.ndarray]:
     """A PNG tile as uint8 RGB, or None if missing/unreadable."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     return None if img is None else img[:, :, ::-1]
@@ -102,7 +102,7 @@ def tile_scale(rh: int, rw: int, min_tile: int, max_tile: int) -> Tuple[int, int
     """Displayed tile size ``(th, tw)`` for an ``rh x rw`` patch and the OpenCV interpolation:
     integer nearest-neighbour upscaling until the long side reaches ``min_tile``, area
     downscaling when it exceeds ``max_tile``."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     side = max(rh, rw)
     if side < min_tile:
@@ -118,13 +118,13 @@ _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
 
 
 def _text(img: np.ndarray, text: str, x: int, y: int, scale: float, color=(0, 0, 0), thick: int = 1) -> None:
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     cv2.putText(img, text, (x, y), _FONT, scale, color, thick, cv2.LINE_AA)
 
 
 def _fit_text(text: str, width: int, scale: float) -> str:
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     while text and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
         text = text[:-1]

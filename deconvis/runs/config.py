@@ -16,11 +16,12 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from deconvis import config as configbase
+from deconvis.config import Config, check_device, flag_name, load_yaml, option
 from deconvis.errors import DeconvisError, close_matches
+from deconvis.io.images import parse_images_spec
 from deconvis.io.pixels import MAX_PIXELS
 from deconvis.mirror.rules import Rule
-from deconvis.runs import configbase
-from deconvis.runs.configbase import Config, check_device, flag_name, load_yaml, option
 
 __all__ = ["VisualizeConfig", "AMP_MODES", "ANALYSES", "MINING_KEYS", "FIELD_NAMES", "SHORT_FLAGS", "load_config", "from_mapping",
            "validate", "to_dict", "config_hash", "flag_name", "load_yaml", "add_arguments", "overrides_from_args"]
@@ -139,7 +140,6 @@ class VisualizeConfig(Config):
             raise DeconvisError("model is empty; set --model (e.g. alexnet, vgg16, zfnet_demo)")
         if self.run and (os.sep in self.run or self.run in (".", "..") or (os.altsep and os.altsep in self.run)):
             raise DeconvisError(f"run name {self.run!r} must be a plain folder name")
-        from deconvis.io.images import parse_images_spec
 
         parse_images_spec(self.images)
 

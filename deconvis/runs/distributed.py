@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from deconvis.errors import DeconvisError
+from deconvis.mining import TopK
 from deconvis.utils.device import activate
 
 T = TypeVar("T")
@@ -234,7 +235,6 @@ def gather_topk(topk, info: DistInfo):
     so every rank ends with identical winners."""
     if not info.enabled:
         return topk
-    from deconvis.mining import TopK
 
     states = all_gather_objects(topk.state_dict(), info, "the top-k merge")
     merged = TopK(topk.layers, topk.k, device=topk.device)

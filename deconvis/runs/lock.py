@@ -19,6 +19,7 @@ import time
 from typing import Any, Dict, Iterator, Optional
 
 from deconvis.errors import DeconvisError
+from deconvis.runs import distributed
 
 log = logging.getLogger("deconvis")
 
@@ -117,8 +118,6 @@ def hold(run_dir: str, info: Any = None) -> Iterator[None]:
             except DeconvisError as exc:
                 error = exc
         if info is not None:
-            from deconvis.runs import distributed
-
             distributed.agree(info, error, "lock")
         elif error is not None:
             raise error

@@ -49,10 +49,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from deconvis import mining
-from deconvis.io.atomic import ensure_writable_dir
-from deconvis.runs import lock as run_lock
 from deconvis.errors import DeconvisError
+from deconvis.io.atomic import ensure_writable_dir
+from deconvis.io.models import resolve_weights
+from deconvis import mining
+from deconvis.runs import lock as run_lock
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
 from deconvis.runs import projection as projection_mod
@@ -62,7 +63,7 @@ from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.analyses import analyses_phase, check_analyses
 from deconvis.runs.phases.mine import build_results, check_mined, mine_phase, mining_forward
-from deconvis.runs.phases.prepare import Context, amp_dtype, prepare, resolve_weights
+from deconvis.runs.phases.prepare import Context, amp_dtype, prepare
 from deconvis.runs.phases.project import plan_projection, project_chunk, project_phase, split_jobs
 from deconvis.runs.phases.render import render_phase
 from deconvis.runs.phases.report import report_phase

@@ -124,7 +124,7 @@ def figure_size(n_rows: int, n_cols: int, tile: int, with_patches: bool = True, 
 
 
 def _put_text(img: np.ndarray, text: str, x: int, y_base: int, max_w: int) -> None:
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
     while scale > 0.2 and cv2.getTextSize(text, font, scale, 1)[0][0] > max_w:

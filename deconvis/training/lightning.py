@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from deconvis.errors import DeconvisError
+from deconvis.training.renorm import FilterRenorm
+from deconvis.training.snapshots import SnapshotCallback
 
 __all__ = ["SnapshotLightningCallback", "FilterRenormLightningCallback", "lightning_callback_base"]
 
@@ -30,10 +32,10 @@ def lightning_callback_base() -> type:
     """``lightning.pytorch.Callback`` (or ``pytorch_lightning.Callback``); DeconvisError if
     neither package is installed."""
     try:
-        from lightning.pytorch import Callback  # type: ignore[import-not-found]
+        from lightning.pytorch import Callback  # type: ignore[import-not-found]; optional dependency: lightning
     except ImportError:
         try:
-            from pytorch_lightning import Callback  # type: ignore[import-not-found,no-redef]
+            from pytorch_lightning import Callback  # type: ignore[import-not-found,no-redef]; optional dependency: lightning
         except ImportError:
             raise DeconvisError("the Lightning adapter needs Lightning: pip install lightning "
                                 "(or call SnapshotCallback.on_epoch_end from your own loop)") from None
@@ -54,7 +56,6 @@ def _build_class() -> type:
 
         def __init__(self, snapshots: Any, model_attr: Optional[str] = None) -> None:
             super().__init__()
-            from deconvis.training.snapshots import SnapshotCallback
 
             if not isinstance(snapshots, SnapshotCallback):
                 raise DeconvisError(f"SnapshotLightningCallback needs a SnapshotCallback, got "
@@ -112,7 +113,6 @@ def _build_renorm_class() -> type:
 
         def __init__(self, radius: float = 0.1, every_n_steps: int = 1, model_attr: Optional[str] = None) -> None:
             super().__init__()
-            from deconvis.training.renorm import FilterRenorm
 
             self.renorm = FilterRenorm(radius, every_n_steps)
             self.model_attr = model_attr

@@ -41,7 +41,7 @@ def preserve_training_state(model: nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ inputs
-def _probe_tensor(probe: Any) -> Tensor:
+def probe_tensor(probe: Any) -> Tensor:
     """Probe images as a float tensor [N, C, H, W] (from a tensor, a list of [C, H, W] tensors,
     or a dataset whose items are images or (image, label, ...) tuples)."""
     if isinstance(probe, Tensor):
@@ -77,7 +77,7 @@ def _probe_tensor(probe: Any) -> Tensor:
     return x.detach().cpu().contiguous()
 
 
-def _check_epochs(epochs: Any) -> Optional[Tuple[int, ...]]:
+def check_epochs(epochs: Any) -> Optional[Tuple[int, ...]]:
     """Validate the snapshot epochs: 'all' -> None (every epoch), else strictly increasing ints >= 1."""
     if isinstance(epochs, str):
         if epochs == "all":
@@ -100,7 +100,8 @@ def _check_epochs(epochs: Any) -> Optional[Tuple[int, ...]]:
     return tuple(int(e) for e in values)
 
 
-def _fingerprint(x: Tensor) -> str:
+def fingerprint(x: Tensor) -> str:
+    """A short content hash of tensor ``x`` plus its shape: equal for equal probe images."""
     return hashlib.sha256(x.to(torch.float32).numpy().tobytes()).hexdigest()[:16] + f":{list(x.shape)}"
 
 
@@ -142,7 +143,7 @@ def open_summary_writer(tensorboard: Any) -> Any:
         return tensorboard
     if isinstance(tensorboard, (str, os.PathLike)):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: tensorboard
         except ImportError as exc:
             raise DeconvisError("TensorBoard logging was asked for but the tensorboard package is not "
                                 "installed: pip install tensorboard (or leave tensorboard off)") from exc

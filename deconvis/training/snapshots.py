@@ -41,7 +41,7 @@ from deconvis.mirror.rules import Rule
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.training.evolution import evolution_figure, patch_tiles, rec_tiles
 from deconvis.training.snapshot_features import FEATURE_SELECTIONS, FeaturesSpec, resolve_features, spec_repr
-from deconvis.training.snapshot_parts import (Column, _check_epochs, _fingerprint, _probe_tensor,
+from deconvis.training.snapshot_parts import (Column, check_epochs, fingerprint, probe_tensor,
                                               open_summary_writer, preserve_training_state)
 
 __all__ = ["SnapshotCallback", "Column", "preserve_training_state", "open_summary_writer", "ZF_EPOCHS",
@@ -103,14 +103,14 @@ class SnapshotCallback:
             raise DeconvisError(f"tile_size must be an integer >= 8 pixels, got {tile_size!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DeconvisError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.epochs = _check_epochs(epochs)
+        self.epochs = check_epochs(epochs)
         self.every_n_steps = every_n_steps
         self.rule = rule
         self.select = select
         self.tile_size = tile_size
         self.batch_size = batch_size
         self.out_dir = out_dir
-        self.probe = _probe_tensor(probe_images)
+        self.probe = probe_tensor(probe_images)
         for name, v in (("mean", mean), ("std", std)):
             if v is not None and len(v) != self.probe.shape[1]:
                 raise DeconvisError(f"{name} has {len(v)} values but the probe images have {self.probe.shape[1]} channels")
@@ -153,7 +153,7 @@ class SnapshotCallback:
         self.history: List[Tuple[str, float]] = []  # (label, seconds incl. drawing/saving) per snapshot
         self.figures: Dict[str, np.ndarray] = {}
         self._config = {"layers": list(self.layers), "rule": rule, "tile_size": tile_size, "select": select,
-                        "features_spec": spec_repr(features_per_layer), "probe": _fingerprint(self.probe),
+                        "features_spec": spec_repr(features_per_layer), "probe": fingerprint(self.probe),
                         "mean": self.mean, "std": self.std}
         if out_dir is not None and resume:
             self._load_state()

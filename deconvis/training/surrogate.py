@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from deconvis.errors import DeconvisError
+from deconvis.io.images import unnormalize
 from deconvis.io.models import IMAGENET_MEAN, IMAGENET_STD
 
 #: skimage.data photographs used by default (those missing offline are skipped)
@@ -62,7 +63,7 @@ def load_photo(name: str) -> np.ndarray:
     if name in _PHOTO_CACHE:
         return _PHOTO_CACHE[name]
     try:
-        import skimage.data as skd
+        import skimage.data as skd  # optional dependency: scikit-image (the demo extra)
     except ImportError as exc:
         raise DeconvisError("the demo training data needs scikit-image: pip install scikit-image") from exc
     fn = getattr(skd, name, None)
@@ -125,7 +126,7 @@ _GREY_SIDE = 128  # short side of the grey thumbnails used to rate seed candidat
 
 def _grey_thumbnail(photo: np.ndarray) -> Tuple[np.ndarray, float]:
     """Grey float32 thumbnail (short side about ``_GREY_SIDE`` px) and its scale (thumb px per photo px)."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     h, w = photo.shape[:2]
     f = min(1.0, _GREY_SIDE / min(h, w))
@@ -191,7 +192,7 @@ def _affine(seed: Seed, size: int, scale: float, angle_deg: float, ty: float, tx
 def render_seed(photo: np.ndarray, seed: Seed, size: int, scale: float = 1.0, angle_deg: float = 0.0,
                 ty: float = 0.0, tx: float = 0.0, flip: bool = False) -> np.ndarray:
     """The (transformed) seed square as uint8 RGB [size, size, 3]."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     m = _affine(seed, size, scale, angle_deg, ty, tx, flip)
     return cv2.warpAffine(photo, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -219,7 +220,7 @@ def colour_jitter(img: np.ndarray, rng: np.random.Generator, aug: Augment) -> np
     (``M`` = hue rotation times saturation, ``mu`` the image's mean colour, ``c`` the contrast
     factor, ``b`` the brightness shift), then clipped to [0, 1].
     """
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     gamma = float(np.exp(rng.uniform(*np.log(aug.gamma))))
     lut = np.round(255.0 * np.power(np.arange(256) / 255.0, gamma)).astype(np.uint8)
@@ -324,6 +325,4 @@ class ExemplarDataset(torch.utils.data.Dataset):
 
     def denormalise(self, x: Tensor) -> Tensor:
         """Normalised images [N, 3, H, W] -> RGB in [0, 1]."""
-        from deconvis.io.images import unnormalize
-
         return unnormalize(x, self.mean, self.std)

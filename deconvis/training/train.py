@@ -4,7 +4,7 @@ feature-evolution snapshots, and write a deconvis checkpoint: ``train(TrainConfi
 
 Every key of :class:`TrainConfig` is a YAML key (``--config configs/train_demo.yaml``) and a
 ``--flag`` (underscores become dashes); precedence: defaults < YAML < flags (see
-:mod:`deconvis.runs.configbase`).
+:mod:`deconvis.config`).
 
 Outputs in ``out_dir``: ``train_state.pt`` (per-epoch training checkpoint: model, optimiser,
 schedulers, epoch, RNG states, history; a rerun resumes from it), ``evolution_<layer>.png`` +
@@ -30,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deconvis import config as configbase
+from deconvis.config import Config, option
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.io import atomic
 from deconvis.mirror.rules import Rule
-from deconvis.runs import configbase
-from deconvis.runs.configbase import Config, option
+from deconvis.training.demo_model import DEMO_INPUT_SIZE, DEMO_RESIZE, zfnet_demo
+from deconvis.training.evolution import filter_grid
 from deconvis.training.renorm import renormalise_filters
+from deconvis.training.snapshots import SnapshotCallback, check_epochs, open_summary_writer
+from deconvis.training.surrogate import ExemplarDataset
 from deconvis.utils.device import use_device
 
 TRAIN_STATE = "train_state.pt"
@@ -123,9 +127,7 @@ class TrainConfig(Config):
             raise DeconvisError(f"schedule must be onecycle, cosine or constant, got {self.schedule!r}"
                                 + close_matches(self.schedule, ["onecycle", "cosine", "constant"]))
         if self.snapshots:
-            from deconvis.training.snapshots import _check_epochs
-
-            _check_epochs(self.snapshot_epochs)
+            check_epochs(self.snapshot_epochs)
             if isinstance(self.snapshot_epochs, list) and self.snapshot_epochs[-1] > self.epochs:
                 raise DeconvisError(f"snapshot epoch {self.snapshot_epochs[-1]} is after the last epoch ({self.epochs}); "
                                     "drop it or raise epochs")
@@ -251,8 +253,6 @@ def _evaluate(model: torch.nn.Module, val: Tuple[Tensor, Tensor], device: torch.
 def _save_checkpoint(cfg: TrainConfig, data: Any, model: torch.nn.Module, history: List[Dict[str, Any]],
                      run_config: Mapping[str, Any], checkpoint: str) -> None:
     """The final checkpoint in the format :func:`deconvis.io.models.load_model` reads."""
-    from deconvis.training.demo_model import DEMO_INPUT_SIZE, DEMO_RESIZE
-
     final = history[-1] if history else {}
     classes = [f"{data.photo_names[s.photo]}@y{s.cy:.0f},x{s.cx:.0f},side{s.side:.0f}" for s in data.seeds]
     meta = {
@@ -279,11 +279,6 @@ def _save_checkpoint(cfg: TrainConfig, data: Any, model: torch.nn.Module, histor
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train per ``cfg`` (validated here unless it came from :meth:`TrainConfig.load`); returns the
     run record (also written to ``out_dir/train_log.json``). ``log`` receives one line per event."""
-    from deconvis.training.demo_model import zfnet_demo
-    from deconvis.training.evolution import filter_grid
-    from deconvis.training.snapshots import SnapshotCallback, open_summary_writer
-    from deconvis.training.surrogate import ExemplarDataset
-
     cfg.checked()
     writer = open_summary_writer(os.path.join(cfg.out_dir, "tensorboard")) if cfg.tensorboard else None
     if cfg.threads:

@@ -31,16 +31,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deconvis.analysis.common import jsonable
+from deconvis.analysis.correspondence import correspondence, load_part_boxes, plot_correspondence
+from deconvis.analysis.correspondence_run import CorrespondenceConfig, DEMO_PARTS, part_inputs, parts_path
+from deconvis.analysis.diagnose import conv_modules, diagnose
+from deconvis.analysis.diagnose_plot import plot_diagnose
+from deconvis.analysis.diagnose_run import DiagnoseConfig
+from deconvis.analysis.invariance import invariance, plot_invariance
+from deconvis.analysis.invariance_run import InvarianceConfig, sweeps
+from deconvis.analysis.occlusion import occlusion
+from deconvis.analysis.occlusion_figure import render_occlusion
+from deconvis.analysis.occlusion_run import OcclusionConfig, class_names_of
 from deconvis.errors import DeconvisError
+from deconvis.io.atomic import write_json, write_text
+from deconvis.io.images import UnreadableImage, normalize, preprocess_image
 from deconvis.io.models import Preprocess
+from deconvis.mirror.deconvnet import DeconvNet
+from deconvis.render.sheets import safe_name
 from deconvis.runs.config import ANALYSES, VisualizeConfig
 from deconvis.runs.results import AnalysisRecord, Results
 
 log = logging.getLogger("deconvis")
 
 ANALYSIS_DIR = "analyses"
-OCCLUSION_MISSING = ("analyses: occlusion needs deconvis.analysis.occlusion, which this build lacks; drop occlusion "
-                     "from --analyses")
 #: bumped when an analysis's outputs change meaning (recompute old ones)
 FORMAT = 1
 
@@ -78,8 +91,6 @@ def settings_hash(settings: Dict[str, Any]) -> str:
 def load_images(source, pp: Preprocess, n: int, device: torch.device) -> Tuple[List[str], List[np.ndarray], Tensor]:
     """The first ``n`` readable images of ``source`` (unreadable ones skipped): names, displayed
     uint8 [H, W, 3] and normalised inputs [n, 3, H, W] on ``device``."""
-    from deconvis.io.images import UnreadableImage, normalize, preprocess_image
-
     names, shown, xs = [], [], []
     for i in range(len(source)):
         if len(xs) >= n:
@@ -99,8 +110,6 @@ def load_images(source, pp: Preprocess, n: int, device: torch.device) -> Tuple[L
 
 def pick_layers(model: torch.nn.Module, preferred: List[str], run_layers: List[str]) -> List[str]:
     """``preferred`` when the model has every one of them, else the run's first and last layer."""
-    from deconvis.mirror.deconvnet import DeconvNet
-
     dn = DeconvNet(model)
     try:
         for name in preferred:
@@ -117,9 +126,6 @@ def _rel(run_dir: str, path: str) -> str:
 def _finish(run_dir: str, out: str, name: str, settings: Dict[str, Any], record: AnalysisRecord,
             result: Dict[str, Any]) -> AnalysisRecord:
     """Write ``<name>.json`` (settings, hash, record, result) last and atomically."""
-    from deconvis.analysis.common import jsonable
-    from deconvis.io.atomic import write_json
-
     path = os.path.join(out, f"{name}.json")
     record.files = {"json": _rel(run_dir, path), **record.files}
     record.settings_hash = settings_hash(settings)
@@ -135,16 +141,11 @@ _INVARIANCE_KEYS = ("transforms", "translate_frac", "translate_steps", "scale_ma
 
 
 def _plan_invariance(inp: Inputs) -> Dict[str, Any]:
-    from deconvis.cli.invariance_cmd import InvarianceConfig
-
     d = InvarianceConfig()
     return {"layers": pick_layers(inp.model, d.layers, inp.layers), **{k: getattr(d, k) for k in _INVARIANCE_KEYS}}
 
 
 def _run_invariance(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> AnalysisRecord:
-    from deconvis.analysis.invariance import invariance, plot_invariance
-    from deconvis.cli.invariance_cmd import InvarianceConfig, sweeps
-
     d = InvarianceConfig(**{k: s[k] for k in _INVARIANCE_KEYS}, layers=s["layers"])
     res = invariance(inp.model, inp.images, s["layers"], sweeps(d, inp.images.shape[-2]), fill=d.fill, pp=inp.pp,
                      names=inp.names, batch_size=d.batch_size)
@@ -163,8 +164,6 @@ def _run_invariance(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> A
 def _parts_file(cfg: VisualizeConfig, config_dir: Optional[str]) -> Tuple[Optional[str], str]:
     """(part-box file, '') or (None, why the correspondence analysis is skipped); a relative
     ``correspondence_parts`` path missing from the working directory is tried in ``config_dir``."""
-    from deconvis.cli.correspondence_cmd import DEMO_PARTS, parts_path
-
     spec = cfg.correspondence_parts
     if spec:
         path = parts_path(spec)
@@ -178,8 +177,6 @@ def _parts_file(cfg: VisualizeConfig, config_dir: Optional[str]) -> Tuple[Option
 
 
 def _plan_correspondence(inp: Inputs) -> Dict[str, Any]:
-    from deconvis.cli.correspondence_cmd import CorrespondenceConfig
-
     d = CorrespondenceConfig()
     path, why = _parts_file(inp.cfg, inp.config_dir)
     digest = ""
@@ -191,10 +188,6 @@ def _plan_correspondence(inp: Inputs) -> Dict[str, Any]:
 
 
 def _run_correspondence(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> AnalysisRecord:
-    from deconvis.analysis.correspondence import correspondence, load_part_boxes, plot_correspondence
-    from deconvis.cli.correspondence_cmd import part_inputs
-    from deconvis.io.atomic import write_text
-
     if s["skip"]:
         return AnalysisRecord("correspondence", "skipped", reason=s["skip"])
     keys, x, boxes = part_inputs(load_part_boxes(s["parts"]), s["parts"], inp.pp)
@@ -213,8 +206,6 @@ def _run_correspondence(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) 
 
 
 def _plan_diagnose(inp: Inputs) -> Dict[str, Any]:
-    from deconvis.cli.diagnose_cmd import DiagnoseConfig
-
     d = DiagnoseConfig()
     keys = ("dominating_factor", "fft_size", "band_low", "band_high", "alias_layer", "alias_images",
             "alias_halfwidth", "alias_stride", "batch_size")
@@ -223,10 +214,6 @@ def _plan_diagnose(inp: Inputs) -> Dict[str, Any]:
 
 
 def _run_diagnose(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> AnalysisRecord:
-    from deconvis.analysis.diagnose import conv_modules, diagnose
-    from deconvis.analysis.diagnose_plot import plot_diagnose
-    from deconvis.io.atomic import write_text
-
     _, _, x = load_images(inp.source, inp.pp, s["diagnose_images"], inp.images.device)
     alias = None if str(s["alias_layer"]).lower() in ("none", "") else s["alias_layer"]
     res = diagnose(inp.model, x, None, s["dominating_factor"], s["fft_size"], (s["band_low"], s["band_high"]), alias,
@@ -250,12 +237,6 @@ def _run_diagnose(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> Ana
 
 
 def _plan_occlusion(inp: Inputs) -> Dict[str, Any]:
-    import importlib.util
-
-    if importlib.util.find_spec("deconvis.analysis.occlusion_run") is None:
-        raise DeconvisError(OCCLUSION_MISSING)
-    from deconvis.analysis.occlusion_run import OcclusionConfig
-
     d = OcclusionConfig()
     side = int(min(inp.images.shape[-2:]))
     scale = side / 224.0  # the subcommand's square and stride are for a 224 px input (ZF: 32 and 8 px)
@@ -264,12 +245,7 @@ def _plan_occlusion(inp: Inputs) -> Dict[str, Any]:
 
 
 def _run_occlusion(inp: Inputs, s: Dict[str, Any], run_dir: str, out: str) -> AnalysisRecord:
-    from deconvis.analysis.occlusion import occlusion
-    from deconvis.analysis.occlusion_run import _class_names
-    from deconvis.render.occlusion_figure import render_occlusion
-    from deconvis.render.sheets import safe_name
-
-    classes = _class_names(inp.cfg.model, inp.cfg.weights)
+    classes = class_names_of(inp.cfg.model, inp.cfg.weights)
     files, rows, results = {}, [], []
     for i, name in enumerate(inp.names):
         res = occlusion(inp.model, inp.images[i], layer=s["layer"], size=s["size"], stride=s["stride"],
@@ -302,15 +278,9 @@ assert set(REGISTRY) == set(ANALYSES)
 # -- the phase -------------------------------------------------------------------------------------
 
 def check_analyses(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> None:
-    """Checks of ``--analyses`` that need files, before any mining: the occlusion module is there,
-    a ``correspondence_parts`` file exists and parses. DeconvisError otherwise."""
-    import importlib.util
-
-    if "occlusion" in cfg.analyses and importlib.util.find_spec("deconvis.analysis.occlusion_run") is None:
-        raise DeconvisError(OCCLUSION_MISSING)
+    """Checks of ``--analyses`` that need files, before any mining: a ``correspondence_parts``
+    file exists and parses. DeconvisError otherwise."""
     if "correspondence" in cfg.analyses and cfg.correspondence_parts:
-        from deconvis.analysis.correspondence import load_part_boxes
-
         load_part_boxes(_parts_file(cfg, config_dir)[0] or "")
 
 

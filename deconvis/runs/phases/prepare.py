@@ -4,8 +4,6 @@ can be mined and projected -- so every user error surfaces before any work start
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -13,12 +11,13 @@ import torch
 
 from deconvis.errors import DeconvisError
 from deconvis.io.images import ImageSource, open_images
-from deconvis.io.models import Preprocess
+from deconvis.io.models import Preprocess, load_model, resolve_weights, with_resize_crop
+from deconvis.mirror.deconvnet import DeconvNet
+from deconvis.runs import precision
 from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.layers import LayerSpec, layer_specs
 from deconvis.runs.phases.rundir import Identity, run_identity
-from deconvis.runs import precision
 from deconvis.utils.device import bf16_native, model_dtype_device, use_device
 
 
@@ -53,23 +52,6 @@ class Context:
         return self.identity.projection_hash
 
 
-def resolve_weights(weights: str, config_dir: Optional[str] = None) -> str:
-    """``asset:NAME`` -> the file in ``deconvis/assets``; relative checkpoint paths that do not
-    exist from the working directory are tried against ``config_dir``."""
-    if weights.startswith("asset:"):
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.path.join(root, "assets", weights[len("asset:"):])
-        if not os.path.isfile(path):
-            raise DeconvisError(f"weights {weights!r}: {path} does not exist; this checkout has no trained demo "
-                                "checkpoint yet: train it (deconvis train) or use --weights random")
-        return path
-    if weights.lower() == "random" or os.path.isabs(weights) or os.path.exists(weights):
-        return weights
-    if config_dir and os.path.exists(os.path.join(config_dir, weights)):
-        return os.path.join(config_dir, weights)
-    return weights
-
-
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``--amp`` on ``device`` (None for ``none``), or a clear error."""
     if amp == "none":
@@ -94,15 +76,6 @@ def autocast(ctx: Context) -> Any:
     return torch.autocast(device_type=ctx.device.type, dtype=ctx.amp)
 
 
-def _preprocess(cfg: VisualizeConfig, pp: Preprocess) -> Preprocess:
-    """The model's preprocessing with ``--resize``/``--crop`` applied."""
-    if cfg.resize is None and cfg.crop is None:
-        return pp
-    crop = (cfg.crop, cfg.crop) if cfg.crop is not None else pp.crop
-    resize = cfg.resize if cfg.resize is not None else max(1, round(crop[0] * pp.resize / pp.crop[0]))
-    return dataclasses.replace(pp, resize=int(resize), crop=(int(crop[0]), int(crop[1])))
-
-
 def _resolve_layers(dn, cfg: VisualizeConfig) -> List[str]:
     """``--layers`` as step names (aliases resolved, duplicates dropped); every conv layer if empty."""
     if not cfg.layers:
@@ -124,9 +97,6 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
 
     All user errors surface here, before any mining. ``info`` (from
     :func:`deconvis.runs.distributed.session`) gives this rank's device; default: ``cfg.device``."""
-    from deconvis.io.models import load_model
-    from deconvis.mirror.deconvnet import DeconvNet
-
     device = info.device if info is not None else use_device(cfg.device)  # (a session made it current)
     info = info if info is not None else DistInfo(device=device, timeout_s=cfg.dist_timeout)
     amp = amp_dtype(cfg.amp, device)
@@ -134,7 +104,7 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
     weights = resolve_weights(cfg.weights, config_dir)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, weights, device)
-    pp = _preprocess(cfg, loaded.preprocess)
+    pp = with_resize_crop(loaded.preprocess, cfg.resize, cfg.crop)
     dn = DeconvNet(loaded.model)
     layers = _resolve_layers(dn, cfg)
     dtype = model_dtype_device(loaded.model)[0]

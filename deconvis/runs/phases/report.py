@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from deconvis.render import report
+from deconvis.runs import report
 from deconvis.runs import results as results_mod
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.rundir import REPORT_FILE

@@ -25,6 +25,8 @@ import os
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional, Type, TypeVar
 
+import yaml
+
 from deconvis.errors import DeconvisError, close_matches
 
 C = TypeVar("C", bound="Config")
@@ -54,8 +56,6 @@ def flag_name(field_name: str) -> str:
 
 def load_yaml(path: str) -> Dict[str, Any]:
     """Read a YAML config file into a dict (empty file -> {})."""
-    import yaml
-
     if not os.path.isfile(path):
         raise DeconvisError(f"config file {path!r} does not exist")
     try:

@@ -47,12 +47,12 @@ def class_map(res: OcclusionResult) -> Tuple[np.ndarray, list]:
 def render_occlusion(res: OcclusionResult, image_rgb: np.ndarray, path: "str | os.PathLike[str]",
                      title: str = "", dpi: int = 80) -> None:
     """Write the figure for ``res`` over ``image_rgb`` (uint8 [H, W, 3], the displayed input) to ``path`` (PNG)."""
-    import matplotlib
+    import matplotlib  # start-up time: matplotlib loads only when a figure is drawn
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch, Rectangle
+    import matplotlib.pyplot as plt  # start-up time: matplotlib loads only when a figure is drawn
+    from matplotlib.colors import ListedColormap  # start-up time: matplotlib loads only when a figure is drawn
+    from matplotlib.patches import Patch, Rectangle  # start-up time: matplotlib loads only when a figure is drawn
 
     H, W = res.image_size
     ext = _extent(res)
