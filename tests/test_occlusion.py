@@ -242,7 +242,7 @@ def test_squeeze_excitation_gate_equals_naive(groups, stride, act):
     model = SENet(groups, stride, act).double().eval()
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     eng = _check(model, x, (8, 8), (4, 4), "mean", "c3", 16)
-    assert {"mul", "c3"} <= set(eng.whole) and "c2" not in eng.whole
+    assert {"se.mul", "c3"} <= set(eng.whole) and "c2" not in eng.whole  # the gate product, named by its module
 
 
 def test_torchvision_regnet_y_gates_equal_naive():
