@@ -184,7 +184,7 @@ def bench_model(name: str, x: torch.Tensor, captum_units: int) -> tuple:
 
         t_a = float("nan")
         if use_captum and captum_units > 0:
-            nd = NeuronDeconvolution(model, model.get_submodule(dn.resolve(layer)))
+            nd = NeuronDeconvolution(model, model.get_submodule(layer if layers else dn.resolve(layer)))
             sample = units[torch.linspace(0, n - 1, min(n, captum_units)).long()]
             t0 = time.process_time()
             for u in sample.tolist():
