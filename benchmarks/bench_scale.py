@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, machine, record, table  # noqa: E402
 
 from deconvis import mining  # noqa: E402
+from deconvis.mining import rerank  # noqa: E402
+from deconvis.runs import precision  # noqa: E402
 from deconvis.runs import pipeline
 from deconvis.runs.config import load_config  # noqa: E402
 from deconvis.io.images import ImageDataset  # noqa: E402
@@ -125,7 +127,11 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
         model.to(memory_format=torch.contiguous_format)
         return dt_s
 
+    flat = torch.cat([x for x, _ in pre])  # image i of the preloaded set: flat[i]
+
     def mine_pre(amp: str, cl: bool, allow_tf32: bool = False) -> Tuple[float, mining.MiningTimes]:
+        """Mining as ``visualize --amp`` runs it: under amp a pool of ``k x amp_pool`` candidates per
+        channel, then the fp32 re-rank of the candidate images (TF32 off); the time covers both."""
         c = load_config(None, dict(base, run="mine", amp=amp, channels_last=cl, tf32=allow_tf32))
         vctx = pipeline.Context(**{**ctx.__dict__, "cfg": c, "amp": pipeline.amp_dtype(amp, ctx.device)})
         if cl:
@@ -133,8 +139,20 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
         times = mining.MiningTimes()
         sync()
         t0 = time.perf_counter()
-        mining.mine(pipeline.mining_forward(vctx), pre, mining.TopK(ctx.layers, 9, ctx.device),
-                    dtype=ctx.dtype, progress=False, times=times)
+        pool = mining.TopK(ctx.layers, precision.mining_k(c), ctx.device)
+        mining.mine(pipeline.mining_forward(vctx), pre, pool, dtype=ctx.dtype, progress=False, times=times)
+        if precision.reranks(c):
+            if cl:
+                model.to(memory_format=torch.contiguous_format)
+            cands = rerank.candidate_images(pool)
+            part = rerank.PoolTopK(pool, c.k)
+            batches = [(flat[cands[s:s + bs]], torch.tensor(cands[s:s + bs])) for s in range(0, len(cands), bs)]
+
+            def fp32(x: torch.Tensor) -> Dict[str, torch.Tensor]:
+                with tf32_policy(False):
+                    return ctx.dn.activations(x, ctx.layers)
+
+            rerank.finish(mining.mine(fp32, batches, part, dtype=ctx.dtype, progress=False), pool)
         sync()
         dt_s = time.perf_counter() - t0
         model.to(memory_format=torch.contiguous_format)
@@ -159,7 +177,10 @@ def mining_vs_forward(data: str, out: str, n: int, bs: int, workers: int, device
         if cut_forward:
             rows.append([f"forward cut at the deepest mined layer, no top-k ({name})", f"{n / best_c:.1f}",
                          f"{best_f / best_c:.2f}x", "-"])
-        rows.append([f"mining, preloaded tensors ({name})", f"{n / best_m:.1f}", f"{best_f / best_m:.2f}x",
+        pool = load_config(None, dict(base, amp=amp))
+        rerank_note = (f", {precision.mining_k(pool)} candidates per channel + fp32 re-rank"
+                       if precision.reranks(pool) else "")
+        rows.append([f"mining, preloaded tensors ({name}{rerank_note})", f"{n / best_m:.1f}", f"{best_f / best_m:.2f}x",
                      _split(split)])
         print(f"  {name}: forward {n / best_f:.1f} img/s, mining {n / best_m:.1f} img/s", flush=True)
     # the real thing: pipeline.mine_phase over the JPEG folder through the DataLoader
@@ -222,7 +243,87 @@ def visualize(data: str, out: str, run: str, bs: int, workers: int, nproc: int, 
     return {"wall": wall, "phases": phases, "results": res, "split": split, "stdout": proc.stdout, "load": load}
 
 
+#: the arithmetic of a visualize run: convolutions (forward, transposed, and the input gradient the
+#: mirror takes of a convolution) and pooling (forward, and the switches' unpooling), as ATen ops
+ARITHMETIC_OPS = {"aten::conv2d", "aten::convolution", "aten::_convolution", "aten::conv_transpose2d",
+                  "aten::convolution_backward", "aten::max_pool2d", "aten::max_pool2d_with_indices",
+                  "aten::max_pool2d_with_indices_backward", "aten::max_unpool2d", "aten::avg_pool2d",
+                  "aten::adaptive_avg_pool2d", "aten::avg_pool2d_backward"}
+PHASES = ("prepare", "mine", "project", "render")
+
+
+def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float]:
+    """``pipeline.run(cfg)`` in this process under the PyTorch profiler: (outcome, wall seconds
+    per phase, seconds of arithmetic per phase (:data:`ARITHMETIC_OPS`, outermost op only, on the
+    tensors the run itself computes), whole wall seconds). The profiler's own overhead (a few us
+    per op) is inside the wall times."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    wrapped = {"prepare": "_setup", "mine": "_mine", "project": "_project", "render": "render_phase"}
+    saved = {name: getattr(pipeline, name) for name in wrapped.values()}
+
+    def wrap(phase: str, fn):
+        def inner(*a, **k):
+            with record_function(f"phase::{phase}"):
+                return fn(*a, **k)
+        return inner
+
+    try:
+        for phase, name in wrapped.items():
+            setattr(pipeline, name, wrap(phase, saved[name]))
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = pipeline.run(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        for name, fn in saved.items():
+            setattr(pipeline, name, fn)
+    arith = {p: 0.0 for p in PHASES}
+    for ev in prof.events():
+        if ev.name not in ARITHMETIC_OPS:
+            continue
+        parent, phase = ev.cpu_parent, None
+        while parent is not None:
+            if parent.name in ARITHMETIC_OPS:
+                break
+            if parent.name.startswith("phase::"):
+                phase = parent.name.split("::", 1)[1]
+                break
+            parent = parent.cpu_parent
+        if phase is not None and (parent is None or parent.name.startswith("phase::")):
+            arith[phase] += ev.cpu_time_total / 1e6
+    secs = dict(out.seconds)
+    secs["render"] = secs.get("render", 0.0)
+    return out, secs, arith, wall
+
+
+def arithmetic_rows(secs: Dict[str, float], arith: Dict[str, float], wall: float) -> List[list]:
+    """Rows phase | wall s | arithmetic s | wall / arithmetic."""
+    rows = []
+    for p in PHASES:
+        w, a = secs.get(p, 0.0), arith.get(p, 0.0)
+        rows.append([p, f"{w:.1f}", f"{a:.1f}", f"{w / a:.2f}x" if a > 0 else "-"])
+    total_a = sum(arith.values())
+    rows.append(["**end to end** (process wall, start-up excluded)", f"{wall:.1f}", f"{total_a:.1f}",
+                 f"**{wall / max(total_a, 1e-9):.2f}x**"])
+    return rows
+
+
+def run_size(run_dir: str) -> Tuple[int, int]:
+    """(bytes, files) under ``run_dir``."""
+    total = files = 0
+    for root, _, names in os.walk(run_dir):
+        for n in names:
+            total += os.path.getsize(os.path.join(root, n))
+            files += 1
+    return total, files
+
+
 def _winners(res: dict) -> Dict[Tuple[str, int], List[Tuple[int, float]]]:
+    """(layer, channel) -> [(image, activation)] of a results.json (version 2: columns; 1: objects)."""
+    if res.get("version", 1) >= 2:
+        return {(lr["name"], c): list(zip(imgs, acts)) for lr in res["layers"]
+                for c, imgs, acts in zip(lr["units"]["channel"], lr["units"]["image"], lr["units"]["activation"])}
     return {(lr["name"], u["channel"]): [(w["image"], w["activation"]) for w in u["winners"]]
             for lr in res["layers"] for u in lr["units"]}
 
@@ -277,6 +378,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=0, help="end to end: only the first N channels per layer "
                                                              "(0 = all; for a quick smoke run)")
     ap.add_argument("--skip-torchrun", action="store_true")
+    ap.add_argument("--e2e-only", action="store_true", help="only section 2a (the profiled 1-process run): wall "
+                                                             "time against arithmetic per phase")
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per end-to-end run")
     ap.add_argument("--record", action="store_true", help="write the tables into BENCHMARKS.md")
     args = ap.parse_args()
@@ -289,6 +392,18 @@ def main() -> None:
         print(f"{args.images} JPEGs in {data} ({time.perf_counter() - t0:.1f} s)", flush=True)
         bs, w = args.batch_size, args.workers
 
+        if args.e2e_only:
+            cfg = load_config(None, dict(model="alexnet", weights="random", images=data, out=os.path.join(tmp, "e2e"),
+                                         run="one", progress=False, device="cpu", batch_size=bs, workers=w,
+                                         checkpoint_every=0, channels=args.channels or None))
+            load0 = os.getloadavg()[0]
+            o, ph, arith, wall = profiled_run(cfg)
+            size, n_files = run_size(os.path.join(tmp, "e2e", "one"))
+            print(machine())
+            print(f"{args.images} images, 1 process, {torch.get_num_threads()} threads, load {load0:.1f} -> "
+                  f"{os.getloadavg()[0]:.1f}; run folder {size / 1e6:.1f} MB in {n_files} files")
+            print(table(["phase", "wall s", "arithmetic s", "wall / arithmetic"], arithmetic_rows(ph, arith, wall)))
+            return
         print("1. mining vs plain forward (CPU)", flush=True)
         rows = mining_vs_forward(data, os.path.join(tmp, "m"), min(args.mine_images, args.images), bs, w, rounds=3)
         body = (f"### 1. Mining vs plain forward (CPU, batch {bs}, {min(args.mine_images, args.images)} images)\n\n"
@@ -299,21 +414,39 @@ def main() -> None:
                   "the workers' decoding also takes cores from the forward, which the split shows as a slower "
                   "forward rather than as load.")
 
-        print(f"2. end to end, 1 process, {args.images} images", flush=True)
+        print(f"2. end to end, 1 process, {args.images} images (profiled)", flush=True)
         extra = ("--channels", str(args.channels)) if args.channels else ()
-        one = visualize(data, os.path.join(tmp, "e2e"), "one", bs, w, 1, args.timeout, extra)
-        res = one["results"]
-        units = sum(len(u["winners"]) for lr in res["layers"] for u in lr["units"])
-        ph = one["phases"]
+        e2e = os.path.join(tmp, "e2e")
+        cfg = load_config(None, dict(model="alexnet", weights="random", images=data, out=e2e, run="one",
+                                     progress=False, device="cpu", batch_size=bs, workers=w, checkpoint_every=0,
+                                     channels=args.channels or None))
+        load0 = os.getloadavg()[0]
+        o, ph, arith, wall = profiled_run(cfg)
+        load = f"{load0:.1f} -> {os.getloadavg()[0]:.1f}"
+        size, n_files = run_size(os.path.join(e2e, "one"))
+        with open(os.path.join(e2e, "one", "results.json"), encoding="utf-8") as f:
+            res = json.load(f)
+        units = sum(len(u.winners) for lr in o.results.layers for u in lr.units)
         proj_rate = units / max(ph.get("project", 1e-9), 1e-9)
-        rows2 = [["1 process (2 threads)", f"{one['wall']:.1f}", f"{ph.get('prepare', 0):.1f}", f"{ph.get('mine', 0):.1f}",
+        threads = torch.get_num_threads()
+        one = {"wall": wall, "results": res, "split": o.mining.summary() if o.mining else "", "load": load}
+        rows2 = [[f"1 process ({threads} thread{'s' if threads > 1 else ''}, {os.cpu_count()} cores)", f"{wall:.1f}",
+                  f"{ph.get('prepare', 0):.1f}", f"{ph.get('mine', 0):.1f}",
                   f"{ph.get('project', 0):.1f}", f"{ph.get('render', 0):.1f}",
-                  f"{args.images / max(ph.get('mine', 1e-9), 1e-9):.1f}", f"{proj_rate:.1f}", one["load"], "(reference)"]]
+                  f"{args.images / max(ph.get('mine', 1e-9), 1e-9):.1f}", f"{proj_rate:.1f}", load, "(reference)"]]
+        arith_body = (f"\n\n### 2a. Wall time against arithmetic, per phase (1 process, {threads} threads, "
+                      f"{args.images} images, one profiled run)\n\n"
+                      + table(["phase", "wall s", "arithmetic s", "wall / arithmetic"], arithmetic_rows(ph, arith, wall))
+                      + "\n\nArithmetic: the time inside the convolutions (forward, transposed, input gradients) "
+                        "and poolings (and unpoolings) the run computes, from the PyTorch profiler (outermost such "
+                        "op, main thread) during the same run; wall: the phase's own clock. Everything else "
+                        "(decoding, top-k, cutting and stretching tiles, encoding and writing files, results.json, "
+                        f"the report) is the difference. The run folder: {size / 1e6:.1f} MB in {n_files} files.")
         if not args.skip_torchrun:
             print("3. end to end, 2 gloo processes (torchrun)", flush=True)
             two = visualize(data, os.path.join(tmp, "e2e"), "two", bs, w, 2, args.timeout, extra)
             ph2 = two["phases"]
-            rows2.append(["2 processes, torchrun + gloo (1 thread each)", f"{two['wall']:.1f}",
+            rows2.append(["2 processes, torchrun + gloo (1 thread each: torchrun's OMP_NUM_THREADS=1)", f"{two['wall']:.1f}",
                           f"{ph2.get('prepare', 0):.1f}", f"{ph2.get('mine', 0):.1f}", f"{ph2.get('project', 0):.1f}",
                           f"{ph2.get('render', 0):.1f}", f"{args.images / max(ph2.get('mine', 1e-9), 1e-9):.1f}",
                           f"{units / max(ph2.get('project', 1e-9), 1e-9):.1f}", two["load"],
@@ -326,8 +459,9 @@ def main() -> None:
                           "projections/s", "load avg", "winners vs 1 process"], rows2)
                  + f"\n\nProjection phase: {units} units (each channel's 9 winners, windowed deconvnet, auto-sized "
                    f"batches, re-forwarding the winners' images) at {proj_rate:.1f} projections/s in 1 process. "
-                   f"Mining time split (1 process): {one['split']}. Wall time includes interpreter start-up "
-                   "and writing results/report. Load avg: the machine's 1-minute load average before -> after "
+                   f"Mining time split (1 process): {one['split']}. The 1-process run is in this process (wall "
+                   "time without interpreter start-up, with the profiler's overhead); the torchrun row includes "
+                   "start-up. Load avg: the machine's 1-minute load average before -> after "
                    "the run (it is shared with other jobs: compare rows only at similar load).")
         if not args.skip_torchrun:
             ratio = one["wall"] / max(two["wall"], 1e-9)
@@ -341,6 +475,7 @@ def main() -> None:
                      + "Activations could differ in the last float32 bits between the two (a CPU convolution's "
                        "summation order can depend on the thread count), which could swap near-exact ties; with the "
                        "same arithmetic the top-k merge is exact (tests/test_pipeline_distributed.py).")
+        body += arith_body
         if args.images < 10000:
             body += (f"\n\n**Ran {args.images} images, not the 10k the issue names.** Mining time scales linearly "
                      "with the image count; projection time does not (always 1152 x 9 units).")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import pipeline_fixtures as fx
+from deconvis.render.sheets import load_tile
 from deconvis.mining import MiningTimes, TopK, mine
 from deconvis.mining.nonfinite import nonfinite_summary
 from deconvis.render.display import to_uint8, to_uint8_tensor
@@ -140,6 +141,6 @@ def test_projection_on_the_gpu_gives_the_cpu_tiles(tmp_path):
             for w, cw in zip(u.winners, cu.winners):
                 if (w.image, w.y, w.x) != (cw.image, cw.y, cw.x):
                     continue
-                a = cv2.imread(os.path.join(gpu.run_dir, w.tiles["rec"]))
-                b = cv2.imread(os.path.join(cpu.run_dir, cw.tiles["rec"]))
+                a = load_tile(gpu.run_dir, lr, u, w, "rec")
+                b = load_tile(cpu.run_dir, clr, cu, cw, "rec")
                 assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # round-off may move a grey level

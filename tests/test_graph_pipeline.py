@@ -16,6 +16,7 @@ import torch
 import torchvision
 
 import pipeline_fixtures as fx
+from deconvis.render.sheets import load_tile
 from deconvis.graph.rf import receptive_fields
 from deconvis.io.images import FolderImages, normalize, preprocess_image
 from deconvis.mirror.deconvnet import DeconvNet
@@ -31,7 +32,8 @@ def _run(tmp_path, model: str, layers, **over):
     fx.write_images(images, n=5, duplicate=None)
     values = {"model": model, "weights": "random", "images": str(images), "layers": layers, "k": 2,
               "channels": 2, "batch_size": 5, "resize": SIZE, "crop": SIZE, "out": str(tmp_path / "out"),
-              "run": "g", "progress": False, "device": "cpu", "min_tile": 8, "max_tile": 32, "seed": 3}
+              "run": "g", "progress": False, "device": "cpu", "min_tile": 8, "max_tile": 32, "seed": 3,
+              "lossless": True}  # PNG sprites: the tiles are compared pixel for pixel
     values.update(over)
     cfg = load_config(None, values)
     out = pipeline.run(cfg)
@@ -76,12 +78,12 @@ def _check_tiles(out, net, shown, x, layer, label, box_of):
             cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, SIZE), max(x0, 0), min(x1, SIZE)
             expect = np.full((y1 - y0, x1 - x0, 3), 128, np.uint8)
             expect[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = shown[w.image][cy0:cy1, cx0:cx1]
-            assert np.array_equal(_read(os.path.join(out.run_dir, w.tiles["img"])), expect)
+            assert np.array_equal(load_tile(out.run_dir, lr, u, w, "img"), expect)
             dn.forward(x[w.image:w.image + 1])
             full = dn.project(layer, torch.tensor([[0, u.channel, w.y, w.x]]))[0]
             cut = torch.zeros(3, y1 - y0, x1 - x0, dtype=full.dtype)
             cut[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = full[:, cy0:cy1, cx0:cx1]
-            rec_tile = _read(os.path.join(out.run_dir, w.tiles["rec"]))
+            rec_tile = load_tile(out.run_dir, lr, u, w, "rec")
             assert np.abs(rec_tile.astype(int) - to_uint8(cut[None])[0].astype(int)).max() <= 1
     return lr
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import pipeline_fixtures as fx
+from deconvis.render.sheets import load_tile
 from deconvis import mining
 from deconvis.runs import pipeline
 from deconvis.runs.phases import project as project_phase
@@ -107,7 +108,7 @@ def test_patches_and_reconstructions(done):
                 clipped, _ = render.clip_box(box, fx.SIZE, fx.SIZE)
                 assert w.box_clipped == list(clipped)
                 shown = preprocess_image(src.load(w.image), pp)
-                img_tile = _read(os.path.join(out.run_dir, w.tiles["img"]))
+                img_tile = load_tile(out.run_dir, lr, u, w, "img")
                 # the image patch is the direct crop of the displayed image, grey outside it
                 y0, y1, x0, x1 = box
                 expect = np.full((y1 - y0, x1 - x0, 3), 128, np.uint8)
@@ -121,7 +122,7 @@ def test_patches_and_reconstructions(done):
                 padded[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = full[:, cy0:cy1, cx0:cx1]
                 # nothing of the full projection lies outside the box
                 assert float(full.abs().sum()) == pytest.approx(float(padded.abs().sum()), rel=1e-5, abs=1e-7)
-                rec_tile = _read(os.path.join(out.run_dir, w.tiles["rec"]))
+                rec_tile = load_tile(out.run_dir, lr, u, w, "rec")
                 assert np.abs(rec_tile.astype(int) - to_uint8(padded[None])[0].astype(int)).max() <= 1
                 if clipped != tuple(box):
                     n_outside += 1
@@ -134,18 +135,25 @@ def test_sheets_and_results_roundtrip(done):
     cfg, out = done
     res = out.results
     pages = {lr.label: lr.sheets for lr in res.layers}
-    assert pages == {"conv1": ["layer_conv1_p001.png"], "conv2": ["layer_conv2_p001.png", "layer_conv2_p002.png"],
-                     "conv3": ["layer_conv3_p001.png"]}
+    assert pages == {"conv1": ["layer_conv1_p001.jpg"], "conv2": ["layer_conv2_p001.jpg", "layer_conv2_p002.jpg"],
+                     "conv3": ["layer_conv3_p001.jpg"]}
     for s in out.sheets:
         img = cv2.imread(os.path.join(out.run_dir, s))
         assert img is not None and img.shape[0] > 50 and img.shape[1] > 200
     again = results_mod.load(out.run_dir)
     assert again.to_dict() == res.to_dict()
     raw = json.load(open(os.path.join(out.run_dir, "results.json")))
-    assert raw["schema"] == "deconvis.results" and raw["version"] == 1 and raw["status"] == "rendered"
+    assert raw["schema"] == "deconvis.results" and raw["version"] == 2 and raw["status"] == "rendered"
     assert raw["preprocess"]["crop"] == [fx.SIZE, fx.SIZE] and raw["config"]["k"] == 3
-    assert all(str(w["image"]) in raw["images"]["items"]
-               for lr in raw["layers"] for u in lr["units"] for w in u["winners"])
+    assert all(str(i) in raw["images"]["items"] for lr in raw["layers"] for row in lr["units"]["image"] for i in row)
+    # a few files per layer: one sprite per channel (tiles of rank r in column r, rec above img)
+    for lr in res.layers:
+        files = sorted(os.listdir(os.path.join(out.run_dir, "tiles", lr.label)))
+        assert files == [f"c{u.channel:04d}.png" for u in lr.units] == [os.path.basename(u.sprite) for u in lr.units]
+        sprite = cv2.imread(os.path.join(out.run_dir, lr.units[0].sprite))
+        assert sprite.shape[:2] == (2 * lr.cell[0], cfg.k * lr.cell[1]) and lr.cell == lr.rf
+    assert raw["sprites"]["rows"] == ["rec", "img"]
+    assert not [f for f in os.listdir(out.run_dir) if f.startswith("projection.rank")]  # merged into results.json
     assert os.path.isfile(os.path.join(out.run_dir, "index.html"))
     assert os.path.isfile(os.path.join(out.run_dir, "run.log"))
     left = [f for _, _, fs in os.walk(out.run_dir) for f in fs if f.endswith(".tmp")]
@@ -195,9 +203,43 @@ def test_changed_config_is_an_error_unless_fresh(done):
     cfg, out = done
     with pytest.raises(DeconvisError, match=r"different configuration \(k: 3 -> 2\).*--fresh"):
         pipeline.run(dataclasses.replace(cfg, k=2))
+    stale = os.path.join(out.run_dir, "tiles", "conv1", "c0099_0_rec.png")  # e.g. a tile of an older version
+    open(stale, "wb").close()
     again = pipeline.run(dataclasses.replace(cfg, k=2, fresh=True))
     assert again.mined and all(len(u.winners) == 2 for lr in again.results.layers for u in lr.units)
-    assert not os.path.exists(os.path.join(out.run_dir, "tiles", "conv1", "c0000_2_rec.png"))
+    assert not os.path.exists(stale)  # --fresh dropped the old tiles folder (one rename, deleted aside)
+    assert sorted(os.listdir(out.run_dir + "/tiles")) == ["conv1", "conv2", "conv3"]
+
+
+def test_fresh_moves_the_tiles_aside_and_deletes_them_off_the_calling_thread(tmp_path, monkeypatch):
+    """--fresh on a run folder of an older version (two files per winner): the tiles folder is gone
+    at once (one rename), its files are unlinked on a background thread, never the caller's."""
+    import threading
+
+    from deconvis.runs.phases import rundir
+
+    run_dir = tmp_path / "run"
+    for i in range(300):
+        (run_dir / "tiles" / f"l{i % 3}").mkdir(parents=True, exist_ok=True)
+        (run_dir / "tiles" / f"l{i % 3}" / f"c{i:04d}_0_rec.png").write_bytes(b"x")
+    (run_dir / "layer_conv1_p001.png").write_bytes(b"x")
+    (run_dir / "projection.rank1.json").write_text("{}")
+    (run_dir / "mine.txt").write_text("not ours")
+    callers = []
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **k):
+        callers.append(threading.current_thread() is threading.main_thread())
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    rundir.clear_run(str(run_dir))
+    assert not (run_dir / "tiles").exists()
+    for t in threading.enumerate():
+        if t.name == "deconvis-discard":
+            t.join()
+    assert sorted(os.listdir(run_dir)) == ["mine.txt"]
+    assert callers.count(False) >= 300 and callers.count(True) <= 2  # the two top-level files
 
 
 class _Interrupt(Exception):
@@ -246,25 +288,29 @@ def test_resume_after_interrupted_projection(tmp_path, monkeypatch):
 
     def failing(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 10:
+        if calls["n"] == 30:
             raise _Interrupt()
         return real(*a, **k)
 
     monkeypatch.setattr(render, "crop_padded", failing)
     with pytest.raises(_Interrupt):
         pipeline.run(cfg)
+    run_dir = os.path.join(cfg.out, cfg.run)
+    # the channels whose sprite was written before the crash, listed in this rank's progress file
+    done = json.load(open(os.path.join(run_dir, "projection.rank0.json")))["channels"]
+    assert done and all(os.path.isfile(os.path.join(run_dir, e[2])) for e in done)
     monkeypatch.setattr(render, "crop_padded", real)
     monkeypatch.setattr(mining, "mine", lambda *a, **k: pytest.fail("re-mined"))
     out = pipeline.run(cfg)
     total = sum(len(u.winners) for lr in out.results.layers for u in lr.units)
-    assert out.projected == total - 9
+    assert out.projected == total - sum(len(e[5]) for e in done) < total
     for lr, rlr in zip(out.results.layers, ref.results.layers):
         for u, ru in zip(lr.units, rlr.units):
             for w, rw in zip(u.winners, ru.winners):
                 assert w.box == rw.box
                 for kind in ("rec", "img"):
-                    a = _read(os.path.join(out.run_dir, w.tiles[kind]))
-                    b = _read(os.path.join(ref.run_dir, rw.tiles[kind]))
+                    a = load_tile(out.run_dir, lr, u, w, kind)
+                    b = load_tile(ref.run_dir, rlr, ru, rw, kind)
                     assert np.array_equal(a, b)
 
 
@@ -321,7 +367,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "run cli: 2 layers, 14 units, top-2 over 12 images" in text
     run_dir = tmp_path / "o" / "cli"
-    assert (run_dir / "layer_conv1_p001.png").is_file() and (run_dir / "index.html").is_file()
+    assert (run_dir / "layer_conv1_p001.jpg").is_file() and (run_dir / "index.html").is_file()
     cfg = json.load(open(run_dir / "results.json"))["config"]
     assert cfg["seed"] == 1 and cfg["layers"] == ["conv1", "conv3"]
     assert main(argv + ["--render-only"]) == 0
@@ -341,7 +387,7 @@ def test_config_file_and_script_wrapper(tmp_path):
                            str(conf), "--channels", "1"], capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "run tiny: 1 layers, 2 units" in proc.stdout  # images: resolved against the config's folder
-    assert (tmp_path / "o" / "tiny" / "layer_conv3_p001.png").is_file()
+    assert (tmp_path / "o" / "tiny" / "layer_conv3_p001.jpg").is_file()
 
 
 def test_demo_config_runs_with_random_weights(tmp_path):

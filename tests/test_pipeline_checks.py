@@ -38,8 +38,8 @@ def test_non_finite_activations_are_named_never_win_and_results_stay_valid(tmp_p
     with open(os.path.join(out.run_dir, "results.json")) as f:
         saved = json.load(f, parse_constant=lambda c: pytest.fail(f"non-finite {c} in results.json"))
     layers = {lr["label"]: lr for lr in saved["layers"]}
-    ch1 = [w["image"] for w in layers["conv1"]["units"][1]["winners"]]
-    ch0 = [w["image"] for w in layers["conv2"]["units"][0]["winners"]]
+    ch1 = layers["conv1"]["units"]["image"][1]
+    ch0 = layers["conv2"]["units"]["image"][0]
     assert len(ch1) == 3 and not set(ch1) & {0, 3, 6, 9}
     assert len(ch0) == 3 and not set(ch0) & {1, 4, 7, 10}
     assert all(math.isfinite(w.activation) for lr in out.results.layers for u in lr.units for w in u.winners)

@@ -99,14 +99,17 @@ def _single(conf: str, run: str):
 def _winners(run_dir: str):
     """Per layer and channel: (image id, activation, y, x, box, box_clipped) of every winner."""
     d = json.load(open(os.path.join(run_dir, "results.json")))
-    return {lr["name"]: [[(w["image"], w["activation"], w["y"], w["x"], w["box"], w["box_clipped"])
-                          for w in u["winners"]] for u in lr["units"]] for lr in d["layers"]}
+    cols = ("image", "activation", "y", "x", "box", "box_clipped")
+    return {lr["name"]: [list(zip(*(lr["units"][c][i] for c in cols))) for i in range(len(lr["units"]["channel"]))]
+            for lr in d["layers"]}
 
 
 def _tile_files(run_dir: str):
+    """Every channel's sprite (all projected: none is null)."""
     d = json.load(open(os.path.join(run_dir, "results.json")))
-    return [os.path.join(run_dir, p) for lr in d["layers"] for u in lr["units"] for w in u["winners"]
-            for p in w["tiles"].values()]
+    sprites = [s for lr in d["layers"] for s in lr["units"]["sprite"]]
+    assert sprites and None not in sprites
+    return [os.path.join(run_dir, p) for p in sprites]
 
 
 def test_two_processes_give_the_one_process_winners(tmp_path):
@@ -181,6 +184,36 @@ def test_a_failure_on_one_rank_ends_every_rank_with_the_same_error(tmp_path):
         ref = pipeline.run(load_config(conf, {"run": "single", "batch_size": 1}))
     assert _winners(str(run_dir)) == _winners(ref.run_dir)
     assert json.load(open(run_dir / "results.json"))["stats"]["images"] == 13
+
+
+def test_projection_resume_keeps_every_ranks_finished_channels(tmp_path):
+    """A crash during a 2-rank projection: each rank's progress file lists the channels whose
+    sprite it wrote; the rerun merges both and projects only the others (rank 1's finished
+    channels are not projected again), ending with the one-process sprites."""
+    conf = _write_config(tmp_path)
+    ref = _single(conf, "single")
+    run_dir = tmp_path / "out" / "multi"
+    # rank 1 fails at its 6th projected unit (k=2: its first channels are written by then)
+    proc, logs, _ = _torchrun(conf, "multi", tmp_path / "logs1", fail="1:6:project")
+    assert proc.returncode != 0 and "failed during projection" in logs[0]["stderr"], logs[0]["stderr"][-2000:]
+    done = {}
+    for r in (0, 1):
+        d = json.load(open(run_dir / f"projection.rank{r}.json"))
+        done[r] = {(e[0], e[1]): len(e[5]) for e in d["channels"]}
+        assert done[r] and all((run_dir / e[2]).is_file() for e in d["channels"]), r
+    assert not set(done[0]) & set(done[1])  # whole channels, split between the ranks
+    total = (4 + 5 + 3) * 2
+    proc, logs, _ = _torchrun(conf, "multi", tmp_path / "logs2")
+    assert proc.returncode == 0, logs[0]["stderr"][-3000:]
+    left = total - sum(done[0].values()) - sum(done[1].values())
+    text = open(run_dir / "run.log").read()
+    assert f"[rank 0/2] projecting {left} units (rule deconvnet) on 2 processes" in text, text[-3000:]
+    assert f"run multi: 3 layers, {total} units" in logs[0]["stdout"]
+    assert _winners(str(run_dir)) == _winners(ref.run_dir)
+    for path in _tile_files(str(run_dir)):
+        rel = os.path.relpath(path, run_dir)
+        assert open(path, "rb").read() == open(os.path.join(ref.run_dir, rel), "rb").read(), rel
+    assert not list(run_dir.glob("projection.rank*.json"))  # merged into results.json, then removed
 
 
 @pytest.mark.slow

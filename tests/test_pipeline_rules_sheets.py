@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pipeline_fixtures as fx
+from deconvis.render.sheets import load_tile
 from deconvis.io.images import FolderImages, normalize, preprocess_image
 from deconvis.io.models import load_model
 from deconvis.mirror.deconvnet import DeconvNet
@@ -29,9 +30,9 @@ def _read(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rules")
-    cfg = fx.tiny_config(tmp, rule="guided", per_sheet=3, k=3)
+    cfg = fx.tiny_config(tmp, rule="guided", per_sheet=3, k=3, lossless=True)  # PNG sheets: compared pixel for pixel
     guided = pipeline.run(cfg)
-    guided_tiles = {w.tiles["rec"]: _read(os.path.join(guided.run_dir, w.tiles["rec"]))
+    guided_tiles = {(lr.name, u.channel, w.rank): load_tile(guided.run_dir, lr, u, w, "rec")
                     for lr in guided.results.layers for u in lr.units for w in u.winners}
     gradient = pipeline.run(dataclasses.replace(cfg, rule="gradient"))  # reprojects, does not re-mine
     return cfg, guided, guided_tiles, gradient
@@ -60,11 +61,11 @@ def test_guided_and_gradient_tiles_equal_direct_projections(runs):
         for u in lr.units:
             for w in u.winners:
                 shown = preprocess_image(src.load(w.image), pp)
-                got = _read(os.path.join(gradient.run_dir, w.tiles["rec"]))
+                got = load_tile(gradient.run_dir, lr, u, w, "rec")
                 want = _expected_rec(dn, shown, pp, lr.name, u.channel, w, "gradient")
                 assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, (lr.name, u.channel, w.rank)
                 want_g = _expected_rec(dn, shown, pp, lr.name, u.channel, w, "guided")
-                assert np.abs(guided_tiles[w.tiles["rec"]].astype(int) - want_g.astype(int)).max() <= 1
+                assert np.abs(guided_tiles[(lr.name, u.channel, w.rank)].astype(int) - want_g.astype(int)).max() <= 1
                 changed += not np.array_equal(want, want_g)
     assert changed > 0  # the two rules differ somewhere (conv2, conv3 see ReLUs below them)
 
@@ -108,3 +109,19 @@ def test_sheets_show_each_channels_winners_in_rank_order(runs):
                     x_rec = bx + gx * (tw + layout.gap)
                     got = sheet[y + th:y + th + layout.label_h, x_rec:x_rec + tw]
                     assert np.array_equal(got, _label_strip(layout, f"{w.activation:.3g}")), (lr.label, u.channel, r)
+
+
+def test_jpeg_sheets_match_the_lossless_ones(runs, tmp_path):
+    """The default sheets (JPEG, quality 93, 4:4:4) are the lossless sheets within JPEG's error:
+    same pages, same size, a mean error under a level."""
+    cfg, _, _, out = runs
+    lossless = {s: _read(os.path.join(out.run_dir, s)) for s in out.sheets}  # the re-render replaces them
+    again = pipeline.run(dataclasses.replace(cfg, lossless=False, render_only=True))
+    for lr, jlr in zip(out.results.layers, again.results.layers):
+        assert [s[:-4] for s in jlr.sheets] == [s[:-4] for s in lr.sheets] and all(s.endswith(".jpg") for s in jlr.sheets)
+        assert not any(os.path.exists(os.path.join(out.run_dir, s)) for s in lr.sheets)  # no stale PNG pages
+        for png, jpg in zip(lr.sheets, jlr.sheets):
+            a, b = lossless[png], _read(os.path.join(out.run_dir, jpg))
+            assert a.shape == b.shape
+            diff = np.abs(a.astype(int) - b.astype(int))
+            assert diff.mean() < 1.0, (jpg, diff.mean())

@@ -48,7 +48,45 @@ def test_tile_paths_and_names():
     assert render.tile_paths("conv1", 3, 0) == {"rec": "tiles/conv1/c0003_0_rec.png",
                                                 "img": "tiles/conv1/c0003_0_img.png"}
     assert render.safe_name("features/1#2") == "features_1_2"
-    assert render.sheet_name("conv5_3", 12) == "layer_conv5_3_p012.png"
+    assert render.sheet_name("conv5_3", 12) == "layer_conv5_3_p012.jpg"
+    assert render.sheet_name("conv5_3", 12, "png") == "layer_conv5_3_p012.png"
+
+
+def test_sprite_holds_each_rank_in_its_column_rec_above_img():
+    """The addressing results.json documents: rank r in column r, row 0 rec, row 1 img, cell [h, w]."""
+    from deconvis.render import sprites
+
+    cell = (5, 7)
+    rng = np.random.default_rng(0)
+    tiles = {r: (rng.integers(0, 256, cell + (3,), dtype=np.uint8), rng.integers(0, 256, cell + (3,), dtype=np.uint8))
+             for r in (0, 1, 3)}  # rank 2 missing: a grey cell
+    sprite = sprites.compose(tiles, 4, cell)
+    assert sprite.shape == (10, 28, 3)
+    for r, (rec, img) in tiles.items():
+        assert np.array_equal(sprite[0:5, 7 * r:7 * r + 7], rec) and np.array_equal(sprites.cut(sprite, r, 0, cell), rec)
+        assert np.array_equal(sprite[5:10, 7 * r:7 * r + 7], img) and np.array_equal(sprites.cut(sprite, r, 1, cell), img)
+    assert (sprites.cut(sprite, 2, 0, cell) == 128).all() and (sprites.cut(sprite, 2, 1, cell) == 128).all()
+    assert sprites.sprite_ext((31, 31)) == "png" and sprites.sprite_ext((32, 20)) == "jpg"
+    assert sprites.sprite_ext((163, 163), lossless=True) == "png"
+    assert sprites.sprite_path("conv1", 3, "jpg") == "tiles/conv1/c0003.jpg"
+
+
+def test_encode_image_round_trips_png_exactly_and_jpeg_closely(tmp_path):
+    import cv2
+
+    from deconvis.io.atomic import write_image
+
+    rng = np.random.default_rng(1)
+    smooth = cv2.GaussianBlur(rng.normal(128, 60, (64, 80, 3)), (0, 0), 2).clip(0, 255).astype(np.uint8)
+    for ext in ("png", "jpg"):
+        path = str(tmp_path / f"x.{ext}")
+        write_image(path, smooth)
+        back = render.read_rgb(path)
+        diff = np.abs(back.astype(int) - smooth.astype(int))
+        assert diff.max() == 0 if ext == "png" else diff.mean() < 1.0, (ext, diff.mean())
+    assert open(str(tmp_path / "x.jpg"), "rb").read(2) == b"\xff\xd8"
+    with pytest.raises(ValueError, match="unknown format"):
+        write_image(str(tmp_path / "x.bmp"), smooth)
 
 
 @pytest.mark.parametrize("k,n", [(9, 5), (4, 1), (3, 7), (1, 2)])

@@ -58,11 +58,11 @@ def test_report_is_self_contained_and_links_resolve(run_out):
     assert len(p.links) == sum(len(lr.sheets) for lr in run_out.results.layers)
     n = 0
     for L, lr in zip(data["layers"], run_out.results.layers):
-        assert len(L["units"]) == lr.channels
-        for u in L["units"]:
+        assert len(L["units"]) == lr.channels and L["cell"] == lr.cell
+        for u, ru in zip(L["units"], lr.units):
+            assert u["s"] == ru.sprite and os.path.isfile(os.path.join(run_out.run_dir, u["s"]))  # one sprite per channel
             for w in u["w"]:
-                for kind in ("rec", "img"):
-                    assert os.path.isfile(os.path.join(run_out.run_dir, w[kind]))
+                assert "rec" not in w and "img" not in w  # tiles are cells of the sprite, not files
                 assert data["images"][str(w["i"])].startswith("img")
                 n += 1
     assert n == sum(len(u.winners) for lr in run_out.results.layers for u in lr.units)
@@ -119,14 +119,29 @@ def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_
     browser.js("Promise.all([...document.querySelectorAll('section.layer.active .t img')].map(i=>{"
                "i.loading='eager'; return i.complete ? 0 : new Promise(r=>{i.onload=i.onerror=r;});}))")
     assert browser.js("[...document.querySelectorAll('section.layer.active .t img')].filter(i=>!i.naturalWidth).length") == 0
-    # a tile click opens the enlarged view of that winner
+    # each tile is the window of its cell in the channel's sprite: rank r in column r, rec above img
+    h, wd = second.cell
+    k = len(second.units[0].winners)
+    assert browser.js("document.querySelector('section.layer.active .t img').naturalWidth") == k * wd
     unit = second.units[1]
     w = unit.winners[2]
+    s = 64 / max(h, wd)
+    boxes = browser.js(f"[...document.querySelectorAll('#L1c{unit.channel} .t')].map(t=>{{const i=t.querySelector('img');"
+                       "const a=t.getBoundingClientRect(), b=i.getBoundingClientRect();"
+                       "return [i.getAttribute('src'), b.left-a.left, b.top-a.top, a.width, a.height];})")
+    for n, (src, dx, dy, tw, th) in enumerate(boxes):  # k rec tiles, then k img tiles
+        row, rank = divmod(n, k)
+        assert src == unit.sprite and (dx, dy) == pytest.approx((-rank * wd * s, -row * h * s), abs=0.6), n
+        assert (tw, th) == pytest.approx((round(wd * s), round(h * s)), abs=0.6)
+    # a tile click opens the enlarged view of that winner
     browser.click(f"#L1c{unit.channel} .tiles .t:nth-child(3)")
     browser.settle()
     assert browser.js("document.getElementById('box').classList.contains('on')") is True
     src = browser.js("document.querySelector('#box img.rec').getAttribute('src')")
-    assert src == w.tiles["rec"]
+    assert src == unit.sprite
+    big = browser.js("(()=>{const i=document.querySelector('#box img.img'), a=i.parentElement.getBoundingClientRect(),"
+                     "b=i.getBoundingClientRect(); return [b.left-a.left, b.top-a.top, a.width];})()")
+    assert big[0] == pytest.approx(-2 * wd * big[2] / wd, abs=1.0) and big[1] == pytest.approx(-h * big[2] / wd, abs=1.0)
     text = browser.js("document.querySelector('#box p').textContent")
     assert f"channel {unit.channel}  rank 3 of" in text and f"image #{w.image}" in text
     browser.js("new Promise(r=>{const i=document.querySelector('#box img.rec'); i.complete ? r() : (i.onload=i.onerror=r);})")

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             sp = st["split"]
             print(f"  mining time (rank {st['rank']} of {out.world}): load {sp['load']:.2f} s, forward "
                   f"{sp['forward']:.2f} s, top-k {sp['topk']:.2f} s, other {sp['other']:.2f} s; {st['images']} images")
-    print(f"  sheets   {len(out.sheets)} PNGs in {out.run_dir}")
+    print(f"  sheets   {len(out.sheets)} images in {out.run_dir}")
     print(f"  report   {out.report}")
     return 0
 

@@ -31,17 +31,22 @@ def to_uint8_tensor(rec: Tensor, shared: bool = False, percentile: Optional[floa
         rec = rec[None]
     if rec.dim() != 4:
         raise ValueError(f"reconstructions must be [M, C, H, W], got shape {list(rec.shape)}")
-    v = rec.detach().to(torch.float32 if rec.device.type == "mps" else torch.float64)
-    mag = v.abs().flatten(1)
-    if percentile is None:
-        scale = mag.amax(1)
+    rec = rec.detach()
+    wide = torch.float32 if rec.device.type == "mps" else torch.float64
+    if percentile is None:  # max |v| is exact in the input's precision: no float64 copy for it
+        lo, hi = rec.flatten(1).aminmax(dim=1)
+        scale = torch.maximum(hi, -lo).to(wide)
     else:
-        scale = torch.quantile(mag, percentile / 100.0, dim=1)
+        scale = torch.quantile(rec.to(wide).abs().flatten(1), percentile / 100.0, dim=1)
     if shared:
         scale = scale.amax().expand_as(scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    out = 128.0 + 127.0 * (v / scale.view(-1, 1, 1, 1))
-    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    # 128 + 127 * (v / scale), rounded: the same operations in the same order, in place on one copy
+    v = rec.to(wide, copy=True)
+    v.div_(scale.view(-1, 1, 1, 1)).mul_(127.0).add_(128.0).round_().clamp_(0, 255)
+    out = torch.empty((v.shape[0], v.shape[2], v.shape[3], v.shape[1]), dtype=torch.uint8, device=v.device)
+    out.copy_(v.permute(0, 2, 3, 1))
+    return out
 
 
 def resize_tile(img: np.ndarray, th: int, tw: int) -> np.ndarray:

@@ -10,9 +10,13 @@ displayed-image pixels). Two tiles are cut on that same box:
   :func:`deconvis.render.display.to_uint8` (per-tile contrast stretch around zero: zero shows grey);
 * ``img``: the displayed (preprocessed, un-normalised) image, neutral grey outside the image.
 
-Tiles are saved as PNGs (``tiles/<layer>/c<channel>_<rank>_{rec,img}.png``, channel 4 digits,
-rank 0 = strongest) and the sheets are composed from those files, so ``--render-only`` needs
-neither the model nor the images. A sheet holds ``per_sheet`` channels; each channel is a block
+A channel's tiles are saved as one sprite (``tiles/<layer>/c<channel>.<png|jpg>``, channel 4
+digits; column = rank, 0 = strongest; row 0 reconstructions, row 1 patches: :mod:`deconvis.render.sprites`)
+and the sheets are composed from those files (one decode per channel, on a few threads), so
+``--render-only`` needs neither the model nor the images. Runs of version 1 kept two files per
+winner (``c<channel>_<rank>_{rec,img}.png``); they still render. Sheets are JPEG (quality 93,
+4:4:4: 2.5x smaller and 10x faster to encode than PNG on these photographic grids), PNG with
+``lossless``. A sheet holds ``per_sheet`` channels; each channel is a block
 of k reconstructions (left) beside its k patches (right), labelled with the channel and each
 tile's activation.
 """
@@ -27,7 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from deconvis.graph.rf_geometry import clip_box as _clip_box
-from deconvis.io.atomic import write_png
+from deconvis.io.atomic import write_image
+from deconvis.render import sprites
 from deconvis.render.display import resize_tile
 from deconvis.io.images import GREY
 
@@ -63,7 +68,7 @@ def safe_name(label: str) -> str:
 
 
 def tile_paths(label: str, channel: int, rank: int) -> Dict[str, str]:
-    """Relative paths (to the run folder) of a unit's two tiles."""
+    """Relative paths (to the run folder) of a unit's two tiles in a version-1 run (one file each)."""
     base = f"tiles/{safe_name(label)}/c{channel:04d}_{rank}"
     return {"rec": f"{base}_rec.png", "img": f"{base}_img.png"}
 
@@ -90,12 +95,36 @@ TileSink = Callable[[TileJob, np.ndarray, np.ndarray, Box], None]
 # ---------------------------------------------------------------------------------------------
 # sheets
 
-def read_rgb(path: str) -> Optional[np.ndarray]:
-    """A PNG tile as uint8 RGB, or None if missing/unreadable."""
-    import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
+read_rgb = sprites.read_rgb  # an image file as uint8 RGB, or None
 
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    return None if img is None else img[:, :, ::-1]
+
+def load_tile(run_dir: str, layer, unit, winner, kind: str) -> Optional[np.ndarray]:
+    """One saved tile, uint8 RGB ``[h, w, 3]``: ``kind`` ``rec`` or ``img`` of ``winner`` (a
+    ``Winner`` of ``unit``, a ``ChannelResult`` of ``layer``), cut from the channel's sprite (or
+    read from its own file in a version-1 run); None when it has no tiles."""
+    cell = getattr(layer, "cell", None) or layer.rf
+    if unit.sprite:
+        sprite = read_rgb(os.path.join(run_dir, unit.sprite))
+        return None if sprite is None or not cell else sprites.cut(sprite, winner.rank, sprites.ROWS.index(kind), cell)
+    return read_rgb(os.path.join(run_dir, winner.tiles[kind])) if winner.tiles else None
+
+
+def channel_tiles(unit, run_dir: str, k: int, cell: Optional[Sequence[int]]
+                  ) -> List[Optional[Tuple[np.ndarray, np.ndarray, float]]]:
+    """``[(rec, img, activation) or None]`` per winner of ``unit`` (a ``ChannelResult``), read
+    from its sprite (one decode) or, for a version-1 run, from its two files per winner; None for
+    a winner without tiles (not projected, or its file is missing)."""
+    sprite = read_rgb(os.path.join(run_dir, unit.sprite)) if unit.sprite else None
+    out: List[Optional[Tuple[np.ndarray, np.ndarray, float]]] = []
+    for w in unit.winners:
+        rec = img = None
+        if sprite is not None and cell and w.box is not None and w.rank < k:
+            rec, img = sprites.cut(sprite, w.rank, 0, cell), sprites.cut(sprite, w.rank, 1, cell)
+        elif w.tiles:
+            rec = read_rgb(os.path.join(run_dir, w.tiles["rec"]))
+            img = read_rgb(os.path.join(run_dir, w.tiles["img"]))
+        out.append((rec, img, w.activation) if rec is not None and img is not None else None)
+    return out
 
 
 def tile_scale(rh: int, rw: int, min_tile: int, max_tile: int) -> Tuple[int, int, int]:
@@ -221,8 +250,9 @@ def render_sheet(
     return sheet
 
 
-def sheet_name(label: str, page: int) -> str:
-    return f"layer_{safe_name(label)}_p{page:03d}.png"
+def sheet_name(label: str, page: int, ext: str = "jpg") -> str:
+    """``layer_<label>_pNNN.<ext>`` (page from 1)."""
+    return f"layer_{safe_name(label)}_p{page:03d}.{ext}"
 
 
 def render_layer(
@@ -235,37 +265,42 @@ def render_layer(
     min_tile: int = 64,
     max_tile: int = 96,
     n_images: Optional[int] = None,
+    ext: str = "jpg",
+    threads: int = 2,
 ) -> List[str]:
-    """Compose ``layer``'s sheets from its saved tiles; write them atomically into ``run_dir``.
+    """Compose ``layer``'s sheets from its saved sprites (read on ``threads`` threads: OpenCV's
+    decoders release the GIL); write them atomically into ``run_dir`` as ``ext`` (jpg or png).
 
     Returns the sheet paths relative to ``run_dir``. Units without tiles show as empty cells.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     rf = layer.rf or [1, 1]
     th, tw, _ = tile_scale(int(rf[0]), int(rf[1]), min_tile, max_tile)
     layout = SheetLayout(k=k, th=th, tw=tw, per_sheet=per_sheet, columns=columns)
     units = layer.units
+    cell = getattr(layer, "cell", None) or rf
     pages = max(1, math.ceil(len(units) / per_sheet))
     written: List[str] = []
-    for p in range(pages):
-        chunk = units[p * per_sheet:(p + 1) * per_sheet]
-        blocks = []
-        for u in chunk:
-            tiles: List[Optional[Tuple[np.ndarray, np.ndarray, float]]] = []
-            for wnr in u.winners:
-                rec = img = None
-                if wnr.tiles:
-                    rec = read_rgb(os.path.join(run_dir, wnr.tiles["rec"]))
-                    img = read_rgb(os.path.join(run_dir, wnr.tiles["img"]))
-                tiles.append((rec, img, wnr.activation) if rec is not None and img is not None else None)
-            blocks.append((u.channel, tiles))
-        lo = chunk[0].channel if chunk else 0
-        hi = chunk[-1].channel if chunk else 0
-        over = f" over {n_images} images" if n_images is not None else ""
-        name_part = layer.label if layer.label == layer.name else f"{layer.label} ({layer.name})"
-        title = (f"{name_part}  channels {lo}-{hi}  page {p + 1}/{pages}  top-{k}{over}  "
-                 f"RF {rf[0]}x{rf[1]}px   left: reconstructions, right: image patches")
-        sheet = render_sheet(blocks, layout, title)
-        rel = sheet_name(layer.label, p + 1)
-        write_png(os.path.join(run_dir, rel), sheet)
-        written.append(rel)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="deconvis-sheets") as pool:
+        def read(u):
+            return [None if t is None else (resize_tile(t[0], th, tw), resize_tile(t[1], th, tw), t[2])
+                    for t in channel_tiles(u, run_dir, k, cell)]
+
+        writes = []
+        for p in range(pages):
+            chunk = units[p * per_sheet:(p + 1) * per_sheet]
+            blocks = list(zip((u.channel for u in chunk), pool.map(read, chunk)))
+            lo = chunk[0].channel if chunk else 0
+            hi = chunk[-1].channel if chunk else 0
+            over = f" over {n_images} images" if n_images is not None else ""
+            name_part = layer.label if layer.label == layer.name else f"{layer.label} ({layer.name})"
+            title = (f"{name_part}  channels {lo}-{hi}  page {p + 1}/{pages}  top-{k}{over}  "
+                     f"RF {rf[0]}x{rf[1]}px   left: reconstructions, right: image patches")
+            sheet = render_sheet(blocks, layout, title)
+            rel = sheet_name(layer.label, p + 1, ext)
+            writes.append(pool.submit(write_image, os.path.join(run_dir, rel), sheet))
+            written.append(rel)
+        for f in writes:
+            f.result()
     return written

@@ -76,10 +76,12 @@ class VisualizeConfig(Config):
     replay_max_mismatch: Optional[int] = option(0, "replay check: fail the run when more than N projected winners' "
                                                     "recomputed activation differs from the mined value (a changed "
                                                     "model or image set); unset/none: only count them")
-    per_sheet: int = option(16, "channels per grid sheet (PNG page)")
+    per_sheet: int = option(16, "channels per grid sheet (one image per page)")
     sheet_columns: int = option(4, "channel blocks per sheet row")
     min_tile: int = option(64, "smallest tile side in sheets, pixels (small RF patches are upscaled, nearest)")
     max_tile: int = option(96, "largest tile side in sheets, pixels (large RF patches are downscaled, area)")
+    lossless: bool = option(False, "write sheets and every sprite as PNG (pixel-exact; default: JPEG quality 93 "
+                                   "for sheets and for tiles of 32 px and more, about 3x smaller)")
     render_only: bool = option(False, "re-render sheets and report from results.json and saved tiles; never re-mine")
     fresh: bool = option(False, "ignore (delete) this run's saved mining state, tiles and results and start over")
     progress: bool = option(True, "show progress bars")

@@ -9,8 +9,8 @@
    (loading/decoding, forward, top-k update) is logged and kept in ``results.json`` stats;
 2. **project** -- re-forward the winners' images and project every winner with
    ``DeconvNet.project_window`` (batches sized by free memory unless ``project_batch`` is set);
-   saves two tiles per winner (``tiles/<layer>/...``);
-3. **render** -- compose per-layer sheets ``layer_<label>_pNNN.png`` from the tiles;
+   writes one sprite per channel (``tiles/<layer>/c<channel>.<png|jpg>``, on a background thread);
+3. **render** -- compose per-layer sheets ``layer_<label>_pNNN.jpg`` (``.png`` with ``lossless``) from the sprites;
    then the Section 4 analyses of ``analyses`` (rank 0; :mod:`deconvis.runs.phases.analyses`);
 4. **report** -- ``index.html`` to browse it all.
 
@@ -27,8 +27,8 @@ rank with the same error, within about a second plus one batch; a rank that cras
 given up on after ``dist_timeout`` seconds without progress. Only rank 0 shows progress bars.
 
 Resuming: everything is written atomically and a restarted run with the same config skips what
-is done -- a finished mining (``results.json``), tiles already on disk, sheets whose inputs did
-not change. A run folder holding a run with a different mining configuration is an error (pass
+is done -- a finished mining (``results.json``), channels whose sprite is on disk (every rank's
+``projection.rank<r>.json`` lists them while projecting), sheets whose inputs did not change. A run folder holding a run with a different mining configuration is an error (pass
 ``fresh`` to discard it); so is a mining checkpoint written by a different number of processes
 (restart with that number, or ``fresh``). Each rank resumes from its own checkpoint at the item
 of its shard where it stopped, so nothing is counted twice. ``render_only`` re-renders sheets and
@@ -60,11 +60,12 @@ from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.analyses import analyses_phase, check_analyses
 from deconvis.runs.phases.mine import build_results, check_mined, mine_phase, mining_forward
 from deconvis.runs.phases.prepare import Context, amp_dtype, prepare
-from deconvis.runs.phases.project import plan_projection, project_chunk, project_phase, split_jobs
+from deconvis.runs.phases.project import (plan_projection, project_chunk, project_phase, read_progress,
+                                          remove_progress, split_jobs)
 from deconvis.runs.phases.render import render_phase
 from deconvis.runs.phases.report import report_phase
 from deconvis.runs.phases.rundir import (REPORT_FILE, STATE_FILE, check_state_world, clear_run,
-                                         load_results, run_log, state_filename, tiles_done)
+                                         channel_done, load_results, run_log, state_filename)
 from deconvis.runs.results import Results
 from deconvis.utils.device import resolve_device, tf32
 
@@ -172,10 +173,11 @@ def _project(ctx: Context, res: Results, poll) -> int:
     """Phase project, split over ranks; returns how many units all ranks projected."""
     info = ctx.info
     with dist_mod.phase(info, "projection plan"):  # rank 0 plans from its view of the folder; every rank takes it
-        jobs = plan_projection(ctx, res) if info.is_main else []
-    jobs = dist_mod.from_main(jobs, info, "the projection plan")
+        progress = read_progress(ctx.run_dir, ctx.projection_hash) if info.is_main else []  # every rank's finished channels
+        jobs = plan_projection(ctx, res, progress) if info.is_main else []
+    progress, jobs = dist_mod.from_main((progress, jobs), info, "the projection plan")
     if not info.is_main:
-        plan_projection(ctx, res)  # the same rule-change reset of res as on rank 0 (its job list is unused)
+        plan_projection(ctx, res, progress)  # the same reset and restored channels as on rank 0 (its job list is unused)
     mine = split_jobs(jobs, info)
     replay = projection_mod.new_replay(res, precision.replay_rtol(ctx))
     if jobs and info.enabled:
@@ -211,6 +213,7 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             ranks.main_log(info, "projected %d units in %.1f s", n_proj, seconds["project"])
         if info.is_main:
             results_mod.save(res, run_dir)
+            remove_progress(run_dir)  # results.json lists every rank's channels now
     projection_mod.replay_verdict(res.stats["replay"], cfg.replay_max_mismatch, info.is_main)  # alike on every rank
 
     t = time.perf_counter()
@@ -240,7 +243,7 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
 def _render_only(cfg: VisualizeConfig, run_dir: str) -> Outcome:
     t = time.perf_counter()
     res = results_mod.load(run_dir)
-    missing = sum(1 for lr in res.layers for u in lr.units for w in u.winners if not tiles_done(run_dir, w))
+    missing = sum(len(u.winners) for lr in res.layers for u in lr.units if not channel_done(run_dir, u))
     if missing:
         log.warning("%d units have no saved tiles (the run was interrupted before projecting them): they show as "
                     "empty cells; run without --render-only to finish", missing)

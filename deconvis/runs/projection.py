@@ -71,8 +71,10 @@ def wait_for_tiles(run_dir: str, layers: Iterable[Any], names: Optional[Collecti
                    sleep: Callable[[float], None] = time.sleep) -> None:
     """Wait until every tile the ``layers`` (``LayerResult``; only those in ``names`` if given) list
     exists under ``run_dir``; a :class:`DeconvisError` naming the first missing one after ``timeout_s``."""
+    from deconvis.runs.phases.rundir import tile_files
+
     missing: List[str] = [os.path.join(run_dir, p) for lr in layers if names is None or lr.name in names
-                          for u in lr.units for w in u.winners if w.tiles for p in w.tiles.values()]
+                          for u in lr.units for p in tile_files(u)]
     start = now()
     while True:
         missing = [p for p in missing if not exists(p)]

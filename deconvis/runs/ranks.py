@@ -107,7 +107,7 @@ def merge_projection(res: Results, jobs: List[TileJob], n_done: int, info: DistI
         return n_done
     updates = dist_mod.all_gather_objects(projection_updates(res, jobs), info, "projection")
     apply_projection_updates(res, updates)  # type: ignore[arg-type]
-    return sum(len(u["units"]) for u in updates)  # type: ignore[index]
+    return sum(int(u["units"]) for u in updates)  # type: ignore[index]
 
 
 def merge_sheets(res: Results, my_layers: List[str], info: DistInfo) -> None:

@@ -1,7 +1,9 @@
 """``index.html``: a static, self-contained report to browse a top-k run.
 
-One file with inline CSS and JavaScript and relative links to the run's PNGs (open it straight
-from disk, or serve the run folder). A tab per layer; per channel the k reconstructions beside
+One file with inline CSS and JavaScript and relative links to the run's images (open it straight
+from disk, or serve the run folder). Each tile is a window onto its channel's sprite (one image per
+channel, :mod:`deconvis.render.sprites`: column = rank, row 0 reconstruction, row 1 patch), so a
+channel costs the browser one request; tiles of version-1 runs (one file each) show as before. A tab per layer; per channel the k reconstructions beside
 the k image patches, with activation values and source names; click a tile to enlarge it. The
 data (from ``results.json``) is embedded as JSON and each layer's thumbnails are built when its
 tab is first opened, so reports of large networks (VGG16: 4224 channels) stay quick.
@@ -46,13 +48,15 @@ section.analysis .files a{margin-right:8px;font-size:12.5px}
 .pair{display:flex;gap:8px}
 .tiles{display:grid;gap:2px}
 .t{position:relative;cursor:zoom-in;line-height:0}
-.t img{width:var(--tile);height:var(--tile);object-fit:contain;image-rendering:pixelated;background:#888}
+.pic{overflow:hidden;background:#888;line-height:0}
+.pic img{display:block;max-width:none;image-rendering:pixelated}
+.pic img.whole{width:100%;height:100%;object-fit:contain}
 .t span{position:absolute;left:1px;bottom:1px;font:10px/1 monospace;color:#fff;background:rgba(0,0,0,.55);padding:1px 2px}
 .empty{width:var(--tile);height:var(--tile);background:#e0e0e0}
 #box{display:none;position:fixed;inset:0;background:rgba(0,0,0,.82);z-index:10;align-items:center;justify-content:center;flex-direction:column;color:#eee}
 #box.on{display:flex}
 #box .big{display:flex;gap:14px}
-#box img{width:min(42vw,420px);height:min(42vw,420px);object-fit:contain;image-rendering:pixelated;background:#888}
+#box .pic{border:0}
 #box p{margin:10px 0 0;font-size:13.5px;max-width:860px;text-align:center}
 #box small{color:#aaa}
 .toolbar{margin:0 0 10px;font-size:13px}
@@ -69,13 +73,28 @@ const box = document.getElementById('box');
 let current = null;
 function el(tag, cls, txt){const e=document.createElement(tag); if(cls) e.className=cls; if(txt!==undefined) e.textContent=txt; return e;}
 function fmt(v){return Number(v).toPrecision(3).replace(/\.?0+$/,'').replace(/\.?0+e/,'e');}
+function has(c, w){ return (c.s && w.b) || w.rec; }
+function pic(L, c, w, which, size){
+  // one tile, longer side `size` px: a window onto the channel's sprite (cell [h, w]; column =
+  // rank, row 0 = rec, row 1 = img), or the tile's own file in a version-1 run
+  const d = el('div','pic'); const im = new Image(); im.loading = 'lazy'; im.className = which;
+  im.alt = L.label+' ch '+c.c+' rank '+(w.r+1)+' '+which;
+  if(c.s && L.cell){
+    const h = L.cell[0], wd = L.cell[1], s = size/Math.max(h, wd);
+    d.style.width = Math.round(wd*s)+'px'; d.style.height = Math.round(h*s)+'px';
+    im.src = c.s; im.style.width = (D.k*wd*s)+'px'; im.style.height = (2*h*s)+'px';
+    im.style.marginLeft = (-w.r*wd*s)+'px'; im.style.marginTop = (which==='img' ? -h*s : 0)+'px';
+  } else {
+    d.style.width = d.style.height = size+'px'; im.classList.add('whole');
+    im.src = which==='rec' ? w.rec : w.img;
+  }
+  d.appendChild(im); return d;
+}
 function tile(L, c, w, which){
   const d = el('div','t');
-  if(!w.rec){ const e = el('div','empty'); d.appendChild(e); return d; }
-  const im = new Image(); im.loading='lazy'; im.src = which==='rec'? w.rec : w.img;
-  im.alt = L.label+' ch '+c.c+' rank '+(w.r+1)+' '+which;
+  if(!has(c, w)){ const e = el('div','empty'); d.appendChild(e); return d; }
   d.title = 'rank '+(w.r+1)+' | activation '+fmt(w.a)+' | '+D.images[w.i];
-  d.appendChild(im);
+  d.appendChild(pic(L, c, w, which, D.tile));
   if(which==='rec') d.appendChild(el('span','',fmt(w.a)));
   d.addEventListener('click', ()=>show(L,c,w));
   return d;
@@ -116,7 +135,9 @@ tabs.forEach((s,li)=>{ const b = el('button', li < D.layers.length ? '' : 'an', 
   b.addEventListener('click',()=>activate(li)); nav.appendChild(b); });
 function show(L,c,w){
   current = {L,c,w};
-  box.querySelector('.rec').src = w.rec; box.querySelector('.img').src = w.img;
+  const big = box.querySelector('.big'); big.innerHTML = '';
+  const side = Math.min(420, Math.round(0.42*window.innerWidth));
+  big.appendChild(pic(L, c, w, 'rec', side)); big.appendChild(pic(L, c, w, 'img', side));
   box.querySelector('p').innerHTML = '';
   const p = box.querySelector('p');
   p.appendChild(document.createTextNode(L.label+'  channel '+c.c+'  rank '+(w.r+1)+' of '+D.k+'  activation '+fmt(w.a)));
@@ -130,7 +151,7 @@ function show(L,c,w){
 }
 function step(d){
   if(!current) return; const {L,c,w} = current; const i = c.w.indexOf(w)+d;
-  if(i>=0 && i<c.w.length && c.w[i].rec) show(L,c,c.w[i]);
+  if(i>=0 && i<c.w.length && has(c, c.w[i])) show(L,c,c.w[i]);
 }
 box.addEventListener('click', ()=>{box.classList.remove('on'); current=null;});
 document.addEventListener('keydown', e=>{
@@ -149,6 +170,10 @@ if(tabs.length) activate(start);
 """
 
 
+#: the side of a tile in the report's grids, CSS pixels
+TILE_PX = 64
+
+
 def _data(res: Results) -> Dict[str, Any]:
     """The compact JSON the page's script reads."""
     items = res.images.get("items", {})
@@ -159,12 +184,14 @@ def _data(res: Results) -> Dict[str, Any]:
         for u in lr.units:
             ws = []
             for w in u.winners:
-                ws.append({"r": w.rank, "i": w.image, "a": w.activation, "y": w.y, "x": w.x, "b": w.box,
-                           "bc": w.box_clipped, "rec": (w.tiles or {}).get("rec"), "img": (w.tiles or {}).get("img")})
+                d = {"r": w.rank, "i": w.image, "a": w.activation, "y": w.y, "x": w.x, "b": w.box, "bc": w.box_clipped}
+                if w.tiles:  # a version-1 run: one file per tile
+                    d.update(rec=w.tiles.get("rec"), img=w.tiles.get("img"))
+                ws.append(d)
                 images.setdefault(str(w.image), w.source)
-            units.append({"c": u.channel, "w": ws})
-        layers.append({"name": lr.name, "label": lr.label, "units": units})
-    return {"k": res.k, "images": images, "layers": layers}
+            units.append({"c": u.channel, "s": u.sprite, "w": ws})
+        layers.append({"name": lr.name, "label": lr.label, "cell": lr.cell, "units": units})
+    return {"k": res.k, "tile": TILE_PX, "images": images, "layers": layers}
 
 
 def _cell(v: Any) -> str:
@@ -206,7 +233,7 @@ def render_html(res: Results) -> str:
     cfg = res.config
     model = res.model
     k = int(cfg.get("k", 9))
-    tile_px = 64
+    tile_px = TILE_PX
     n_img = res.images.get("count", "?")
     readable = res.images.get("readable", n_img)
     skipped = res.images.get("skipped", [])
@@ -236,8 +263,7 @@ def render_html(res: Results) -> str:
             f'<style>:root{{--tile:{tile_px}px}}{_CSS}</style></head>\n'
             f'<body class="nojs"><header><h1>{title}</h1><div class="meta">{meta}</div></header>\n'
             f'<nav></nav><main>\n' + "\n".join(sections + analysis_sections(res)) + "\n</main>\n"
-            f'<div id="box"><div class="big"><img class="rec" alt="reconstruction"><img class="img" alt="patch">'
-            f'</div><p></p></div>\n'
+            f'<div id="box"><div class="big"></div><p></p></div>\n'
             f'<script type="application/json" id="data">{data}</script>\n<script>{_JS}</script>\n</body></html>\n')
 
 

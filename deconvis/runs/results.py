@@ -6,10 +6,10 @@ it are relative to the run folder (``outputs/<run>/``). Boxes are half-open inpu
 ``preprocess``); ``box`` is the unit's full receptive field (may run past the image: that part
 is grey in the patch and zero in the reconstruction), ``box_clipped`` its part inside the image.
 
-Schema (version 1)::
+Schema (version 2)::
 
     {
-      "schema": "deconvis.results", "version": 1,
+      "schema": "deconvis.results", "version": 2,
       "created": "2025-01-01T12:00:00+00:00",
       "status": "mined" | "projected" | "rendered",
       "config": {...every VisualizeConfig key...},
@@ -24,16 +24,20 @@ Schema (version 1)::
       "k": 9,                     # winners per channel (files written before it existed: config["k"])
       "images": {"spec": "builtin:skimage-crops", "count": 252, "skipped": [{"id": 7, "path": "..."}],
                  "items": {"17": {"name": "...", "path": "..."}, ...}},   # the images that won
-      "layers": [
+      "sprites": {"path": ..., "rows": ["rec", "img"], "columns": "rank (0 = strongest)", "cell": ...},
+      "layers": [                 # one line each: columns, not one object per unit
         {"name": "features.1", "label": "conv1", "channels": 64, "channels_total": 64,
-         "rf": [11, 11], "map_size": [55, 55], "sheets": ["layer_conv1_p001.png", ...],
-         "units": [
-           {"channel": 0, "winners": [
-              {"rank": 0, "image": 17, "source": "skimage:coffee", "activation": 12.5,
-               "y": 3, "x": 40, "box": [y0, y1, x0, x1], "box_clipped": [y0, y1, x0, x1],
-               "tiles": {"rec": "tiles/conv1/c0000_0_rec.png", "img": "tiles/conv1/c0000_0_img.png"}},
-              ...]},
-           ...]},
+         "rf": [11, 11], "cell": [11, 11], "map_size": [55, 55], "sheets": ["layer_conv1_p001.jpg", ...],
+         "sheets_hash": "...",
+         "units": {                # one entry per channel; per channel one entry per winner (rank order)
+           "channel": [0, 1, ...],
+           "sprite": ["tiles/conv1/c0000.png", null, ...],     # null: not projected yet
+           "rank": [[0, 1, ...], ...], "image": [[17, 3, ...], ...], "activation": [[12.5, ...], ...],
+           "y": [[3, ...], ...], "x": [[40, ...], ...],
+           "box": [[[y0, y1, x0, x1], ...], ...], "box_clipped": [[[y0, y1, x0, x1], ...], ...],
+           "source": [[...]]       # only when a winner's name differs from images.items (never by the pipeline)
+           "tiles": [[{"rec": path, "img": path} | null]]  # only for tiles of a version-1 run (one file each)
+         }},
         ...],
       "analyses": {"invariance": {"name": "invariance", "status": "done", "reason": "",
                                   "files": {"json": "analyses/invariance/invariance.json", "png": ...},
@@ -48,7 +52,13 @@ Schema (version 1)::
                            "examples": [[layer, channel, image, mined, recomputed], ...]}}
     }
 
-``box``/``box_clipped``/``tiles`` are ``null`` until the unit has been projected. ``stats.precision``
+The tiles of a channel are one sprite (:mod:`deconvis.render.sprites`): the tile of the winner of
+rank ``r`` is column ``r``, row 0 its reconstruction and row 1 its image patch, each cell ``cell``
+pixels; ``sprites`` states this addressing in the file. Version 1 (one object per winner, with
+``"tiles": {"rec": path, "img": path}`` files) is still read, re-rendered (``--render-only`` keeps
+it version 1) and resumed (saved as version 2 then, its tile files kept).
+
+``box``/``box_clipped``/``sprite`` are ``null`` until the unit has been projected. ``stats.precision``
 says in which precision each number was computed (``activation``: the winners' values);
 ``stats.nonfinite`` the (image, channel) pairs whose map held a NaN or inf (never winners);
 ``stats.replay`` how many projected winners' recomputed activation differed from the mined one
@@ -60,24 +70,25 @@ import datetime as _dt
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from deconvis.errors import DeconvisError
-from deconvis.io.atomic import write_json
+from deconvis.io.atomic import write_text
 from deconvis.io.models import Preprocess
 from deconvis.mirror.rules import Rule
 
 SCHEMA = "deconvis.results"
 # written by development builds between the package re-layout and this fix; read as the same schema
 _SCHEMA_ALIASES = (SCHEMA, "deconvis.runs.results")
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FILENAME = "results.json"
 
 Box = List[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class Winner:
     """One of a channel's k strongest images."""
 
@@ -89,13 +100,14 @@ class Winner:
     x: int
     box: Optional[Box] = None          # unclipped RF box in the displayed image, half-open
     box_clipped: Optional[Box] = None  # the part of ``box`` inside the image
-    tiles: Optional[Dict[str, str]] = None  # {"rec": path, "img": path}, relative to the run dir
+    tiles: Optional[Dict[str, str]] = None  # version-1 runs only: {"rec": path, "img": path} files
 
 
 @dataclass
 class ChannelResult:
     channel: int
     winners: List[Winner] = field(default_factory=list)
+    sprite: Optional[str] = None  # the channel's tiles, one image (deconvis.render.sprites); None: not projected
 
 
 @dataclass
@@ -106,6 +118,7 @@ class LayerResult:
     channels_total: int       # channels of the layer
     map_size: List[int]       # [h, w] of the layer's map for the input size
     rf: Optional[List[int]] = None  # [h, w] receptive-field size in pixels (set once projected)
+    cell: Optional[List[int]] = None  # [h, w] of one tile in the sprites, pixels (set once projected)
     sheets: List[str] = field(default_factory=list)
     sheets_hash: str = ""     # identity of the rendered sheets (skip re-rendering when unchanged)
     units: List[ChannelResult] = field(default_factory=list)
@@ -160,30 +173,121 @@ class Results:
                 return lr
         raise KeyError(name_or_label)
 
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
+    def _head(self) -> Dict[str, Any]:
+        """Everything but the layers, as JSON-ready values (small: copied with ``asdict``)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers", "analyses")}
         d["preprocess"], d["rule"] = self.preprocess.to_dict(), Rule.parse(self.rule).value
+        d["analyses"] = {k: asdict(v) for k, v in self.analyses.items()}
+        d["version"] = self.version if self.version in READABLE_VERSIONS else VERSION
         order = ["schema", "version", "created", "status"]
-        return {**{k: d.pop(k) for k in order}, **d}
+        out = {**{k: d.pop(k) for k in order}, **d}
+        if out["version"] >= 2:
+            from deconvis.render.sprites import ADDRESSING
+            out["sprites"] = dict(ADDRESSING)
+        return finite_json(out)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The file's content (version ``self.version``: 2 for new runs, 1 for a re-rendered old run)."""
+        d = self._head()
+        d["layers"] = [_layer_v2(lr, self.images) if d["version"] >= 2 else _layer_v1(lr) for lr in self.layers]
+        return d
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text: the head indented, each layer on one compact line (the C
+        encoder: fast for 100k winners)."""
+        head = self._head()
+        head["layers"] = "\0LAYERS\0"
+        text = json.dumps(head, indent=1, ensure_ascii=False, allow_nan=False)
+        v2 = head["version"] >= 2
+        layers = ",\n  ".join(json.dumps(_layer_v2(lr, self.images) if v2 else _layer_v1(lr), ensure_ascii=False,
+                                         allow_nan=False, separators=(",", ":")) for lr in self.layers)
+        return text.replace('"\\u0000LAYERS\\u0000"', "[\n  " + layers + "\n ]" if layers else "[]") + "\n"
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Results":
         if d.get("schema") not in _SCHEMA_ALIASES:
             raise DeconvisError(f"not a deconvis results file (schema {d.get('schema')!r}); re-run with --fresh "
                                 "to start this run over")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise DeconvisError(f"results.json has schema version {d.get('version')!r}; this deconvis reads "
-                                f"version {VERSION}: re-run without --render-only (or with --fresh)")
+                                f"versions {', '.join(map(str, READABLE_VERSIONS))}: re-run without --render-only "
+                                "(or with --fresh)")
         try:
-            layers = [LayerResult(**{**lr, "units": [ChannelResult(channel=u["channel"],
-                                                                   winners=[Winner(**w) for w in u["winners"]])
-                                                     for u in lr["units"]]})
-                      for lr in d["layers"]]
-            rest = {k: v for k, v in d.items() if k not in ("layers", "analyses")}
+            items = (d.get("images") or {}).get("items", {})
+            read = _read_layer_v1 if d["version"] == 1 else _read_layer_v2
+            layers = [read(lr, items) for lr in d["layers"]]
+            rest = {k: v for k, v in d.items() if k not in ("layers", "analyses", "sprites")}
             rest["analyses"] = {k: AnalysisRecord(**v) for k, v in (d.get("analyses") or {}).items()}
             return cls(layers=layers, **rest)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DeconvisError(f"results.json is malformed ({type(exc).__name__}: {exc}); re-run with --fresh") from exc
+
+
+_LAYER_KEYS = ("name", "label", "channels", "channels_total", "map_size", "rf", "cell", "sheets", "sheets_hash")
+
+
+def _finite(v: Optional[float]) -> Optional[float]:
+    return v if v is None or math.isfinite(v) else None
+
+
+def _layer_v2(lr: LayerResult, images: Dict[str, Any]) -> Dict[str, Any]:
+    """A layer as columns (version 2): per channel, per winner; no per-unit objects."""
+    units = lr.units
+    ws = [u.winners for u in units]
+    cols: Dict[str, Any] = {
+        "channel": [u.channel for u in units],
+        "sprite": [u.sprite for u in units],
+        "rank": [[w.rank for w in row] for row in ws],
+        "image": [[w.image for w in row] for row in ws],
+        "activation": [[_finite(w.activation) for w in row] for row in ws],
+        "y": [[w.y for w in row] for row in ws],
+        "x": [[w.x for w in row] for row in ws],
+        "box": [[w.box for w in row] for row in ws],
+        "box_clipped": [[w.box_clipped for w in row] for row in ws],
+    }
+    items = (images or {}).get("items", {})
+    if any(w.source != items.get(str(w.image), {}).get("name") for row in ws for w in row):
+        cols["source"] = [[w.source for w in row] for row in ws]
+    if any(w.tiles for row in ws for w in row):
+        cols["tiles"] = [[w.tiles for w in row] for row in ws]
+    out = {key: getattr(lr, key) for key in _LAYER_KEYS}
+    out["units"] = cols
+    return out
+
+
+def _layer_v1(lr: LayerResult) -> Dict[str, Any]:
+    """A layer as version 1 wrote it: one object per channel and per winner."""
+    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}
+    out["units"] = [{"channel": u.channel, "winners": [
+        {"rank": w.rank, "image": w.image, "source": w.source, "activation": _finite(w.activation), "y": w.y,
+         "x": w.x, "box": w.box, "box_clipped": w.box_clipped, "tiles": w.tiles} for w in u.winners]}
+        for u in lr.units]
+    return out
+
+
+def _read_layer_v1(d: Dict[str, Any], items: Dict[str, Any]) -> LayerResult:
+    return LayerResult(**{**d, "units": [ChannelResult(channel=u["channel"], winners=[Winner(**w) for w in u["winners"]])
+                                         for u in d["units"]]})
+
+
+def _read_layer_v2(d: Dict[str, Any], items: Dict[str, Any]) -> LayerResult:
+    cols = d["units"]
+    n = len(cols["channel"])
+    for key in ("sprite", "rank", "image", "activation", "y", "x", "box", "box_clipped"):
+        if len(cols[key]) != n:
+            raise ValueError(f"layer {d.get('name')!r}: column {key!r} has {len(cols[key])} entries for {n} channels")
+    source = cols.get("source")
+    tiles = cols.get("tiles")
+    units = []
+    for c in range(n):
+        row = zip(cols["rank"][c], cols["image"][c], cols["activation"][c], cols["y"][c], cols["x"][c],
+                  cols["box"][c], cols["box_clipped"][c])
+        winners = [Winner(rank=r, image=i, source=(source[c][j] if source else items.get(str(i), {}).get("name", "")),
+                          activation=float("nan") if a is None else a, y=y, x=x, box=b, box_clipped=bc,
+                          tiles=tiles[c][j] if tiles else None)
+                   for j, (r, i, a, y, x, b, bc) in enumerate(row)]
+        units.append(ChannelResult(channel=cols["channel"][c], winners=winners, sprite=cols["sprite"][c]))
+    return LayerResult(**{k: v for k, v in d.items() if k != "units"}, units=units)
 
 
 def finite_json(obj: Any) -> Any:
@@ -200,7 +304,7 @@ def finite_json(obj: Any) -> Any:
 def save(results: Results, run_dir: str) -> str:
     """Write ``run_dir/results.json`` atomically (a non-finite number becomes null); returns its path."""
     path = os.path.join(run_dir, FILENAME)
-    write_json(path, finite_json(results.to_dict()))
+    write_text(path, results.to_json())
     return path
 
 

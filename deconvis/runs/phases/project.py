@@ -1,35 +1,53 @@
 """Projection: re-forward the winners' images, project every winner with
-``DeconvNet.project_window`` and write its two tiles (``tiles/<layer>/...``); under torchrun each
-rank takes whole (layer, channel) groups."""
+``DeconvNet.project_window`` and write one sprite per channel (``tiles/<layer>/c<channel>.<png|jpg>``,
+:mod:`deconvis.render.sprites`) on a background thread; under torchrun each rank takes whole
+(layer, channel) groups.
+
+Progress: every rank keeps its own ``projection.rank<r>.json`` (atomic, at most every
+:data:`SAVE_EVERY_S` and at the end) listing the channels whose sprite it has written, with their
+boxes. Rank 0 merges every rank's file when it plans a resumed projection, so after a crash no
+rank's finished channels are projected again (a channel is the unit of work: its k winners are
+projected together, and a channel whose sprite was not yet written is projected again).
+"""
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
-from deconvis.io.atomic import write_png
+from deconvis.io.atomic import write_image, write_text
 from deconvis.io.images import ImageDataset
 from deconvis.render import projection
 from deconvis.render import sheets as render
+from deconvis.render import sprites
+from deconvis.render.writer import BackgroundWriter
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
-from deconvis.runs import results as results_mod
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.prepare import Context
-from deconvis.runs.phases.rundir import tiles_done
-from deconvis.runs.results import LayerResult, Results, Winner
+from deconvis.runs.phases.rundir import PROGRESS_GLOB, channel_done, progress_filename
+from deconvis.runs.results import ChannelResult, LayerResult, Results, Winner
 
 log = logging.getLogger("deconvis")
 
-#: during projection, results.json is re-saved at most this often (seconds) so a resume keeps tiles
+#: during projection, each rank's progress file is re-written at most this often (seconds)
 SAVE_EVERY_S = 30.0
 #: outputs of one auto-sized projection call may take this many bytes (DeconvNet sizes the work
 #: inside a call by free memory and halves it on out-of-memory; this bounds what it returns)
 AUTO_PROJECT_BYTES = {"cuda": 1 << 30}
 AUTO_PROJECT_BYTES_DEFAULT = 256 << 20
+#: sprites waiting for the writer thread before the projection waits for it (bounds memory)
+WRITER_PENDING = 64
+
+#: one finished channel: (layer name, channel, sprite path, cell [h, w], rf [h, w], [(rank, box, clipped)])
+Entry = Tuple[str, int, str, List[int], List[int], List[Tuple[int, List[int], List[int]]]]
 
 
 def _winners(res: Results) -> Dict[Tuple[str, int, int], Tuple[LayerResult, Winner]]:
@@ -37,18 +55,74 @@ def _winners(res: Results) -> Dict[Tuple[str, int, int], Tuple[LayerResult, Winn
     return {(lr.name, u.channel, w.rank): (lr, w) for lr in res.layers for u in lr.units for w in u.winners}
 
 
-def plan_projection(ctx: Context, res: Results) -> List[render.TileJob]:
+def _units(res: Results) -> Dict[Tuple[str, int], Tuple[LayerResult, ChannelResult]]:
+    """(layer name, channel) -> (its layer, the channel's result)."""
+    return {(lr.name, u.channel): (lr, u) for lr in res.layers for u in lr.units}
+
+
+def read_progress(run_dir: str, projection_hash: str) -> List[Entry]:
+    """The finished channels every rank's progress file lists (files of another projection, or
+    unreadable ones, are skipped: their channels are projected again)."""
+    out: List[Entry] = []
+    for path in sorted(glob.glob(os.path.join(run_dir, PROGRESS_GLOB))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable projection progress file %s", path)
+            continue
+        if isinstance(d, dict) and d.get("projection_hash") == projection_hash:
+            out.extend(tuple(e) for e in d.get("channels", []))  # type: ignore[misc]
+    return out
+
+
+def apply_entries(res: Results, entries: List[Entry]) -> None:
+    """Fill finished channels (:data:`Entry`) into ``res``: sprite, cell, RF and boxes."""
+    units = _units(res)
+    for layer, channel, sprite, cell, rf, boxes in entries:
+        found = units.get((layer, int(channel)))
+        if found is None:
+            continue
+        lr, u = found
+        by_rank = {w.rank: w for w in u.winners}
+        for rank, box, clipped in boxes:
+            w = by_rank.get(int(rank))
+            if w is not None:
+                w.box, w.box_clipped, w.tiles = list(box), list(clipped), None
+        u.sprite = sprite
+        if lr.cell is None:
+            lr.cell = list(cell)
+        if lr.rf is None:
+            lr.rf = list(rf)
+
+
+def remove_progress(run_dir: str) -> None:
+    """Drop every rank's progress file (``results.json`` holds their content now)."""
+    for path in glob.glob(os.path.join(run_dir, PROGRESS_GLOB)):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def plan_projection(ctx: Context, res: Results, progress: Optional[List[Entry]] = None) -> List[render.TileJob]:
     """The winners still to project (all of them after a rule change), in (layer, channel, rank)
-    order. Every rank computes the same list before any rank writes a tile."""
+    order, whole channels at a time; ``progress`` (:func:`read_progress`) fills in the channels
+    any rank finished before a crash. Every rank computes the same list before any rank writes."""
     cfg = ctx.cfg
     if res.projection_hash != ctx.projection_hash:
         if res.projection_hash and ctx.info.is_main:
             log.info("projection rule changed (%s -> %s): re-projecting every unit", res.rule, cfg.rule)
-        for _, w in _winners(res).values():
-            w.box = w.box_clipped = w.tiles = None
+        for lr in res.layers:
+            for u in lr.units:
+                u.sprite = None
+                for w in u.winners:
+                    w.box = w.box_clipped = w.tiles = None
         res.projection_hash, res.rule = ctx.projection_hash, cfg.rule
+    if progress:
+        apply_entries(res, progress)
     return [render.TileJob(lr.name, u.channel, w.rank, w.image, w.y, w.x, w.activation)
-            for lr in res.layers for u in lr.units for w in u.winners if not tiles_done(ctx.run_dir, w)]
+            for lr in res.layers for u in lr.units if not channel_done(ctx.run_dir, u) for w in u.winners]
 
 
 def split_jobs(jobs: List[render.TileJob], info: DistInfo) -> List[render.TileJob]:
@@ -77,11 +151,76 @@ def project_chunk(ctx: Context) -> int:
     return int(max(16, min(4096, budget // biggest)))
 
 
+class _Progress:
+    """This rank's finished channels (sprites on disk), written to its progress file."""
+
+    def __init__(self, run_dir: str, info: DistInfo, projection_hash: str):
+        self.path = os.path.join(run_dir, progress_filename(info))
+        self.projection_hash = projection_hash
+        self.entries: List[Entry] = []
+        self.lock = threading.Lock()
+        self.last = time.monotonic()
+        self.written = 0
+
+    def add(self, entry: Entry) -> None:
+        with self.lock:
+            self.entries.append(entry)
+
+    def save(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < SAVE_EVERY_S:
+            return
+        with self.lock:
+            entries = list(self.entries)
+        if entries and (force or len(entries) != self.written):
+            write_text(self.path, json.dumps({"projection_hash": self.projection_hash, "channels": entries},
+                                             separators=(",", ":")))
+            self.written = len(entries)
+        self.last = time.monotonic()
+
+
+class _Staging:
+    """The tiles of channels not yet complete, in one memory-mapped array file per layer
+    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel's
+    winners arrive in image order, so most channels complete late; the page cache, not the
+    process, holds them (bounded memory on VGG-sized runs). Removed when the projection ends."""
+
+    def __init__(self, run_dir: str, rank: int, k: int):
+        self.run_dir, self.rank, self.k = run_dir, rank, k
+        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str]] = {}
+
+    def slot(self, lr: LayerResult, channels: List[int]) -> Tuple[np.ndarray, Dict[int, int]]:
+        if lr.name not in self.layers:
+            h, w = lr.cell  # type: ignore[misc]
+            path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
+            self.layers[lr.name] = (arr, {c: i for i, c in enumerate(channels)}, path)
+        arr, rows, _ = self.layers[lr.name]
+        return arr, rows
+
+    def close(self) -> None:
+        for arr, _, path in self.layers.values():
+            del arr
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        self.layers.clear()
+
+
+def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress) -> None:
+    """Compose and write one channel's sprite (on the writer thread), then count it as done."""
+    sheet = sprites.compose(tiles, k, entry[3])
+    write_image(os.path.join(run_dir, entry[2]), sheet, durable=False)  # atomic; re-creatable
+    progress.add(entry)
+
+
 def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob]] = None,
                   poll: Optional[Callable[[], None]] = None, replay: Optional[Any] = None) -> int:
-    """Project ``jobs`` (default: every winner whose tiles are missing, see :func:`plan_projection`),
-    writing their tiles and filling their boxes in ``res``; returns how many were projected.
-    ``replay`` (a :class:`deconvis.render.projection.Replay`) receives the replay check."""
+    """Project ``jobs`` (default: every winner not yet projected, see :func:`plan_projection`;
+    whole channels), writing one sprite per channel and filling the boxes in ``res``; returns how
+    many winners were projected. ``replay`` (a :class:`deconvis.render.projection.Replay`) receives
+    the replay check."""
     cfg, info = ctx.cfg, ctx.info
     if jobs is None:
         jobs = plan_projection(ctx, res)
@@ -89,51 +228,80 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         return 0
     h, w_img = ctx.preprocess.crop
     index = _winners(res)
+    units = _units(res)
+    expected: Dict[Tuple[str, int], int] = {}
+    for j in jobs:
+        expected[(j.layer, j.channel)] = expected.get((j.layer, j.channel), 0) + 1
+    pending: Dict[Tuple[str, int], List[int]] = {}  # ranks of a channel staged so far
+    channels_of: Dict[str, List[int]] = {}
+    for layer, c in expected:
+        channels_of.setdefault(layer, []).append(c)
+    staging = _Staging(ctx.run_dir, info.rank, res.k)
+    progress = _Progress(ctx.run_dir, info, ctx.projection_hash)
+    lossless = bool(getattr(cfg, "lossless", False))
     log.info("projecting %d units (rule %s)", len(jobs), cfg.rule)
-    last_save = [time.monotonic()]
+    writer = BackgroundWriter(threads=1, max_pending=WRITER_PENDING)
 
     def sink(job: render.TileJob, rec, img, box) -> None:
         lr, wnr = index[(job.layer, job.channel, job.rank)]
-        paths = render.tile_paths(lr.label, job.channel, job.rank)
-        write_png(os.path.join(ctx.run_dir, paths["rec"]), rec, durable=False)  # atomic; re-creatable
-        write_png(os.path.join(ctx.run_dir, paths["img"]), img, durable=False)
         clipped, _ = render.clip_box(box, h, w_img)
-        wnr.box, wnr.box_clipped, wnr.tiles = list(box), list(clipped), paths
+        wnr.box, wnr.box_clipped, wnr.tiles = list(box), list(clipped), None
         if lr.rf is None:
             lr.rf = [box[1] - box[0], box[3] - box[2]]
-        if info.is_main and time.monotonic() - last_save[0] >= SAVE_EVERY_S:  # keep results.json current
-            results_mod.save(res, ctx.run_dir)
-            last_save[0] = time.monotonic()
+        if lr.cell is None:
+            lr.cell = [int(rec.shape[0]), int(rec.shape[1])]
+        key = (job.layer, job.channel)
+        arr, rows = staging.slot(lr, channels_of[job.layer])
+        cell = arr[rows[job.channel], job.rank]
+        if rec.shape[:2] == cell.shape[1:3] and img.shape[:2] == cell.shape[1:3]:
+            cell[0], cell[1] = rec, img
+        else:  # never for one layer's boxes: keep the tile's top left, grey around
+            cell[:] = sprites.GREY
+            for side, t in enumerate((rec, img)):
+                th, tw = min(t.shape[0], cell.shape[1]), min(t.shape[1], cell.shape[2])
+                cell[side, :th, :tw] = t[:th, :tw]
+        got = pending.setdefault(key, [])
+        got.append(job.rank)
+        if len(got) == expected[key]:
+            del pending[key]
+            row = arr[rows[job.channel]]
+            got = {r: (row[r, 0], row[r, 1]) for r in got}  # views into the staging file
+            u = units[key][1]
+            u.sprite = sprites.sprite_path(render.safe_name(lr.label), job.channel, sprites.sprite_ext(lr.cell, lossless))
+            entry: Entry = (lr.name, job.channel, u.sprite, list(lr.cell), list(lr.rf),
+                            [(w.rank, w.box, w.box_clipped) for w in u.winners])
+            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress)
+        progress.save()
         if poll is not None:
             poll()
 
-    return projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
-                               batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
-                               dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
-                               workers=precision.workers(cfg, ctx.device), replay=replay)
+    try:
+        n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
+                                    batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
+                                    dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
+                                    workers=precision.workers(cfg, ctx.device), replay=replay)
+    finally:
+        try:
+            writer.close()
+        finally:
+            progress.save(force=True)  # what was written, even when the projection failed
+            staging.close()
+    return n
 
 
 def projection_updates(res: Results, jobs: List[render.TileJob]) -> Dict[str, Any]:
-    """What projecting ``jobs`` filled into ``res`` (boxes, tiles, RF sizes), to send to the other ranks."""
-    index = _winners(res)
-    units, rf = {}, {}
-    for j in jobs:
-        lr, w = index[(j.layer, j.channel, j.rank)]
-        if w.tiles is not None:
-            units[(j.layer, j.channel, j.rank)] = (w.box, w.box_clipped, w.tiles)
-        if lr.rf is not None:
-            rf[lr.name] = lr.rf
-    return {"units": units, "rf": rf}
+    """What projecting ``jobs`` filled into ``res`` (finished channels), to send to the other ranks."""
+    units = _units(res)
+    entries: List[Entry] = []
+    for key in dict.fromkeys((j.layer, j.channel) for j in jobs):
+        lr, u = units[key]
+        if u.sprite is not None:
+            entries.append((lr.name, u.channel, u.sprite, list(lr.cell or []), list(lr.rf or []),
+                            [(w.rank, w.box, w.box_clipped) for w in u.winners]))
+    return {"channels": entries, "units": sum(len(units[(e[0], e[1])][1].winners) for e in entries)}
 
 
 def apply_projection_updates(res: Results, updates: List[Dict[str, Any]]) -> None:
     """Fill every rank's :func:`projection_updates` into ``res``."""
-    index = _winners(res)
-    layers = {lr.name: lr for lr in res.layers}
     for upd in updates:
-        for key, (box, clipped, tiles) in upd["units"].items():
-            w = index[key][1]
-            w.box, w.box_clipped, w.tiles = box, clipped, tiles
-        for name, rf in upd["rf"].items():
-            if layers[name].rf is None:
-                layers[name].rf = rf
+        apply_entries(res, upd["channels"])

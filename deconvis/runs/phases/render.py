@@ -1,5 +1,5 @@
-"""Rendering: each layer's grid sheets ``layer_<label>_pNNN.png`` from the saved tiles, skipping
-layers whose sheets are current (same winners, tiles and layout)."""
+"""Rendering: each layer's grid sheets ``layer_<label>_pNNN.jpg`` (``.png`` with ``lossless``) from
+the saved sprites, skipping layers whose sheets are current (same winners, tiles and layout)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,7 @@ from typing import Callable, Collection, List, Optional
 
 from deconvis.render import sheets as render
 from deconvis.runs.config import VisualizeConfig
+from deconvis.runs.phases.rundir import tile_files
 from deconvis.runs.results import LayerResult, Results
 
 log = logging.getLogger("deconvis")
@@ -18,10 +19,16 @@ log = logging.getLogger("deconvis")
 
 def sheets_hash(res: Results, lr: LayerResult, cfg: VisualizeConfig) -> str:
     """Identity of a layer's sheets: its winners and tiles, k, and the sheet layout."""
-    winners = [(u.channel, w.rank, w.image, w.activation, w.tiles is not None) for u in lr.units for w in u.winners]
+    winners = [(u.channel, u.sprite, [(w.rank, w.image, w.activation, w.tiles is not None) for w in u.winners])
+               for u in lr.units]
     data = {"projection": res.projection_hash, "winners": winners, "rf": lr.rf, "k": res.k,
-            "render": [cfg.per_sheet, cfg.sheet_columns, cfg.min_tile, cfg.max_tile], "v": 2}
+            "render": [cfg.per_sheet, cfg.sheet_columns, cfg.min_tile, cfg.max_tile, sheet_ext(cfg)], "v": 3}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sheet_ext(cfg: VisualizeConfig) -> str:
+    """The sheets' format: ``png`` with ``lossless``, else ``jpg``."""
+    return "png" if getattr(cfg, "lossless", False) else "jpg"
 
 
 def render_phase(res: Results, run_dir: str, cfg: VisualizeConfig, force: bool = False,
@@ -39,11 +46,12 @@ def render_phase(res: Results, run_dir: str, cfg: VisualizeConfig, force: bool =
         current = lr.sheets_hash == h and lr.sheets and all(os.path.isfile(os.path.join(run_dir, s)) for s in lr.sheets)
         if current and not force:
             continue
-        missing = sum(1 for u in lr.units for w in u.winners if not w.tiles)
+        missing = sum(len(u.winners) for u in lr.units if not tile_files(u))
         if missing:
             log.warning("layer %s: %d units have no tiles; they show as empty cells", lr.label, missing)
         sheets = render.render_layer(lr, run_dir, k=res.k, per_sheet=cfg.per_sheet, columns=cfg.sheet_columns,
-                                     min_tile=cfg.min_tile, max_tile=cfg.max_tile, n_images=n_images)
+                                     min_tile=cfg.min_tile, max_tile=cfg.max_tile, n_images=n_images,
+                                     ext=sheet_ext(cfg))
         for old in set(lr.sheets) - set(sheets):  # pages of an earlier, longer layout
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run_dir, old))

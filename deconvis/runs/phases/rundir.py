@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -30,8 +31,10 @@ log = logging.getLogger("deconvis")
 
 STATE_FILE = "mining_state.pt"
 STATE_RE = re.compile(r"^mining_state(?:\.rank(\d+)-of(\d+))?\.pt$")
+PROGRESS_RE = re.compile(r"^projection\.rank\d+\.json$")
 STATE_FORMAT = 1
 LOG_FILE = "run.log"
+PROGRESS_GLOB = "projection.rank*.json"  # each rank's finished channels during a projection
 REPORT_FILE = "index.html"
 
 
@@ -112,6 +115,7 @@ def load_results(run_dir: str, identity: Identity) -> Optional[results_mod.Resul
         raise DeconvisError(f"{run_dir} holds results of a different configuration "
                             f"({diff(old.mining_identity, identity.fields)}); pass --fresh to discard them "
                             "or --run NAME for a new run")
+    old.version = results_mod.VERSION  # a resumed run saves the current schema (version-1 tile files stay listed)
     return old
 
 
@@ -137,29 +141,76 @@ def run_log(run_dir: str, info: Optional[DistInfo] = None) -> Iterator[None]:
         log.setLevel(old_level)
 
 
+def progress_filename(info: Optional[DistInfo] = None) -> str:
+    """This rank's projection progress file (``projection.rank<r>.json``; rank 0 for one process)."""
+    return f"projection.rank{info.rank if info is not None else 0}.json"
+
+
+def _discard_dir(path: str) -> None:
+    """Remove folder ``path`` as one rename (so a rerun never sees part of it), then delete the
+    renamed folder on a background thread (a run folder of an old version holds thousands of tile
+    files: the run does not wait for them)."""
+    if not os.path.isdir(path):
+        return
+    trash = f"{path}.deleting-{os.getpid()}-{threading.get_ident()}"
+    try:
+        os.replace(path, trash)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    _delete_aside(trash)
+
+
+def _delete_aside(path: str) -> None:
+    """Delete folder ``path`` on a background thread (the process waits for it before exiting)."""
+    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                     name="deconvis-discard", daemon=False).start()
+
+
 def clear_run(run_dir: str) -> None:
     """``--fresh``: remove what earlier runs wrote into ``run_dir`` (never other files)."""
     for name in (results_mod.FILENAME, REPORT_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run_dir, name))
-    shutil.rmtree(os.path.join(run_dir, "tiles"), ignore_errors=True)
-    shutil.rmtree(os.path.join(run_dir, "analyses"), ignore_errors=True)  # --analyses outputs
-    if os.path.isdir(run_dir):
+    if os.path.isdir(run_dir):  # before the renames below: their folders go on the background thread
         for name in os.listdir(run_dir):
-            if (name.startswith("layer_") and name.endswith(".png")) or STATE_RE.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(run_dir, name))
+            if ((name.startswith("layer_") and name.endswith((".png", ".jpg"))) or STATE_RE.match(name)
+                    or PROGRESS_RE.match(name) or (name.startswith(("tiles.deleting-", "analyses.deleting-"))
+                                                   and os.path.isdir(os.path.join(run_dir, name)))):
+                path = os.path.join(run_dir, name)
+                if os.path.isdir(path):  # left by a run killed while deleting
+                    _delete_aside(path)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+    _discard_dir(os.path.join(run_dir, "tiles"))
+    _discard_dir(os.path.join(run_dir, "analyses"))  # --analyses outputs
 
 
-def tiles_done(run_dir: str, w: results_mod.Winner) -> bool:
-    """Whether winner ``w`` has its box and both tile files (non-empty) on disk."""
-    if w.box is None or w.tiles is None:
+def _nonempty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
         return False
-    for p in w.tiles.values():
-        full = os.path.join(run_dir, p)
-        if not os.path.isfile(full) or os.path.getsize(full) == 0:
-            return False
-    return True
+
+
+def channel_done(run_dir: str, u: results_mod.ChannelResult) -> bool:
+    """Whether channel ``u`` is projected: every winner has its box and the channel's sprite (or,
+    for a version-1 run, each winner's two tile files) is on disk, non-empty."""
+    if not u.winners or any(w.box is None for w in u.winners):
+        return False
+    if u.sprite is not None:
+        return _nonempty(os.path.join(run_dir, u.sprite))
+    return all(w.tiles and all(_nonempty(os.path.join(run_dir, p)) for p in w.tiles.values()) for w in u.winners)
+
+
+def tile_files(u: results_mod.ChannelResult) -> List[str]:
+    """The files holding channel ``u``'s tiles (relative to the run folder): its sprite, or the
+    version-1 tile files; empty when not projected."""
+    sprite = getattr(u, "sprite", None)
+    if sprite is not None:
+        return [sprite]
+    return [p for w in u.winners if w.tiles for p in w.tiles.values()]
 
 
 # -- mining checkpoints -----------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""A background writer: encode and write files on a thread while the caller computes.
+
+OpenCV's encoders and file writes release the GIL, so on a machine whose cores the forward does
+not keep busy (data loading, Python between kernels, a GPU run) the output path overlaps the
+compute instead of following it. At most ``max_pending`` tasks wait (the caller blocks beyond
+that: memory stays bounded); the first error is raised by :meth:`BackgroundWriter.close` (or by
+the next :meth:`submit`), and ``close`` always waits for what was submitted.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, List, Optional
+
+
+class BackgroundWriter:
+    """``submit(fn, *args)`` runs on ``threads`` worker threads (0: inline, in the caller)."""
+
+    def __init__(self, threads: int = 1, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deconvis-writer") if threads > 0 else None
+        self._slots = threading.BoundedSemaphore(max(1, max_pending))
+        self._errors: List[BaseException] = []
+        self._lock = threading.Lock()
+
+    def _done(self, fut: Future) -> None:
+        self._slots.release()
+        exc = fut.exception()
+        if exc is not None:
+            with self._lock:
+                self._errors.append(exc)
+
+    def _raise(self) -> None:
+        with self._lock:
+            if self._errors:
+                raise self._errors[0]
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Optional[Future]:
+        """Run ``fn(*args)`` in the background (blocks while ``max_pending`` tasks wait)."""
+        self._raise()
+        if self._pool is None:
+            fn(*args)
+            return None
+        self._slots.acquire()
+        fut = self._pool.submit(fn, *args)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def close(self) -> None:
+        """Wait for every task; raise the first error of any."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._raise()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._pool is not None:  # an error in the caller: finish what was queued, keep its error
+            self._pool.shutdown(wait=True)
+            self._pool = None
