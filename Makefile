@@ -25,11 +25,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet captum
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/bench_deconv.py --record
 	$(PY) benchmarks/bench_mining.py --record
 	$(PY) benchmarks/bench_scale.py --record
 	$(PY) benchmarks/bench_occlusion.py --record
+	$(PY) benchmarks/bench_featvis.py --record
 
 clean:
 	rm -rf $(VENV) build *.egg-info

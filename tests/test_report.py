@@ -1,14 +1,15 @@
-"""index.html: self-contained, links resolve, hostile names escaped, renders in headless Chromium."""
+"""index.html: self-contained, links resolve, hostile names escaped, works in headless Chromium
+(Playwright driving the system's Chromium; see tests/browser.py)."""
 from __future__ import annotations
 
 import html.parser
 import json
 import os
+import re
 
 import pytest
 
 import pipeline_fixtures as fx
-from cdp_browser import Browser, chromium
 from deconvis.runs import pipeline
 from deconvis.runs import report
 from deconvis.runs import results as R
@@ -84,96 +85,119 @@ def test_hostile_names_are_escaped():
     assert data["images"]["0"] == evil and data["layers"][0]["label"] == evil
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    exe = chromium()  # installs Debian's chromium with apt-get when it is missing
-    if exe is None:
-        pytest.skip("no chromium/chrome, and apt-get cannot install it here (not root or no apt-get)")
-    b = Browser(exe, str(tmp_path_factory.mktemp("chrome-profile")))
-    yield b
-    b.close()
+def _loaded(page, selector):
+    """Wait until every image matching ``selector`` has loaded or failed (eagerly, lazy ones too);
+    the number that failed (naturalWidth 0)."""
+    return page.evaluate("""sel => Promise.all([...document.querySelectorAll(sel)].map(i => {
+        i.loading = 'eager'; return i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; }); }))
+        .then(() => [...document.querySelectorAll(sel)].filter(i => !i.naturalWidth).length)""", selector)
 
 
-def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_out, browser):
+def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_out, page):
     """The page as a user sees it: it loads without console errors, its script built the first
     layer's channels, a click on a tab shows that layer, a click on a tile opens the enlarged
-    view of that winner, and a click on the view closes it."""
+    view of that winner, the arrow keys step through the ranks, Escape and a click close it, and a
+    link to ``#label`` opens that layer's tab."""
+    from playwright.sync_api import expect
+
     url = "file://" + os.path.abspath(run_out.report)
-    browser.goto(url)
+    page.goto(url)
     layers = run_out.results.layers
-    assert browser.js("document.body.classList.contains('nojs')") is False
-    assert browser.js("[...document.querySelectorAll('nav button')].map(b=>b.textContent)") == [lr.label for lr in layers]
+    expect(page.locator("body")).not_to_have_class("nojs")
+    expect(page.locator("nav button")).to_have_text([lr.label for lr in layers])
     first = layers[0]
-    assert browser.js("document.querySelector('nav button.active').textContent") == first.label
-    assert browser.js("document.querySelectorAll('section.layer.active .ch').length") == first.channels
+    expect(page.locator("nav button.active")).to_have_text(first.label)
+    expect(page.locator("section.layer.active .ch")).to_have_count(first.channels)
     # tabs switch on a real click
     second = layers[1]
-    browser.click("nav button:nth-of-type(2)")
-    browser.settle()
-    assert browser.js("document.querySelector('nav button.active').textContent") == second.label
-    assert browser.js("document.querySelector('section.layer.active').id") == "L1"
-    assert browser.js("location.hash") == "#" + second.label
+    page.locator("nav button").nth(1).click()
+    expect(page.locator("nav button.active")).to_have_text(second.label)
+    expect(page.locator("section.layer.active")).to_have_id("L1")
+    assert page.evaluate("location.hash") == "#" + second.label
     n_tiles = second.channels * len(second.units[0].winners) * 2
-    assert browser.js("document.querySelectorAll('section.layer.active .t[title]').length") == n_tiles
-    # every tile image of the open tab loaded (no broken links)
-    browser.js("Promise.all([...document.querySelectorAll('section.layer.active .t img')].map(i=>{"
-               "i.loading='eager'; return i.complete ? 0 : new Promise(r=>{i.onload=i.onerror=r;});}))")
-    assert browser.js("[...document.querySelectorAll('section.layer.active .t img')].filter(i=>!i.naturalWidth).length") == 0
+    expect(page.locator("section.layer.active .t[title]")).to_have_count(n_tiles)
+    # every tile image of the open tab loaded (no broken links), and only the open tab is shown
+    assert _loaded(page, "section.layer.active .t img") == 0
+    expect(page.locator("section.layer:not(.active)").first).to_be_hidden()
     # each tile is the window of its cell in the channel's sprite: rank r in column r, rec above img
     h, wd = second.cell
     k = len(second.units[0].winners)
-    assert browser.js("document.querySelector('section.layer.active .t img').naturalWidth") == k * wd
+    assert page.evaluate("document.querySelector('section.layer.active .t img').naturalWidth") == k * wd
     unit = second.units[1]
     w = unit.winners[2]
     s = 64 / max(h, wd)
-    boxes = browser.js(f"[...document.querySelectorAll('#L1c{unit.channel} .t')].map(t=>{{const i=t.querySelector('img');"
-                       "const a=t.getBoundingClientRect(), b=i.getBoundingClientRect();"
-                       "return [i.getAttribute('src'), b.left-a.left, b.top-a.top, a.width, a.height];})")
+    boxes = page.evaluate(f"[...document.querySelectorAll('#L1c{unit.channel} .t')].map(t=>{{const i=t.querySelector('img');"
+                          "const a=t.getBoundingClientRect(), b=i.getBoundingClientRect();"
+                          "return [i.getAttribute('src'), b.left-a.left, b.top-a.top, a.width, a.height];})")
     for n, (src, dx, dy, tw, th) in enumerate(boxes):  # k rec tiles, then k img tiles
         row, rank = divmod(n, k)
         assert src == unit.sprite and (dx, dy) == pytest.approx((-rank * wd * s, -row * h * s), abs=0.6), n
         assert (tw, th) == pytest.approx((round(wd * s), round(h * s)), abs=0.6)
     # a tile click opens the enlarged view of that winner
-    browser.click(f"#L1c{unit.channel} .tiles .t:nth-child(3)")
-    browser.settle()
-    assert browser.js("document.getElementById('box').classList.contains('on')") is True
-    src = browser.js("document.querySelector('#box img.rec').getAttribute('src')")
-    assert src == unit.sprite
-    big = browser.js("(()=>{const i=document.querySelector('#box img.img'), a=i.parentElement.getBoundingClientRect(),"
-                     "b=i.getBoundingClientRect(); return [b.left-a.left, b.top-a.top, a.width];})()")
-    assert big[0] == pytest.approx(-2 * wd * big[2] / wd, abs=1.0) and big[1] == pytest.approx(-h * big[2] / wd, abs=1.0)
-    text = browser.js("document.querySelector('#box p').textContent")
+    page.locator(f"#L1c{unit.channel} .tiles").first.locator(".t").nth(2).click()
+    box = page.locator("#box")
+    expect(box).to_have_class("on")
+    expect(box).to_be_visible()
+    expect(page.locator("#box img.rec")).to_have_attribute("src", unit.sprite)
+    text = page.locator("#box p").text_content()
     assert f"channel {unit.channel}  rank 3 of" in text and f"image #{w.image}" in text
-    browser.js("new Promise(r=>{const i=document.querySelector('#box img.rec'); i.complete ? r() : (i.onload=i.onerror=r);})")
-    assert browser.js("document.querySelector('#box img.rec').naturalWidth") > 0
-    browser.click("#box")
-    browser.settle()
-    assert browser.js("document.getElementById('box').classList.contains('on')") is False
-    assert browser.errors == []
+    assert _loaded(page, "#box img") == 0
+    # arrows step to the previous and next rank (not past the last), Escape closes
+    assert len(unit.winners) == 3
+    page.keyboard.press("ArrowLeft")
+    expect(page.locator("#box p")).to_contain_text(f"channel {unit.channel}  rank 2 of")
+    expect(page.locator("#box img.rec")).to_have_css("margin-left", re.compile(r"^-"))
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#box p")).to_contain_text(f"channel {unit.channel}  rank 3 of")
+    page.keyboard.press("Escape")
+    expect(box).not_to_have_class("on")
+    # reopen; a click on the view closes it
+    page.locator(f"#L1c{unit.channel} .tiles").first.locator(".t").nth(2).click()
+    expect(box).to_have_class("on")
+    box.click()
+    expect(box).not_to_have_class("on")
+    expect(box).to_be_hidden()
+    # a deep link opens its tab (on loading: the page does not follow later hash changes)
+    third = layers[2]
+    page.goto("about:blank")
+    page.goto(url + "#" + third.label)
+    expect(page.locator("nav button.active")).to_have_text(third.label)
+    expect(page.locator("section.layer.active .ch")).to_have_count(third.channels)
+    assert page.errors.lines == []
 
 
-def test_report_with_analyses_in_headless_chromium(tmp_path, browser):
+def test_report_with_analyses_in_headless_chromium(tmp_path, page):
     """With --analyses, each analysis is a tab after the layers: a click shows its section with
     the figure (loaded) and the key-number table; no console errors."""
+    from playwright.sync_api import expect
+
     out = pipeline.run(fx.tiny_config(tmp_path, analyses=["diagnose", "correspondence"]))
-    browser.goto("file://" + os.path.abspath(out.report))
+    page.goto("file://" + os.path.abspath(out.report))
     labels = [lr.label for lr in out.results.layers]
-    assert browser.js("[...document.querySelectorAll('nav button')].map(b=>b.textContent)") == \
-        labels + ["diagnose", "correspondence"]
-    browser.click(f"nav button:nth-of-type({len(labels) + 1})")
-    browser.settle()
-    assert browser.js("document.querySelector('section.analysis.active').id") == "A-diagnose"
-    assert browser.js("location.hash") == "#diagnose"
-    assert browser.js("document.querySelectorAll('section.layer.active').length") == 0
-    browser.js("new Promise(r=>{const i=document.querySelector('section.analysis.active img.fig');"
-               " i.complete ? r() : (i.onload=i.onerror=r);})")
-    assert browser.js("document.querySelector('section.analysis.active img.fig').naturalWidth") > 100
+    expect(page.locator("nav button")).to_have_text(labels + ["diagnose", "correspondence"])
+    page.locator("nav button").nth(len(labels)).click()
+    expect(page.locator("section.analysis.active")).to_have_id("A-diagnose")
+    assert page.evaluate("location.hash") == "#diagnose"
+    expect(page.locator("section.layer.active")).to_have_count(0)
+    assert _loaded(page, "section.analysis.active img.fig") == 0
+    assert page.locator("section.analysis.active img.fig").evaluate("i => i.naturalWidth") > 100
+    expect(page.locator("section.analysis.active img.fig")).to_be_visible()
     rows = out.results.analyses["diagnose"].rows
-    assert browser.js("document.querySelectorAll('section.analysis.active table.keys tr').length") == len(rows) + 1
-    browser.click(f"nav button:nth-of-type({len(labels) + 2})")
-    browser.settle()
-    assert "Skipped" in browser.js("document.querySelector('section.analysis.active').textContent")
-    browser.click("nav button:nth-of-type(2)")  # back to a layer: its channels are built
-    browser.settle()
-    assert browser.js("document.querySelectorAll('section.layer.active .ch').length") == out.results.layers[1].channels
-    assert browser.errors == []
+    expect(page.locator("section.analysis.active table.keys tr")).to_have_count(len(rows) + 1)
+    page.locator("nav button").nth(len(labels) + 1).click()
+    expect(page.locator("section.analysis.active")).to_contain_text("Skipped")
+    page.locator("nav button").nth(1).click()  # back to a layer: its channels are built
+    expect(page.locator("section.layer.active .ch")).to_have_count(out.results.layers[1].channels)
+    assert page.errors.lines == []
+
+
+def test_page_errors_are_collected(page, tmp_path):
+    """The error collector the report tests rely on sees a broken image, a console error and an
+    uncaught exception (so ``errors == []`` above means something)."""
+    html_path = tmp_path / "broken.html"
+    html_path.write_text("<img src='missing.png'><script>console.error('boom'); null.x;</script>")
+    page.goto("file://" + str(html_path))
+    page.wait_for_load_state("load")
+    text = "\n".join(page.errors.lines)
+    assert "missing.png" in text and "console: boom" in text and "exception:" in text

@@ -14,7 +14,8 @@ from typing import List, Optional
 from deconvis.errors import DeconvisError
 
 # module name under deconvis.cli for each subcommand, in help order
-SUBCOMMANDS = ["visualize", "train", "rf", "erf", "occlusion", "invariance", "correspondence", "diagnose"]
+SUBCOMMANDS = ["visualize", "train", "rf", "erf", "occlusion", "invariance", "correspondence", "diagnose",
+               "featvis"]
 
 
 def build_parser() -> argparse.ArgumentParser:

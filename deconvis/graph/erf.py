@@ -19,7 +19,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from deconvis.errors import DeconvisError
 from deconvis.graph.ops import MERGE_FUNCS, PASS_FUNCS, PASS_METHODS, PASS_MODULES, Pair, window_params
 from deconvis.graph.rf import (Box, LayerRF, RFTable, TracedGraph, size_pair, clip_box, pool_out_size,
                                resolve_layer, table_from_traced, trace_graph)
+from deconvis.graph.trace import truncated_module
 from deconvis.io.atomic import atomic_path, write_png
 from deconvis.utils.device import model_dtype_device
 
@@ -45,24 +46,6 @@ def centre_unit(row: LayerRF, input_size: Pair) -> Tuple[int, int]:
         v = ((input_size[a] - 1) / 2 - row.start[a]) / row.jump[a]
         unit.append(min(max(math.ceil(v - 0.5), 0), row.out[a] - 1))
     return (unit[0], unit[1])
-
-
-def _truncated(tg: TracedGraph, target: torch.fx.Node,
-               rewrite: Optional[Callable[[torch.fx.Graph, torch.fx.Node, Dict[torch.fx.Node, torch.fx.Node]],
-                                          Optional[torch.fx.Node]]] = None) -> torch.fx.GraphModule:
-    """A graph module computing ``target``'s value from the input (sharing the traced model's
-    submodules). ``rewrite(graph, node, env)`` may return a replacement for a node."""
-    g = torch.fx.Graph()
-    env: Dict[torch.fx.Node, torch.fx.Node] = {}
-    for n in tg.graph_module.graph.nodes:
-        if n.op == "output":
-            break
-        new = rewrite(g, n, env) if rewrite is not None else None
-        env[n] = new if new is not None else g.node_copy(n, lambda a: env[a])
-        if n is target:
-            break
-    g.output(env[target])
-    return torch.fx.GraphModule(tg.graph_module, g)
 
 
 def _select(y: torch.Tensor, unit: Tuple[int, int], channel: Optional[int], layer: str) -> torch.Tensor:
@@ -150,7 +133,7 @@ def effective_receptive_field(model: nn.Module, layer: str, input_size: Union[in
     row = table[name]
     u = centre_unit(row, size) if unit is None else (int(unit[0]), int(unit[1]))
     box = row.box(*u)  # also checks the unit
-    sub = _truncated(tg, tg.node(name))
+    sub = truncated_module(tg, tg.node(name))
     dtype, device = model_dtype_device(model)
     modes = {m: m.training for m in model.modules()}
     acc = torch.zeros(size, dtype=torch.float64)
@@ -235,7 +218,7 @@ def path_count(model: nn.Module, layer: str, input_size: Union[int, Sequence[int
                 m.weight.fill_(1.0)
                 if m.bias is not None:
                     m.bias.zero_()
-    sub = _truncated(tg, tg.node(name), _path_count_rewrite(tg.graph_module))
+    sub = truncated_module(tg, tg.node(name), _path_count_rewrite(tg.graph_module))
     work.eval()
     x = torch.zeros(1, in_channels, size[0], size[1], dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():

@@ -25,7 +25,7 @@ Names a user may also give:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.fx
@@ -271,3 +271,22 @@ def trace_graph(model: nn.Module) -> TracedGraph:
         prev = n
     aliases = _chain_aliases(gm, order, names) if chain else {}
     return TracedGraph(model, gm, names, last, aliases, signal, chain)
+
+
+def truncated_module(tg: TracedGraph, target: torch.fx.Node,
+                     rewrite: Optional[Callable[[torch.fx.Graph, torch.fx.Node, Dict[torch.fx.Node, torch.fx.Node]],
+                                                Optional[torch.fx.Node]]] = None) -> torch.fx.GraphModule:
+    """A graph module computing ``target``'s value from the input batch, stopping there (the layers
+    after it are not run). It shares the traced model's submodules: nothing is copied and the
+    model is not changed. ``rewrite(graph, node, env)`` may return a replacement for a node."""
+    g = torch.fx.Graph()
+    env: Dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in tg.graph_module.graph.nodes:
+        if n.op == "output":
+            break
+        new = rewrite(g, n, env) if rewrite is not None else None
+        env[n] = new if new is not None else g.node_copy(n, lambda a: env[a])
+        if n is target:
+            break
+    g.output(env[target])
+    return torch.fx.GraphModule(tg.graph_module, g)
