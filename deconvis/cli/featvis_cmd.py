@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from deconvis.cli.analysis_common import AnalysisConfig, analysis_command, apply_threads
+from deconvis.analysis.common import AnalysisConfig, apply_threads
+from deconvis.cli.analysis_common import analysis_command
 from deconvis.errors import DeconvisError
 from deconvis.featvis.run import FeatvisOptions, parse_unit, slug
-from deconvis.runs.configbase import check_device, option
+from deconvis.config import check_device, option
 
 
 @dataclass

@@ -2,7 +2,7 @@
 all of them, and ``featvis.json``, each written atomically.
 
 :class:`FeatvisOptions` holds the optimisation settings (steps, size, learning rate, the
-robustness transforms, the parametrisation): a :class:`~deconvis.runs.configbase.Config`, so a
+robustness transforms, the parametrisation): a :class:`~deconvis.config.Config`, so a
 subcommand or a run that adds feature visualisations (unit pages) declares them by deriving from
 it, and :meth:`FeatvisOptions.kwargs` passes them to :func:`visualize_channels`.
 """
