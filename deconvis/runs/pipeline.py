@@ -229,7 +229,7 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             analyses_phase(ctx, res, config_dir, poll=poll)
     t_an = time.perf_counter() - t_an
     with dist_mod.phase(info, "report"):
-        report_path = report_phase(res, run_dir, info)
+        report_path = report_phase(res, run_dir, info, source=ctx.source)
     seconds["render"] = time.perf_counter() - t - t_an
     if cfg.analyses:
         seconds["analyses"] = t_an

@@ -17,13 +17,14 @@ from typing import Any, Dict, List
 from deconvis.io.atomic import write_text
 from deconvis.render.pages import render_page
 from deconvis.runs.results import Results
+from deconvis.runs.unit_pages import unit_page
 
 #: the side of a tile in the report's grids, CSS pixels
 TILE_PX = 64
 
 
-def _data(res: Results) -> Dict[str, Any]:
-    """The compact JSON the page's script reads."""
+def _data(res: Results, unit_pages: bool = False) -> Dict[str, Any]:
+    """The compact JSON the page's script reads (``pages``: a layer's unit-page folder, or null)."""
     items = res.images.get("items", {})
     images: Dict[str, str] = {i: v.get("name", "") for i, v in items.items()}
     layers: List[Dict[str, Any]] = []
@@ -38,17 +39,19 @@ def _data(res: Results) -> Dict[str, Any]:
                 ws.append(d)
                 images.setdefault(str(w.image), w.source)
             units.append({"c": u.channel, "s": u.sprite, "w": ws})
-        layers.append({"name": lr.name, "label": lr.label, "cell": lr.cell, "units": units})
+        pages = unit_page(lr.label, 0).rsplit("/", 1)[0] + "/" if unit_pages else None
+        layers.append({"name": lr.name, "label": lr.label, "cell": lr.cell, "units": units, "pages": pages})
     return {"k": res.k, "tile": TILE_PX, "images": images, "layers": layers}
 
 
-def render_html(res: Results) -> str:
-    """The report page for ``res`` (paths relative to the run folder), from ``report.html``."""
+def render_html(res: Results, unit_pages: bool = False) -> str:
+    """The report page for ``res`` (paths relative to the run folder), from ``report.html``;
+    ``unit_pages``: the channels' titles link to their pages (:mod:`deconvis.runs.unit_pages`)."""
     cfg = res.config
     k = int(cfg.get("k", 9))
     n_img = res.images.get("count", "?")
     layers = [dict(name=lr.name, label=lr.label, rf=lr.rf, map_size=lr.map_size, channels=lr.channels,
-                   channels_total=lr.channels_total, sheets=lr.sheets, unit_pages=False) for lr in res.layers]
+                   channels_total=lr.channels_total, sheets=lr.sheets, unit_pages=unit_pages) for lr in res.layers]
     analyses = [dict(name=name, status=rec.status, seconds=rec.seconds, reason=rec.reason, headers=rec.headers,
                      rows=rec.rows, notes=rec.notes, files=rec.files) for name, rec in res.analyses.items()]
     return render_page(
@@ -56,11 +59,11 @@ def render_html(res: Results) -> str:
         model_spec=str(res.model.get("spec")), model_weights=str(res.model.get("weights")), k=k,
         readable=res.images.get("readable", n_img), images_spec=str(res.images.get("spec")),
         skipped=len(res.images.get("skipped", [])), rule=res.rule, input_size=res.input_size,
-        created=res.created, layers=layers, analyses=analyses, data=_data(res))
+        created=res.created, layers=layers, analyses=analyses, data=_data(res, unit_pages))
 
 
-def write_report(res: Results, run_dir: str, filename: str = "index.html") -> str:
+def write_report(res: Results, run_dir: str, filename: str = "index.html", unit_pages: bool = False) -> str:
     """Write the report atomically into ``run_dir``; returns its path."""
     path = os.path.join(run_dir, filename)
-    write_text(path, render_html(res))
+    write_text(path, render_html(res, unit_pages))
     return path

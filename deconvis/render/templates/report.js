@@ -43,7 +43,11 @@ function build(li){
   for(const c of L.units){
     const ch = el('div','ch'); ch.id = 'L'+li+'c'+c.c;
     const dead = c.w.length && c.w[0].a <= 0;  // never fired: its winners are just the first images
-    ch.appendChild(el('h3', dead ? 'dead' : '', 'ch '+c.c+(dead ? ' \u00b7 inactive (max \u2264 0 on every image)' : '')));
+    const h3 = el('h3', dead ? 'dead' : '');
+    const name = 'ch '+c.c+(dead ? ' \u00b7 inactive (max \u2264 0 on every image)' : '');
+    if(L.pages){ const a = el('a', 'unit', name); a.href = L.pages+String(c.c).padStart(4,'0')+'.html'; h3.appendChild(a); }
+    else h3.textContent = name;
+    ch.appendChild(h3);
     const pair = el('div','pair');
     for(const which of ['rec','img']){
       const g = el('div','tiles'); g.style.gridTemplateColumns='repeat('+cols+', var(--tile))';
