@@ -134,3 +134,32 @@ def test_report_links_to_unit_pages_and_a_page_loads_in_chromium(run_out, page):
     page.locator("a[rel=next]").click()
     expect(page.locator("header h1")).to_contain_text(f"channel {lr.units[3].channel}")
     assert page.errors.lines == []
+
+
+def test_layer_one_filter_is_the_first_convs_weights_on_conv1_pages_only(run_out):
+    """The filter images are the first conv's weights stretched symmetrically about 0 (grey);
+    only the layer whose channels and RF are that conv's gets them (the run's conv1)."""
+    import base64
+    from types import SimpleNamespace
+
+    import cv2
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    specs = [SimpleNamespace(name="1", channels_total=4, channels=4, rf_size=(3, 3)),
+             SimpleNamespace(name="2", channels_total=2, channels=2, rf_size=(5, 5))]
+    f = unit_pages.first_layer_filters(net, specs)
+    assert list(f) == ["1"] and f["1"].shape == (4, 3, 3, 3)
+    w = net[0].weight.detach().double()
+    for c in range(4):
+        want = (w[c] / w[c].abs().max() * 127.5 + 127.5).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(f["1"][c], want, atol=0.51)
+    res = R.load(run_out.run_dir)
+    for lr in res.layers:
+        _, p, _ = _parse(run_out.run_dir, lr.label, lr.units[1].channel)
+        uris = [r for t, c, r in p.refs if c == "filter"]
+        assert len(uris) == (lr.label == "conv1"), lr.label
+        for uri in uris:
+            png = np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8)
+            got = cv2.imdecode(png, cv2.IMREAD_COLOR)
+            assert got.shape == (*tuple(lr.rf), 3) and np.abs(got.astype(float) - 127.5).max() == pytest.approx(127.5, abs=0.5)

@@ -10,12 +10,15 @@ every link is relative, so the run folder can be moved or served as it is.
 """
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from deconvis.io.atomic import write_bytes, write_image
+import numpy as np
+
+from deconvis.io.atomic import encode_image, write_bytes, write_image
 from deconvis.io.images import ImageSource
 from deconvis.io.pixels import UnreadableImage, preprocess_image
 from deconvis.render.pages import environment
@@ -66,6 +69,31 @@ def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> D
     return out
 
 
+def first_layer_filters(model: Any, specs: Sequence[Any]) -> Dict[str, np.ndarray]:
+    """The filters of the network's first convolution (on the 3 input colours) as images, for the
+    mined layers that are that convolution or its rectification (same channels, receptive field =
+    kernel): ``{layer name: uint8 RGB [C, kh, kw, 3]}``, each filter stretched symmetrically about
+    zero (grey = 0). Empty when no layer is."""
+    import torch
+
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None or conv.in_channels != 3 or conv.groups != 1:
+        return {}
+    w = conv.weight.detach().float().cpu()  # [C, 3, kh, kw]
+    out: Dict[str, np.ndarray] = {}
+    for s in specs:
+        if s.channels_total == w.shape[0] and s.rf_size is not None and tuple(s.rf_size) == tuple(w.shape[2:]):
+            scale = w.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None, None]
+            img = (w / scale * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+            out[s.name] = img.permute(0, 2, 3, 1).numpy()[: s.channels]
+    return out
+
+
+def _png_data_uri(rgb: np.ndarray) -> str:
+    """A small uint8 RGB image as a ``data:image/png`` URI."""
+    return "data:image/png;base64," + base64.b64encode(encode_image(rgb, ".png")).decode("ascii")
+
+
 def _histogram(stats: Dict[str, Any], c: int) -> Dict[str, Any]:
     """SVG bars of channel ``c``'s histogram (width 100 units per bin range, height 60)."""
     first, counts = stats["hist"][c]
@@ -95,7 +123,8 @@ def _tile_style(cell: List[int], rank: int, row: int, side: int) -> Dict[str, st
             "img": f"margin-left:{-rank * w * s:.2f}px;margin-top:{-row * h * s:.2f}px"}
 
 
-def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[int, str]) -> Dict[str, Any]:
+def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[int, str],
+                  filters: Optional[np.ndarray] = None) -> Dict[str, Any]:
     u = lr.units[ci]
     up = "../../"
     k = res.k
@@ -138,19 +167,24 @@ def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[
         "label": lr.label, "name": lr.name, "channel": u.channel, "k": k, "rf": lr.rf, "map_size": lr.map_size,
         "report": up + "index.html#" + lr.label, "winners": winners, "stats": stats, "rule": str(getattr(res.rule, "value", res.rule)),
         "prev": None if prev_c is None else f"{prev_c:04d}.html", "next": None if next_c is None else f"{next_c:04d}.html",
-        "prev_c": prev_c, "next_c": next_c, "model": str(res.model.get("spec")), "dead": bool(u.winners) and u.winners[0].activation <= 0,
+        "prev_c": prev_c, "next_c": next_c,
+        "filter": _png_data_uri(filters[ci]) if filters is not None and ci < len(filters) else None,
+        "filter_size": None if filters is None else list(filters.shape[1:3]), "model": str(res.model.get("spec")), "dead": bool(u.winners) and u.winners[0].activation <= 0,
     }
 
 
-def write_unit_pages(res: Results, run_dir: str, source: Optional[ImageSource] = None) -> int:
-    """Write every channel's page (and the winners' thumbnails); returns the number of pages."""
+def write_unit_pages(res: Results, run_dir: str, source: Optional[ImageSource] = None,
+                     filters: Optional[Dict[str, np.ndarray]] = None) -> int:
+    """Write every channel's page (and the winners' thumbnails); ``filters`` (from
+    :func:`first_layer_filters`) adds the layer-1 filter to those layers' pages. Returns the
+    number of pages."""
     thumbs = write_thumbs(res, run_dir, source)
     template = environment().get_template("unit.html")
     n = 0
     for li, lr in enumerate(res.layers):
         os.makedirs(os.path.join(run_dir, UNITS_DIR, safe_name(lr.label)), exist_ok=True)
         for ci, u in enumerate(lr.units):
-            text = template.render(**_page_context(res, li, lr, ci, thumbs))
+            text = template.render(**_page_context(res, li, lr, ci, thumbs, (filters or {}).get(lr.name)))
             write_bytes(os.path.join(run_dir, unit_page(lr.label, u.channel)), text.encode("utf-8"), durable=False)
             n += 1
     return n
