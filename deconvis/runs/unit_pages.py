@@ -95,7 +95,7 @@ def _png_data_uri(rgb: np.ndarray) -> str:
 
 
 def _histogram(stats: Dict[str, Any], c: int) -> Dict[str, Any]:
-    """SVG bars of channel ``c``'s histogram (width 100 units per bin range, height 60)."""
+    """SVG bars of channel ``c``'s histogram (300 units wide, bar height 60 * log(1 + count) / log(1 + max count))."""
     first, counts = stats["hist"][c]
     edges = stats["edges"]
     if not counts:
@@ -107,7 +107,7 @@ def _histogram(stats: Dict[str, Any], c: int) -> Dict[str, Any]:
         b = first + j
         lo = edges[b - 1] if b > 0 else -math.inf
         hi = edges[b] if b < len(edges) else math.inf
-        h = 60.0 * cnt / top
+        h = 60.0 * math.log1p(cnt) / math.log1p(top)  # log scale: a few images still show
         bars.append({"x": 300.0 * j / n, "w": 300.0 / n, "y": 60.0 - h, "h": h, "count": cnt,
                      "range": f"[{lo:.3g}, {hi:.3g})"})
     lo = edges[first - 1] if first > 0 else -math.inf
