@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deconvis-installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench mutate install clean
 
 install: $(STAMP)
 
@@ -32,5 +32,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_occlusion.py --record
 	$(PY) benchmarks/bench_featvis.py --record
 
+# mutation testing of the engines and run-state code (not in CI; docs/testing.md): TARGETS=topk lock ...
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[mutate]'
+	nice -n 15 $(PY) scripts/mutate.py $(TARGETS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mutate

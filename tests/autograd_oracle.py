@@ -155,6 +155,8 @@ class RuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if kwargs.get("inplace"):  # F.silu(x, inplace=True) would overwrite the captured activation
+            kwargs["inplace"] = False
         x = args[0] if args else kwargs.get("input")
         if func in (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, getattr(F, "relu_", None)):
             return _RuleAct.apply(x, self.rule, "relu", None)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deconvis.analysis.correspondence import (correspondence, delta_stats, input_box, load_part_boxes,
-                                              parse_part_boxes, sign_hamming)
+                                              parse_part_boxes, random_box, sign_hamming)
 from deconvis.errors import DeconvisError
 from deconvis.io.models import Preprocess
 
@@ -66,6 +66,59 @@ def test_delta_equals_an_explicit_loop():
             assert res.table[part][layer].std_pairs == pytest.approx(np.std(hs), abs=1e-12)
             assert res.table[part][layer].n_images == len(idx)
     assert len(res.hamming["eye"]["conv2"]) == 3
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
+@torch.no_grad()
+def test_random_control_boxes_are_off_the_part_and_are_the_boxes_used():
+    """The control rows mask boxes of the part's size inside the image that share no pixel with
+    the part, a new place per image and trial; the boxes reported are the ones masked (their
+    Delta equals an explicit loop over them)."""
+    m = _toy()
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    boxes = {"eye": [(2, 5, 3, 7), (1, 4, 1, 5), (6, 9, 6, 10)]}
+    res = correspondence(m, x, boxes, ["conv2"], random_trials=6, seed=2, fill="mean")
+    placed = res.random_boxes["eye"]
+    assert list(placed) == res.images and all(len(v) == 6 for v in placed.values())
+    for i, name in enumerate(res.images):
+        y0, y1, x0, x1 = boxes["eye"][i]
+        for rb in placed[name]:
+            assert (rb[1] - rb[0], rb[3] - rb[2]) == (y1 - y0, x1 - x0)  # the part's size
+            assert 0 <= rb[0] and rb[1] <= 12 and 0 <= rb[2] and rb[3] <= 12  # inside the image
+            assert not _overlaps(rb, boxes["eye"][i]), (name, rb)
+        assert len({tuple(b) for b in placed[name]}) > 1  # a new place per trial
+    assert res.to_dict()["random_boxes_input_pixels"] == {"eye": placed}
+    sub, hs = m[:5], []
+    for t in range(6):
+        eps = []
+        for i, name in enumerate(res.images):
+            y0, y1, x0, x1 = placed[name][t]
+            xm = x[i].clone()
+            xm[:, y0:y1, x0:x1] = 0.0
+            eps.append(np.sign((sub(x[i:i + 1]) - sub(xm[None])).flatten().numpy()))
+        hs += [float(np.mean(eps[a] != eps[b])) for a, b in itertools.combinations(range(3), 2)]
+    assert res.table["random(eye)"]["conv2"].mean == pytest.approx(np.mean(hs), abs=1e-12)
+
+
+def test_random_box_is_uniform_over_the_places_off_the_part():
+    rng = np.random.default_rng(0)
+    part, size = (3, 6, 2, 6), (9, 10)  # 3x4 part; 7x7 places of which those off the part count
+    free = [(y, x) for y in range(7) for x in range(7) if not _overlaps((y, y + 3, x, x + 4), part)]
+    counts = {p: 0 for p in free}
+    n = 200 * len(free)
+    for _ in range(n):
+        b = random_box(rng, part, size)
+        counts[(b[0], b[2])] += 1  # KeyError: a box on (or over) the part
+    expected = n / len(free)
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert min(counts.values()) > 0 and chi2 < 2.5 * len(free)  # dof = len(free) - 1; very loose
+    assert random_box(rng, (0, 9, 0, 6), size) is None  # a box off a 9x6 part of a 9x10 image: none fits
+    with pytest.raises(DeconvisError, match="no place .* for a random box"):
+        correspondence(_toy(), torch.randn(2, 3, 12, 12, dtype=torch.float64),
+                       {"face": [(0, 12, 1, 11), (0, 12, 0, 10)]}, ["conv1"], random_trials=1)
 
 
 def test_box_mapping_through_resize_and_crop():

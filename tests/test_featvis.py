@@ -16,12 +16,11 @@ import yaml
 from torch import nn
 
 from deconvis.cli import main
-from deconvis.cli.featvis_cmd import FeatvisConfig
 from deconvis.errors import DeconvisError
 from deconvis.featvis import FourierParam, LayerObjective, visualize_channels
 from deconvis.featvis import param as P
 from deconvis.featvis import robust
-from deconvis.featvis.run import noise_objective
+from deconvis.featvis.run import FeatvisConfig, noise_objective
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DEMO = os.path.join(ROOT, "deconvis", "assets", "zfnet_demo.pt")

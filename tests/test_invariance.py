@@ -47,6 +47,39 @@ def test_rotate_90_and_identities():
     torch.testing.assert_close(transform_input(xo, "scale", 2.0)[:, 4, 4], xo[:, 4, 4], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("s", [1.5, 2.0, 2.7])
+def test_scale_is_a_zoom_about_the_centre_on_every_pixel(s):
+    """Scale ``s`` enlarges about the centre ``((W-1)/2, (H-1)/2)``: output pixel ``p`` shows the
+    input at ``c + (p - c) / s``. Checked on every pixel of a random non-square image against
+    OpenCV's warp with a matrix built here (getRotationMatrix2D at angle 0, scale s), and exactly
+    where that point falls on the pixel grid (no interpolation), so a zoom out (1/s) fails."""
+    import cv2
+
+    g = torch.Generator().manual_seed(int(s * 10))
+    x = torch.randn(3, 13, 17, generator=g, dtype=torch.float64)
+    pp = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    got = transform_input(x, "scale", s, "black", pp)
+    c, h, w = x.shape
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), 0.0, s)
+    fill = (-np.array(pp.mean) / np.array(pp.std)).astype(np.float32)
+    img = x.numpy().astype(np.float32)
+    want = np.stack([cv2.warpAffine(img[k], m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                    borderValue=float(fill[k])) for k in range(c)])
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6, rtol=0)
+    # independent of OpenCV: output pixels whose source point is a pixel centre copy that pixel
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    hits = 0
+    for oy in range(h):
+        for ox in range(w):
+            sy, sx = cy + (oy - cy) / s, cx + (ox - cx) / s
+            if abs(sy - round(sy)) < 1e-9 and abs(sx - round(sx)) < 1e-9:
+                hits += 1
+                np.testing.assert_allclose(got[:, oy, ox].numpy(), x[:, round(sy), round(sx)].numpy(), atol=1e-6)
+    assert hits >= 1 and (s != 2.0 or hits >= 20)
+    # the border: a zoom in covers the whole output, so no pixel takes the fill
+    assert not np.isclose(got.numpy(), fill[:, None, None], atol=1e-6).all(0).any()
+
+
 def test_sweep_amounts():
     assert sweep_amounts("translate", 5, 10) == [-10, -5, 0, 5, 10]
     assert sweep_amounts("scale", 3, 1.8) == pytest.approx([1.0, 1.4, 1.8])

@@ -65,20 +65,39 @@ ZOO = {
 }
 
 
+#: the zoo layers the windowed path cannot run on (project_window takes the full path there), and why
+FULL_PATH = {
+    "mobilenet_v3_small": "squeeze-excitation gates: every unit sees the whole image",
+    "efficientnet_b0": "squeeze-excitation gates: every unit sees the whole image",
+    "shufflenet_v2": "the channel shuffle reshapes to 5-D maps",
+    "convnext_tiny": "channels-last permutes with LayerNorm and per-position Linear",
+}
+
+
 @pytest.mark.parametrize("arch", list(ZOO))
-def test_zoo_matches_oracle_and_windowed_equals_full(arch):
-    """Every listed layer of each model, 64 px, two random active units, all three rules."""
-    _check_zoo(arch, ZOO[arch][2])
+def test_zoo_matches_oracle_and_windowed_equals_full(arch, monkeypatch):
+    """Every listed layer of each model, 64 px, two random active units, all three rules; the
+    windowed backward forced (no full-path cut-over) on every layer where it can run."""
+    _check_zoo(arch, ZOO[arch][2], monkeypatch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ZOO))
-def test_zoo_bigger_inputs_more_units(arch):
+def test_zoo_bigger_inputs_more_units(arch, monkeypatch):
     """The same at 96 px with six units per layer."""
-    _check_zoo(arch, ZOO[arch][2], size=96, n_units=6)
+    _check_zoo(arch, ZOO[arch][2], monkeypatch, size=96, n_units=6)
 
 
-def _check_zoo(arch, targets, size=None, n_units=2):
+def _check_zoo(arch, targets, monkeypatch, size=None, n_units=2):
+    """``project`` against the oracle, and ``project_window`` against ``project`` with the windowed
+    backward forced (the cut-over to the full path off) and asserted wherever the path applies."""
+    import math
+
+    from deconvis.mirror import deconvnet
+
+    monkeypatch.setattr(deconvnet, "WINDOW_WORK_LIMIT", math.inf)  # compare the windowed path, never skip it
+    windowed, real = [], deconvnet.backward_window
+    monkeypatch.setattr(deconvnet, "backward_window", lambda *a, **k: windowed.append(1) or real(*a, **k))
     build, default_size, _ = ZOO[arch]
     size = size or default_size
     torch.manual_seed(0)
@@ -96,7 +115,9 @@ def _check_zoo(arch, targets, size=None, n_units=2):
             want = graph_oracle_project(model, x, module, units, rule, call=call)
             assert want.abs().max() > 0, (arch, layer, rule)
             assert _rel(got, want) <= 1e-10, (arch, layer, rule, _rel(got, want))
+            n_before = len(windowed)
             rec, boxes = dn.project_window(layer, units, rule=rule)
+            assert (len(windowed) > n_before) == (arch not in FULL_PATH), (arch, layer, "path")
             pasted = torch.zeros_like(got)
             for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
                 cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, size), max(x0, 0), min(x1, size)

@@ -72,6 +72,43 @@ class Residual(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class NegativePool(nn.Module):
+    """No ReLU before its padded max pools: negative values reach the padding, so padding the
+    window with 0 instead of -inf changes the border units."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.pool1 = nn.MaxPool2d(3, 2, padding=1)
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, 2, padding=1, ceil_mode=True)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.pool2(self.conv2(self.pool1(self.bn(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class SENet(nn.Module):
+    """Issue 20: conv, ReLU, conv (groups, stride), ReLU, squeeze-excitation gate, 1x1 conv,
+    spatial mean, Linear. After the gate every unit of every map depends on every pixel."""
+
+    def __init__(self, groups: int, stride: int, act: type):
+        from torchvision.ops import SqueezeExcitation
+
+        super().__init__()
+        self.c1, self.r1 = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.c2, self.r2 = nn.Conv2d(16, 16, 3, stride=stride, padding=1, groups=groups), nn.ReLU()
+        self.se = SqueezeExcitation(16, 4, activation=act)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.c3(self.se(self.r2(self.c2(self.r1(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
 def _randomise_bn(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -84,16 +121,18 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- the oracle
-def naive(model: nn.Module, x: torch.Tensor, tops, size, fill: torch.Tensor, module: nn.Module):
-    """Every occluded copy forwarded in full: (logits [P, K], per-channel sums of ``module`` [P, C])."""
+def naive(model: nn.Module, x: torch.Tensor, tops, size, fill: torch.Tensor, module: nn.Module, chunk: int = 32):
+    """Every occluded copy forwarded in full (``chunk`` copies per plain forward of the eval-mode
+    model): (logits [P, K], per-channel sums of ``module`` [P, C])."""
     store = {}
     hook = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
     logits, sums = [], []
     try:
         with torch.no_grad():
-            for y, x0 in tops:
-                xo = x.clone()
-                xo[:, :, y:y + size[0], x0:x0 + size[1]] = fill[None, :, None, None]
+            for i in range(0, len(tops), chunk):
+                xo = x.repeat(len(tops[i:i + chunk]), 1, 1, 1)
+                for b, (y, x0) in enumerate(tops[i:i + chunk]):
+                    xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
                 logits.append(model(xo))
                 a = store["a"]
                 sums.append(a.sum((2, 3)) if a.dim() == 4 else a)
@@ -113,9 +152,17 @@ def _positions(h, w, size, stride):
     return [(y, x) for y in grid(h, size[0], stride[0]) for x in grid(w, size[1], stride[1])]
 
 
+def reference_fill(x: torch.Tensor, spec) -> torch.Tensor:
+    """The occluder's value per channel [C], computed here, not by the code under test."""
+    C, H, W = x.shape[-3:]
+    if spec == "mean":
+        return x.reshape(C, H * W).sum(1) / (H * W)
+    return torch.full((C,), 0.0 if spec == "zero" else float(spec), dtype=x.dtype)
+
+
 def _check(model, x, size, stride, fill_spec, layer, batch):
     module = dict(model.named_modules())[layer]
-    fill = fill_values(x, fill_spec)
+    fill = reference_fill(x, fill_spec)
     tops = _positions(x.shape[-2], x.shape[-1], size, stride)
     eng, lg, s = incremental(model, x, tops, size, fill, layer, batch)
     lg0, s0 = naive(model, x, tops, size, fill, module)
@@ -152,6 +199,63 @@ def test_residual_graph_equals_naive(layer):
     assert "pad" in eng.fallback  # computed in full for the batch, and said so
 
 
+class ViewHead(nn.Module):
+    """A head that flattens with ``view``, which needs the plain forward's memory layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 12 * 10, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_view_after_a_window_equals_naive():
+    """The whole-map inputs of a view are gathered from windows (found by the generated nets)."""
+    torch.manual_seed(8)
+    model = ViewHead().double().eval()
+    x = torch.randn(1, 3, 12, 10, dtype=torch.float64)
+    eng = _check(model, x, (3, 4), (2, 3), "zero", "conv", 5)
+    assert "view" in eng.whole
+
+
+def test_max_pool_padding_is_minus_infinity():
+    torch.manual_seed(5)
+    model = _randomise_bn(NegativePool())
+    with torch.no_grad():
+        model.bn.bias.fill_(-1.0)  # mostly negative maps into both pools
+    x = torch.randn(1, 3, 21, 19, dtype=torch.float64)
+    with torch.no_grad():
+        a = model.bn(model.conv1(x))
+    assert float(a[0, :, 0, 0].max()) < 0 < float(a.max())  # the corner window's values are all negative
+    _check(model, x, (5, 4), (3, 3), "mean", "pool2", 6)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 16])
+def test_squeeze_excitation_gate_equals_naive(groups, stride, act):
+    """Issue 20 section 1: the gate changes the whole map, so every later spatial node runs in full."""
+    torch.manual_seed(6)
+    model = SENet(groups, stride, act).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    eng = _check(model, x, (8, 8), (4, 4), "mean", "c3", 16)
+    assert {"mul", "c3"} <= set(eng.whole) and "c2" not in eng.whole
+
+
+def test_torchvision_regnet_y_gates_equal_naive():
+    """A torchvision squeeze-excitation family (RegNetY, random weights, 64 px), map (b) after
+    the first gates."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(7)
+    model = _randomise_bn(torchvision.models.regnet_y_400mf(num_classes=6))
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    eng = _check(model, x, (16, 16), (24, 24), "mean", "trunk_output.block2", 4)
+    assert eng.fallback == [] and any(w.startswith("trunk_output.block1") for w in eng.whole)
+
+
 def test_torchvision_resnet18_equals_naive():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(2)
@@ -174,33 +278,47 @@ def _small_api_case():
     return model, x
 
 
-def test_occlusion_api_maps_equal_naive():
+@pytest.mark.parametrize("fill_spec,least_target", [("zero", False), ("mean", True), ("-0.4", False)])
+def test_occlusion_api_maps_equal_naive(fill_spec, least_target):
+    """Maps (b)-(e) against every occluded copy forwarded in full; the fill computed here. With
+    ``least_target`` map (d) follows the least probable class, so (d) and (e) differ everywhere."""
     model, x = _small_api_case()
-    res = occlusion(model, x, layer="features.8", size=6, stride=(4, 5), fill="zero", batch_size=7)
+    with torch.no_grad():
+        probs_clean = torch.softmax(model(x[None]), -1)[0]
+    target = int(probs_clean.argmin()) if least_target else None
+    res = occlusion(model, x, layer="features.8", size=6, stride=(4, 5), fill=fill_spec, batch_size=7, target=target)
     tops = [(y, x0) for y in res.tops_y for x0 in res.tops_x]
-    fill = torch.zeros(3, dtype=torch.float64)
+    fill = reference_fill(x, fill_spec)
+    np.testing.assert_allclose(res.fill_value, fill.numpy(), rtol=1e-12, atol=0)
     lg0, s0 = naive(model, x[None], tops, (6, 6), fill, model.features[8])
     # (b): the strongest channel of the clean image (largest single activation)
     store = {}
     h = model.features[8].register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
     with torch.no_grad():
-        probs_clean = torch.softmax(model(x[None]), -1)[0]
+        model(x[None])
     h.remove()
     ch = int(store["a"][0].flatten(1).amax(1).argmax())
     assert res.channel == ch
     shape = (len(res.tops_y), len(res.tops_x))
     np.testing.assert_allclose(res.activation, s0[:, ch].reshape(shape).numpy(), rtol=1e-10, atol=1e-12)
     probs = torch.softmax(lg0, -1)
-    assert res.target == int(probs_clean.argmax())
+    assert res.target == (int(probs_clean.argmin()) if least_target else int(probs_clean.argmax()))
+    assert res.clean_top_class == int(probs_clean.argmax())
+    assert res.clean_probability == pytest.approx(float(probs_clean[res.target]), rel=1e-12)
     np.testing.assert_allclose(res.probability, probs[:, res.target].reshape(shape).numpy(), rtol=1e-10, atol=1e-14)
+    # (e): the most probable class and its own probability (not the target's)
     np.testing.assert_array_equal(res.top_class, probs.argmax(-1).reshape(shape).numpy())
+    np.testing.assert_allclose(res.top_probability, probs.max(-1).values.reshape(shape).numpy(), rtol=1e-10, atol=1e-14)
+    if least_target:  # (e) is not (d) here, so taking (e)'s probability from the target fails
+        assert (res.top_class != res.target).all()
     # (c): the deconvnet projection of that whole map
     dn = DeconvNet(model)
     dn.forward(x[None])
     proj = dn.project_map("features.8", 0, [ch])[0].numpy()
     np.testing.assert_allclose(res.projection, proj, rtol=1e-10, atol=1e-14)
     rec = res.to_json()
-    assert rec["square_size"] == [6, 6] and rec["stride"] == [4, 5] and rec["fill"] == "zero"
+    assert rec["square_size"] == [6, 6] and rec["stride"] == [4, 5] and rec["fill"] == fill_spec
+    assert rec["top_probability"] == res.top_probability.tolist() and rec["top_class"] == res.top_class.tolist()
     json.dumps(rec, allow_nan=False)
 
 
@@ -251,6 +369,20 @@ def test_changed_range_matches_rf_boxes():
                     if u0 < b and a < u1:
                         units.append(u)
                 assert (units[0], units[-1] + 1) == (l_, h_) if units else h_ <= l_, (row.name, axis, a, units)
+
+
+@pytest.mark.parametrize("make,size", [(lambda: Residual(), (20, 18)), (lambda: NegativePool(), (21, 19)),
+                                       (lambda: SENet(2, 2, nn.SiLU), (32, 32))])
+def test_engine_table_from_its_clean_pass_equals_receptive_fields(make, size):
+    """The engine reads the RF table's shapes off its clean pass; the rows equal the shape pass's."""
+    from deconvis.graph.rf import receptive_fields
+
+    torch.manual_seed(9)
+    model = _randomise_bn(make())
+    eng = IncrementalOcclusion(model, torch.randn(1, 3, *size, dtype=torch.float64), (3, 3))
+    want = receptive_fields(model, size)
+    rows = [(r.name, r.out, r.rf, r.jump, r.start, r.whole) for r in eng.table]
+    assert rows == [(r.name, r.out, r.rf, r.jump, r.start, r.whole) for r in want] and len(rows) >= 8
 
 
 def test_float32_within_round_off():

@@ -43,6 +43,21 @@ def test_cli_end_to_end_small(tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp") or p.startswith(".")]
 
 
+def test_cli_rectangle_and_two_strides(tmp_path):
+    """--size H,W and --stride H,W: a non-square occluder with different steps down and across."""
+    out = tmp_path / "out"
+    rc = main(["occlusion", "--model", _tiny_model_file(tmp_path), "--weights", "random",
+               "--images", "skimage:coffee", "--crop", "40", "--resize", "44", "--size", "12,6", "--stride", "7,11",
+               "--out-dir", str(out)])
+    assert rc == 0
+    rec = json.loads((out / "coffee.json").read_text())
+    assert rec["square_size"] == [12, 6] and rec["stride"] == [7, 11]
+    assert rec["tops_y"] == [0, 7, 14, 21, 28] and rec["tops_x"] == [0, 11, 22, 33]  # 40 px input
+    assert json.loads((out / "occlusion.json").read_text())["settings"]["size"] == [12, 6]
+    cfg = OcclusionConfig.from_dict({"size": [12, 6], "stride": 7})  # the YAML form
+    assert cfg.size == [12, 6] and cfg.stride == 7
+
+
 def test_every_config_key_is_a_flag_and_back():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["occlusion"]
@@ -58,6 +73,10 @@ def test_every_config_key_is_a_flag_and_back():
 @pytest.mark.parametrize("argv,needle", [
     (["--size", "500", "--crop", "40", "--resize", "44"], "does not fit"),
     (["--stride", "0"], "stride must be at least 1"),
+    (["--stride", "4,0"], "stride must be at least 1"),
+    (["--size", "12,x"], "HEIGHT,WIDTH"),
+    (["--size", "3,4,5"], "HEIGHT,WIDTH"),
+    (["--size", "8,41", "--crop", "40", "--resize", "44"], "does not fit"),
     (["--layer", "conv9", "--size", "8", "--crop", "40", "--resize", "44"], "unknown layer"),
     (["--target", "3", "--size", "8", "--crop", "40", "--resize", "44"], "out of range"),
     (["--fill", "purple"], "fill"),

@@ -305,22 +305,33 @@ def test_bf16_autocast_on_cpu_is_close_to_float32(tmp_path):
         pipeline.run(fx.tiny_config(tmp_path, run="bf16"))
 
 
-def test_bf16_candidates_re_ranked_in_fp32_give_the_fp32_winners(tmp_path):
+def test_bf16_candidates_re_ranked_in_fp32_give_the_fp32_winners(tmp_path, monkeypatch):
     """amp_pool=2: 6 bf16 candidates of 12 images per channel, re-ranked in fp32: the winners,
-    positions and activations of the fp32 run (where the pool is certain), fp32 values in results."""
+    positions and activations of the fp32 run on every channel whose pool is certain (the
+    per-channel doubt the run computed), fp32 values in results."""
+    from deconvis.mining import rerank
+
+    masks, real = {}, rerank.uncertain_mask
+    monkeypatch.setattr(rerank, "uncertain_mask", lambda *a, **k: masks.update(real(*a, **k)) or real(*a, **k))
     base = pipeline.run(fx.tiny_config(tmp_path, run="base"))
     out = pipeline.run(fx.tiny_config(tmp_path, run="pool", amp="bf16", amp_pool=2))
     prec = out.results.stats["precision"]
     assert prec["activation"] == "float32" and "among 6 bf16 candidates" in prec["ranking"]
     assert out.results.mining_identity["amp_pool"] == 2
+    checked = 0
     for lr, blr in zip(out.results.layers, base.results.layers):
-        if lr.label in prec["uncertain_channels"]:
-            continue
-        got = [(w.image, w.y, w.x) for u in lr.units for w in u.winners]
-        assert got == [(w.image, w.y, w.x) for u in blr.units for w in u.winners], lr.label
+        doubt = masks[lr.name]
+        assert prec["uncertain_channels"].get(lr.label, 0) == int(doubt.sum()), lr.label
         for u, bu in zip(lr.units, blr.units):
+            if doubt[u.channel]:
+                continue
+            checked += 1
+            assert u.channel == bu.channel
+            assert [(w.image, w.y, w.x) for w in u.winners] == [(w.image, w.y, w.x) for w in bu.winners], \
+                (lr.label, u.channel)
             for w, bw in zip(u.winners, bu.winners):
                 assert w.activation == pytest.approx(bw.activation, rel=1e-5)
+    assert checked >= len(out.results.layers)  # every layer has certain channels checked
     assert out.results.stats["replay"]["mismatches"] == 0 and out.results.stats["replay"]["checked"] == 36
 
 

@@ -82,3 +82,44 @@ def test_uint8_on_the_device_equals_the_host_version():
     assert np.array_equal(to_uint8_tensor(rec).numpy(), to_uint8(rec))
     ref = (128 + 127 * rec.double() / rec.double().abs().flatten(1).amax(1).clamp_min(1e-300)[:, None, None, None])
     assert np.array_equal(to_uint8(rec)[0], ref[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+class _GatedNet(torch.nn.Module):
+    """conv -> ReLU -> squeeze-excitation gate -> conv -> ReLU: the last layer sees the whole
+    image through the gate but has a small local field through its conv path."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import SqueezeExcitation
+
+        self.c1, self.r1 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()
+        self.se = SqueezeExcitation(4, 2)
+        self.c2, self.r2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.r2(self.c2(self.se(self.r1(self.c1(x)))))
+
+
+def test_gated_layer_local_crop_is_logged_by_every_projection_run(tmp_path, caplog):
+    """Each projection run (not each process) says once that a gated layer's tiles show the local
+    field of its conv path: two runs in one process log it twice, once each."""
+    import logging
+
+    fx.write_images(tmp_path / "imgs", n=3)
+    torch.manual_seed(0)
+    dn = DeconvNet(_GatedNet().eval())
+    pp = Preprocess(resize=fx.SIZE, crop=(fx.SIZE, fx.SIZE), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ds = ImageDataset(open_images(str(tmp_path / "imgs")), pp)
+    row = dn.receptive_fields((fx.SIZE, fx.SIZE))["r2"]
+    assert row.whole and row.local is not None
+    jobs = [TileJob("r2", c, 0, c, 4 + c, 9, None) for c in range(3)]
+    boxes = []
+    for run in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="deconvis"):
+            project_jobs(dn, ds, jobs, batch_size=2, project_batch=2, progress=False,
+                         sink=lambda job, rec, img, box: boxes.append(box))
+        said = [r for r in caplog.records if "local field" in r.getMessage()]
+        assert len(said) == 1, (run, [r.getMessage() for r in caplog.records])
+        assert "r2" in said[0].getMessage()
+    assert boxes[:3] == [row.local.box(4 + c, 9) for c in range(3)] == boxes[3:]  # the tiles are cut to it

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html.parser
 import json
 import os
-import re
 
 import pytest
 
@@ -166,12 +165,20 @@ def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_
         row, rank = divmod(n, k)
         assert src == unit.sprite and (dx, dy) == pytest.approx((-rank * wd * s, -row * h * s), abs=0.6), n
         assert (tw, th) == pytest.approx((round(wd * s), round(h * s)), abs=0.6)
-    # a tile click opens the enlarged view of that winner
+
+    def big_offset():
+        """The enlarged patch's offset inside its frame and the frame's width (CSS px)."""
+        return page.evaluate("(()=>{const i=document.querySelector('#box img.img'), a=i.parentElement.getBoundingClientRect(),"
+                             "b=i.getBoundingClientRect(); return [b.left-a.left, b.top-a.top, a.width];})()")
+
+    # a tile click opens the enlarged view of that winner: its cell of the sprite
     page.locator(f"#L1c{unit.channel} .tiles").first.locator(".t").nth(2).click()
     box = page.locator("#box")
     expect(box).to_have_class("on")
     expect(box).to_be_visible()
     expect(page.locator("#box img.rec")).to_have_attribute("src", unit.sprite)
+    dx, dy, fw = big_offset()
+    assert dx == pytest.approx(-2 * fw, abs=1.0) and dy == pytest.approx(-h * fw / wd, abs=1.0)
     text = page.locator("#box p").text_content()
     assert f"channel {unit.channel}  rank 3 of" in text and f"image #{w.image}" in text
     assert _loaded(page, "#box img") == 0
@@ -179,10 +186,11 @@ def test_report_in_headless_chromium_loads_switches_tabs_and_enlarges_tiles(run_
     assert len(unit.winners) == 3
     page.keyboard.press("ArrowLeft")
     expect(page.locator("#box p")).to_contain_text(f"channel {unit.channel}  rank 2 of")
-    expect(page.locator("#box img.rec")).to_have_css("margin-left", re.compile(r"^-"))
+    assert big_offset()[0] == pytest.approx(-1 * fw, abs=1.0)
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
     expect(page.locator("#box p")).to_contain_text(f"channel {unit.channel}  rank 3 of")
+    assert big_offset()[0] == pytest.approx(-2 * fw, abs=1.0)
     page.keyboard.press("Escape")
     expect(box).not_to_have_class("on")
     # reopen; a click on the view closes it

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from deconvis.mining import TopK, mine
-from deconvis.mining.rerank import AMP_RTOL, PoolTopK, candidate_images, finish, pool_size, uncertain_channels
+from deconvis.mining.rerank import (AMP_RTOL, PoolTopK, candidate_images, finish, pool_size, uncertain_channels,
+                                   uncertain_mask)
 from test_mining import as_rows, oracle
 
 
@@ -39,11 +40,14 @@ def test_rerank_equals_bruteforce_fp32_over_the_candidates(half):
             want.append(oracle({layer: a[members][:, c:c + 1].numpy()}, members, k)[layer][0])
         got = [[(v, i, y, x) for (v, i, y, x) in row] for row in as_rows(ranked, layer)]
         assert got == want, layer
-        # where the pool is certain, it equals the global fp32 top-k
-        doubt = uncertain_channels(pool, ranked, AMP_RTOL[half])[layer]
+        # every channel whose pool is certain equals the global fp32 top-k
+        doubt = uncertain_mask(pool, ranked, AMP_RTOL[half])[layer]
+        assert doubt.shape == (a.shape[1],) and uncertain_channels(pool, ranked, AMP_RTOL[half])[layer] == int(doubt.sum())
         glob = oracle({layer: a.numpy()}, range(n), k)[layer]
-        if doubt == 0:
-            assert got == glob
+        checked = [c for c in range(a.shape[1]) if not doubt[c]]
+        assert checked  # not vacuous
+        for c in checked:
+            assert got[c] == glob[c], (layer, c)
     # the fp32 winners differ from the autocast ranking's first k somewhere (the test is not vacuous)
     assert any([[r[1] for r in row] for row in as_rows(ranked, layer)]
                != [[r[1] for r in row[:k]] for row in as_rows(pool, layer)] for layer in full)
@@ -97,3 +101,18 @@ def test_rerank_split_over_ranks_equals_one_process(tmp_path):
     for layer in ctx.layers:
         assert as_rows(ranked, layer) == as_rows(one, layer)
     assert ranked.seen == pool.seen == 12
+
+
+def test_pool_size_and_finish_keep_the_pool_bookkeeping():
+    """``k * factor`` candidates (``k`` for factor 0 or 1); the re-ranked state takes the pool's
+    items seen, unreadable images and non-finite counts (where autocast overflows), as copies."""
+    assert [pool_size(3, f) for f in (0, 1, 2, 4)] == [3, 3, 6, 12]
+    full = _acts(12)
+    full["a"][4, 1] = float("inf")  # image 4's channel 1 is not finite under autocast
+    pool = _stream(TopK(list(full), 6), {n: a.to(torch.bfloat16) for n, a in full.items()}, list(range(12)))
+    pool.skipped = [7]
+    ranked = finish(TopK(list(full), 3), pool)
+    assert ranked.seen == pool.seen and ranked.skipped == [7] and ranked.skipped is not pool.skipped
+    assert set(ranked.nonfinite) == set(pool.nonfinite) and ranked.nonfinite is not pool.nonfinite
+    assert int(ranked.nonfinite["a"][1]) == 1 and int(ranked.nonfinite_first["a"][1]) == 4
+    assert ranked.nonfinite_first is not pool.nonfinite_first

@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from deconvis.io import images, models
 from deconvis.runs import pipeline
+from deconvis.runs.phases import prepare
 from deconvis.runs.config import load_config
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "results_v1")
@@ -36,7 +38,12 @@ def test_old_results_rerender_to_the_same_sheets(old_run, monkeypatch, lossless)
         saved = json.load(f)
     over = {k: v for k, v in saved["config"].items() if k not in ("render_only", "fresh")}
     over.update(out=str(old_run.parent), render_only=True, lossless=lossless)  # model and images are gone: never read
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"), raising=False)
+    # the functions that load a model and open an image folder (real attributes: a renamed one
+    # makes setattr fail here instead of patching nothing)
+    for mod in (models, prepare):
+        monkeypatch.setattr(mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for mod in (images, prepare):
+        monkeypatch.setattr(mod, "open_images", lambda *a, **k: pytest.fail("opened the images"))
     out = pipeline.run(load_config(None, over))
     assert [lr.label for lr in out.results.layers] == ["conv1", "conv2"]
     ext = "png" if lossless else "jpg"

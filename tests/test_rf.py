@@ -481,8 +481,35 @@ def test_shapes_sizes_and_records():
     assert set(recs[2]) == {"name", "kind", "out", "rf", "jump", "start", "whole"}
     text = t.format()
     assert "0.0" in text and "MaxPool2d" in text and "10x17" in text
+    assert text.splitlines()[-1].startswith("input 10x17 px;")  # height x width
+    lines = {ln.split()[0]: ln for ln in text.splitlines()[2:-1]}  # rows by name (no header, no footnote)
+    assert t.layers[-1].whole and "(all)" in lines[t.layers[-1].name]  # the Linear sees the whole image
+    assert [l.name for l in t.layers if "(all)" in lines[l.name]] == [l.name for l in t.layers if l.whole]
+    # aligned columns: names and kinds flush left, the numbers flush right (their ends line up)
+    assert all(lines[l.name].startswith(l.name + " ") for l in t.layers)
+    ends = {lines[l.name].index(f" {l.out[0]}x{l.out[1]} ") + len(f" {l.out[0]}x{l.out[1]}") for l in t.layers}
+    assert len(ends) == 1
     with pytest.raises(DeconvisError, match="did you mean"):
         t["0.00"]
+
+
+def test_crop_box_is_the_local_field_after_a_gate():
+    """A row that sees the whole image only through a squeeze-excitation gate crops to the local
+    field of its conv path; other rows crop to their receptive-field box."""
+    from torchvision.ops import SqueezeExcitation
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), SqueezeExcitation(4, 2),
+                        nn.Conv2d(4, 4, 3, padding=1))
+    t = receptive_fields(net, 16)
+    gated, plain = t["3"], t["0"]
+    assert gated.whole and gated.local is not None and plain.local is None
+    for y, x in ((0, 0), (5, 9), (15, 3)):
+        assert gated.crop_box(y, x) == gated.local.box(y, x) != gated.box(y, x)
+        assert plain.crop_box(y, x) == plain.box(y, x)
+    assert gated.crop_box(5, 9) == (3, 8, 7, 12)  # two 3x3 convs: 5x5 centred on the unit
+    assert t.crop_box("3", 5, 9)[0] == (3, 8, 7, 12)
+    rec = next(r for r in t.to_records() if r["name"] == "3")
+    assert rec["whole"] and rec["local"] == {"rf": [5, 5], "jump": [1, 1], "start": [0, 0]}
 
 
 # ---------------------------------------------------------------------------------- errors

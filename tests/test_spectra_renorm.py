@@ -213,10 +213,16 @@ def test_diagnose_on_a_graph_model():
     m = Residual().double()
     with torch.no_grad():
         m.c2.weight[3] *= 50
+        m.stem.bias[0] = -1e6   # r1 channel 0 dead (and r2's channel 0 then sees only the conv path)
+        m.c2.bias[2] = -1e6     # r2 channel 2 dead through the residual sum
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
     res = diagnose(m, x, layers=["r1", "r2"], fft_size=8, alias_layer="r2", alias_images=3)
-    with torch.no_grad():
-        r2 = m.r2(m.c2(m.r1(m.stem(x))) + m.r1(m.stem(x)))
-    assert res.dead["r2"] == [int(c) for c in torch.nonzero(r2.amax((0, 2, 3)) <= 0).flatten()]
+    with torch.no_grad():  # brute force on the modules themselves
+        r1 = m.r1(m.stem(x))
+        r2 = m.r2(m.c2(r1) + r1)
+    dead = {name: [int(c) for c in torch.nonzero(a.amax((0, 2, 3)) <= 0).flatten()] for name, a in
+            (("r1", r1), ("r2", r2))}
+    assert 0 in dead["r1"] and 2 in dead["r2"] and len(dead["r2"]) < 4  # planted, and not everything
+    assert res.dead == dead
     assert [f.module for f in res.filters] == ["stem", "c2"] and res.filters[1].dominating == [3]
     assert res.aliasing is not None and res.alias_layer == "r2"

@@ -3,6 +3,7 @@ snapshots) against an uninterrupted run, the sgd optimiser, the cosine and const
 against their closed forms, and ZF's filter renormalisation against a naive per-filter loop."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -48,6 +49,70 @@ def test_train_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     for ca, cb in zip(sa["columns"], sb["columns"]):
         for layer in ca["rec"]:
             assert torch.equal(ca["rec"][layer], cb["rec"][layer])
+
+
+def _interrupted_after_epoch_1(out_dir) -> TrainConfig:
+    """A run of ``_cfg(out_dir)`` stopped by Ctrl-C right after epoch 1 was saved."""
+
+    def stop(msg):
+        if msg.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    cfg = _cfg(out_dir, epochs=3, snapshots=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=stop)
+    return cfg
+
+
+def test_resume_runs_only_the_unfinished_epochs(tmp_path, monkeypatch):
+    """A resume starts after the saved epoch: epoch 1 is neither trained again nor logged again
+    (a restart from scratch would give the same weights under a fixed seed, so count the epochs)."""
+    cfg = _interrupted_after_epoch_1(tmp_path)
+    saved = torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert saved["epoch"] == 1
+    lines, steps = [], []
+    from deconvis.training import train as train_mod
+
+    real = train_mod._Optimisers.step
+
+    def counting_step(self):
+        steps.append(1)
+        real(self)
+
+    monkeypatch.setattr(train_mod._Optimisers, "step", counting_step)
+    # settings that do not decide the weights may change on resume
+    rec = train(dataclasses.replace(cfg, threads=1, tile_size=8), log=lines.append)
+    assert [ln.split()[1] for ln in lines if ln.startswith("epoch")] == ["2/3", "3/3"]
+    assert any(ln.startswith("resumed from") and "after epoch 1" in ln for ln in lines)
+    steps_per_epoch = cfg.num_classes * cfg.samples_per_class // cfg.batch_size
+    assert len(steps) == 2 * steps_per_epoch  # epochs 2 and 3 only
+    assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
+    assert rec["history"][0] == saved["history"][0]  # epoch 1's record is the saved one
+    # a finished run resumed again trains nothing
+    lines.clear()
+    again = train(cfg, log=lines.append)
+    assert not [ln for ln in lines if ln.startswith("epoch")] and len(steps) == 2 * steps_per_epoch
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change", [dict(lr=0.02), dict(epochs=4)])
+def test_resume_with_other_weight_settings_is_refused(tmp_path, change):
+    """train_state.pt of a run with other weight-deciding settings: a one-line DeconvisError naming
+    the setting and the way out, the saved state left as it was; --no-resume starts over."""
+    from deconvis.errors import DeconvisError
+
+    _interrupted_after_epoch_1(tmp_path)
+    before = (tmp_path / "train_state.pt").read_bytes()
+    key = next(iter(change))
+    other = _cfg(tmp_path, **{**dict(epochs=3, snapshots=False), **change})
+    with pytest.raises(DeconvisError, match=rf"different {key} \({key}=.*--no-resume") as err:
+        train(other, log=_quiet)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "train_state.pt").read_bytes() == before
+    assert not os.path.exists(tmp_path / "zfnet_demo.pt")
+    # --no-resume starts over in the same folder
+    fresh = train(dataclasses.replace(other, resume=False), log=_quiet)
+    assert [h["epoch"] for h in fresh["history"]] == list(range(1, other.epochs + 1))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

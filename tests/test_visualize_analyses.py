@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pipeline_fixtures as fx
+from deconvis.analysis.occlusion import occlusion
 from deconvis.errors import DeconvisError
 from deconvis.runs import pipeline
 from deconvis.runs import results as R
@@ -184,9 +185,6 @@ def test_results_without_analyses_load_and_records_round_trip():
 
 
 def test_occlusion_section_equals_the_occlusion_api(tmp_path):
-    pytest.importorskip("deconvis.analysis.occlusion")
-    from deconvis.analysis.occlusion import occlusion
-
     cfg = fx.tiny_config(tmp_path, analyses=["occlusion"], analysis_images=1)
     out = pipeline.run(cfg)
     rec = out.results.analyses["occlusion"]

@@ -11,7 +11,9 @@ coordinates whose signs differ; ``sign`` takes the values -1, 0, +1 and a 0 coun
 its own). This equals ZF's sum over ordered pairs i != j divided by n (n - 1) D, which is how
 their Table 1 values (0.067 ... 0.107) must be normalised. Lower = the net changes the same way
 for the same part. As a control, each part is compared with randomly placed boxes of the same
-size (a new position per image and trial). The spread is given over pairs (std of H over the
+size that do not overlap it (a new position per image and trial, uniform over every position of
+the box inside the image that shares no pixel with the part; the boxes used are in the result).
+The spread is given over pairs (std of H over the
 pairs) and over images (std over i of the mean H between image i and the others).
 
 Boxes are ``(y0, y1, x0, x1)``, half-open, in pixels of the photo as annotated; each image may be
@@ -166,6 +168,7 @@ class CorrespondenceResult:
     random_trials: int
     seed: int
     boxes: Dict[str, Dict[str, List[int]]]              # part -> image -> input box
+    random_boxes: Dict[str, Dict[str, List[List[int]]]] = field(default_factory=dict)  # part -> image -> box per trial
     table: Dict[str, Dict[str, DeltaStats]] = field(default_factory=dict)
     hamming: Dict[str, Dict[str, List[List[float]]]] = field(default_factory=dict)  # part rows only
 
@@ -175,6 +178,7 @@ class CorrespondenceResult:
                 "normalisation": "H = fraction of feature coordinates whose sign (-1, 0, +1) differs; "
                                  "Delta = mean of H over image pairs i < j (= ZF's sum over i != j / (n(n-1)D))",
                 "boxes_input_pixels": self.boxes,
+                "random_boxes_input_pixels": self.random_boxes,
                 "table": {r: {l: vars(s) for l, s in cols.items()} for r, cols in self.table.items()},
                 "hamming": self.hamming}
 
@@ -183,8 +187,21 @@ class CorrespondenceResult:
         rows = [[r] + [f"{c[l].mean:.4f} ± {c[l].std_pairs:.4f} [{c[l].std_images:.4f}]" for l in self.layers]
                 + [next(iter(c.values())).n_images] for r, c in self.table.items()]
         return (markdown_table(heads, rows) + "\nH: fraction of coordinates whose sign differs; Delta: mean over "
-                f"image pairs. Random rows: boxes of the part's size at random places, {self.random_trials} "
+                f"image pairs. Random rows: boxes of the part's size at random places off the part, {self.random_trials} "
                 f"trials (seed {self.seed}). Masked pixels: {self.fill} fill.\n")
+
+
+def random_box(rng: np.random.Generator, part: Box, size: Tuple[int, int]) -> Optional[Box]:
+    """A box of ``part``'s size inside an image of ``size`` (H, W) pixels that shares no pixel
+    with ``part``, uniform over all such positions; None when there is none."""
+    y0, y1, x0, x1 = part
+    h, w = y1 - y0, x1 - x0
+    ys, xs = np.arange(size[0] - h + 1)[:, None], np.arange(size[1] - w + 1)[None, :]
+    free = np.flatnonzero(~((ys < y1) & (ys + h > y0) & (xs < x1) & (xs + w > x0)))
+    if len(free) == 0:
+        return None
+    ry, rx = divmod(int(free[rng.integers(len(free))]), xs.shape[1])
+    return (ry, ry + h, rx, rx + w)
 
 
 def mask(x: Tensor, box: Box, value: Tensor) -> Tensor:
@@ -212,6 +229,7 @@ def correspondence(model: nn.Module, inputs: Tensor, part_boxes: Dict[str, List[
     value = fill_value(fill, pp or Preprocess())
     rng = np.random.default_rng(seed)
     jobs: List[Tuple[str, int, int, Box]] = []  # (row, trial, image, box)
+    controls: Dict[str, Dict[str, List[List[int]]]] = {}
     for part, boxes in part_boxes.items():
         if len(boxes) != n:
             raise DeconvisError(f"part {part!r}: {len(boxes)} boxes for {n} images")
@@ -225,10 +243,13 @@ def correspondence(model: nn.Module, inputs: Tensor, part_boxes: Dict[str, List[
             jobs.append((part, 0, i, boxes[i]))
         for t in range(random_trials):
             for i in have:
-                y0, y1, x0, x1 = boxes[i]
-                h, w = y1 - y0, x1 - x0
-                ry, rx = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-                jobs.append((f"random({part})", t, i, (ry, ry + h, rx, rx + w)))
+                rb = random_box(rng, boxes[i], (H, W))
+                if rb is None:
+                    raise DeconvisError(f"part {part!r} box {list(boxes[i])} leaves no place in the {H}x{W} input of "
+                                        f"{names[i]} for a random box of its size off the part; use a smaller box "
+                                        "or random_trials 0")
+                jobs.append((f"random({part})", t, i, rb))
+                controls.setdefault(part, {}).setdefault(names[i], []).append(list(rb))
     dn = DeconvNet(model)
     rows = resolve_layers(dn, layers)
     clean = dn.activations(inputs, rows)
@@ -242,7 +263,7 @@ def correspondence(model: nn.Module, inputs: Tensor, part_boxes: Dict[str, List[
     allf = {r: torch.cat(v) for r, v in feats.items()}
     res = CorrespondenceResult(names, list(layers), fill, random_trials, seed,
                                boxes={p: {names[i]: list(b) for i, b in enumerate(bs) if b is not None}
-                                      for p, bs in part_boxes.items()})
+                                      for p, bs in part_boxes.items()}, random_boxes=controls)
     groups: Dict[Tuple[str, int], List[int]] = {}
     for k, (row, t, _, _) in enumerate(jobs):
         groups.setdefault((row, t), []).append(k)

@@ -13,11 +13,16 @@ window is computed from its inputs' values over the region its window needs: a c
 reads the clean map (padded as the op pads: zeros, or -inf for max-pools), with the input's
 window pasted over it, and runs with no padding; per-position ops (ReLU, eval BatchNorm, LRN,
 dropout) and aligned merges (residual add, product with a per-channel constant, concat along
-channels) run on the window itself.
+channels) run on the window itself. A node whose window is its whole map (deep layers, where
+every unit's receptive field meets the square) runs the op itself on the whole maps, with no
+gathers. The receptive-field rows take their shapes from the clean pass.
 
 Nodes whose units see the whole image (global pooling, flatten, Linear) are computed in full
-for the batch, on the small maps near the top. Ops that cannot be windowed (the same set as the
-windowed deconvnet, :func:`deconvis.mirror.window.windowable`: pads, permutes, adaptive pools
+for the batch, on the small maps near the top. So is every node downstream of one (its
+:attr:`IncrementalOcclusion.spread`): a squeeze-excitation gate ``x * sigmoid(fc(mean(x)))``
+broadcasts a global reduction back onto a map, so after it every unit of every later map
+differs from the clean one and there is no window to recompute. Ops that cannot be windowed
+(the same set as the windowed deconvnet, :func:`deconvis.mirror.window.windowable`: pads, permutes, adaptive pools
 that are not global, unaligned branches) are also computed in full for the batch, from the
 materialised maps of their inputs: :attr:`IncrementalOcclusion.fallback` names them.
 
@@ -42,6 +47,10 @@ from deconvis.mirror.window import windowable
 
 Node = torch.fx.Node
 Pair = Tuple[int, int]
+
+
+#: op kinds whose result does not depend on the memory layout of their input
+_ANY_LAYOUT = frozenset({"conv", "maxpool", "avgpool", "relu", "bn"})
 
 
 @dataclass
@@ -104,11 +113,6 @@ class IncrementalOcclusion:
         self.mirror = mirror if mirror is not None else Mirror(self.tg)
         self.H, self.W = int(image.shape[-2]), int(image.shape[-1])
         self.size = (int(size[0]), int(size[1]))
-        try:
-            self.table: Optional[RFTable] = table if table is not None else \
-                table_from_traced(self.tg, (self.H, self.W), int(image.shape[1]))
-        except DeconvisError:  # no geometry for this graph: every node runs in full
-            self.table = None
         self.layers = [self.tg.resolve(l) for l in layers]
         out_node = next(n for n in self.tg.graph_module.graph.nodes if n.op == "output")
         out = out_node.args[0]
@@ -119,6 +123,11 @@ class IncrementalOcclusion:
         with torch.no_grad():
             self.clean, _ = self.mirror.run(image, None, record=False,
                                             keep=[n for n in self.tg.graph_module.graph.nodes])
+        try:  # shapes from the clean pass: no separate shape pass
+            self.table: Optional[RFTable] = table if table is not None else \
+                table_from_traced(self.tg, (self.H, self.W), int(image.shape[1]), values=self.clean)
+        except DeconvisError:  # no geometry for this graph: every node runs in full
+            self.table = None
         targets = [self.output] + [self.tg.node(l) for l in self.layers]
         needed: Set[Node] = set()
         for t in targets:
@@ -128,16 +137,24 @@ class IncrementalOcclusion:
         self.whole: List[str] = []
         self.fallback: List[str] = []
         self.identity: Set[Node] = set()
+        self.spread: Set[Node] = set()
         for n in self.order:
+            if n.op == "placeholder":
+                continue
             row = self._row(n)
+            # A node that reads a global reduction (global pool, mean over space, Linear) changes
+            # everywhere when any input pixel changes; so does every node that reads such a node:
+            # after a gate (x * sigmoid(fc(mean(x)))) the whole map differs from the clean one.
+            # Taken from the RF table's whole flag and, independently, from the inputs' spread.
+            if (row is not None and row.whole) or any(a in self.spread for a in self.mirror.node_inputs.get(n, [])):
+                self.spread.add(n)
             if row is not None and self._identity_pool(n):
                 self.identity.add(n)
-            if row is not None and n.op != "placeholder" and (n in self.identity or windowable(self.mirror, n, self.clean)) \
+            if row is not None and n not in self.spread \
+                    and (n in self.identity or windowable(self.mirror, n, self.clean)) \
                     and tuple(row.out) == tuple(self.clean[n].shape[-2:]):
                 self.windowed[n] = row
-            elif n.op == "placeholder":
-                continue
-            elif row is not None and row.whole:
+            elif n in self.spread:
                 self.whole.append(self.tg.row_names[n])
             else:
                 self.fallback.append(self.tg.row_names[n])
@@ -192,7 +209,8 @@ class IncrementalOcclusion:
             return v
         base = self._padded_clean(n, pad, value)
         # one gather of B blocks [C, h, w] from the view of every h x w window of the channels-last
-        # map: contiguous [B, C, h, w], far cheaper on CPU than B slice copies or per-element indexing
+        # map: [B, C, h, w] in channels-last layout, far cheaper on CPU than B slice copies or
+        # per-element indexing
         blocks = base.unfold(0, h, 1).unfold(1, w, 1)  # [Hp-h+1, Wp-w+1, C, h, w], a view
         crop = blocks[r0 + pad[0], c0 + pad[2]]
         dy, dx = win.oy - r0, win.ox - c0
@@ -267,8 +285,17 @@ class IncrementalOcclusion:
 
     def _in_full(self, n: Node, state: Dict[Node, Any], B: int, memo: Dict[Node, Any]) -> Any:
         """Node ``n`` computed on the whole maps of the batch (whole-image units and fallbacks)."""
-        args, kwargs = self._args(n, lambda a: self._full(state[a], a) if isinstance(state[a], _Win) else state[a],
-                                  B, memo)
+        op = self.mirror.ops.get(n)
+        any_layout = op is not None and op.kind in _ANY_LAYOUT
+
+        def whole(a: Node) -> Any:
+            if not isinstance(state[a], _Win):
+                return state[a]
+            v = self._full(state[a], a)
+            # windows are gathered channels-last; a view or reshape needs the layout the plain forward has
+            return v if any_layout else v.contiguous()
+
+        args, kwargs = self._args(n, whole, B, memo)
         val = self.mirror.forward_node(n, args, kwargs, record=False, switches={})
         self._count(n, val, None)
         if isinstance(val, Tensor) and val.dim() == 4:
@@ -284,6 +311,8 @@ class IncrementalOcclusion:
         lx, hx = changed_range(row, 1, lo_x, hi_x)
         h = max(int((hy - ly).max()), 1)
         w = max(int((hx - lx).max()), 1)
+        if h >= Hn and w >= Wn:  # the window is the whole map: the op itself, on whole maps, no gathers
+            return self._in_full(n, state, int(lo_y.shape[0]), {})
         oy = ly.clamp(max=Hn - h)
         ox = lx.clamp(max=Wn - w)
         op = self.mirror.ops[n]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,23 @@ from deconvis.mirror.rules import Rule
 from deconvis.render.sheets import safe_name
 from deconvis.utils.device import resolve_device
 
+Side = Union[int, List[int]]
+
+
+def side_pair(value: Any, where: str) -> Side:
+    """A square side or step from YAML or a flag: ``12`` (both axes) or ``12,8`` / ``[12, 8]``
+    (height, width in pixels); returns an int or [height, width]."""
+    parts = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+    ints: List[int] = []
+    for p in parts:
+        text = str(p).strip()
+        if isinstance(p, bool) or not text.lstrip("+-").isdigit():
+            break
+        ints.append(int(text))
+    if len(ints) != len(parts) or len(ints) not in (1, 2):
+        raise DeconvisError(f"{where} must be one integer (a square) or HEIGHT,WIDTH in pixels, got {value!r}")
+    return ints[0] if len(ints) == 1 else ints
+
 
 @dataclass
 class OcclusionConfig(Config):
@@ -40,8 +57,10 @@ class OcclusionConfig(Config):
                                                      "photo) or builtin:skimage, comma separated")
     max_images: int = option(4, "at most this many images")
     layer: Optional[str] = option(None, "layer of map (b): row, container or alias; none = the last conv layer")
-    size: int = option(32, "side of the occluding square, pixels of the network input")
-    stride: int = option(8, "pixels between square positions")
+    size: Side = option(32, "side of the occluding square, pixels of the network input; HEIGHT,WIDTH for a "
+                            "rectangle", coerce=side_pair, metavar="N|H,W")
+    stride: Side = option(8, "pixels between square positions; HEIGHT,WIDTH for different steps down and across",
+                          coerce=side_pair, metavar="N|H,W")
     fill: str = option("mean", "occluder value: mean (the image's mean colour), zero (0 in the network's "
                                "input space: the training mean colour) or a number (input space)")
     target: Optional[int] = option(None, "class of map (d); none = the unoccluded top class")
@@ -57,10 +76,10 @@ class OcclusionConfig(Config):
         for name in ("max_images", "batch_size"):
             if getattr(self, name) < 1:
                 raise DeconvisError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.size < 1:
-            raise DeconvisError(f"size must be at least 1 pixel, got {self.size}")
-        if self.stride < 1:
-            raise DeconvisError(f"stride must be at least 1 pixel, got {self.stride}")
+        for name in ("size", "stride"):
+            v = side_pair(getattr(self, name), name)  # also checks a value set by hand
+            if min([v] if isinstance(v, int) else v) < 1:
+                raise DeconvisError(f"{name} must be at least 1 pixel, got {getattr(self, name)}")
         for name in ("resize", "crop"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -107,6 +126,10 @@ def class_names_of(spec: str, weights: str) -> Optional[List[str]]:
         return None
 
 
+def _hw(v: Side) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def run_occlusion(cfg: OcclusionConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
     """Run :func:`~deconvis.analysis.occlusion.occlusion` on every image of ``cfg``; write the
     figures and JSON under ``cfg.out_dir``; return the summary written to ``occlusion.json``."""
@@ -122,7 +145,7 @@ def run_occlusion(cfg: OcclusionConfig, log: Callable[[str], None] = print) -> D
         display = preprocess_image(rgb, pp)
         x = normalize(display, pp)
         t0 = time.perf_counter()
-        res = occlusion(loaded.model, x, layer=cfg.layer, size=cfg.size, stride=cfg.stride, fill=fill,
+        res = occlusion(loaded.model, x, layer=cfg.layer, size=_hw(cfg.size), stride=_hw(cfg.stride), fill=fill,
                         target=cfg.target, batch_size=cfg.batch_size, class_names=names, rule=cfg.rule)
         secs = time.perf_counter() - t0
         stem = safe_name(name)

@@ -1,10 +1,11 @@
-"""Settings of feature visualisation and writing its outputs: one PNG per channel, a sheet of
-all of them, and ``featvis.json``, each written atomically.
+"""Settings of feature visualisation, the ``deconvis featvis`` run, and writing its outputs: one
+PNG per channel, a sheet of all of them, and ``featvis.json``, each written atomically.
 
 :class:`FeatvisOptions` holds the optimisation settings (steps, size, learning rate, the
-robustness transforms, the parametrisation): a :class:`~deconvis.config.Config`, so a
-subcommand or a run that adds feature visualisations (unit pages) declares them by deriving from
-it, and :meth:`FeatvisOptions.kwargs` passes them to :func:`visualize_channels`.
+robustness transforms, the parametrisation): a :class:`~deconvis.config.Config`, so a run that
+adds feature visualisations (unit pages) declares them by deriving from it, and
+:meth:`FeatvisOptions.kwargs` passes them to :func:`visualize_channels`. :class:`FeatvisConfig`
+adds the model, layer and channels of the subcommand; :func:`run_featvis` does its work.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from deconvis.analysis.common import AnalysisConfig, apply_threads, load_network
+from deconvis.config import Config, check_device, option
 from deconvis.errors import DeconvisError
-from deconvis.featvis.optimize import FeatVis, eval_mode
-from deconvis.config import Config, option
+from deconvis.featvis.optimize import FeatVis, LayerObjective, eval_mode, visualize_channels
+from deconvis.io import atomic
 
 
 @dataclass
@@ -110,8 +113,6 @@ def write_featvis(out_dir: str, result: FeatVis, noise: Optional[torch.Tensor] =
     """Write ``result`` into ``out_dir``: ``channel-NNNN.png`` per channel, ``sheet.png`` and
     ``featvis.json`` (layer, unit, settings, per channel its file, final objective, the objective of
     a uniform-noise image ``noise`` [C] when given, and its per-step curve). Returns the names."""
-    from deconvis.io import atomic
-
     pixels = to_uint8(result.images)
     names = []
     for ch, img in zip(result.channels, pixels):
@@ -142,3 +143,55 @@ def noise_objective(objective, channels: Sequence[int], size: Tuple[int, int], u
     noise = torch.rand(len(channels), 3, size[0], size[1], generator=gen, dtype=torch.float64)
     with torch.no_grad(), eval_mode(objective.model):
         return objective.score(noise, channels, unit).to("cpu", torch.float64)
+
+
+@dataclass
+class FeatvisConfig(FeatvisOptions, AnalysisConfig):
+    """Images that maximise channels of a layer: decorrelated Fourier parametrisation, a random
+    jitter, zoom and rotation at each step, all channels of a batch in one forward. Every key is a
+    YAML key (--config) and a --flag."""
+
+    layer: str = option("conv5", "module name, container name or alias (conv5, layer3, features.10, ...)")
+    channels: List[int] = option([], "channels to visualise (empty: the first `count`)")
+    count: int = option(16, "with no channels given: visualise channels 0..count-1 (0: all)")
+    unit: Optional[str] = option(None, "y,x: maximise that unit of the map (null: the channel mean)", metavar="Y,X")
+    out_dir: str = option("", "output folder (empty: outputs/featvis-<model>-<layer>/)")
+
+    def resolve(self, config_path: Optional[str]) -> None:
+        if not self.out_dir:
+            self.out_dir = os.path.join("outputs", f"featvis-{slug(self.model)}-{slug(self.layer)}")
+
+    def validate(self) -> None:
+        FeatvisOptions.validate(self)
+        if not self.model:
+            raise DeconvisError("model is empty; set --model (e.g. zfnet_demo, alexnet, file.py:make)")
+        if not self.layer:
+            raise DeconvisError("layer is empty; set --layer (e.g. conv5)")
+        if self.count < 0:
+            raise DeconvisError(f"count {self.count} must be >= 0 (0: all channels)")
+        if any(c < 0 for c in self.channels):
+            raise DeconvisError(f"channels {self.channels} must be non-negative")
+        parse_unit(self.unit)
+        check_device(self.device)
+
+
+def run_featvis(cfg: FeatvisConfig) -> FeatVis:
+    """Optimise the images of ``cfg`` and write them into ``cfg.out_dir``; returns the result."""
+    apply_threads(cfg.threads)
+    lm = load_network(cfg.model, cfg.weights, cfg.device)
+    pp = lm.preprocess
+    obj = LayerObjective(lm.model, cfg.layer, mean=pp.mean, std=pp.std)
+    kwargs = cfg.kwargs(pp.crop)
+    unit = parse_unit(cfg.unit)
+    channels: Optional[List[int]] = list(cfg.channels) or None
+    if channels is None and cfg.count:
+        total = obj.check([], None, kwargs["size"])[0]
+        channels = list(range(min(cfg.count, total)))
+    atomic.ensure_writable_dir(cfg.out_dir)  # before the work: an unusable out_dir fails in one line
+    res = visualize_channels(lm.model, cfg.layer, channels, unit=unit, objective=obj,
+                             progress=lambda done, total: print(f"featvis: {done}/{total} channels", flush=True),
+                             **kwargs)
+    noise = noise_objective(obj, res.channels, res.size, res.unit, seed=cfg.seed)
+    write_featvis(cfg.out_dir, res, noise, extra={"config": cfg.to_dict(), "model": cfg.model,
+                                                  "weights": cfg.weights})
+    return res

@@ -26,15 +26,16 @@ device. The model's modes are restored; its parameters and buffers are not chang
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
+import torch.fx
 from torch import nn
 
 from deconvis.errors import DeconvisError
 from deconvis.graph.ops import Pair, kind_name
 from deconvis.graph.rf_geometry import (AxisRF, Box, LayerRF, RFTable, clip_box, conv_out_size,
                                         pool_out_size)
-from deconvis.graph.rf_shapes import propagate
+from deconvis.graph.rf_shapes import propagate, shape_of
 from deconvis.graph.rf_walk import Walker
 from deconvis.graph.trace import TracedGraph, trace_graph
 
@@ -60,10 +61,13 @@ def size_pair(input_size: Union[int, Sequence[int]]) -> Pair:
     return size
 
 
-def table_from_traced(tg: TracedGraph, input_size: Union[int, Sequence[int]], in_channels: int = 3) -> RFTable:
-    """:func:`receptive_fields` for an already traced model."""
+def table_from_traced(tg: TracedGraph, input_size: Union[int, Sequence[int]], in_channels: int = 3,
+                      values: Optional[Mapping[torch.fx.Node, Any]] = None) -> RFTable:
+    """:func:`receptive_fields` for an already traced model. ``values``: every node's value from
+    a forward of one [1, in_channels, H, W] image that the caller already ran (eval semantics),
+    to read the shapes from instead of running the shape pass."""
     size = size_pair(input_size)
-    shapes = propagate(tg, size, in_channels)
+    shapes = {n: shape_of(v) for n, v in values.items()} if values is not None else propagate(tg, size, in_channels)
     rows = Walker(tg, shapes, size).walk()
     layers = []
     for node, g in rows:

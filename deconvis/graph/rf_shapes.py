@@ -28,7 +28,9 @@ class _TooSmall(Exception):
         self.node, self.in_hw, self.out_hw = node, in_hw, out_hw
 
 
-def _shape_of(v: Any) -> Any:
+def shape_of(v: Any) -> Any:
+    """A value's shape as the RF walk reads it: a tuple for a tensor, a list of tuples for a
+    tuple of tensors, else None."""
     if isinstance(v, torch.Tensor):
         return tuple(v.shape)
     if isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
@@ -63,7 +65,7 @@ class _Recorder(torch.fx.Interpreter):
             failed = _NodeFailed(n, exc)
             failed.shapes = self.shapes  # type: ignore[attr-defined]
             raise failed from exc
-        self.shapes[n] = _shape_of(val)
+        self.shapes[n] = shape_of(val)
         return val
 
 

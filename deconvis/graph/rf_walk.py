@@ -137,7 +137,11 @@ class Walker:
             return first
         # anything computed from inputs that already see their whole region sees it too
         if all(g.whole for _, g in ins):
-            return _whole([g for _, g in ins], self.size, out)
+            res = _whole([g for _, g in ins], self.size, out)
+            if ((is_meth and t == "permute") or (is_fn and t is torch.permute)) and _dims(node) == [0, 2, 3, 1] \
+                    and isinstance(shape, tuple) and len(shape) == 4:  # a whole map to channels-last [N, H, W, C]
+                res = replace(res, cl=True, out=(int(shape[1]), int(shape[2])))
+            return res
         if (is_fn and t in MERGE_FUNCS) or (is_meth and t in MERGE_METHODS):
             return self.merge(node, ins, shape, out)
         if len(ins) > 1:  # several input-dependent tensors into one op that is not a known merge

@@ -97,7 +97,7 @@ PNG_LEVEL = 3
 def encode_image(rgb: np.ndarray, ext: str) -> bytes:
     """An RGB (``[H, W, 3]``) or grey (``[H, W]``) uint8 image encoded as ``ext`` (``png``: lossless,
     zlib level :data:`PNG_LEVEL`; ``jpg``: quality :data:`JPEG_QUALITY`, 4:4:4)."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is encoded
 
     img = np.asarray(rgb)
     if img.dtype != np.uint8:

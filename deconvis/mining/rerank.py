@@ -72,20 +72,25 @@ def finish(ranked: TopK, pool: TopK) -> TopK:
     return ranked
 
 
-def uncertain_channels(pool: TopK, ranked: TopK, rtol: float) -> Dict[str, int]:
-    """Per layer, how many channels' pools may have been too small: the pool is full and its
-    last autocast value ``v`` satisfies ``v + rtol*|v| >= `` the k-th re-ranked value (an image
-    outside the pool could then have beaten a winner in full precision). A pool that holds every
-    readable image leaves no doubt."""
-    out: Dict[str, int] = {}
+def uncertain_mask(pool: TopK, ranked: TopK, rtol: float) -> Dict[str, Tensor]:
+    """Per layer, a bool [C] of the channels whose pool may have been too small: the pool is full
+    and its last autocast value ``v`` satisfies ``v + rtol*|v| >= `` the k-th re-ranked value (an
+    image outside the pool could then have beaten a winner in full precision). A pool that holds
+    every readable image leaves no doubt."""
     if pool.seen - len(pool.skipped) <= pool.k:
-        return {layer: 0 for layer in pool.state}
+        return {layer: torch.zeros(st["images"].shape[0], dtype=torch.bool, device=st["images"].device)
+                for layer, st in pool.state.items()}
+    out: Dict[str, Tensor] = {}
     for layer, st in pool.state.items():
         if layer not in ranked.state:
             continue
         last_v, last_i = st["values"][:, -1], st["images"][:, -1]
         kth = ranked.state[layer]["values"][:, -1]
         full = last_i != EMPTY
-        doubt = full & ((last_v + rtol * last_v.abs()) >= kth.to(last_v.dtype))
-        out[layer] = int(doubt.sum())
+        out[layer] = full & ((last_v + rtol * last_v.abs()) >= kth.to(last_v.dtype))
     return out
+
+
+def uncertain_channels(pool: TopK, ranked: TopK, rtol: float) -> Dict[str, int]:
+    """Per layer, how many channels :func:`uncertain_mask` marks."""
+    return {layer: int(m.sum()) for layer, m in uncertain_mask(pool, ranked, rtol).items()}

@@ -108,8 +108,8 @@ def windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
         return dim in (1, -3)
     if k == "generic":
         ins = mirror.node_inputs[node]
-        if len(ins) != 1 or tuple(env[ins[0]].shape) != tuple(val.shape):
-            return False
+        if len(ins) != 1 or not isinstance(env[ins[0]], Tensor) or tuple(env[ins[0]].shape) != tuple(val.shape):
+            return False  # (an item of a chunk/split reads a tuple: the full path)
         t = node.target
         m = mirror.tg.module(node)
         if m is not None:

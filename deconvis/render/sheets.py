@@ -23,6 +23,7 @@ tile's activation.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 import os
 import re
 from dataclasses import dataclass
@@ -273,8 +274,6 @@ def render_layer(
 
     Returns the sheet paths relative to ``run_dir``. Units without tiles show as empty cells.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     rf = layer.rf or [1, 1]
     th, tw, _ = tile_scale(int(rf[0]), int(rf[1]), min_tile, max_tile)
     layout = SheetLayout(k=k, th=th, tw=tw, per_sheet=per_sheet, columns=columns)

@@ -66,7 +66,7 @@ def cut(sprite: np.ndarray, rank: int, row: int, cell: Sequence[int]) -> np.ndar
 
 def read_rgb(path: str) -> Optional[np.ndarray]:
     """An image file (PNG or JPEG) as uint8 RGB, or None if missing/unreadable."""
-    import cv2
+    import cv2  # start-up time: OpenCV loads only when an image is read
 
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     return None if img is None else img[:, :, ::-1]

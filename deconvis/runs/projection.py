@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Collection, Dict, Iterable, List, Optional
 
 from deconvis.errors import DeconvisError
+from deconvis.runs.phases.rundir import tile_files
 from deconvis.runs.results import finite_json
 from deconvis.render.projection import Replay  # noqa: F401 - re-exported for the pipeline
 
@@ -71,8 +72,6 @@ def wait_for_tiles(run_dir: str, layers: Iterable[Any], names: Optional[Collecti
                    sleep: Callable[[float], None] = time.sleep) -> None:
     """Wait until every tile the ``layers`` (``LayerResult``; only those in ``names`` if given) list
     exists under ``run_dir``; a :class:`DeconvisError` naming the first missing one after ``timeout_s``."""
-    from deconvis.runs.phases.rundir import tile_files
-
     missing: List[str] = [os.path.join(run_dir, p) for lr in layers if names is None or lr.name in names
                           for u in lr.units for p in tile_files(u)]
     start = now()

@@ -83,6 +83,7 @@ from deconvis.errors import DeconvisError
 from deconvis.io.atomic import write_text
 from deconvis.io.models import Preprocess
 from deconvis.mirror.rules import Rule
+from deconvis.render.sprites import ADDRESSING
 
 SCHEMA = "deconvis.results"
 # written by development builds between the package re-layout and this fix; read as the same schema
@@ -189,7 +190,6 @@ class Results:
         order = ["schema", "version", "created", "status"]
         out = {**{k: d.pop(k) for k in order}, **d}
         if out["version"] >= 2:
-            from deconvis.render.sprites import ADDRESSING
             out["sprites"] = dict(ADDRESSING)
         return finite_json(out)
 

@@ -1,0 +1,258 @@
+"""Mutation testing of the numerical and run-state code with mutmut (``make mutate``; not in CI).
+
+Each target is one source file mutated against the few test files that cover it, in its own
+scratch copy of the repository under ``.mutate/<target>/`` (mutmut keeps one configuration and
+one ``mutants/`` folder per working directory). The copy is laid anew on every run, so the
+current source is mutated. mutmut runs, for each mutant, only the selected tests that executed
+the mutated function, and stops at the first failure.
+
+    python scripts/mutate.py                 # every target
+    python scripts/mutate.py topk lock       # some targets
+    python scripts/mutate.py --list          # the targets, their files and tests
+    python scripts/mutate.py --report        # the kill table of the last runs, and the survivors
+
+``--children N`` sets mutmut's parallel workers (default 2). The
+table it prints is the one docs/testing.md records.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutate"
+
+#: mutmut exit codes (mutmut.stats.status_by_exit_code) folded into four outcomes
+KILLED = {1, 3, 37}
+TIMEOUT = {36, -24, 24, 152, 255}
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+@dataclass
+class Target:
+    """One source file, the tests run against its mutants, and optionally which of its
+    functions count (mutmut names: ``f`` or ``ClassǁMethod``; ``lines``: also the mutants of
+    ``line_functions`` whose changed line matches this regular expression)."""
+
+    source: str
+    tests: List[str]
+    functions: List[str] = field(default_factory=list)
+    line_functions: List[str] = field(default_factory=list)
+    lines: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.source[:-3].replace("/", ".")
+
+    def globs(self) -> List[str]:
+        return [f"{self.module}.x{_mangle(f)}__mutmut_*" for f in self.functions]
+
+
+def _mangle(function: str) -> str:
+    """mutmut's name of a function: ``f`` -> ``_f``, ``Cls.meth`` -> ``ǁClsǁmeth`` (after the ``x``)."""
+    if "." in function:
+        cls, meth = function.split(".")
+        return f"ǁ{cls}ǁ{meth}"
+    return f"_{function}"
+
+
+TARGETS: Dict[str, Target] = {
+    "window": Target("deconvis/mirror/window.py", [
+        "tests/test_mirror_graph.py::test_every_relu_family_unit_and_graph_op_matches_oracle",
+        "tests/test_mirror_graph.py::test_windowed_path_is_used_and_boxes_are_the_rf_boxes",
+        "tests/test_mirror_graph.py::test_se_gate_layers_take_the_full_path_with_a_local_crop_box",
+        "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[squeezenet]",
+        "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[resnet18]",
+        "tests/test_projection.py",
+    ]),
+    "occlusion": Target("deconvis/analysis/occlusion_engine.py", ["tests/test_occlusion.py"]),
+    "topk": Target("deconvis/mining/topk.py", ["tests/test_mining.py"]),
+    "rerank": Target("deconvis/mining/rerank.py", ["tests/test_rerank.py", "tests/test_mining.py"]),
+    "rf_geometry": Target("deconvis/graph/rf_geometry.py", [
+        "tests/test_rf.py", "tests/test_layerspec.py", "tests/test_cli_rf.py::test_rf_json",
+        "tests/test_cli_rf.py::test_rf_table_and_layer_filter", "tests/test_cli_rf.py::test_rf_torchvision_model_json"]),
+    "lock": Target("deconvis/runs/lock.py", ["tests/test_faults.py"]),
+    "train_resume": Target(
+        "deconvis/training/train.py",
+        ["tests/test_train_small.py::test_train_resume_is_bitwise_equal_to_an_uninterrupted_run",
+         "tests/test_train_small.py::test_resume_runs_only_the_unfinished_epochs",
+         "tests/test_train_small.py::test_resume_with_other_weight_settings_is_refused"],
+        functions=["_resume", "_rng_state", "_set_rng_state", "_Optimisers.state_dict",
+                   "_Optimisers.load_state_dict"],
+        line_functions=["train"], lines=r"start_epoch|state_path|cfg\.resume|TRAIN_STATE|\"rng\"|\"epoch\": epoch"),
+}
+
+
+def _lay_copy(name: str, target: Target) -> Path:
+    """A fresh scratch copy of the package and tests with a [mutmut] section for ``target``."""
+    wd = WORK / name
+    if wd.exists():
+        shutil.rmtree(wd)
+    wd.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
+    for d in ("deconvis", "tests"):
+        shutil.copytree(ROOT / d, wd / d, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", wd / "pyproject.toml")
+    cfg = (ROOT / "setup.cfg").read_text()
+    tests = "".join(f"\n    {t}" for t in target.tests)
+    cfg += ("\n[mutmut]\nsource_paths = deconvis\n"
+            f"only_mutate = {target.source}\n"
+            f"pytest_add_cli_args_test_selection ={tests}\n"
+            "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -m\n    not slow\n"
+            "process_isolation = forkserver\n"
+            # a shared machine runs the mutants far slower than the stats run measured them: wall
+            # time limits that only a hung mutant reaches, not a busy one
+            "timeout_multiplier = 200\n"
+            "timeout_constant = 30\n"
+            "use_git_change_detection = false\n")
+    (wd / "setup.cfg").write_text(cfg)
+    return wd
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the tests must import the mutated copy, not the worktree
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+#: mutmut's command line with its string-literal mutator switched off: it turns every message
+#: and format string into "XX...XX", hundreds of mutants that only the exact wording would kill
+#: (tests match messages by their key words on purpose); keys and modes are names or constants
+#: that the other mutators and the round-trip tests cover
+_MUTMUT = ("import sys\n"
+           "from mutmut.mutation import mutators\n"
+           "mutators.mutation_operators[:] = [op for op in mutators.mutation_operators\n"
+           "                                  if op[1] is not mutators.operator_string]\n"
+           "from mutmut.__main__ import cli\n"
+           "sys.argv[0] = 'mutmut'\n"
+           "cli()\n")
+
+
+def _mutmut(wd: Path, args: Sequence[str], children: int) -> None:
+    cmd = [sys.executable, "-c", _MUTMUT, "run", "--max-children", str(children), *args]
+    print("+ mutmut run", " ".join(cmd[4:]), f"(in {wd.relative_to(ROOT)})", flush=True)
+    subprocess.run(cmd, cwd=wd, env=_env(), check=True)
+
+
+def _meta(wd: Path, target: Target) -> Dict[str, Optional[int]]:
+    path = wd / "mutants" / (target.source + ".meta")
+    return json.loads(path.read_text())["exit_code_by_key"]
+
+
+def _diffs(wd: Path, names: Sequence[str]) -> Dict[str, str]:
+    """mutmut's diff of each mutant (original -> mutated function)."""
+    code = ("import json,sys\nfrom mutmut.mutation.diff_apply import get_diff_for_mutant\n"
+            "names=json.load(sys.stdin)\nprint(json.dumps({n: get_diff_for_mutant(n) for n in names}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=wd, env=_env(), input=json.dumps(list(names)),
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _selected(wd: Path, target: Target) -> List[str]:
+    """The mutant names that count for ``target`` (all of the file when it names no functions)."""
+    keys = list(_meta(wd, target))
+    if not target.functions and not target.line_functions:
+        return keys
+    chosen = [k for k in keys if any(fnmatch.fnmatch(k, g) for g in target.globs())]
+    pattern = re.compile(target.lines)
+    for f in target.line_functions:
+        prefix = f"{target.module}.x{_mangle(f)}__mutmut_"
+        names = [k for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit()]
+        for n, diff in _diffs(wd, names).items():
+            changed = [l for l in diff.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+            if any(pattern.search(l) for l in changed):
+                chosen.append(n)
+    return chosen
+
+
+def run(name: str, children: int) -> None:
+    """Mutate ``name``'s file in a fresh copy and run the mutants that count for it."""
+    target = TARGETS[name]
+    wd = _lay_copy(name, target)
+    _mutmut(wd, target.globs(), children)  # generates every mutant of the file, runs those of the named functions
+    selected = _selected(wd, target)
+    extra = [n for n in selected if not any(fnmatch.fnmatch(n, g) for g in target.globs())]
+    if extra:  # the mutants of line_functions on the matching lines
+        _mutmut(wd, extra, children)
+    (wd / "selected.json").write_text(json.dumps(selected))
+
+
+def report(names: Sequence[str]) -> int:
+    """Print the kill table (and each survivor's diff) of the last runs; 1 when one is missing."""
+    rows, missing = [], []
+    for name in names:
+        target, wd = TARGETS[name], WORK / name
+        if not (wd / "mutants" / (target.source + ".meta")).exists():
+            missing.append(name)
+            continue
+        codes = _meta(wd, target)
+        sel_path = wd / "selected.json"
+        sel = json.loads(sel_path.read_text()) if sel_path.exists() else _selected(wd, target)
+        outcome = {n: codes.get(n) for n in sel}
+        killed = [n for n, c in outcome.items() if c in KILLED]
+        timeout = [n for n, c in outcome.items() if c in TIMEOUT]
+        survived = sorted((n for n, c in outcome.items() if c in SURVIVED), key=_order)
+        untested = sorted((n for n, c in outcome.items() if c in NO_TESTS), key=_order)
+        other = [n for n, c in outcome.items() if n not in set(killed + timeout + survived + untested)]  # not run yet
+        total = len(sel)
+        tried = total - len(other)
+        rate = 100.0 * (len(killed) + len(timeout)) / tried if tried else 0.0
+        rows.append((name, target.source, total, len(killed), len(timeout), len(survived), len(untested),
+                     len(other), rate))
+        if survived or untested:
+            print(f"\n## {name}: survivors and mutants no selected test runs")
+            for n, d in _diffs(wd, survived + untested).items():
+                tag = "survived" if n in survived else "no test"
+                body = [l for l in d.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+                print(f"- {n} ({tag}): " + " | ".join(l.strip() for l in body))
+    print("\n| target | file | mutants | killed | timeout | survived | no test | not run | kill rate (of those run) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]:.0f} % |")
+    if missing:
+        print(f"\nnot run yet: {', '.join(missing)}")
+    return 1 if missing else 0
+
+
+def _order(name: str) -> tuple:
+    base, _, num = name.rpartition("__mutmut_")
+    return (base, int(num) if num.isdigit() else 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("targets", nargs="*", help=f"targets to run (default: all of {', '.join(TARGETS)})")
+    ap.add_argument("--children", type=int, default=2, help="parallel mutmut workers")
+    ap.add_argument("--report", action="store_true", help="only print the table of the last runs")
+    ap.add_argument("--list", action="store_true", help="list the targets")
+    a = ap.parse_args(argv)
+    names = a.targets or list(TARGETS)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    if a.list:
+        for n in names:
+            t = TARGETS[n]
+            print(f"{n}: {t.source} ({', '.join(t.functions + t.line_functions) or 'every function'})")
+            for test in t.tests:
+                print(f"    {test}")
+        return 0
+    if not a.report:
+        for n in names:
+            run(n, a.children)
+    return report(names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
