@@ -40,13 +40,15 @@ def test_every_key_round_trips_through_its_flag():
               "checkpoint_every": "2", "project_batch": "9", "per_sheet": "4", "sheet_columns": "2",
               "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30",
               "checkpoint_seconds": "5", "amp_pool": "2", "replay_max_mismatch": "3",
-              "analyses": "diagnose,invariance", "analysis_images": "3", "correspondence_parts": "p.yaml"}
+              "analyses": "diagnose,invariance", "analysis_images": "3", "correspondence_parts": "p.yaml",
+              "max_pixels": "1000000"}
     bools = {f.name for f in dataclasses.fields(C.VisualizeConfig) if f.type == "bool"}
     assert set(sample) | bools == set(C.FIELD_NAMES)
     argv = [x for k, v in sample.items() for x in (C.flag_name(k), v)]
     argv += [C.flag_name(b) for b in sorted(bools - {"fresh"})]
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(argv)))
     assert cfg.layers == ["conv1_1", "conv5_3"] and cfg.k == 4 and cfg.max_images == 7 and cfg.rule == "guided"
+    assert cfg.max_pixels == 1000000
     assert (cfg.batch_size, cfg.seed, cfg.crop, cfg.out, cfg.run, cfg.max_tile) == (5, 3, 32, "o", "r", 20)
     assert cfg.render_only is True and cfg.fresh is False and cfg.progress is True
     assert (cfg.amp, cfg.prefetch_factor, cfg.dist_timeout, cfg.project_batch) == ("bf16", 4, 30, 9)

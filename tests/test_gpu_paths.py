@@ -47,7 +47,7 @@ def test_nccl_run_gets_a_gloo_side_group_and_its_own_gpu(fake_cuda, monkeypatch)
     assert info.device == torch.device("cuda", 1) and fake_cuda["set_device"] == [torch.device("cuda", 1)]
     assert fake_cuda["init"] == ["nccl"] and fake_cuda["new_group"] == ["gloo"]
     assert info.group == "gloo-group" and info == D.DistInfo(rank=3, world=4, local_rank=1, device=info.device,
-                                                             timeout_s=5)  # the group is not part of equality
+                                                             timeout_s=5, local_world=2)  # group: not compared
 
 
 def test_gloo_run_needs_no_side_group(fake_cuda, monkeypatch):
@@ -84,8 +84,103 @@ def test_workers_default_from_the_cpu_count_on_cuda():
     assert dev.default_workers(torch.device("cuda"), procs_per_node=8, cpus=32) == 3
     assert dev.default_workers(torch.device("cuda"), cpus=1) == 1
     cfg = load_config(None, {"device": "cpu"})
-    assert cfg.workers is None and precision.workers(cfg, torch.device("cpu")) == 0
-    assert precision.workers(load_config(None, {"workers": 3}), torch.device("cuda")) == 3
+    assert cfg.workers is None and precision.workers(cfg, D.DistInfo()) == 0
+    assert precision.workers(load_config(None, {"workers": 3}), D.DistInfo(device=torch.device("cuda"))) == 3
+
+
+def test_workers_default_shares_the_node_between_its_processes_in_every_phase(tmp_path, monkeypatch):
+    """Mining, the fp32 re-rank and projection all size their DataLoader for LOCAL_WORLD_SIZE
+    processes on the node (torchrun sets it), not for one."""
+    import pipeline_fixtures as fx
+    from deconvis.runs import pipeline
+
+    for key in TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    _torchrun_env(monkeypatch, rank=0, world=1, local=0, local_world=4)  # a 1-process job: no group
+    seen = []
+    monkeypatch.setattr(precision, "default_workers", lambda device, procs_per_node=1: seen.append(procs_per_node) or 0)
+    out = pipeline.run(fx.tiny_config(tmp_path, amp="bf16", amp_pool=2))
+    assert out.mined and out.projected and len(seen) >= 3 and set(seen) == {4}, seen
+
+
+def test_a_caller_made_nccl_group_gets_a_gloo_side_group(fake_cuda, monkeypatch):
+    _torchrun_env(monkeypatch, rank=1, world=2, local=1, local_world=2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    info = D.init(torch.device("cuda"), timeout_s=5)
+    assert fake_cuda["init"] == [] and fake_cuda["new_group"] == ["gloo"] and info.group == "gloo-group"
+    assert info.local_world == 2
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")  # a caller's gloo group carries it itself
+    assert D.init(torch.device("cpu"), timeout_s=5).group is None and fake_cuda["new_group"] == ["gloo"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cuda_n_is_made_current_wherever_a_device_is_chosen(fake_cuda, monkeypatch, tmp_path):
+    """Without torchrun too: the visualize prepare, the analyses' network loader, the occlusion
+    run and training make ``cuda:1`` current before any CUDA work (model load stopped here)."""
+    import pipeline_fixtures as fx
+    from deconvis.analysis import common, occlusion_run
+    from deconvis.analysis.occlusion_run import OcclusionConfig, run_occlusion
+    from deconvis.runs.phases import prepare as prepare_mod
+    from deconvis.runs.phases.prepare import prepare
+    from deconvis.training import train as train_mod
+    from deconvis.training.train import TrainConfig, train
+
+    def stop(*a, **k):
+        raise _Stop()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for mod in (prepare_mod, common, occlusion_run):
+        monkeypatch.setattr(mod, "load_model", stop)
+    monkeypatch.setattr(train_mod, "ExemplarDataset", stop)
+    calls = [
+        lambda: prepare(fx.tiny_config(tmp_path, device="cuda:1"), str(tmp_path / "run")),
+        lambda: common.load_network("zfnet_demo", device="cuda:1"),
+        lambda: run_occlusion(OcclusionConfig(device="cuda:1", out_dir=str(tmp_path / "occ")), log=lambda m: None),
+        lambda: train(TrainConfig(device="cuda:1", out_dir=str(tmp_path / "train"), threads=0), log=lambda m: None),
+    ]
+    for i, call in enumerate(calls):
+        fake_cuda["set_device"].clear()
+        with pytest.raises(_Stop):  # stopped at the model (or data) load
+            call()
+        assert fake_cuda["set_device"][:1] == [torch.device("cuda", 1)], i
+
+
+def test_weights_fingerprint_is_the_bytes_read_on_the_cpu(monkeypatch):
+    """The cross-rank check compares SHA-256 digests of the weights' bytes: the same bits agree
+    whatever device summed them, and weights that merely sum alike (a permutation) disagree."""
+    import copy
+    import hashlib
+    from types import SimpleNamespace
+
+    from deconvis.runs import ranks
+
+    def ctx(model):
+        return SimpleNamespace(mining_hash="h", source=[0] * 5, loaded=SimpleNamespace(model=model),
+                               info=D.DistInfo(rank=0, world=2))
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    b = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        a[0].weight.copy_(torch.randint(-8, 8, a[0].weight.shape))  # integers: every summation order is exact
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b[0].weight.copy_(a[0].weight.flip(0))  # same sums (exactly), other weights
+    want = hashlib.sha256()
+    for name, t in list(a.named_parameters()) + list(a.named_buffers()):
+        want.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode() + t.detach().numpy().tobytes())
+    assert ranks.weights_digest(a) == want.hexdigest()[:16]
+    assert ranks.weights_digest(copy.deepcopy(a).to(torch.bfloat16)) != ranks.weights_digest(a)  # any dtype hashes
+    prints = [ranks._fingerprint(ctx(a)), ranks._fingerprint(ctx(b))]
+    monkeypatch.setattr(D, "all_gather_objects", lambda obj, info, what="": prints)
+    with pytest.raises(DeconvisError, match=r"rank 1 of 2 disagrees with rank 0 on the run \(model weights differ"):
+        ranks.check_same_run(ctx(a))
+    prints[1] = ranks._fingerprint(ctx(a))
+    ranks.check_same_run(ctx(a))  # the same weights agree
 
 
 def test_batch_budget_counts_memory_held_in_the_cache(monkeypatch):

@@ -423,3 +423,34 @@ def test_timer_checkpoint_with_a_fake_clock():
     mine(lambda x: {"l": x}, batches(), TopK(["l"], 2), checkpoint_seconds=60, now=lambda: now[0],
          on_checkpoint=lambda t: saved.append(t.seen), progress=False)
     assert saved == [3]  # 75 s after the start; 55 s since then by the end: no second one
+
+
+def _shape_dependent(x: torch.Tensor):
+    """A forward whose last bits depend on the batch shape (as cuDNN/oneDNN kernels chosen by
+    shape do): every value scaled by ``1 - 1e-6 * N``."""
+    return {"l": x * (1.0 - 1e-6 * x.shape[0])}
+
+
+def test_ties_between_identical_images_do_not_depend_on_batch_placement_or_world_size():
+    """Images 1 and 6 are identical: image 1 must win every channel they top, whether image 6
+    lands in a short last batch, in another rank's shard, or behind an unreadable image."""
+    from deconvis.runs.distributed import ShardSampler
+
+    g = torch.Generator().manual_seed(5)
+    n, batch = 7, 4
+    imgs = torch.rand(n, 3, 2, 2, generator=g)
+    imgs[1] = imgs[6] = 5.0 + torch.rand(3, 2, 2, generator=g)  # the strongest in every channel
+
+    def mined(world: int, bad=()):
+        merged = TopK(["l"], 3)
+        for r in range(world):
+            ids = list(ShardSampler(n, r, world))
+            batches = [(imgs[ids[s:s + batch]], torch.tensor([-1 - i if i in bad else i for i in ids[s:s + batch]]))
+                       for s in range(0, len(ids), batch)]
+            merged.merge(mine(_shape_dependent, batches, TopK(["l"], 3), progress=False, batch_size=batch))
+        return merged
+
+    for world, bad in ((1, ()), (2, ()), (3, ()), (1, (0,))):
+        got = mined(world, bad).winners("l")
+        assert got["images"][:, :2].tolist() == [[1, 6]] * 3, (world, bad)
+        assert torch.equal(got["values"][:, 0], got["values"][:, 1]), (world, bad)  # an exact tie

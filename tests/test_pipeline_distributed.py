@@ -146,7 +146,8 @@ def test_two_processes_give_the_one_process_winners(tmp_path):
     text = open(os.path.join(run_dir, "run.log")).read()
     assert text.count("wrote 4 sheets and") == 1 and "[rank 0/2] wrote 4 sheets" in text
     assert "[rank 0/2] skipped unreadable image 12" in text
-    assert "[rank 0/2] mining time split (7 images" in text and "[rank 1/2] mining time split (6 images" in text
+    assert "[rank 0/2] mining time split (7 images" in text and "[rank 1/2]" not in text  # one log per rank
+    assert "[rank 1/2] mining time split (6 images" in open(os.path.join(run_dir, "run.rank1.log")).read()
     # only rank 0 talks: the summary on its stdout, nothing from rank 1 but warnings
     assert "run multi: 3 layers, 24 units, top-2 over 12 images (1 unreadable skipped)" in logs[0]["stdout"]
     assert "mining time (rank 1 of 2)" in logs[0]["stdout"]
@@ -243,7 +244,7 @@ def test_per_rank_checkpoints_resume_without_double_counting(tmp_path):
     assert res["stats"]["images"] == 13  # 7 + 6: nothing counted twice
     split = {r["rank"]: r["split"]["images"] for r in res["stats"]["ranks"]}
     assert split == {0: 7 - done0, 1: 4}  # each rank streamed only the rest of its shard
-    text = open(run_dir / "run.log").read()
+    text = open(run_dir / "run.rank1.log").read()
     assert "[rank 1/2] resuming mining at item 2 of 6 (this rank's shard of 13)" in text
     for path in _tile_files(str(run_dir)):
         assert os.path.getsize(path) > 0
@@ -403,3 +404,56 @@ def test_analyses_run_once_on_rank_0(tmp_path):
     text = open(run_dir / "run.log").read()
     assert text.count("analysis diagnose:") == 1 and "[rank 0/2] analysis diagnose:" in text
     assert 'id="A-diagnose"' in open(run_dir / "index.html").read()
+
+
+def test_an_overflowed_activation_is_re_ranked_through_the_pipeline(tmp_path, monkeypatch):
+    """The mining forward under autocast returns +inf for the fp32 winner of a channel (an fp16
+    overflow, emulated on the CPU's bf16): the re-rank still makes it that channel's winner with
+    its fp32 value, and the overflow is counted."""
+    from deconvis.io.images import ImageDataset
+    from deconvis.runs.phases import mine as mine_phase
+
+    base = pipeline.run(fx.tiny_config(tmp_path, run="base"))
+    lr = base.results.layers[-1]
+    top = lr.units[0].winners[0]
+    ctx = pipeline.prepare(fx.tiny_config(tmp_path), str(tmp_path / "probe"))
+    target = ImageDataset(ctx.source, ctx.preprocess)[top.image][0]
+    real = mine_phase.mining_forward
+
+    def overflowing(c):
+        forward = real(c)
+
+        def wrapped(x):
+            acts = dict(forward(x))
+            hit = torch.tensor([torch.equal(row, target) for row in x.float()])
+            if hit.any():
+                a = acts[lr.name].clone()
+                a[hit, 0, 0, 0] = float("inf")
+                acts[lr.name] = a
+            return acts
+        return wrapped
+
+    monkeypatch.setattr(mine_phase, "mining_forward", overflowing)
+    out = pipeline.run(fx.tiny_config(tmp_path, run="amp", amp="bf16", amp_pool=2))
+    got = next(layer for layer in out.results.layers if layer.name == lr.name).units[0].winners[0]
+    assert got.image == top.image and got.activation == pytest.approx(top.activation, rel=1e-5)
+    assert out.results.stats["nonfinite"][lr.label]["channels"]["0"] >= 1
+
+
+def test_identical_images_tie_exactly_when_one_lands_in_a_short_batch(tmp_path, monkeypatch):
+    """Images 2 and 9 are byte copies; with 10 images in batches of 4, image 9 is in the short
+    last batch. Under a forward whose last bits depend on the batch shape (cuDNN/oneDNN pick
+    kernels by shape) the mining pads that batch, so the two tie and image 2 comes first."""
+    from deconvis.runs.phases import mine as mine_phase
+
+    real = mine_phase.mining_forward
+
+    def shape_dependent(c):
+        forward = real(c)
+        return lambda x: {n: a * (1.0 - 1e-6 * x.shape[0]) for n, a in forward(x).items()}
+
+    monkeypatch.setattr(mine_phase, "mining_forward", shape_dependent)
+    out = pipeline.run(fx.tiny_config(tmp_path, batch_size=4, max_images=10))
+    both = [[w.image for w in u.winners] for lr in out.results.layers for u in lr.units
+            if {2, 9} <= {w.image for w in u.winners}]
+    assert both and all(imgs.index(2) < imgs.index(9) for imgs in both), both

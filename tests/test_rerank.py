@@ -116,3 +116,31 @@ def test_pool_size_and_finish_keep_the_pool_bookkeeping():
     assert set(ranked.nonfinite) == set(pool.nonfinite) and ranked.nonfinite is not pool.nonfinite
     assert int(ranked.nonfinite["a"][1]) == 1 and int(ranked.nonfinite_first["a"][1]) == 4
     assert ranked.nonfinite_first is not pool.nonfinite_first
+
+
+def test_fp16_overflow_competes_in_the_pool_and_is_re_ranked_by_its_fp32_value():
+    """Under fp16 an activation above 65504 is +inf: in a pool that will be re-ranked it competes
+    as the largest value (NaN never does), so the fp32 re-rank picks that image when it truly
+    wins; when more images overflow than the pool holds, the channel is flagged uncertain."""
+    g = torch.Generator().manual_seed(3)
+    full = {"l": 5 + 45 * torch.rand(20, 2, 2, 2, generator=g)}
+    full["l"][6, 0, 1, 0] = 70000.0  # the true winner of channel 0 overflows in fp16
+    full["l"][11, 1] = float("nan")  # NaN: never a candidate
+    amp = {"l": full["l"].to(torch.float16)}
+    assert torch.isposinf(amp["l"][6, 0]).any()
+    k, pool_k = 2, 4
+    pool = _stream(TopK(["l"], pool_k, inf_wins=True), amp, list(range(20)))
+    pool.seen = 20  # (update() does not count items; mine() does)
+    assert 6 in as_rows(pool, "l")[0][0] and 11 not in [r[1] for r in as_rows(pool, "l")[1]]
+    ranked = finish(_stream(PoolTopK(pool, k), full, candidate_images(pool)), pool)
+    want = oracle({"l": torch.nan_to_num(full["l"], nan=-1.0).numpy()}, range(20), k)["l"]
+    assert [r[1] for r in as_rows(ranked, "l")[0]] == [r[1] for r in want[0]] and as_rows(ranked, "l")[0][0][1] == 6
+    assert as_rows(ranked, "l")[0][0][0] == pytest.approx(70000.0)
+    assert uncertain_channels(pool, ranked, AMP_RTOL[torch.float16])["l"] == 0  # one overflow fits the pool
+    # six images overflow in channel 1, the pool holds four: their fp16 order is arbitrary -> doubt
+    many = full["l"].clone()
+    many[:6, 1, 0, 0] = 70000.0 + torch.arange(6.0)
+    pool = _stream(TopK(["l"], pool_k, inf_wins=True), {"l": many.to(torch.float16)}, list(range(20)))
+    pool.seen = 20
+    ranked = finish(_stream(PoolTopK(pool, k), {"l": many}, candidate_images(pool)), pool)
+    assert uncertain_channels(pool, ranked, AMP_RTOL[torch.float16])["l"] == 1

@@ -20,7 +20,7 @@ from deconvis.errors import DeconvisError, close_matches
 from deconvis.io.atomic import write_bytes
 from deconvis.io.images import SKIMAGE_PHOTOS, UnreadableImage, normalize, preprocess_image, read_image, skimage_photo
 from deconvis.io.models import LoadedModel, Preprocess, load_model, resolve_weights
-from deconvis.utils.device import resolve_device
+from deconvis.utils.device import use_device
 
 
 @dataclass
@@ -48,7 +48,7 @@ FILLS = ("mean", "black", "edge", "reflect")
 def load_network(model: str, weights: str = "random", device: str = "cpu") -> LoadedModel:
     """:func:`deconvis.io.models.load_model` after resolving ``asset:NAME`` weights (files shipped in
     ``deconvis/assets``) and the device (``auto``: cuda, then mps, then cpu)."""
-    return load_model(model, resolve_weights(weights or "random"), device=resolve_device(device))
+    return load_model(model, resolve_weights(weights or "random"), device=use_device(device))
 
 
 def read_photo(spec: str, base_dir: Optional[str] = None) -> np.ndarray:

@@ -26,7 +26,7 @@ from deconvis.io.images import (SKIMAGE_PHOTOS, UnreadableImage, normalize, open
 from deconvis.io.models import load_model, resolve_weights, torchvision_weights, with_resize_crop
 from deconvis.mirror.rules import Rule
 from deconvis.render.sheets import safe_name
-from deconvis.utils.device import resolve_device
+from deconvis.utils.device import use_device
 
 Side = Union[int, List[int]]
 
@@ -134,7 +134,7 @@ def run_occlusion(cfg: OcclusionConfig, log: Callable[[str], None] = print) -> D
     """Run :func:`~deconvis.analysis.occlusion.occlusion` on every image of ``cfg``; write the
     figures and JSON under ``cfg.out_dir``; return the summary written to ``occlusion.json``."""
     cfg.checked()
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     weights = resolve_weights(cfg.weights)
     loaded = load_model(cfg.model, weights, device=device)
     pp = with_resize_crop(loaded.preprocess, cfg.resize, cfg.crop)  # --resize/--crop over the weights' preprocessing

@@ -9,7 +9,12 @@ Names (*row names*):
 * ``input`` for the image batch;
 * a module call is named as in ``named_modules()`` (``features.0``, ``layer1.0.conv1``); a
   module called more than once (ResNet's shared ``relu``) gets ``#2``, ``#3`` for later calls;
-* a function or method call is named by its fx node (``add``, ``flatten``, ``cat_1``).
+* a function or method call is named by the module whose ``forward`` called it and the op, as
+  torchvision's ``get_graph_node_names`` does (``F.relu`` in ``l2``'s forward: ``l2.relu``; in the
+  model's own forward: ``flatten``), with ``#2``, ``#3`` for later calls of the same name.
+
+torch.fx's own names of function calls (``relu_4``, ``add_1``: the names before 0.x) still
+resolve, to the same node, with a one-time log note giving the new name.
 
 Names a user may also give:
 
@@ -24,6 +29,8 @@ Names a user may also give:
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 
@@ -34,6 +41,8 @@ from torch import nn
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.graph import ops
 
+log = logging.getLogger("deconvis")
+
 
 @dataclass
 class TracedGraph:
@@ -41,7 +50,8 @@ class TracedGraph:
 
     ``row_names``: fx node -> row name (every node but ``output`` and ``get_attr``);
     ``container_last``: qualified container name -> its last node; ``aliases``: alias -> row
-    name (chains only); ``signal``: the nodes whose value depends on the input image.
+    name (chains only); ``signal``: the nodes whose value depends on the input image;
+    ``legacy``: torch.fx's names of function calls (``relu_4``) -> row name, still accepted.
     """
 
     model: nn.Module
@@ -51,10 +61,12 @@ class TracedGraph:
     aliases: Dict[str, str] = field(default_factory=dict)
     signal: Set[torch.fx.Node] = field(default_factory=set)
     is_chain: bool = False
+    legacy: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.nodes: Dict[str, torch.fx.Node] = {name: n for n, name in self.row_names.items()}
         self._label: Dict[str, str] = {}
+        self._noted: Set[str] = set()  # legacy names already noted in the log (once per trace)
         for alias, row in self.aliases.items():
             self._label.setdefault(row, alias)
         # a container's output row is shown by the container's name (the outermost one ending there)
@@ -98,6 +110,13 @@ class TracedGraph:
             return self.row_names[self.container_last[name]]
         if name in self.aliases:
             return self.aliases[name]
+        if name in self.legacy:
+            row = self.legacy[name]
+            if name not in self._noted:
+                self._noted.add(name)
+                log.warning("note: layer %r is the old (torch.fx) name of %r in %s; it still works, the "
+                            "tables and outputs call it %r", name, row, self.model_name, row)
+            return row
         raise DeconvisError(f"unknown layer {name!r} in {self.model_name}"
                             + close_matches(name, list(self.aliases) + list(self.container_last) + self.layer_names))
 
@@ -124,6 +143,61 @@ class TracedGraph:
             if any(isinstance(m, nn.Conv2d) for m in child.modules()) and name in self.container_last:
                 out.append(self.resolve(name))
         return out
+
+
+def _caller(node: torch.fx.Node) -> str:
+    """Qualified name of the module whose ``forward`` made this call ('' for the model's own)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    quals = [q for q, _t in stack.values()]
+    return quals[-1] if quals else ""
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """The op part of a function or method call's name: its fx name without fx's ``_N`` suffix."""
+    m = re.fullmatch(r"(.+?)_(\d+)", node.name)
+    return m.group(1) if m else node.name
+
+
+def _row_names(gm: torch.fx.GraphModule) -> Dict[torch.fx.Node, str]:
+    """Row names (see the module docstring): a module call by its qualified name, a function or
+    method call by its caller's qualified name and the op; ``#k`` for the k-th use of a name."""
+    names: Dict[torch.fx.Node, str] = {}
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            names[node] = "input"
+            continue
+        if node.op in ("output", "get_attr"):
+            continue
+        if node.op == "call_module":
+            base = node.target
+        else:
+            caller = _caller(node)
+            base = f"{caller}.{_op_name(node)}" if caller else _op_name(node)
+        count = calls.get(base, 0) + 1
+        calls[base] = count
+        names[node] = base if count == 1 else f"{base}#{count}"
+    return names
+
+
+def _legacy_names(gm: torch.fx.GraphModule, names: Dict[torch.fx.Node, str]) -> Dict[str, str]:
+    """The names of earlier versions (module calls ``target#k``, function calls by fx node name)
+    that now mean another name -> the row name, where they do not clash with a current name."""
+    current = set(names.values())
+    legacy: Dict[str, str] = {}
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node not in names or node.op == "placeholder":
+            continue
+        if node.op == "call_module":
+            count = calls.get(node.target, 0) + 1
+            calls[node.target] = count
+            old = node.target if count == 1 else f"{node.target}#{count}"
+        else:
+            old = node.name
+        if old != names[node] and old not in current:
+            legacy[old] = names[node]
+    return legacy
 
 
 def _signal_nodes(gm: torch.fx.GraphModule) -> Set[torch.fx.Node]:
@@ -241,21 +315,11 @@ def trace_graph(model: nn.Module) -> TracedGraph:
     if len(placeholders) != 1:
         raise DeconvisError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs; deconvis needs "
                             "a network of exactly one image batch")
-    names: Dict[torch.fx.Node, str] = {}
-    calls: Dict[str, int] = {}
+    names = _row_names(gm)
     last: Dict[str, torch.fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            names[node] = "input"
+        if node not in names or node.op == "placeholder":
             continue
-        if node.op in ("output", "get_attr"):
-            continue
-        if node.op == "call_module":
-            count = calls.get(node.target, 0) + 1
-            calls[node.target] = count
-            names[node] = node.target if count == 1 else f"{node.target}#{count}"
-        else:
-            names[node] = node.name
         for qual, _type in (node.meta.get("nn_module_stack") or {}).values():
             if qual:
                 last[qual] = node
@@ -270,7 +334,7 @@ def trace_graph(model: nn.Module) -> TracedGraph:
             break
         prev = n
     aliases = _chain_aliases(gm, order, names) if chain else {}
-    return TracedGraph(model, gm, names, last, aliases, signal, chain)
+    return TracedGraph(model, gm, names, last, aliases, signal, chain, _legacy_names(gm, names))
 
 
 def truncated_module(tg: TracedGraph, target: torch.fx.Node,

@@ -6,7 +6,10 @@ Image-set specs (:func:`open_images`), as a string or a dict:
 * a folder (``path/to/images`` or ``{type: folder, path: ...}``): every image below it,
   recursively, in sorted relative-path order (``.jpg .jpeg .png .bmp .tif .tiff .webp .ppm .pgm``);
   read with OpenCV; grey -> RGB, alpha dropped, 16-bit scaled to 8-bit. Unreadable files are
-  skipped during mining and listed in the run log.
+  skipped during mining and listed in the run log; so are files whose header says they are
+  larger than ``max_pixels`` (a decompression bomb: never decoded), and files above
+  :data:`deconvis.io.pixels.REDUCED_DECODE_ABOVE` pixels are decoded reduced (1/2 to 1/8, never
+  below the resize target).
 * a torchvision dataset (``torchvision:CIFAR10:/data/cifar`` or ``torchvision:CIFAR10:/data:test``
   or ``{type: torchvision, name: CIFAR10, root: /data, split: test}`` / ``train: false``); never
   downloaded: a clear error says where to put the files.
@@ -32,16 +35,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deconvis.io.models import Preprocess
-from deconvis.io.pixels import (GREY, UnreadableImage, crop_offset, denormalize, normalize, preprocess_image,
-                                read_image, resized_size, to_rgb8, unnormalize)
+from deconvis.io.pixels import (GREY, MAX_PIXELS, ImageTooLarge, UnreadableImage, crop_offset, denormalize,
+                                normalize, preprocess_image, read_image, resized_size, to_rgb8, unnormalize)
 from deconvis.io.sources import (BUILTIN_SETS, CROP_SCALES, IMAGE_EXTS, FolderImages, ImageSource, ImagesSpec,
                                  LimitedImages, SKIMAGE_PHOTOS, SkimageImages, TorchvisionImages, open_images,
                                  parse_images_spec, photo_crops, skimage_photo)
 
 log = logging.getLogger("deconvis")
 
-__all__ = ["BUILTIN_SETS", "CROP_SCALES", "GREY", "IMAGE_EXTS", "FolderImages", "ImageDataset", "ImageSource",
-           "ImagesSpec", "LimitedImages", "SKIMAGE_PHOTOS", "SkimageImages", "TorchvisionImages", "UnreadableImage",
+__all__ = ["BUILTIN_SETS", "CROP_SCALES", "GREY", "IMAGE_EXTS", "MAX_PIXELS", "FolderImages", "ImageDataset",
+           "ImageSource", "ImageTooLarge", "ImagesSpec", "LimitedImages", "SKIMAGE_PHOTOS", "SkimageImages", "TorchvisionImages", "UnreadableImage",
            "crop_offset", "denormalize", "make_loader", "normalize", "open_images", "parse_images_spec",
            "photo_crops", "preprocess_image", "read_image", "resized_size", "skimage_photo", "to_rgb8", "unnormalize"]
 
@@ -61,7 +64,7 @@ class ImageDataset(Dataset):
 
     def display(self, i: int) -> np.ndarray:
         """Image ``i`` (global index) as displayed: uint8 RGB ``[h, w, 3]`` after resize+crop."""
-        return preprocess_image(self.source.load(i), self.preprocess)
+        return preprocess_image(self.source.load(i, min_side=self.preprocess.resize), self.preprocess)
 
     def __getitem__(self, j: int) -> Tuple[torch.Tensor, int]:
         i = self.start + j

@@ -2,10 +2,19 @@
 displayed image, and the normalisation into the network input and back.
 
 Pure functions on numpy arrays and tensors (the preprocessing is described in :mod:`deconvis.io.images`).
+
+Decompression bombs: a file's header gives its size before any pixel is decoded (Pillow reads
+only the header); an image above ``max_pixels`` (default :data:`MAX_PIXELS`, the size above
+which Pillow refuses to open a file) is :class:`ImageTooLarge`, skipped like an unreadable one
+and never decoded. An image above :data:`REDUCED_DECODE_ABOVE` pixels that is only needed with
+its short side at least ``min_side`` pixels is decoded at 1/2, 1/4 or 1/8 of its size (OpenCV's
+``IMREAD_REDUCED_COLOR_*``: JPEG scales inside the decoder), never in full.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import re
+import warnings
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,10 +23,19 @@ from deconvis.io.models import Preprocess
 
 #: grey value used to pad crops outside the image
 GREY = 128
+#: default cap on an image's width x height (``--max-pixels``): Pillow's decompression-bomb limit
+#: (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels; 4.3 GB of 8-bit RGBA decoded)
+MAX_PIXELS = 178_956_970
+#: images above this many pixels are decoded reduced when the caller's ``min_side`` allows it
+REDUCED_DECODE_ABOVE = 1 << 24
 
 
 class UnreadableImage(Exception):
     """An image file that OpenCV cannot decode (skipped, not fatal)."""
+
+
+class ImageTooLarge(UnreadableImage):
+    """An image whose header says it has more pixels than the cap (skipped, never decoded)."""
 
 
 def to_rgb8(img: np.ndarray) -> np.ndarray:
@@ -45,14 +63,69 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[:, :, :3])
 
 
-def read_image(path: str) -> np.ndarray:
+def header_pixels(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
+    """``((h, w), h * w)`` from the file's header alone (Pillow opens lazily: no pixel is
+    decoded); ``(None, n)`` when Pillow refuses the header as a bomb (``n`` from its message), and
+    ``(None, None)`` when Pillow cannot read the header (OpenCV may still decode the file)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Image.DecompressionBombError as exc:
+            m = re.search(r"\((\d+) pixels\)", str(exc))
+            return None, int(m.group(1)) if m else 2 * int(Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+        except Exception:  # noqa: BLE001 - not a format Pillow knows, or a damaged header
+            return None, None
+    return (int(h), int(w)), int(h) * int(w)
+
+
+def too_large(path: str, max_pixels: Optional[int] = MAX_PIXELS) -> str:
+    """Why ``path`` is refused for its size ('' when it is not, or ``max_pixels`` is 0/None)."""
+    if not max_pixels:
+        return ""
+    return _refusal(*header_pixels(path), max_pixels)
+
+
+def _refusal(size: Optional[Tuple[int, int]], n: Optional[int], max_pixels: Optional[int]) -> str:
+    if not max_pixels or n is None or n <= max_pixels:
+        return ""
+    dims = f"{size[1]}x{size[0]} = " if size else ""
+    return (f"{dims}{n / 1e6:.1f} megapixels, above --max-pixels {max_pixels} (a decompression bomb?); raise "
+            "--max-pixels (max_pixels in the config) to read it")
+
+
+def _reduced_flag(size: Optional[Tuple[int, int]], min_side: Optional[int]) -> Tuple[int, int]:
+    """(OpenCV imread flag, reduction factor) for an image of ``size`` needed at ``min_side``."""
+    import cv2
+
+    if size is None or not min_side or size[0] * size[1] <= REDUCED_DECODE_ABOVE:
+        return cv2.IMREAD_UNCHANGED, 1
+    flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    for f in (8, 4, 2):
+        if min(size) // f >= min_side:
+            return flags[f], f
+    return cv2.IMREAD_UNCHANGED, 1
+
+
+def read_image(path: str, max_pixels: Optional[int] = MAX_PIXELS, min_side: Optional[int] = None) -> np.ndarray:
     """Read ``path`` with OpenCV (IMREAD_UNCHANGED) -> uint8 RGB ``[H, W, 3]``;
-    :class:`UnreadableImage` if it cannot be decoded."""
+    :class:`UnreadableImage` if it cannot be decoded, :class:`ImageTooLarge` (before decoding)
+    if its header says it has more than ``max_pixels`` pixels (0/None: no cap). ``min_side``: the
+    caller only needs the short side at that many pixels, so an image above
+    :data:`REDUCED_DECODE_ABOVE` pixels is decoded at a reduced size no smaller than that."""
     import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
+    size, n = header_pixels(path)
+    refused = _refusal(size, n, max_pixels)
+    if refused:
+        raise ImageTooLarge(f"{path}: {refused}")
+    flag, _factor = _reduced_flag(size, min_side)
     try:
         data = np.fromfile(path, dtype=np.uint8)  # fromfile+imdecode copes with non-ASCII paths
-        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        img = cv2.imdecode(data, flag) if data.size else None
     except (OSError, cv2.error) as exc:
         raise UnreadableImage(f"{path}: {exc}") from exc
     if img is None or img.size == 0:

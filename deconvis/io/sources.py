@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from deconvis.errors import DeconvisError, close_matches
-from deconvis.io.pixels import read_image, to_rgb8
+from deconvis.io.pixels import MAX_PIXELS, read_image, to_rgb8, too_large
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -33,14 +33,22 @@ class ImageSource:
         """Where image ``i`` comes from (file path, or the name for non-file sources)."""
         return self.name(i)
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, min_side: Optional[int] = None) -> np.ndarray:
+        """Image ``i``, uint8 RGB ``[H, W, 3]``; ``min_side``: the caller resizes the short side
+        down to that many pixels (a file source may then decode a large image reduced)."""
         raise NotImplementedError
+
+    def refusal(self, i: int) -> str:
+        """Why image ``i`` is refused without decoding ('' when it is not: see
+        :func:`deconvis.io.pixels.too_large`)."""
+        return ""
 
 
 class FolderImages(ImageSource):
     """Every image file below ``root`` (recursive, sorted relative paths)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, max_pixels: Optional[int] = MAX_PIXELS):
+        self.max_pixels = max_pixels  # images above it are skipped, never decoded (0/None: no cap)
         if not os.path.exists(root):
             raise DeconvisError(f"image folder {root!r} does not exist; pass --images with a folder of "
                                 "images, torchvision:NAME:ROOT or builtin:skimage-crops")
@@ -69,8 +77,11 @@ class FolderImages(ImageSource):
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.files[i])
 
-    def load(self, i: int) -> np.ndarray:
-        return read_image(self.path(i))
+    def load(self, i: int, min_side: Optional[int] = None) -> np.ndarray:
+        return read_image(self.path(i), self.max_pixels, min_side)
+
+    def refusal(self, i: int) -> str:
+        return too_large(self.path(i), self.max_pixels)
 
 
 class TorchvisionImages(ImageSource):
@@ -129,7 +140,7 @@ class TorchvisionImages(ImageSource):
             return samples[i][0]
         return self.name(i)
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, min_side: Optional[int] = None) -> np.ndarray:
         item = self.ds[i]
         img = item[0] if isinstance(item, (tuple, list)) else item
         if hasattr(img, "convert"):  # PIL
@@ -215,7 +226,7 @@ class SkimageImages(ImageSource):
         p, tag, _ = self.items[i]
         return f"skimage:{p}{tag}"
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, min_side: Optional[int] = None) -> np.ndarray:
         p, tag, (y0, y1, x0, x1) = self.items[i]
         img = skimage_photo(p)
         if not tag:
@@ -239,10 +250,13 @@ class LimitedImages(ImageSource):
     def path(self, i: int) -> str:
         return self.base.path(i)
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, min_side: Optional[int] = None) -> np.ndarray:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        return self.base.load(i)
+        return self.base.load(i, min_side)
+
+    def refusal(self, i: int) -> str:
+        return self.base.refusal(i)
 
 
 ImagesSpec = Union[str, Mapping[str, Any]]
@@ -292,10 +306,12 @@ def parse_images_spec(spec: ImagesSpec) -> Dict[str, Any]:
 BUILTIN_SETS = ("skimage", "skimage-crops")
 
 
-def open_images(spec: ImagesSpec, max_images: Optional[int] = None, base_dir: Optional[str] = None) -> ImageSource:
+def open_images(spec: ImagesSpec, max_images: Optional[int] = None, base_dir: Optional[str] = None,
+                max_pixels: Optional[int] = MAX_PIXELS) -> ImageSource:
     """The image set named by ``spec`` (see module doc), optionally cut to its first
     ``max_images``. Relative folder paths are tried against the working directory, then
-    ``base_dir`` (the config file's folder). Raises DeconvisError for missing/empty sets."""
+    ``base_dir`` (the config file's folder). Files above ``max_pixels`` pixels are skipped
+    undecoded (0/None: no cap). Raises DeconvisError for missing/empty sets."""
     d = parse_images_spec(spec)
     src: ImageSource
     if d["type"] == "builtin":
@@ -314,7 +330,7 @@ def open_images(spec: ImagesSpec, max_images: Optional[int] = None, base_dir: Op
         if not os.path.isabs(path) and base_dir and not os.path.exists(path) \
                 and os.path.exists(os.path.join(base_dir, path)):
             path = os.path.join(base_dir, path)
-        src = FolderImages(path)
+        src = FolderImages(path, max_pixels)
     if len(src) == 0:
         raise DeconvisError(f"image set {src.spec!r} is empty")
     if max_images is not None and max_images > 0 and max_images < len(src):

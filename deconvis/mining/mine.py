@@ -40,6 +40,7 @@ def mine(
     times: Optional[MiningTimes] = None,
     profile: bool = False,
     on_batch: Optional[Callable[[int], None]] = None,
+    batch_size: Optional[int] = None,
 ) -> TopK:
     """Stream ``batches`` once through ``activations`` and fold them into ``topk``.
 
@@ -52,6 +53,13 @@ def mine(
     runs every ``checkpoint_every`` batches and whenever ``checkpoint_seconds`` have passed on
     ``now()`` since the last checkpoint (or the start; 0 turns either off), and not at the end: the
     caller saves the final state. ``total`` (items to stream) sizes the progress bar, which starts at ``topk.seen``.
+
+    ``batch_size``: every forward gets exactly this many images (a short batch -- the last of a
+    shard, or one with unreadable images removed -- is padded with zero images whose activations
+    are dropped), so an image's activations do not depend on which batch it lands in: cuDNN and
+    oneDNN pick kernels by shape, and byte-identical images must tie exactly (broken by image
+    index) whatever the number of processes. Not covered: two ranks that halved their chunk after
+    out-of-memory errors at different times (the chunk, then padded to its new size, differs).
 
     ``times`` (a :class:`MiningTimes`) receives where the time went; nothing in the loop waits
     for the device (no host sync per batch) unless ``profile``, which synchronises around every
@@ -70,10 +78,13 @@ def mine(
         """Forward + update in chunks; ``mark`` was taken before the copy to the device. Returns
         (forward, top-k) seconds of this batch (host clocks only)."""
         start, n = 0, int(ids.shape[0])
-        size = chunk[0] or n
+        size = chunk[0] or batch_size or n
         t_fwd = t_upd = 0.0
         while start < n:
             part = images[start:start + size]
+            n_part = int(part.shape[0])
+            if batch_size and n_part < size:  # the same shape for every forward: see the docstring
+                part = torch.cat((part, part.new_zeros((size - n_part, *part.shape[1:]))))
             try:
                 acts = activations(part)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
@@ -86,15 +97,17 @@ def mine(
                 warnings.warn(f"out of memory while mining: forwarding {size} images at a time",
                               RuntimeWarning, stacklevel=3)
                 continue
+            if n_part < int(part.shape[0]):
+                acts = {name: a[:n_part] for name, a in acts.items()}
             if channels is not None:
                 acts = {name: a[:, :channels] for name, a in acts.items()}
             m_fwd = clock.mark()
-            topk.update(acts, ids[start:start + size])  # after the forward: a retry never counts twice
+            topk.update(acts, ids[start:start + n_part])  # after the forward: a retry never counts twice
             m_upd = clock.mark()
             t_fwd += clock.span(times, "forward", mark, m_fwd)
             t_upd += clock.span(times, "topk", m_fwd, m_upd)
             mark = m_upd
-            start += size
+            start += n_part
         return t_fwd, t_upd
 
     bar = tqdm(total=total, initial=topk.seen, unit="img", desc=desc, disable=not progress,

@@ -33,9 +33,12 @@ def nonfinite_summary(topk: TopK) -> Dict[str, Dict[str, object]]:
 
 
 def nonfinite_messages(summary: Dict[str, Dict[str, object]], labels: Optional[Dict[str, str]] = None,
-                       amp: str = "none", image_name: Optional[Callable[[int], str]] = None) -> List[str]:
+                       amp: str = "none", image_name: Optional[Callable[[int], str]] = None,
+                       reranked: bool = False) -> List[str]:
     """One warning line per layer of ``summary`` (see :func:`nonfinite_summary`): the layer, its
-    channels, the first image, and what avoids it (``--amp bf16`` or ``none`` after an fp16 run)."""
+    channels, the first image, and what avoids it (``--amp bf16`` or ``none`` after an fp16 run).
+    ``reranked``: the autocast candidates were re-ranked in full precision, where an overflow
+    (``+inf``) competed by its true value and only NaN was left out."""
     msgs = []
     for layer, info in summary.items():
         chans: Dict[int, int] = info["channels"]  # type: ignore[assignment]
@@ -48,6 +51,8 @@ def nonfinite_messages(summary: Dict[str, Dict[str, object]], labels: Optional[D
         hint = ("fp16 overflows above 65504: --amp bf16 or --amp none avoids it" if amp == "fp16"
                 else "check the weights and the images for NaN or infinite values")
         label = (labels or {}).get(layer, layer)
+        fate = ("overflows (+inf) were re-ranked by their full-precision value, NaN images left out of those "
+                "channels" if reranked else "those images are left out of those channels")
         msgs.append(f"layer {label}: non-finite activations (NaN or inf) in channel{'s' if len(chans) > 1 else ''} "
-                    f"{shown}{more}{where}; those images are left out of those channels ({hint})")
+                    f"{shown}{more}{where}; {fate} ({hint})")
     return msgs

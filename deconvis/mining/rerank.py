@@ -5,7 +5,8 @@ Under ``--amp fp16``/``bf16`` many activations round to the same number (on 100k
 low-precision ranking is not the one fp32 would give. The fix in two steps:
 
 1. mine a pool of ``k x factor`` candidates per channel under autocast (a plain
-   :class:`~deconvis.mining.TopK` with a larger k);
+   :class:`~deconvis.mining.TopK` with a larger k and ``inf_wins``: an fp16 overflow, ``+inf``,
+   enters the pool as the largest value, so its image is re-ranked by its true value);
 2. forward the pool's distinct images again in full precision and keep, per channel, the k best
    *among that channel's candidates* (:class:`PoolTopK`: an image outside a channel's pool cannot
    compete there), with the same total order as mining (value desc, image asc, first position).
@@ -13,7 +14,9 @@ low-precision ranking is not the one fp32 would give. The fix in two steps:
 The result equals a brute-force full-precision top-k over the candidates (tests check exactly
 that). Whether the pool was large enough is estimated per channel (:func:`uncertain_channels`):
 an image outside the pool had an autocast value at most the pool's last one, so it could only
-have won if that value, within the autocast error, reaches the k-th full-precision winner.
+have won if that value, within the autocast error, reaches the k-th full-precision winner. A
+pool whose last candidate overflowed (``+inf``: more images overflowed than the pool holds, and
+their order among themselves is arbitrary) is always in doubt.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def uncertain_mask(pool: TopK, ranked: TopK, rtol: float) -> Dict[str, Tensor]:
         last_v, last_i = st["values"][:, -1], st["images"][:, -1]
         kth = ranked.state[layer]["values"][:, -1]
         full = last_i != EMPTY
-        out[layer] = full & ((last_v + rtol * last_v.abs()) >= kth.to(last_v.dtype))
+        out[layer] = full & ((last_v + rtol * last_v.abs()) >= kth.to(last_v.dtype))  # +inf: always in doubt
     return out
 
 

@@ -18,7 +18,10 @@ Non-finite activations never win: an image whose map holds a NaN or ``+inf`` in 
 fp16 overflow under ``--amp fp16``, NaN weights) is no candidate of that channel at all; every
 such (image, channel) is counted per layer and channel (:attr:`TopK.nonfinite`, with the first
 image it happened in), so the caller can name them (:mod:`deconvis.mining.nonfinite`) and no
-non-finite number reaches ``results.json``. Activations are compared in float64 (float32 on
+non-finite number reaches ``results.json``. The one exception is the candidate pool of an
+autocast run that is re-ranked in full precision (``inf_wins=True``, :mod:`deconvis.mining.rerank`):
+there ``+inf`` (an overflow: the true value is large, not undefined) competes as the largest
+value, so the re-rank can pick that image; NaN never competes. Activations are compared in float64 (float32 on
 MPS), which is exact for float16/32 input.
 
 :meth:`TopK.merge` of states built from disjoint image sets gives exactly the winners of one pass
@@ -94,7 +97,7 @@ class TopK:
     #: whether new layers get :class:`UnitStats` (off for the re-rank pass, which sees only candidates)
     collect_stats = True
 
-    def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu"):
+    def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu", inf_wins: bool = False):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeconvisError(f"k must be a positive integer, got {k!r}")
         if not layers:
@@ -108,6 +111,7 @@ class TopK:
         self.nonfinite: Dict[str, Tensor] = {}
         self.nonfinite_first: Dict[str, Tensor] = {}
         self.stats: Dict[str, UnitStats] = {}  # per layer, the maxima's histogram and moments (unit pages)
+        self.inf_wins = bool(inf_wins)  # +inf competes (a pool re-ranked in full precision)
 
     # -- updates -------------------------------------------------------------------------------
     def _empty(self, channels: int, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -148,6 +152,8 @@ class TopK:
         self.nonfinite[layer] = self.nonfinite[layer] + bad.sum(0)
         first = torch.where(bad, ids_nc, torch.full_like(ids_nc, EMPTY)).amin(0)
         self.nonfinite_first[layer] = torch.minimum(self.nonfinite_first[layer], first)
+        if self.inf_wins:  # an overflow competes as the largest value; NaN and -inf never do
+            bad = bad & (vals != float("inf"))
         if eligible is not None:
             bad = bad | ~eligible.to(device=self.device, dtype=torch.bool)
         vals = vals.masked_fill(bad, float("-inf"))

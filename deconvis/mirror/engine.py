@@ -27,7 +27,7 @@ The op classification is :mod:`deconvis.mirror.classify`; the larger local rules
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
@@ -38,7 +38,7 @@ from deconvis.errors import DeconvisError
 from deconvis.graph import ops
 from deconvis.graph.trace import TracedGraph, signal_inputs
 from deconvis.mirror.classify import DROPOUT, Node, Op, classify
-from deconvis.mirror.local_rules import accumulate_grad, grad_pairs, prelu_slope, reduce_to, relu_rule
+from deconvis.mirror.local_rules import accumulate_grad, grad_pairs, prelu_slope, reduce_to, relu_rule, bn_scale
 from deconvis.mirror.rules import Rule
 
 
@@ -57,6 +57,26 @@ class Mirror:
         for i, n in enumerate(self.gm.graph.nodes):
             torch.fx.node.map_arg((n.args, n.kwargs), lambda a: last_use.__setitem__(a, i))
         self._last_use = last_use
+        # eval BatchNorm right after a conv that feeds nothing else: its scale is folded into the
+        # conv's transposed filters (one product per call over the weights, not per signal element)
+        self.bn_after: Dict[Node, nn.Module] = {}
+        self.folded_bn: Set[Node] = set()
+        for n in self.order:
+            ins = self.node_inputs[n]
+            if self.ops[n].kind == "bn" and len(ins) == 1 and self.ops[ins[0]].kind == "conv" \
+                    and len(ins[0].users) == 1 and self.ops[ins[0]].module.out_channels == self.ops[n].module.num_features:
+                self.bn_after[ins[0]] = self.ops[n].module
+                self.folded_bn.add(n)
+
+    def conv_weight(self, node: Node, dtype: torch.dtype, fold: bool) -> Tensor:
+        """The conv's filters [C_out, C_in/groups, kh, kw] in ``dtype``; with ``fold`` (the signal
+        reaches this conv through the BatchNorm after it, see :attr:`bn_after`) times that
+        BatchNorm's per-channel scale. Computed per call, so it follows a model that trains."""
+        w = self.ops[node].module.weight.to(dtype)
+        bn = self.bn_after.get(node) if fold else None
+        if bn is not None:
+            w = w * bn_scale(bn).to(dtype).view(-1, 1, 1, 1)
+        return w
 
     # ------------------------------------------------------------------------- forward
     def ancestors(self, target: Node) -> List[Node]:
@@ -155,6 +175,7 @@ class Mirror:
         """Carry ``seed`` [M, ...] (a signal at ``target``'s output for M units; unit m belongs to
         image ``n_idx[m]`` of the recorded batch) down to the input: [M, C, H, W]."""
         grads: Dict[Node, Any] = {target: seed}
+        owned: Dict[Node, bool] = {target: False}  # may the node's signal be overwritten in place?
         x0 = env[self.tg.input_node]
         for node in reversed(self.ancestors(target)):
             g = grads.pop(node, None)
@@ -162,51 +183,55 @@ class Mirror:
                 continue
             if node.op == "placeholder":
                 return g
-            for inp, gi in self._vjp(node, g, env, switches, n_idx, rule):
-                accumulate_grad(grads, inp, gi)
+            mine = owned.pop(node, False)
+            for inp, gi, fresh in self._vjp(node, g, mine, env, switches, n_idx, rule, node is target):
+                accumulate_grad(grads, inp, gi, owned, fresh)
         return seed.new_zeros((len(n_idx),) + tuple(x0.shape[1:]))
 
-    def _vjp(self, node: Node, g: Any, env: Dict[Node, Any], switches: Dict[Node, Tensor], n_idx: Tensor,
-             rule: Rule) -> List[Tuple[Node, Any]]:
+    def _vjp(self, node: Node, g: Any, mine: bool, env: Dict[Node, Any], switches: Dict[Node, Tensor],
+             n_idx: Tensor, rule: Rule, is_target: bool) -> List[Tuple[Node, Any, bool]]:
+        """The signals [(input node, signal, fresh)] that ``node``'s backward sends to its inputs;
+        ``fresh``: the signal is the backward's own (``mine`` says the same of ``g``)."""
         op = self.ops[node]
         k = op.kind
         ins = self.node_inputs[node]
         if k == "relu":
             x = env[ins[0]][n_idx] if rule is not Rule.DECONVNET or op.unit.kind in ("leaky", "prelu") else None
-            return [(ins[0], relu_rule(op.unit, g, x, rule, prelu_slope(op, node, env, g.dim())))]
+            return [(ins[0], relu_rule(op.unit, g, x, rule, prelu_slope(op, node, env, g.dim()), inplace=mine), True)]
         if k == "conv":
             m, w = op.module, op.win
-            shape = (len(n_idx),) + tuple(env[ins[0]].shape[1:])
-            gi = torch.nn.grad.conv2d_input(shape, m.weight.to(g.dtype), g, stride=w["s"], padding=w["p"],
-                                            dilation=w["d"], groups=m.groups)
-            return [(ins[0], gi)]
+            xs = env[ins[0]].shape
+            out_pad = tuple(xs[2 + a] - ((g.shape[2 + a] - 1) * w["s"][a] - 2 * w["p"][a]
+                                         + w["d"][a] * (w["k"][a] - 1) + 1) for a in (0, 1))
+            gi = F.conv_transpose2d(g, self.conv_weight(node, g.dtype, not is_target), stride=w["s"],
+                                    padding=w["p"], output_padding=out_pad, groups=m.groups, dilation=w["d"])
+            return [(ins[0], gi, True)]
         if k == "maxpool":
             x = env[ins[0]]
             M, C = g.shape[:2]
             idx = switches[node][n_idx].reshape(M, C, -1)
             out = g.new_zeros((M, C, x.shape[-2] * x.shape[-1]))
             out.scatter_add_(2, idx, g.reshape(M, C, -1))
-            return [(ins[0], out.view(M, C, *x.shape[-2:]))]
+            return [(ins[0], out.view(M, C, *x.shape[-2:]), True)]
         if k == "bn":
-            m = op.module
-            scale = torch.rsqrt(m.running_var + m.eps)
-            if m.weight is not None:
-                scale = scale * m.weight
-            return [(ins[0], g * scale.to(g.dtype).view((1, -1) + (1,) * (g.dim() - 2)))]
+            if node in self.folded_bn:  # its scale is in the conv below (conv_weight)
+                return [(ins[0], g, mine)]
+            scale = bn_scale(op.module).to(g.dtype).view((1, -1) + (1,) * (g.dim() - 2))
+            return [(ins[0], g.mul_(scale) if mine else g * scale, True)]
         if k == "skip":
-            return [(ins[0], g)]
+            return [(ins[0], g, mine)]
         if k == "linear":
-            return [(ins[0], g @ op.module.weight.to(g.dtype))]
+            return [(ins[0], g @ op.module.weight.to(g.dtype), True)]
         if k == "reshape":
             x = env[ins[0]]
             if isinstance(x, Tensor) and env[node].shape[0] == x.shape[0]:
-                return [(ins[0], g.reshape((g.shape[0],) + tuple(x.shape[1:])))]
+                return [(ins[0], g.reshape((g.shape[0],) + tuple(x.shape[1:])), mine)]
         if k in ("add", "sub") and len(node.args) == 2:
             out = []
             for pos, a in enumerate(node.args):
                 if isinstance(a, Node) and a in self.tg.signal:
                     gi = -g if (k == "sub" and pos == 1) else g
-                    out.append((a, reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
+                    out.append((a, reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:])), False))
             return out
         if k == "mul" and len(node.args) == 2:
             out = []
@@ -217,15 +242,15 @@ class Mirror:
                     if isinstance(other, Node) and other in self.tg.signal:
                         val = val[n_idx]
                     gi = g * val
-                    out.append((a, reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:]))))
+                    out.append((a, reduce_to(gi, (g.shape[0],) + tuple(env[a].shape[1:])), True))
             return out
         if k == "cat":
             tensors = node.args[0]
             dim = ops.node_arg(node, 1, "dim", 0)
             sizes = [env[t].shape[dim] if isinstance(t, Node) else t.shape[dim] for t in tensors]
-            parts = torch.split(g, sizes, dim=dim)
-            return [(t, p) for t, p in zip(tensors, parts) if isinstance(t, Node) and t in self.tg.signal]
-        return self._generic_vjp(node, g, env, n_idx)
+            parts = torch.split(g, sizes, dim=dim)  # disjoint views: each as much ours as g is
+            return [(t, p, mine) for t, p in zip(tensors, parts) if isinstance(t, Node) and t in self.tg.signal]
+        return [(a, gi, False) for a, gi in self._generic_vjp(node, g, env, n_idx)]
 
     def _generic_vjp(self, node: Node, g: Any, env: Dict[Node, Any], n_idx: Tensor) -> List[Tuple[Node, Any]]:
         """Exact local derivative of one op at its recorded inputs, by autograd on that op alone."""
@@ -323,4 +348,4 @@ def depends_on_signal(a: Node, tg: TracedGraph) -> bool:
     return False
 
 
-__all__ = ["Mirror", "Op", "classify", "prelu_slope", "reduce_to", "relu_rule"]
+__all__ = ["Mirror", "Op", "classify", "bn_scale", "prelu_slope", "reduce_to", "relu_rule"]

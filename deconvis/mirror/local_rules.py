@@ -7,11 +7,17 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deconvis.graph import ops
 from deconvis.mirror.classify import Node, Op
 from deconvis.mirror.rules import Rule
+
+def bn_scale(bn: nn.Module) -> Tensor:
+    """An eval BatchNorm's per-channel scale ``weight / sqrt(running_var + eps)`` [C] (its mirror)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return scale * bn.weight if bn.weight is not None else scale
+
 
 def reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     """Sum ``g`` over the dims that broadcasting expanded, so it has ``shape`` (batch dim kept)."""
@@ -24,12 +30,16 @@ def reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor]) -> Tensor:
-    """The ReLU-family backward of :mod:`deconvis.mirror.rules` for signal ``g`` at forward input ``x``."""
+def relu_rule(unit: ops.ReluUnit, g: Tensor, x: Optional[Tensor], rule: Rule, slope: Optional[Tensor],
+              inplace: bool = False) -> Tensor:
+    """The ReLU-family backward of :mod:`deconvis.mirror.rules` for signal ``g`` at forward input ``x``;
+    ``inplace``: ``g`` belongs to the caller alone and may be overwritten (ReLU and ReLU6)."""
     if unit.kind in ("relu", "relu6"):
         if rule is Rule.DECONVNET:
-            return g.clamp(min=0)
+            return g.clamp_(min=0) if inplace else g.clamp(min=0)
         on = (x > 0) if unit.kind == "relu" else ((x > 0) & (x < 6))
+        if inplace:
+            return (g.clamp_(min=0) if rule is Rule.GUIDED else g).mul_(on)
         return (g.clamp(min=0) if rule is Rule.GUIDED else g) * on
     a = slope if slope is not None else unit.slope
     if rule is Rule.DECONVNET:
@@ -61,13 +71,31 @@ def grad_pairs(out: Any, g: Any) -> Tuple[List[Tensor], List[Tensor]]:
     return outs, gs
 
 
-def accumulate_grad(grads: Dict[Node, Any], node: Node, g: Any) -> None:
-    """Add gradient ``g`` (tensor or tuple, None entries skipped) into ``grads[node]``."""
+def accumulate_grad(grads: Dict[Node, Any], node: Node, g: Any, owned: Optional[Dict[Node, bool]] = None,
+                    fresh: bool = False) -> None:
+    """Add gradient ``g`` (tensor or tuple, None entries skipped) into ``grads[node]`` (branches
+    that meet sum). With ``owned`` (node -> the signal belongs to the backward alone, so it may be
+    written in place), ``fresh`` says whether ``g`` does; the sum is then formed in place where one
+    side is owned."""
     if node not in grads:
         grads[node] = g
+        if owned is not None:
+            owned[node] = fresh and isinstance(g, Tensor)
         return
     cur = grads[node]
     if isinstance(cur, tuple) or isinstance(g, tuple):
         grads[node] = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(cur, g))
-    else:
-        grads[node] = cur + g
+        if owned is not None:
+            owned[node] = False
+        return
+    if owned is not None and cur.shape == g.shape and cur.dtype == g.dtype:
+        if owned.get(node, False):
+            grads[node] = cur.add_(g)
+            return
+        if fresh:
+            grads[node] = g.add_(cur)
+            owned[node] = True
+            return
+    grads[node] = cur + g
+    if owned is not None:
+        owned[node] = True

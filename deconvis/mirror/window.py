@@ -27,7 +27,7 @@ from torch import Tensor
 
 from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
-from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to
+from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to, bn_scale
 from deconvis.mirror.rules import Rule
 
 Node = torch.fx.Node
@@ -266,6 +266,7 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
         g0 = seed.new_zeros(seed.shape[:2] + (tw[0].size, tw[1].size))
         paste(g0, _affine(tw), seed, ((1, 0), (1, 0)), u)
     grads: Dict[Node, Tensor] = {target: g0}
+    owned: Dict[Node, bool] = {target: g0 is not seed}  # may the node's window be written in place?
     M = len(n_idx)
     lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
     u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
@@ -273,25 +274,34 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
         g = grads.pop(node, None)
         if g is None:
             continue
+        mine = owned.pop(node, False)
         w = plan.axes[node]
         ok = _valid(w, u, plan.hw[node], u_range)
         if ok is not None:
-            g = g * ok
+            g = g.mul_(ok) if mine else g * ok
+            mine = True
         if node.op == "placeholder":
             return g
-        for inp, raw, org in _window_vjp(mirror, plan, node, g, env, switches, n_idx, u, rule):
+        for inp, raw, org, fresh in _window_vjp(mirror, plan, node, g, mine, env, switches, n_idx, u, rule):
+            wi = plan.axes[inp]
             if inp not in grads:
-                wi = plan.axes[inp]
-                grads[inp] = g.new_zeros((M, raw.shape[1], wi[0].size, wi[1].size))
-            paste(grads[inp], _affine(plan.axes[inp]), raw, org, u)
+                if org == _affine(wi) and tuple(raw.shape[-2:]) == (wi[0].size, wi[1].size):
+                    grads[inp], owned[inp] = raw, fresh  # lies exactly on the window: no zeros, no paste
+                    continue
+                grads[inp], owned[inp] = g.new_zeros((M, raw.shape[1], wi[0].size, wi[1].size)), True
+            elif not owned[inp]:
+                grads[inp], owned[inp] = grads[inp].clone(), True
+            paste(grads[inp], _affine(wi), raw, org, u)
     x = env[mirror.tg.input_node]
     wi = plan.axes[plan.nodes[0]]
     return seed.new_zeros((M, x.shape[1], wi[0].size, wi[1].size))
 
 
-def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Dict[Node, Any],
+def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: bool, env: Dict[Node, Any],
                 switches: Dict[Node, Tensor], n_idx: Tensor, u: Tensor, rule: Rule
-                ) -> List[Tuple[Node, Tensor, Tuple[Affine, Affine]]]:
+                ) -> List[Tuple[Node, Tensor, Tuple[Affine, Affine], bool]]:
+    """[(input node, signal window, its origin, fresh)] that ``node``'s backward sends down;
+    ``fresh``: the window is the backward's own (``mine`` says the same of ``g``)."""
     op = mirror.ops[node]
     k = op.kind
     ins = mirror.node_inputs[node]
@@ -301,18 +311,18 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
         x = None
         if rule is not Rule.DECONVNET or op.unit.kind in ("leaky", "prelu"):
             x = _gather(env[ins[0]], n_idx, w, u)
-        return [(ins[0], relu_rule(op.unit, g, x, rule, prelu_slope(op, node, env, 4)), here)]
+        return [(ins[0], relu_rule(op.unit, g, x, rule, prelu_slope(op, node, env, 4), inplace=mine), here, True)]
     if k in ("conv", "avgpool"):
         p, s, d = op.win["p"], op.win["s"], op.win["d"]
         if k == "conv":
-            weight, groups = op.module.weight.to(g.dtype), op.module.groups
+            weight, groups = mirror.conv_weight(node, g.dtype, node is not plan.target), op.module.groups
         else:
             c = g.shape[1]
             div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]
             weight, groups = g.new_full((c, 1) + tuple(op.win["k"]), 1.0 / div), c
         raw = F.conv_transpose2d(g, weight, stride=s, dilation=d, groups=groups)
         org = ((here[0][0] * s[0], here[0][1] * s[0] - p[0]), (here[1][0] * s[1], here[1][1] * s[1] - p[1]))
-        return [(ins[0], raw, org)]
+        return [(ins[0], raw, org, True)]
     if k == "maxpool":
         wi = plan.axes[ins[0]]
         H, W = plan.hw[ins[0]]
@@ -323,15 +333,14 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
         M, C = g.shape[:2]
         out = g.new_zeros((M, C, wi[0].size * wi[1].size))
         out.scatter_add_(2, (ry * wi[1].size + rx).reshape(M, C, -1), g.reshape(M, C, -1))
-        return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi))]
+        return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi), True)]
     if k == "bn":
-        m = op.module
-        scale = torch.rsqrt(m.running_var + m.eps)
-        if m.weight is not None:
-            scale = scale * m.weight
-        return [(ins[0], g * scale.to(g.dtype).view(1, -1, 1, 1), here)]
+        if node in mirror.folded_bn:  # its scale is in the conv below (Mirror.conv_weight)
+            return [(ins[0], g, here, mine)]
+        scale = bn_scale(op.module).to(g.dtype).view(1, -1, 1, 1)
+        return [(ins[0], g.mul_(scale) if mine else g * scale, here, True)]
     if k == "skip":
-        return [(ins[0], g, here)]
+        return [(ins[0], g, here, mine)]
     if k in ("add", "sub", "mul"):
         out = []
         for pos, a in enumerate(node.args):
@@ -340,11 +349,11 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
                 if k == "mul":
                     other = node.args[1 - pos]
                     gi = g * (env[other] if isinstance(other, Node) else other)
-                out.append((a, reduce_to(gi, g.shape), here))
+                out.append((a, reduce_to(gi, g.shape), here, k == "mul"))
         return out
     if k == "cat":
         sizes = [env[t].shape[1] for t in node.args[0]]
-        return [(t, part, here) for t, part in zip(node.args[0], torch.split(g, sizes, dim=1))
+        return [(t, part, here, mine) for t, part in zip(node.args[0], torch.split(g, sizes, dim=1))
                 if isinstance(t, Node) and t in mirror.tg.signal]
     # elementwise op: its exact derivative on the window of its recorded input
     x = _gather(env[ins[0]], n_idx, w, u).detach().requires_grad_(True)
@@ -353,7 +362,7 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, env: Di
     with torch.enable_grad():
         y = mirror.forward_node(node, args, kwargs, record=False, switches={})
         (gx,) = torch.autograd.grad(y, x, g)
-    return [(ins[0], gx, here)]
+    return [(ins[0], gx, here, False)]
 
 
 __all__ = ["WindowPlan", "AxisWindow", "plan_window", "backward_window", "paste"]

@@ -20,6 +20,7 @@ from deconvis import config as configbase
 from deconvis.config import Config, check_device, flag_name, load_yaml, option
 from deconvis.errors import DeconvisError, close_matches
 from deconvis.io.images import parse_images_spec
+from deconvis.io.pixels import MAX_PIXELS
 from deconvis.mirror.rules import Rule
 
 __all__ = ["VisualizeConfig", "AMP_MODES", "ANALYSES", "MINING_KEYS", "FIELD_NAMES", "SHORT_FLAGS", "load_config", "from_mapping",
@@ -43,6 +44,9 @@ class VisualizeConfig(Config):
     images: Union[str, Dict[str, Any]] = option("builtin:skimage-crops", "image set: folder, torchvision:NAME:ROOT[:SPLIT], "
                                                                     "builtin:skimage or builtin:skimage-crops")
     max_images: Optional[int] = option(None, "use only the first N images of the set")
+    max_pixels: int = option(MAX_PIXELS, "skip (log, never decode) image files whose header says they have more "
+                                         "pixels (width x height) than this: decompression bombs; default Pillow's "
+                                         "limit, about 179 megapixels; 0: no cap")
     channels: Optional[int] = option(None, "visualise only the first N channels of every layer")
     batch_size: int = option(32, "images per mining/projection batch")
     workers: Optional[int] = option(None, "DataLoader worker processes (decode + preprocess in parallel); unset/auto: "
@@ -104,7 +108,7 @@ class VisualizeConfig(Config):
                      "dist_timeout"):
             if getattr(self, name) < 1:
                 raise DeconvisError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "checkpoint_seconds", "amp_pool"):
+        for name in ("checkpoint_every", "checkpoint_seconds", "amp_pool", "max_pixels"):
             if getattr(self, name) < 0:
                 raise DeconvisError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("max_images", "channels", "resize", "crop"):

@@ -17,7 +17,8 @@ process group's key-value store (:func:`signal_failure`), which the others poll 
 (:func:`failure_watch`, at most once a second, no collective), so a failure at batch 1 does not
 wait for the other ranks to finish a long phase: they stop within about a second plus one batch
 and join the agreement. A rank that finishes a phase early waits for the others in the store as
-long as they make progress (no time limit: an uneven phase is fine); a rank that crashed outright
+long as they make progress (no time limit: an uneven phase is fine; work one rank does alone
+beats a :func:`heartbeat`); a rank that crashed outright
 or hangs is caught after ``timeout_s`` seconds without progress (or by the process group's
 timeout on a collective; torchrun also ends the whole group when any process exits with an
 error).
@@ -37,8 +38,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, TypeVar
 
@@ -64,6 +66,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE): they share its CPUs
     timeout_s: float = 600.0
     tag: str = ""  # distinguishes runs in one process group (failure-flag key)
     group: Any = field(default=None, compare=False, repr=False)  # gloo side group of the control plane (None: default)
@@ -103,7 +106,8 @@ def init(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] 
 
     CUDA runs use NCCL and the device ``cuda:LOCAL_RANK`` (refused when the node has more
     processes than GPUs), plus a gloo side group for the control plane (``side_group``: None =
-    whenever the main backend is not gloo); CPU runs use gloo. ``timeout_s`` bounds how long a
+    whenever the main backend is not gloo, also in a process group the caller made, e.g. on
+    NCCL); CPU runs use gloo. ``timeout_s`` bounds how long a
     collective waits for a rank that stopped answering. A 1-process torchrun job creates no
     process group. ``cuda:N`` becomes the current CUDA device in every case.
     """
@@ -112,23 +116,28 @@ def init(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] 
         return DistInfo(device=device, timeout_s=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type == "cuda":
-        check_gpu_count(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+        check_gpu_count(local, local_world, torch.cuda.device_count())
         device = torch.device("cuda", local)
         activate(device)
     group = None
-    if world > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if world > 1:
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            dist.init_process_group(backend=backend, timeout=timeout)
-            if side_group if side_group is not None else backend != "gloo":
+            if dist.is_initialized():  # made by the caller: its backend decides
+                backend = dist.get_backend()
+            else:
+                backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+                dist.init_process_group(backend=backend, timeout=timeout)
+            if side_group if side_group is not None else str(backend) != "gloo":
                 group = dist.new_group(backend="gloo", timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - rendezvous/network errors become one clear line
             raise DeconvisError(f"rank {rank} of {world} could not join the process group ({backend}, "
                                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    return DistInfo(rank=rank, world=world, local_rank=local, device=device, timeout_s=timeout_s, group=group)
+    return DistInfo(rank=rank, world=world, local_rank=local, device=device, timeout_s=timeout_s,
+                    local_world=local_world, group=group)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -149,6 +158,8 @@ def session(device: torch.device, timeout_s: float = 600.0, backend: Optional[st
     finally:
         if created:
             shutdown(info)
+        elif info.group is not None and dist.is_initialized():  # our side group in the caller's process group
+            dist.destroy_process_group(info.group)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -367,16 +378,49 @@ def agree(info: DistInfo, error: Optional[BaseException] = None, phase: str = ""
 
 
 @contextmanager
-def phase(info: DistInfo, name: str) -> Iterator[None]:
+def heartbeat(info: DistInfo, every_s: float = 1.0) -> Iterator[None]:
+    """Inside, a thread counts this rank's progress every ``every_s`` seconds (see
+    :func:`failure_watch`): for work one rank does alone with no loop to poll in (the analyses,
+    clearing a tile folder, stat-ing every tile of the plan), so the waiting ranks do not take it
+    for a hang and give up after ``--dist-timeout``. The beat proves the process is alive, not that
+    the work advances: a rank that crashes stops beating and is caught as before; one stuck in
+    such work waits like a one-process run would. A no-op when not distributed."""
+    store = _store(info)
+    if store is None:
+        yield
+        return
+    progress, stop = _key(info, "progress"), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                store.add(progress, 1)
+            except Exception:  # noqa: BLE001 - store gone: the phase-end agreement reports it
+                return
+
+    thread = threading.Thread(target=beat, name="deconvis-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def phase(info: DistInfo, name: str, solo: bool = False) -> Iterator[None]:
     """``with phase(info, "mining"): ...`` -- run a phase; on leaving it, all ranks agree on
     whether any rank failed (see :func:`agree`). A failing rank first raises the store flag so
     that ranks still busy in this phase stop early (see :func:`failure_watch`); a rank that
     finishes early waits for the others without a time limit while they make progress
     (:func:`wait_for_peers`), so a long, uneven phase (a resumed rank with more left to do) is
-    not mistaken for a hung rank."""
+    not mistaken for a hung rank. ``solo``: rank 0 does the phase's work alone, under a
+    :func:`heartbeat`."""
     _phase_seq[info.tag] = _phase_seq.get(info.tag, 0) + 1
+    beat = heartbeat(info) if solo and info.is_main else nullcontext()
     try:
-        yield
+        with beat:
+            yield
     except BaseException as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
         if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not info.enabled:
             raise

@@ -24,7 +24,11 @@ sheets; rank 0 writes ``results.json`` and the report after the others are done.
 be a folder every rank sees (a shared filesystem across nodes): this is checked at the start.
 Every phase runs inside :func:`deconvis.runs.distributed.phase`, so a failure on one rank ends every
 rank with the same error, within about a second plus one batch; a rank that crashed or hangs is
-given up on after ``dist_timeout`` seconds without progress. Only rank 0 shows progress bars.
+given up on after ``dist_timeout`` seconds without progress (work rank 0 does alone -- clearing,
+planning, the analyses, the report -- runs under a heartbeat, see
+:func:`deconvis.runs.distributed.heartbeat`). Rank 0 decides whether the run resumes and sends
+the results it loaded (:func:`deconvis.runs.ranks.resume_decision`). Each rank logs to its own
+file (``run.log`` for rank 0, ``run.rank{r}.log``). Only rank 0 shows progress bars.
 
 Resuming: everything is written atomically and a restarted run with the same config skips what
 is done -- a finished mining (``results.json``), channels whose sprite is on disk (every rank's
@@ -121,22 +125,25 @@ def run(cfg: VisualizeConfig, config_dir: Optional[str] = None) -> Outcome:
 
 def _setup(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: DistInfo):
     """Phases setup + prepare: (context, the results of an earlier run to continue, or None)."""
-    with dist_mod.phase(info, "setup"):
+    with dist_mod.phase(info, "setup", solo=True):
         if cfg.fresh and info.is_main:
             log.info("--fresh: discarding earlier results in %s", run_dir)
             clear_run(run_dir)
         token = ranks.share_token(run_dir, info)
     token = ranks.exchange_token(token, info)
+    res = None
     with dist_mod.phase(info, "prepare"):
         ranks.check_shared(run_dir, token, info)
         ctx = prepare(cfg, run_dir, config_dir, info)
         check_analyses(cfg, config_dir)
-        res = load_results(run_dir, ctx.identity)
-        if res is not None:
-            res.config = cfg.to_dict()
-        else:
-            check_state_world(run_dir, info)
-    ranks.check_same_run(ctx)
+        if info.is_main:  # rank 0 decides whether to resume, from its view of the folder
+            res = load_results(run_dir, ctx.identity)
+            if res is None:
+                check_state_world(run_dir, info)
+    res = ranks.resume_decision(res, info)
+    if res is not None:
+        res.config = cfg.to_dict()
+    ranks.check_same_run(ctx, res)
     return ctx, res
 
 
@@ -155,7 +162,7 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
             part = precision.rerank_part(ctx, topk, poll)
         topk, doubt = precision.rerank_finish(ctx, dist_mod.gather_topk(part, info), topk)
     seconds["mine"] = time.perf_counter() - t
-    with dist_mod.phase(info, "results"):
+    with dist_mod.phase(info, "results", solo=True):
         check_mined(ctx, topk)
         ranks.main_log(info, "mined %d images in %.1f s (%.1f images/s)%s", topk.seen, seconds["mine"],
                        topk.seen / max(seconds["mine"], 1e-9), f" on {info.world} processes" if info.enabled else "")
@@ -173,7 +180,7 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
 def _project(ctx: Context, res: Results, poll) -> int:
     """Phase project, split over ranks; returns how many units all ranks projected."""
     info = ctx.info
-    with dist_mod.phase(info, "projection plan"):  # rank 0 plans from its view of the folder; every rank takes it
+    with dist_mod.phase(info, "projection plan", solo=True):  # rank 0 plans from its view of the folder; every rank takes it
         progress = read_progress(ctx.run_dir, ctx.projection_hash) if info.is_main else []  # every rank's finished channels
         jobs = plan_projection(ctx, res, progress) if info.is_main else []
     progress, jobs = dist_mod.from_main((progress, jobs), info, "the projection plan")
@@ -209,7 +216,7 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
     n_proj = _project(ctx, res, poll)
     seconds["project"] = time.perf_counter() - t
     res.status = "projected"
-    with dist_mod.phase(info, "projection save"):
+    with dist_mod.phase(info, "projection save", solo=True):
         if n_proj:
             ranks.main_log(info, "projected %d units in %.1f s", n_proj, seconds["project"])
         if info.is_main:
@@ -225,11 +232,11 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
         render_phase(res, run_dir, cfg, layers=set(my_layers), poll=poll)
     ranks.merge_sheets(res, my_layers, info)
     t_an = time.perf_counter()
-    with dist_mod.phase(info, "analyses"):  # rank 0; the others wait (--analyses)
+    with dist_mod.phase(info, "analyses", solo=True):  # rank 0; the others wait (--analyses)
         if info.is_main:
             analyses_phase(ctx, res, config_dir, poll=poll)
     t_an = time.perf_counter() - t_an
-    with dist_mod.phase(info, "report"):
+    with dist_mod.phase(info, "report", solo=True):
         report_path = report_phase(res, run_dir, info, source=ctx.source,
                                    filters=first_layer_filters(ctx.loaded.model, ctx.specs))
     seconds["render"] = time.perf_counter() - t - t_an

@@ -58,9 +58,11 @@ def reranks(cfg: Any) -> bool:
     return cfg.amp != "none" and int(cfg.amp_pool) > 0
 
 
-def workers(cfg: Any, device: torch.device, procs_per_node: int = 1) -> int:
-    """``--workers``, or its default for ``device`` (see :func:`deconvis.utils.device.default_workers`)."""
-    return int(cfg.workers) if cfg.workers is not None else default_workers(device, procs_per_node)
+def workers(cfg: Any, info: dist_mod.DistInfo) -> int:
+    """``--workers``, or its default for this rank's device shared by the node's processes
+    (``info.local_world``, torchrun's ``LOCAL_WORLD_SIZE``; see
+    :func:`deconvis.utils.device.default_workers`)."""
+    return int(cfg.workers) if cfg.workers is not None else default_workers(info.device, info.local_world)
 
 
 def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None) -> TopK:
@@ -71,14 +73,15 @@ def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None)
     cands = dist_mod.split_for_rank(candidate_images(pool), info)
     part = PoolTopK(pool, cfg.k)
     loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size,
-                         workers(cfg, ctx.device), pin_memory=ctx.device.type == "cuda", sampler=cands)
+                         workers(cfg, info), pin_memory=ctx.device.type == "cuda", sampler=cands)
 
     def forward(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         with tf32(False):
             return ctx.dn.activations(x, ctx.layers)
 
     mine(forward, loader, part, channels=cfg.channels, dtype=ctx.dtype, total=len(cands),
-         progress=cfg.progress and info.is_main, desc="fp32 re-rank", on_batch=lambda n: poll() if poll else None)
+         progress=cfg.progress and info.is_main, desc="fp32 re-rank", on_batch=lambda n: poll() if poll else None,
+         batch_size=cfg.batch_size)
     return part
 
 
@@ -126,7 +129,7 @@ def report_nonfinite(ctx: Any, topk: TopK) -> Dict[str, Any]:
     keyed by layer label (ints only)."""
     summary = nonfinite_summary(topk)
     if summary and ctx.info.is_main:
-        for msg in nonfinite_messages(summary, _labels(ctx), ctx.cfg.amp, ctx.source.name):
+        for msg in nonfinite_messages(summary, _labels(ctx), ctx.cfg.amp, ctx.source.name, reranked=reranks(ctx.cfg)):
             log.warning(msg)
     return {_labels(ctx).get(layer, layer): {"images": v["images"], "channels": {str(c): n for c, n in v["channels"].items()},
                                            "first_image": v["first_image"]}

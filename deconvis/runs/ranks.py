@@ -6,10 +6,12 @@ the same either way. The transport (process group, failure signals, top-k merge)
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import uuid
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -72,27 +74,55 @@ def exchange_token(token: str, info: DistInfo) -> str:
     return str(dist_mod.all_gather_objects(token, info, "setup")[0])
 
 
-def _fingerprint(ctx: Context) -> Tuple[str, int, float]:
-    """What must be equal on every rank: the mining identity, and the weights themselves
-    (random weights drawn from the seed, checkpoints read on each node)."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) of every parameter's and buffer's name, dtype, shape and bytes, read
+    on the CPU: no arithmetic on the device, so two GPU models (other summation orders) agree
+    whenever the weights are the same bits, and a permutation of the weights does not."""
+    h = hashlib.sha256()
     with torch.no_grad():
-        total = 0.0
-        for p in ctx.loaded.model.parameters():
-            total += float(p.detach().double().abs().sum()) + float(p.detach().double().sum())
-    return ctx.mining_hash, len(ctx.source), total
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            flat = t.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}:{flat.dtype}:{tuple(t.shape)}\0".encode())
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def check_same_run(ctx: Context) -> None:
-    """Every rank prepared the same run (config, image count, weights)."""
+def results_digest(res: Optional[Results]) -> str:
+    """SHA-256 (16 hex digits) of the results a run continues ('' for none)."""
+    if res is None:
+        return ""
+    return hashlib.sha256(json.dumps(res.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(ctx: Context, res: Optional[Results] = None) -> Tuple[str, int, str, bool, str]:
+    """What must be equal on every rank: the mining identity, the image count, the weights
+    themselves (random weights drawn from the seed, checkpoints read on each node), whether the
+    run resumes finished mining, and the results it continues from."""
+    return ctx.mining_hash, len(ctx.source), weights_digest(ctx.loaded.model), res is not None, results_digest(res)
+
+
+def check_same_run(ctx: Context, res: Optional[Results] = None) -> None:
+    """Every rank prepared the same run (config, image count, weights) and continues the same
+    results (``res``: what :func:`resume_decision` gave, None for a run that mines)."""
     info = ctx.info
     if not info.enabled:
         return
-    prints = dist_mod.all_gather_objects(_fingerprint(ctx), info, "prepare")
+    prints = dist_mod.all_gather_objects(_fingerprint(ctx, res), info, "prepare")
     if any(p != prints[0] for p in prints):
         bad = next(r for r, p in enumerate(prints) if p != prints[0])
-        raise DeconvisError(f"rank {bad} of {info.world} disagrees with rank 0 on the run (mining config, "
-                            f"image count or model weights differ: {prints[bad][:2]} vs {prints[0][:2]}); every "
-                            "node needs the same images, weights and deconvis version")
+        what = ["mining config", "image count", "model weights", "resumed", "results"]
+        differ = ", ".join(w for w, a, b in zip(what, prints[bad], prints[0]) if a != b)  # type: ignore[arg-type]
+        raise DeconvisError(f"rank {bad} of {info.world} disagrees with rank 0 on the run ({differ} differ: "
+                            f"{prints[bad]} vs {prints[0]}); every node needs the same images, weights and "
+                            "deconvis version")
+
+
+def resume_decision(res: Optional[Results], info: DistInfo) -> Optional[Results]:
+    """Rank 0's decision whether to continue finished mining, and the results it loaded, on every
+    rank (call after the phase in which rank 0 loaded them): the other ranks never read
+    ``results.json`` themselves, so a stale view of a shared folder (NFS attribute caches after
+    ``--fresh``) cannot make one rank mine while another resumes."""
+    return dist_mod.from_main(res, info, "the resume decision")
 
 
 def merge_mining(topk: mining.TopK, stats: Dict[str, Any], info: DistInfo) -> Tuple[mining.TopK, List[Any]]:

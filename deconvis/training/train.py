@@ -40,7 +40,7 @@ from deconvis.training.evolution import filter_grid
 from deconvis.training.renorm import renormalise_filters
 from deconvis.training.snapshots import SnapshotCallback, check_epochs, open_summary_writer
 from deconvis.training.surrogate import ExemplarDataset
-from deconvis.utils.device import resolve_device
+from deconvis.utils.device import use_device
 
 TRAIN_STATE = "train_state.pt"
 VAL_EPOCH = 1_000_003  # the surrogate "epoch" the fixed validation samples are drawn from
@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any
     writer = open_summary_writer(os.path.join(cfg.out_dir, "tensorboard")) if cfg.tensorboard else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     out = cfg.out_dir
     atomic.ensure_writable_dir(out)
     checkpoint = cfg.checkpoint or os.path.join(out, "zfnet_demo.pt")

@@ -1,7 +1,7 @@
 """Pick the device for a run, and size batches by the memory it has.
 
 ``resolve_device("auto")`` gives CUDA when present, then Apple MPS, then the CPU; ``activate``
-makes ``cuda:N`` current; ``tf32`` sets the TensorFloat-32 policy for a block; ``default_workers``
+makes ``cuda:N`` current (``use_device`` does both, for every command that picks a device); ``tf32`` sets the TensorFloat-32 policy for a block; ``default_workers``
 and ``bf16_native`` answer the questions a GPU run asks at its start.
 ``batched(fn, items, batch_size, ...)`` runs ``fn`` over chunks of ``items`` and, on an
 out-of-memory error, halves the chunk and carries on (saying so once), so one oversized batch
@@ -51,6 +51,14 @@ def activate(device: torch.device) -> None:
     the DataLoader's pin-memory thread use it rather than GPU 0; nothing for other devices."""
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+
+
+def use_device(name: Optional[str] = "auto") -> torch.device:
+    """:func:`resolve_device`, then :func:`activate`: what every command that picks a device calls,
+    so ``cuda:N`` is current for all its CUDA work (not only under torchrun)."""
+    device = resolve_device(name)
+    activate(device)
+    return device
 
 
 def bf16_native(device: torch.device) -> bool:

@@ -60,10 +60,11 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     after every batch (to stop early when another rank failed)."""
     cfg, info = ctx.cfg, ctx.info
     path = os.path.join(ctx.run_dir, state_filename(info))
-    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device)  # k, or the amp candidate pool
+    # k, or the amp candidate pool (where an fp16 overflow competes, to be re-ranked in fp32)
+    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device, inf_wins=precision.reranks(cfg))
     times = mining.MiningTimes()
-    if _resume(ctx, path, topk):
-        return topk, times
+    if not cfg.fresh and _resume(ctx, path, topk):  # --fresh: never read a checkpoint (rank 0 deleted them;
+        return topk, times                          # another node may still see them through its cache)
 
     def checkpoint(t: mining.TopK) -> None:
         save_torch(state_blob(ctx.identity, info, t.state_dict(), complete=False), path)
@@ -76,7 +77,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
             poll()
 
     sampler = dist_mod.ShardSampler(len(ctx.source), info.rank, info.world, start=topk.seen)
-    workers = precision.workers(cfg, ctx.device)
+    workers = precision.workers(cfg, info)
     loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size, workers,
                          pin_memory=ctx.device.type == "cuda", sampler=sampler,
                          prefetch_factor=cfg.prefetch_factor, persistent_workers=workers > 0)
@@ -89,13 +90,15 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
                     checkpoint_every=cfg.checkpoint_every, on_checkpoint=checkpoint,
                     checkpoint_seconds=cfg.checkpoint_seconds,
                     total=dist_mod.shard_size(len(ctx.source), info.rank, info.world),
-                    progress=cfg.progress and info.is_main, times=times, profile=cfg.profile, on_batch=on_batch)
+                    progress=cfg.progress and info.is_main, times=times, profile=cfg.profile, on_batch=on_batch,
+                    batch_size=cfg.batch_size)
     finally:
         if cfg.channels_last:  # projections run on the usual layout
             model.to(memory_format=torch.contiguous_format)
         del loader  # ends persistent workers
-    for i in topk.skipped[n_skipped_before:]:
-        log.warning("skipped unreadable image %d: %s", i, ctx.source.path(i))
+    for i in topk.skipped[n_skipped_before:]:  # a refusal is re-read from the header (cheap, no decode)
+        why = ctx.source.refusal(i)
+        log.warning("skipped unreadable image %d: %s%s", i, ctx.source.path(i), f" ({why})" if why else "")
     save_torch(state_blob(ctx.identity, info, topk.state_dict(), complete=True), path)
     return topk, times
 

@@ -18,7 +18,7 @@ from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.layers import LayerSpec, layer_specs
 from deconvis.runs.phases.rundir import Identity, run_identity
-from deconvis.utils.device import bf16_native, model_dtype_device, resolve_device
+from deconvis.utils.device import bf16_native, model_dtype_device, use_device
 
 
 @dataclass
@@ -97,10 +97,10 @@ def prepare(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str] = None
 
     All user errors surface here, before any mining. ``info`` (from
     :func:`deconvis.runs.distributed.session`) gives this rank's device; default: ``cfg.device``."""
-    device = info.device if info is not None else resolve_device(cfg.device)
+    device = info.device if info is not None else use_device(cfg.device)  # (a session made it current)
     info = info if info is not None else DistInfo(device=device, timeout_s=cfg.dist_timeout)
     amp = amp_dtype(cfg.amp, device)
-    source = open_images(cfg.images, cfg.max_images, base_dir=config_dir)
+    source = open_images(cfg.images, cfg.max_images, base_dir=config_dir, max_pixels=cfg.max_pixels)
     weights = resolve_weights(cfg.weights, config_dir)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, weights, device)

@@ -279,7 +279,7 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                     batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
                                     dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
-                                    workers=precision.workers(cfg, ctx.device), replay=replay)
+                                    workers=precision.workers(cfg, info), replay=replay)
     finally:
         try:
             writer.close()

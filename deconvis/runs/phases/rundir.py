@@ -22,6 +22,7 @@ import torch
 from deconvis.errors import DeconvisError
 from deconvis.io.images import ImageSource
 from deconvis.io.models import Preprocess
+from deconvis.io.pixels import MAX_PIXELS
 from deconvis.runs import config as config_mod
 from deconvis.runs import results as results_mod
 from deconvis.runs.config import VisualizeConfig
@@ -92,6 +93,8 @@ def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, sour
         fields.pop(key, None)
     if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
         fields["amp"] = cfg.amp
+    if cfg.max_pixels != MAX_PIXELS:  # which images are skipped (default: absent, so older runs keep their hash)
+        fields["max_pixels"] = cfg.max_pixels
     fields.update(extra or {})
     mining_hash = config_mod.config_hash(fields, sorted(fields))
     projection_hash = config_mod.config_hash({"mining": mining_hash, "rule": cfg.rule}, ["mining", "rule"])
@@ -121,11 +124,20 @@ def load_results(run_dir: str, identity: Identity) -> Optional[results_mod.Resul
 
 # -- files ------------------------------------------------------------------------------------
 
+def log_filename(info: Optional[DistInfo] = None) -> str:
+    """This rank's log: ``run.log`` for rank 0 (and a one-process run), ``run.rank{r}.log`` for
+    the others -- one writer per file, since appends of several nodes to one file on a shared
+    filesystem (NFS) interleave or vanish."""
+    if info is None or info.rank == 0:
+        return LOG_FILE
+    return f"run.rank{info.rank}.log"
+
+
 @contextlib.contextmanager
 def run_log(run_dir: str, info: Optional[DistInfo] = None) -> Iterator[None]:
-    """Append this run's log records to ``run_dir/run.log`` (every rank appends to the same
-    file, each line tagged with its rank)."""
-    handler = logging.FileHandler(os.path.join(run_dir, LOG_FILE), encoding="utf-8")
+    """Append this run's log records to this rank's log in ``run_dir`` (:func:`log_filename`;
+    each line tagged with its rank under torchrun)."""
+    handler = logging.FileHandler(os.path.join(run_dir, log_filename(info)), encoding="utf-8")
     tag = f"[rank {info.rank}/{info.world}] " if info is not None and info.enabled else ""
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
     handler.setLevel(logging.INFO)
