@@ -22,6 +22,11 @@ timeout (``--loader-timeout``), so a deadlocked worker shows as "hung" in the ta
 stopping the run.
 
     python benchmarks/bench_mining.py [--batch-size 32] [--quick] [--record]
+
+``--unit-stats`` times only the cost of the unit statistics collected while mining
+(:mod:`deconvis.mining.unitstats`: histogram, firing share, channel cross products; the unit
+pages' budget is at most 5 % of mining time): ``deconvis.mining`` on preloaded AlexNet batches
+with and without them, interleaved, and the statistics' update alone, in its own section.
 """
 from __future__ import annotations
 
@@ -186,6 +191,54 @@ def decode_stages(path: str, pp: Preprocess, batch: int, n: int = 40) -> Dict[st
 
 # ---------------------------------------------------------------------------------------------
 
+UNIT_STATS_SECTION = "Unit statistics while mining (benchmarks/bench_mining.py --unit-stats)"
+
+
+class _NoStats(TopK):
+    collect_stats = False
+
+
+def unit_stats_cost(args: argparse.Namespace) -> None:
+    """Mining with and without :class:`~deconvis.mining.unitstats.UnitStats` (AlexNet, 5 conv
+    layers, random weights, preloaded batches), side by side in one run; ratio per round."""
+    from deconvis.mining.unitstats import UnitStats
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None).eval()
+    dn = DeconvNet(model)
+    layers = ["features.0", "features.3", "features.6", "features.8", "features.10"]
+    n_batches = args.batches or 2
+    data = [(torch.randn(args.batch_size, 3, 224, 224), torch.arange(i * args.batch_size, (i + 1) * args.batch_size))
+            for i in range(n_batches)]
+    acts = dn.activations(data[0][0], layers)
+    maxima = {k: v.flatten(2).amax(2).double() for k, v in acts.items()}
+
+    def run(cls):
+        return lambda: mine(lambda x: dn.activations(x, layers), data, cls(layers, args.k), progress=False)
+
+    def stats_only():
+        for k, v in maxima.items():
+            UnitStats(v.shape[1]).update(v)
+
+    rounds = args.repeat or 5
+    t = interleaved({"mining with unit stats": run(TopK), "mining without": run(_NoStats),
+                     "unit stats update alone (1 batch)": stats_only}, rounds, 1)
+    ratios = [a / b for a, b in zip(t["mining with unit stats"], t["mining without"])]
+    n = n_batches * args.batch_size
+    rows = [[name, f"{min(v):.3f}", f"{n / min(v):.1f}" if name.startswith("mining") else ""] for name, v in t.items()]
+    over = statistics.median(ratios) - 1
+    body = (f"AlexNet (random weights), conv1-conv5, k={args.k}, {n_batches} preloaded batches of {args.batch_size} "
+            f"images at 224 px, float32, {torch.get_num_threads()} threads; best of {rounds} interleaved rounds. "
+            "Other work shared the machine.\n\n"
+            + table(["variant", "best s", "img/s"], rows)
+            + f"\n\nOverhead of the unit statistics: median paired ratio {1 + over:.3f} "
+              f"({100 * over:+.1f} % of mining time; budget 5 %). The update alone per batch: "
+              f"{1e3 * min(t['unit stats update alone (1 batch)']):.1f} ms.\n")
+    print(body)
+    if args.record:
+        record(UNIT_STATS_SECTION, body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch, the same for every variant")
@@ -202,7 +255,12 @@ def main() -> None:
     ap.add_argument("--e2e-timeout", type=int, default=300, help="seconds allowed to deconvis visualize")
     ap.add_argument("--quick", action="store_true", help="~1 minute: fewer images and rounds, no bf16, no end-to-end")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
+    ap.add_argument("--unit-stats", action="store_true", help="only the cost of the unit statistics (own section)")
     args = ap.parse_args()
+    if args.unit_stats:
+        torch.set_num_threads(args.threads)
+        unit_stats_cost(args)
+        return
     batches = args.batches or (1 if args.quick else 2)
     n_disk = args.disk_images or (128 if args.quick else 384)
     repeat = args.repeat or (2 if args.quick else 3)

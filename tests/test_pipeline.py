@@ -143,7 +143,7 @@ def test_sheets_and_results_roundtrip(done):
     again = results_mod.load(out.run_dir)
     assert again.to_dict() == res.to_dict()
     raw = json.load(open(os.path.join(out.run_dir, "results.json")))
-    assert raw["schema"] == "deconvis.results" and raw["version"] == 2 and raw["status"] == "rendered"
+    assert raw["schema"] == "deconvis.results" and raw["version"] == 3 and raw["status"] == "rendered"
     assert raw["preprocess"]["crop"] == [fx.SIZE, fx.SIZE] and raw["config"]["k"] == 3
     assert all(str(i) in raw["images"]["items"] for lr in raw["layers"] for row in lr["units"]["image"] for i in row)
     # a few files per layer: one sprite per channel (tiles of rank r in column r, rec above img)

@@ -27,6 +27,7 @@ import fail_rank_entry
 import pipeline_fixtures as fx
 from deconvis import mining
 from deconvis.runs import pipeline
+from deconvis.runs import unit_pages
 from deconvis.runs.config import load_config
 from deconvis.errors import DeconvisError
 
@@ -137,8 +138,11 @@ def test_two_processes_give_the_one_process_winners(tmp_path):
     # per-rank checkpoints, one report, written by rank 0 only
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "mining_state*.pt"))) == \
         ["mining_state.rank0-of2.pt", "mining_state.rank1-of2.pt"]
-    assert [os.path.relpath(p, run_dir) for p in glob.glob(os.path.join(run_dir, "**", "*.html"), recursive=True)] \
-        == ["index.html"]
+    pages = [unit_pages.unit_page(lr.label, u.channel) for lr in ref.results.layers for u in lr.units]
+    assert sorted(os.path.relpath(p, run_dir) for p in glob.glob(os.path.join(run_dir, "**", "*.html"), recursive=True)) \
+        == sorted(["index.html"] + pages)
+    for lr, rlr in zip(res["layers"], ref.results.to_dict()["layers"]):  # the ranks' unit statistics merged = one pass
+        assert lr["unit_stats"]["hist"] == rlr["unit_stats"]["hist"] and lr["unit_stats"]["fired"] == rlr["unit_stats"]["fired"]
     text = open(os.path.join(run_dir, "run.log")).read()
     assert text.count("wrote 4 sheets and") == 1 and "[rank 0/2] wrote 4 sheets" in text
     assert "[rank 0/2] skipped unreadable image 12" in text

@@ -84,6 +84,39 @@ def test_hostile_names_are_escaped():
     assert data["images"]["0"] == evil and data["layers"][0]["label"] == evil
 
 
+def test_script_file_and_class_names_are_escaped_everywhere_in_the_template():
+    """Autoescape on: a file named ``<script>...`` (an image source, an analysis file, a table
+    cell, a skip reason) shows as text in every place the template prints it."""
+    evil = "<script>alert(1)</script>.png"
+    w = R.Winner(rank=0, image=0, source=evil, activation=1.0, y=0, x=0)
+    lr = R.LayerResult(name="conv1", label=evil, channels=1, channels_total=1, map_size=[1, 1],
+                       sheets=[evil], units=[R.ChannelResult(channel=0, winners=[w])])
+    rec = R.AnalysisRecord(name=evil, status=evil, reason=evil, files={evil: evil}, headers=[evil],
+                           rows=[[evil, 1.5]], notes=[evil])
+    res = R.Results(config={"k": 1, "run": evil}, mining_hash="", projection_hash="", model={"spec": evil, "weights": evil},
+                    preprocess={}, input_size=[8, 8], rule="deconvnet", images={"spec": evil, "count": 1}, layers=[lr],
+                    analyses={evil: rec})
+    text = report.render_html(res)
+    assert "<script>alert" not in text and text.count("<script") == 2
+    assert text.count("&lt;script&gt;alert(1)&lt;/script&gt;.png") >= 12
+    assert '<td class="num">1.5</td>' in text  # numbers are cells, not escaped markup
+
+
+def test_templates_ship_as_package_data():
+    """Every template file is matched by setup.cfg's package_data, and Jinja2 is a dependency."""
+    import configparser
+    import fnmatch
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
+    globs = cfg["options.package_data"]["deconvis"].replace(",", " ").split()
+    root = os.path.join(os.path.dirname(report.__file__), "..")
+    tdir = os.path.join(root, "render", "templates")
+    names = sorted(os.listdir(tdir))
+    assert names and all(any(fnmatch.fnmatch("render/templates/" + n, g) for g in globs) for n in names), (names, globs)
+    assert any(r.lower().startswith("jinja2") for r in cfg["options"]["install_requires"].split())
+
+
 def _loaded(page, selector):
     """Wait until every image matching ``selector`` has loaded or failed (eagerly, lazy ones too);
     the number that failed (naturalWidth 0)."""

@@ -34,7 +34,7 @@ def test_roundtrip(tmp_path, legacy_tiles):
     assert back == res
     text = (tmp_path / "results.json").read_text()
     d = json.loads(text)
-    assert list(d)[:4] == ["schema", "version", "created", "status"] and d["version"] == R.VERSION == 2
+    assert list(d)[:4] == ["schema", "version", "created", "status"] and d["version"] == R.VERSION == 3
     cols = d["layers"][0]["units"]  # columns: per channel, per winner
     assert cols["channel"] == [0, 3] and cols["image"] == [[4, 0], [4]] and cols["box"][0][1] is None
     assert cols["sprite"] == [None, "tiles/conv1/c0003.png"] and d["layers"][0]["cell"] == [7, 7]

@@ -39,7 +39,10 @@ def pool_size(k: int, factor: int) -> int:
 
 class PoolTopK(TopK):
     """A :class:`TopK` in which image ``i`` competes in channel ``c`` only when it is among that
-    channel's candidates in ``pool`` (``pool.state[layer]["images"]`` ``[C, P]``)."""
+    channel's candidates in ``pool`` (``pool.state[layer]["images"]`` ``[C, P]``). It collects no
+    unit statistics (it sees only candidates; :func:`finish` keeps the pool's)."""
+
+    collect_stats = False
 
     def __init__(self, pool: TopK, k: int):
         super().__init__(pool.layers, k, pool.device)
@@ -64,10 +67,11 @@ def candidate_images(pool: TopK) -> List[int]:
 
 def finish(ranked: TopK, pool: TopK) -> TopK:
     """Give the re-ranked state the pool's bookkeeping: items seen, unreadable images, and the
-    non-finite counts of the autocast pass (where overflow happens). Returns ``ranked``."""
+    non-finite counts and unit statistics of the autocast pass (where overflow happens). Returns ``ranked``."""
     ranked.seen, ranked.skipped = pool.seen, list(pool.skipped)
     ranked.nonfinite = dict(pool.nonfinite)
     ranked.nonfinite_first = dict(pool.nonfinite_first)
+    ranked.stats = dict(pool.stats)
     return ranked
 
 

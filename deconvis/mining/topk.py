@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from deconvis.errors import DeconvisError
+from deconvis.mining.unitstats import UnitStats
 
 #: image index of an empty slot (sorts after every real image on equal value -inf)
 EMPTY = torch.iinfo(torch.int64).max
@@ -93,6 +94,9 @@ class TopK:
     a resumed run continues at item ``seen``.
     """
 
+    #: whether new layers get :class:`UnitStats` (off for the re-rank pass, which sees only candidates)
+    collect_stats = True
+
     def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu", inf_wins: bool = False):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeconvisError(f"k must be a positive integer, got {k!r}")
@@ -106,6 +110,7 @@ class TopK:
         self.skipped: List[int] = []
         self.nonfinite: Dict[str, Tensor] = {}
         self.nonfinite_first: Dict[str, Tensor] = {}
+        self.stats: Dict[str, UnitStats] = {}  # per layer, the maxima's histogram and moments (unit pages)
         self.inf_wins = bool(inf_wins)  # +inf competes (a pool re-ranked in full precision)
 
     # -- updates -------------------------------------------------------------------------------
@@ -136,8 +141,12 @@ class TopK:
             st = self._empty(vals.shape[1], vals.dtype)
             self.nonfinite[layer] = torch.zeros(vals.shape[1], dtype=torch.int64, device=self.device)
             self.nonfinite_first[layer] = torch.full((vals.shape[1],), EMPTY, dtype=torch.int64, device=self.device)
+            if self.collect_stats:
+                self.stats[layer] = UnitStats(vals.shape[1], self.device)
         elif st["values"].shape[0] != vals.shape[1]:
             raise ValueError(f"layer {layer!r} had {st['values'].shape[0]} channels, now {vals.shape[1]}")
+        if layer in self.stats:
+            self.stats[layer].update(vals)
         bad = ~torch.isfinite(vals)  # [N, C]: NaN, +inf (or a map of -inf only)
         ids_nc = ids[:, None].expand_as(vals)
         self.nonfinite[layer] = self.nonfinite[layer] + bad.sum(0)
@@ -199,6 +208,11 @@ class TopK:
                 self.nonfinite_first[layer] = torch.minimum(self.nonfinite_first[layer], first)
             else:
                 self.nonfinite[layer], self.nonfinite_first[layer] = count.clone(), first.clone()
+        for layer, st in other.stats.items():
+            if layer in self.stats:
+                self.stats[layer].merge(st)
+            else:
+                self.stats[layer] = UnitStats.from_state_dict(st.state_dict(), self.device)
         self.seen += other.seen
         self.skipped = sorted(set(self.skipped) | set(other.skipped))
         return self
@@ -226,6 +240,7 @@ class TopK:
                       for layer, st in self.state.items()},
             "nonfinite": {layer: {"count": c.detach().cpu().clone(), "first": self.nonfinite_first[layer].detach().cpu().clone()}
                           for layer, c in self.nonfinite.items()},
+            "stats": {layer: st.state_dict() for layer, st in self.stats.items()},
         }
 
     def load_state_dict(self, d: Mapping[str, object]) -> "TopK":
@@ -240,6 +255,10 @@ class TopK:
         nf = d.get("nonfinite") or {}  # type: ignore[union-attr]  # absent in checkpoints before it existed
         self.nonfinite = {layer: v["count"].to(self.device) for layer, v in nf.items()}
         self.nonfinite_first = {layer: v["first"].to(self.device) for layer, v in nf.items()}
+        st = d.get("stats")  # type: ignore[union-attr]
+        self.stats = {layer: UnitStats.from_state_dict(v, self.device) for layer, v in (st or {}).items()}
+        if st is None and self.seen > 0:  # a checkpoint from before unit statistics: none, not a partial count
+            self.collect_stats = False
         return self
 
     @classmethod

@@ -71,6 +71,7 @@ from deconvis.runs.phases.report import report_phase
 from deconvis.runs.phases.rundir import (REPORT_FILE, STATE_FILE, check_state_world, clear_run,
                                          channel_done, load_results, run_log, state_filename)
 from deconvis.runs.results import Results
+from deconvis.runs.unit_pages import first_layer_filters
 from deconvis.utils.device import resolve_device, tf32
 
 log = logging.getLogger("deconvis")
@@ -236,7 +237,8 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
             analyses_phase(ctx, res, config_dir, poll=poll)
     t_an = time.perf_counter() - t_an
     with dist_mod.phase(info, "report", solo=True):
-        report_path = report_phase(res, run_dir, info)
+        report_path = report_phase(res, run_dir, info, source=ctx.source,
+                                   filters=first_layer_filters(ctx.loaded.model, ctx.specs))
     seconds["render"] = time.perf_counter() - t - t_an
     if cfg.analyses:
         seconds["analyses"] = t_an

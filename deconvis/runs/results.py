@@ -6,10 +6,10 @@ it are relative to the run folder (``outputs/<run>/``). Boxes are half-open inpu
 ``preprocess``); ``box`` is the unit's full receptive field (may run past the image: that part
 is grey in the patch and zero in the reconstruction), ``box_clipped`` its part inside the image.
 
-Schema (version 2)::
+Schema (version 3)::
 
     {
-      "schema": "deconvis.results", "version": 2,
+      "schema": "deconvis.results", "version": 3,
       "created": "2025-01-01T12:00:00+00:00",
       "status": "mined" | "projected" | "rendered",
       "config": {...every VisualizeConfig key...},
@@ -29,6 +29,10 @@ Schema (version 2)::
         {"name": "features.1", "label": "conv1", "channels": 64, "channels_total": 64,
          "rf": [11, 11], "cell": [11, 11], "map_size": [55, 55], "sheets": ["layer_conv1_p001.jpg", ...],
          "sheets_hash": "...",
+         "unit_stats": {           # version 3: each channel's maximum over the whole image set (mining)
+           "images": 252, "edges": [...],   # histogram bin edges: bin i is edges[i-1] <= max < edges[i]
+           "hist": [[first_bin, [count, ...]], ...], "fired": [0.93, ...],  # share of images with max > 0
+           "mean": [4.1, ...], "correlated": [[[channel, r], ...], ...]},   # most correlated channels (Pearson)
          "units": {                # one entry per channel; per channel one entry per winner (rank order)
            "channel": [0, 1, ...],
            "sprite": ["tiles/conv1/c0000.png", null, ...],     # null: not projected yet
@@ -54,7 +58,9 @@ Schema (version 2)::
 
 The tiles of a channel are one sprite (:mod:`deconvis.render.sprites`): the tile of the winner of
 rank ``r`` is column ``r``, row 0 its reconstruction and row 1 its image patch, each cell ``cell``
-pixels; ``sprites`` states this addressing in the file. Version 1 (one object per winner, with
+pixels; ``sprites`` states this addressing in the file. Version 3 is version 2 plus
+``unit_stats`` per layer (absent when the run's mining checkpoint predates it); version 2 files
+read as before. Version 1 (one object per winner, with
 ``"tiles": {"rec": path, "img": path}`` files) is still read, re-rendered (``--render-only`` keeps
 it version 1) and resumed (saved as version 2 then, its tile files kept).
 
@@ -82,8 +88,8 @@ from deconvis.render.sprites import ADDRESSING
 SCHEMA = "deconvis.results"
 # written by development builds between the package re-layout and this fix; read as the same schema
 _SCHEMA_ALIASES = (SCHEMA, "deconvis.runs.results")
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FILENAME = "results.json"
 
 Box = List[int]
@@ -123,6 +129,7 @@ class LayerResult:
     sheets: List[str] = field(default_factory=list)
     sheets_hash: str = ""     # identity of the rendered sheets (skip re-rendering when unchanged)
     units: List[ChannelResult] = field(default_factory=list)
+    unit_stats: Optional[Dict[str, Any]] = None  # version 3: UnitStats.summary() of the mined maxima (unit pages)
 
 
 @dataclass
@@ -251,13 +258,15 @@ def _layer_v2(lr: LayerResult, images: Dict[str, Any]) -> Dict[str, Any]:
     if any(w.tiles for row in ws for w in row):
         cols["tiles"] = [[w.tiles for w in row] for row in ws]
     out = {key: getattr(lr, key) for key in _LAYER_KEYS}
+    if lr.unit_stats is not None:
+        out["unit_stats"] = finite_json(lr.unit_stats)
     out["units"] = cols
     return out
 
 
 def _layer_v1(lr: LayerResult) -> Dict[str, Any]:
     """A layer as version 1 wrote it: one object per channel and per winner."""
-    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}
+    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}  # version 1: no cell, no unit_stats
     out["units"] = [{"channel": u.channel, "winners": [
         {"rank": w.rank, "image": w.image, "source": w.source, "activation": _finite(w.activation), "y": w.y,
          "x": w.x, "box": w.box, "box_clipped": w.box_clipped, "tiles": w.tiles} for w in u.winners]}

@@ -138,8 +138,10 @@ def build_results(ctx: Context, topk: mining.TopK) -> Results:
                 winners.append(Winner(rank=r, image=i, source=used[i]["name"], activation=float(vals[c][r]),
                                       y=int(ys[c][r]), x=int(xs[c][r])))
             units.append(ChannelResult(channel=c, winners=winners))
+        st = topk.stats.get(spec.name)
         layers.append(LayerResult(name=spec.name, label=spec.label, channels=len(units),
-                                  channels_total=spec.channels_total, map_size=list(spec.map_size), units=units))
+                                  channels_total=spec.channels_total, map_size=list(spec.map_size), units=units,
+                                  unit_stats=st.summary() if st is not None else None))
     skipped = [{"id": i, "path": ctx.source.path(i)} for i in topk.skipped]
     ident = ctx.identity.fields
     return Results(

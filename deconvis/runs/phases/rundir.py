@@ -187,7 +187,7 @@ def clear_run(run_dir: str) -> None:
     if os.path.isdir(run_dir):  # before the renames below: their folders go on the background thread
         for name in os.listdir(run_dir):
             if ((name.startswith("layer_") and name.endswith((".png", ".jpg"))) or STATE_RE.match(name)
-                    or PROGRESS_RE.match(name) or (name.startswith(("tiles.deleting-", "analyses.deleting-"))
+                    or PROGRESS_RE.match(name) or (name.startswith(("tiles.deleting-", "analyses.deleting-", "units.deleting-"))
                                                    and os.path.isdir(os.path.join(run_dir, name)))):
                 path = os.path.join(run_dir, name)
                 if os.path.isdir(path):  # left by a run killed while deleting
@@ -197,6 +197,7 @@ def clear_run(run_dir: str) -> None:
                         os.remove(path)
     _discard_dir(os.path.join(run_dir, "tiles"))
     _discard_dir(os.path.join(run_dir, "analyses"))  # --analyses outputs
+    _discard_dir(os.path.join(run_dir, "units"))  # unit pages and their thumbnails
 
 
 def _nonempty(path: str) -> bool:
