@@ -33,7 +33,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, record, table  # noqa: E402
+from common import best_time, machine, record, table  # noqa: E402
 
 from deconvis.mirror.deconvnet import WINDOW_WORK_LIMIT, DeconvNet  # noqa: E402
 
@@ -103,13 +103,7 @@ def _num(v: float, unit: str = "") -> str:
 def cpu_time(fn, repeat: int = 2) -> float:
     """Best CPU time of the process over ``repeat`` calls, seconds (after one warm-up call): on a
     shared machine far steadier than wall time, and the same clock for every variant."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
+    return best_time(fn, repeat, clock=time.process_time)
 
 
 def node_macs(dn: DeconvNet, target, window=None) -> tuple:
