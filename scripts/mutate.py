@@ -81,7 +81,7 @@ TARGETS: Dict[str, Target] = {
     "rf_geometry": Target("deconvis/graph/rf_geometry.py", [
         "tests/test_rf.py", "tests/test_layerspec.py", "tests/test_cli_rf.py::test_rf_json",
         "tests/test_cli_rf.py::test_rf_table_and_layer_filter", "tests/test_cli_rf.py::test_rf_torchvision_model_json"]),
-    "lock": Target("deconvis/runs/lock.py", ["tests/test_faults.py"]),
+    "lock": Target("deconvis/runs/lock.py", ["tests/test_lock.py", "tests/test_faults.py"]),
     "train_resume": Target(
         "deconvis/training/train.py",
         ["tests/test_train_small.py::test_train_resume_is_bitwise_equal_to_an_uninterrupted_run",

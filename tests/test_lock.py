@@ -1,0 +1,61 @@
+"""The run-folder lock on its own (deconvis/runs/lock.py), without a pipeline run: a live holder
+on this host keeps its lock and its life, release leaves another holder's lock alone, and a lock
+file that holds no mapping reads as an unknown holder."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from deconvis.errors import DeconvisError
+from deconvis.runs import lock as run_lock
+
+
+@pytest.fixture
+def sleeper():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _write(run_dir, holder) -> str:
+    path = os.path.join(run_dir, run_lock.LOCK_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(holder, f)
+    return path
+
+
+def test_a_live_holder_on_this_host_keeps_its_lock_and_is_not_signalled(tmp_path, sleeper):
+    holder = {"pid": sleeper.pid, "host": socket.gethostname(), "since": "2026-01-01 00:00:00"}
+    path = _write(tmp_path, holder)
+    with pytest.raises(DeconvisError, match=rf"in use by another deconvis run: process {sleeper.pid} on "):
+        run_lock.acquire(str(tmp_path))
+    assert run_lock.read(str(tmp_path)) == holder and os.path.isfile(path)
+    with pytest.raises(subprocess.TimeoutExpired):  # the liveness probe sends no real signal
+        sleeper.wait(timeout=0.5)
+
+
+def test_release_leaves_another_holders_lock_alone(tmp_path, sleeper):
+    for holder in ({"pid": sleeper.pid, "host": socket.gethostname()},  # another process here
+                   {"pid": os.getpid(), "host": "elsewhere"}):         # our pid, another host
+        path = _write(tmp_path, holder)
+        run_lock.release(str(tmp_path))
+        assert os.path.isfile(path) and run_lock.read(str(tmp_path)) == holder
+    os.remove(path)
+    run_lock.acquire(str(tmp_path))
+    run_lock.release(str(tmp_path))  # our own: removed
+    assert run_lock.read(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "7", "not json"])
+def test_a_lock_file_without_a_mapping_reads_as_unknown(tmp_path, text):
+    with open(os.path.join(tmp_path, run_lock.LOCK_FILE), "w", encoding="utf-8") as f:
+        f.write(text)
+    assert run_lock.read(str(tmp_path)) == {}
+    with pytest.raises(DeconvisError, match="an unknown process"):
+        run_lock.acquire(str(tmp_path))
