@@ -221,6 +221,7 @@ def unit_stats_cost(args: argparse.Namespace) -> None:
             UnitStats(v.shape[1]).update(v)
 
     rounds = args.repeat or 5
+    load_before = os.getloadavg()[0]
     t = interleaved({"mining with unit stats": run(TopK), "mining without": run(_NoStats),
                      "unit stats update alone (1 batch)": stats_only}, rounds, 1)
     ratios = [a / b for a, b in zip(t["mining with unit stats"], t["mining without"])]
@@ -229,7 +230,8 @@ def unit_stats_cost(args: argparse.Namespace) -> None:
     over = statistics.median(ratios) - 1
     body = (f"AlexNet (random weights), conv1-conv5, k={args.k}, {n_batches} preloaded batches of {args.batch_size} "
             f"images at 224 px, float32, {torch.get_num_threads()} threads; best of {rounds} interleaved rounds. "
-            "Other work shared the machine.\n\n"
+            f"Load average (1 min) {load_before:.1f} before and {os.getloadavg()[0]:.1f} after, on "
+            f"{os.cpu_count()} cores.\n\n"
             + table(["variant", "best s", "img/s"], rows)
             + f"\n\nOverhead of the unit statistics: median paired ratio {1 + over:.3f} "
               f"({100 * over:+.1f} % of mining time; budget 5 %). The update alone per batch: "
