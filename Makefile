@@ -35,7 +35,7 @@ bench: $(STAMP)
 # mutation testing of the engines and run-state code (not in CI; docs/testing.md): TARGETS=topk lock ...
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[mutate]'
-	nice -n 15 $(PY) scripts/mutate.py $(TARGETS)
+	nice -n 19 $(PY) scripts/mutate.py $(TARGETS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mutate
