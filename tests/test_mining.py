@@ -168,6 +168,16 @@ def test_merge_rejects_mismatch():
         TopK(["a"], 3).merge(TopK(["b"], 3))
 
 
+def test_load_state_dict_refuses_another_k_or_other_layers_and_names_both():
+    acts = tie_heavy_acts(0)
+    mine_ = run_stream(acts, 3, 4)
+    for other in (TopK(list(acts), 4), TopK(list(acts)[:1], 3)):  # only k differs; only the layers differ
+        with pytest.raises(ValueError, match=r"state for k=3, layers=.* does not fit k=%d" % other.k):
+            other.load_state_dict(mine_.state_dict())
+    with pytest.raises(KeyError, match="'nope' has not been mined"):
+        TopK(["nope"], 2).winners("nope")
+
+
 def test_state_dict_roundtrip_and_resume_equals_single_pass():
     acts = tie_heavy_acts(4)
     ref = run_stream(acts, 3, 4)

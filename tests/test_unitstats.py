@@ -56,3 +56,19 @@ def test_nonfinite_maxima_are_left_out_and_old_checkpoints_collect_none():
     resumed = mining.TopK.from_state_dict(old)
     resumed.update({"L": acts}, torch.arange(8, 16))
     assert resumed.stats == {}  # a partial histogram would misstate the image set
+
+
+def test_a_checkpoint_before_any_counted_image_still_collects_statistics():
+    acts = _maps(n=8)
+    # taken after 3 unreadable items and no forward: the resumed run counts every image it folds
+    t = mining.TopK(["L"], 2)
+    t.seen, t.skipped = 3, [0, 1, 2]
+    resumed = mining.TopK.from_state_dict(t.state_dict())
+    resumed.update({"L": acts}, torch.arange(3, 11))
+    assert int(resumed.stats["L"].rows) == 8
+    # a checkpoint from before unit statistics with nothing seen: nothing to be partial about
+    old = mining.TopK(["L"], 2).state_dict()
+    del old["stats"]
+    fresh = mining.TopK.from_state_dict(old)
+    fresh.update({"L": acts}, torch.arange(8))
+    assert int(fresh.stats["L"].rows) == 8
