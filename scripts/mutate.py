@@ -74,9 +74,9 @@ TARGETS: Dict[str, Target] = {
         "tests/test_mirror_graph.py::test_windowed_path_is_used_and_boxes_are_the_rf_boxes",
         "tests/test_mirror_graph.py::test_se_gate_layers_take_the_full_path_with_a_local_crop_box",
         "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[squeezenet]",
-        "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[resnet18]",
         "tests/test_projection.py",
-    ]),
+    ]),  # the resnet18 zoo case (10 s, for nearly every mutant) left out: its adds and projection
+    # shortcuts are in the graph-op test, its windowed path in the squeezenet case
     # the RegNetY test (14 s, a third of the file's time) runs for nearly every mutant; the
     # squeeze-excitation gate it checks is covered by the 12 generated-gate variants
     "occlusion": Target("deconvis/analysis/occlusion_engine.py", ["tests/test_occlusion.py"],
@@ -85,7 +85,10 @@ TARGETS: Dict[str, Target] = {
     "rerank": Target("deconvis/mining/rerank.py", ["tests/test_rerank.py", "tests/test_mining.py"]),
     "rf_geometry": Target("deconvis/graph/rf_geometry.py", [
         "tests/test_rf.py", "tests/test_layerspec.py", "tests/test_cli_rf.py::test_rf_json",
-        "tests/test_cli_rf.py::test_rf_table_and_layer_filter", "tests/test_cli_rf.py::test_rf_torchvision_model_json"]),
+        "tests/test_cli_rf.py::test_rf_table_and_layer_filter", "tests/test_cli_rf.py::test_rf_torchvision_model_json"],
+        # 30 hypothesis stacks (13 s, for nearly every mutant); the regular stacks, branches and pads
+        # check the same gradient support; its survivors are rerun against it by hand
+        deselect=["tests/test_rf.py::test_random_stacks_match_gradient_support"]),
     "lock": Target("deconvis/runs/lock.py", ["tests/test_lock.py", "tests/test_faults.py"]),
     "train_resume": Target(
         "deconvis/training/train.py",
