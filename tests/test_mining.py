@@ -178,6 +178,18 @@ def test_load_state_dict_refuses_another_k_or_other_layers_and_names_both():
         TopK(["nope"], 2).winners("nope")
 
 
+def test_winners_hold_int64_indices_and_float64_values_and_a_missing_layer_is_named():
+    acts = tie_heavy_acts(1)
+    topk = run_stream(acts, 20, 4)  # k > images: empty slots from the initial state remain
+    for layer in acts:
+        for w in (topk.winners(layer), TopK.from_state_dict(topk.state_dict()).winners(layer)):
+            assert {f: w[f].dtype for f in ("values", "images", "ys", "xs")} == {
+                "values": torch.float64, "images": torch.int64, "ys": torch.int64, "xs": torch.int64}
+    first, second = list(acts)[:2]
+    with pytest.raises(KeyError, match=r"lack layer '%s' \(got \['%s'\]\)" % (second, first)):
+        TopK(list(acts), 2).update({first: acts[first][:2]}, torch.arange(2))
+
+
 def test_state_dict_roundtrip_and_resume_equals_single_pass():
     acts = tie_heavy_acts(4)
     ref = run_stream(acts, 3, 4)
