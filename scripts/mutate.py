@@ -81,7 +81,7 @@ TARGETS: Dict[str, Target] = {
     # squeeze-excitation gate it checks is covered by the 12 generated-gate variants
     "occlusion": Target("deconvis/analysis/occlusion_engine.py", ["tests/test_occlusion.py"],
                         deselect=["tests/test_occlusion.py::test_torchvision_regnet_y_gates_equal_naive"]),
-    "topk": Target("deconvis/mining/topk.py", ["tests/test_mining.py", "tests/test_unitstats.py"]),
+    "topk": Target("deconvis/mining/topk.py", ["tests/test_mining.py", "tests/test_unitstats.py", "tests/test_rerank.py"]),
     "rerank": Target("deconvis/mining/rerank.py", ["tests/test_rerank.py", "tests/test_mining.py"]),
     "rf_geometry": Target("deconvis/graph/rf_geometry.py", [
         "tests/test_rf.py", "tests/test_layerspec.py", "tests/test_cli_rf.py::test_rf_json",

@@ -144,3 +144,15 @@ def test_fp16_overflow_competes_in_the_pool_and_is_re_ranked_by_its_fp32_value()
     pool.seen = 20
     ranked = finish(_stream(PoolTopK(pool, k), {"l": many}, candidate_images(pool)), pool)
     assert uncertain_channels(pool, ranked, AMP_RTOL[torch.float16])["l"] == 1
+
+
+def test_an_image_outside_a_channels_pool_cannot_win_there():
+    """Images 0 and 1 each enter one channel's pool under autocast; in fp32 each is far stronger
+    in the other channel, where it was no candidate: the re-rank must still keep it out."""
+    amp = {"l": torch.tensor([[10.0, 5.0], [5.0, 10.0]]).reshape(2, 2, 1, 1)}
+    full = {"l": torch.tensor([[10.0, 50.0], [50.0, 10.0]], dtype=torch.float64).reshape(2, 2, 1, 1)}
+    pool = _stream(TopK(["l"], 1), amp, [0, 1])
+    assert pool.winners("l")["images"][:, 0].tolist() == [0, 1]
+    ranked = _stream(PoolTopK(pool, 1), full, candidate_images(pool))
+    assert ranked.winners("l")["images"][:, 0].tolist() == [0, 1]
+    assert ranked.winners("l")["values"][:, 0].tolist() == [10.0, 10.0]
