@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -263,10 +264,18 @@ def test_channel_maxima_matches_first_rowmajor_argmax():
 
 def test_bad_k_and_layers():
     for k in (0, -1, 2.5, True, "3"):
-        with pytest.raises(DeconvisError):
+        with pytest.raises(DeconvisError, match=r"k must be a positive integer, got %s" % re.escape(repr(k))):
             TopK(["a"], k)  # type: ignore[arg-type]
-    with pytest.raises(DeconvisError):
+    with pytest.raises(DeconvisError, match="at least one layer"):
         TopK([], 3)
+
+
+def test_bad_activation_shapes_are_named():
+    with pytest.raises(DeconvisError, match=r"\[N, C, h, w\] or \[N, C\], got shape \(2, 3, 4\)"):
+        channel_maxima(torch.zeros(2, 3, 4))
+    for shape in ((2, 3, 0, 4), (2, 3, 4, 0)):  # either side empty: the same one-line error
+        with pytest.raises(DeconvisError, match=r"map of shape %s is empty" % re.escape(str(shape))):
+            channel_maxima(torch.zeros(shape))
 
 
 def test_hooked_activations_on_a_real_model_matches_oracle():
