@@ -191,9 +191,11 @@ def run(name: str, children: int) -> None:
     wd = _lay_copy(name, target)
     _mutmut(wd, target.globs(), children)  # generates every mutant of the file, runs those of the named functions
     selected = _selected(wd, target)
-    extra = [n for n in selected if not any(fnmatch.fnmatch(n, g) for g in target.globs())]
-    if extra:  # the mutants of line_functions on the matching lines
-        _mutmut(wd, extra, children)
+    if target.line_functions:  # then the mutants of line_functions on the matching lines (naming
+        # them on a target without functions would make mutmut run every mutant a second time)
+        extra = [n for n in selected if not any(fnmatch.fnmatch(n, g) for g in target.globs())]
+        if extra:
+            _mutmut(wd, extra, children)
     (wd / "selected.json").write_text(json.dumps(selected))
 
 
