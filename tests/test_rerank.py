@@ -156,3 +156,16 @@ def test_an_image_outside_a_channels_pool_cannot_win_there():
     ranked = _stream(PoolTopK(pool, 1), full, candidate_images(pool))
     assert ranked.winners("l")["images"][:, 0].tolist() == [0, 1]
     assert ranked.winners("l")["values"][:, 0].tolist() == [10.0, 10.0]
+
+
+def test_a_pool_holding_every_readable_image_leaves_no_doubt():
+    """Four items, one unreadable, a pool of three: it holds every readable image, so no channel
+    is in doubt, though its values tie (with a fourth readable image the same ties are doubt)."""
+    amp = {"l": torch.full((4, 2, 1, 1), 10.0)}
+    full = {"l": amp["l"].double()}
+    for readable, doubt in (([0, 1, 2], False), ([0, 1, 2, 3], True)):
+        pool = _stream(TopK(["l"], 3), amp, readable)
+        pool.seen, pool.skipped = 4, [i for i in range(4) if i not in readable]
+        ranked = _stream(PoolTopK(pool, 1), full, candidate_images(pool))
+        mask = uncertain_mask(pool, ranked, AMP_RTOL[torch.bfloat16])["l"]
+        assert mask.dtype == torch.bool and mask.tolist() == [doubt, doubt]
