@@ -169,3 +169,23 @@ def test_a_pool_holding_every_readable_image_leaves_no_doubt():
         ranked = _stream(PoolTopK(pool, 1), full, candidate_images(pool))
         mask = uncertain_mask(pool, ranked, AMP_RTOL[torch.bfloat16])["l"]
         assert mask.dtype == torch.bool and mask.tolist() == [doubt, doubt]
+
+
+def test_doubt_is_the_last_candidate_within_rtol_of_the_kth_re_ranked_value():
+    """Pool of 4, k = 3, rtol 5 %: in channel 0 the 4th candidate (9.9) comes within 5 % of the
+    3rd winner (10), in channel 1 the 4th (1) does not reach the 3rd (14.9); brute force from the
+    definition. A layer that was not re-ranked gets no row, and the next layer still does."""
+    v = torch.tensor([[20, 20], [15, 15], [10, 14.9], [9.9, 1], [1, 0.5], [0.5, 0.25]], dtype=torch.float64)
+    acts = {"a": v[:, :, None, None], "b": v[:, :, None, None]}
+    pool = _stream(TopK(["a", "b"], 4), acts, list(range(6)))
+    pool.seen = 6
+    cands = torch.tensor(candidate_images(pool))
+    ranked = PoolTopK(pool, 3)
+    ranked.update_layer("b", acts["b"][cands], cands, ranked.eligible("b", cands))
+    mask = uncertain_mask(pool, ranked, 0.05)
+    want = []
+    for c in range(2):
+        col = sorted(v[:, c].tolist(), reverse=True)
+        last, kth = col[3], sorted(col[:4], reverse=True)[2]
+        want.append(last + 0.05 * abs(last) >= kth)
+    assert want == [True, False] and list(mask) == ["b"] and mask["b"].tolist() == want
