@@ -169,6 +169,8 @@ def test_a_pool_holding_every_readable_image_leaves_no_doubt():
         ranked = _stream(PoolTopK(pool, 1), full, candidate_images(pool))
         mask = uncertain_mask(pool, ranked, AMP_RTOL[torch.bfloat16])["l"]
         assert mask.dtype == torch.bool and mask.tolist() == [doubt, doubt]
+        # with rtol 0 a candidate left out that ties the k-th winner is still doubt
+        assert uncertain_mask(pool, ranked, 0.0)["l"].tolist() == [doubt, doubt]
 
 
 def test_doubt_is_the_last_candidate_within_rtol_of_the_kth_re_ranked_value():
