@@ -116,6 +116,9 @@ def test_pool_size_and_finish_keep_the_pool_bookkeeping():
     assert set(ranked.nonfinite) == set(pool.nonfinite) and ranked.nonfinite is not pool.nonfinite
     assert int(ranked.nonfinite["a"][1]) == 1 and int(ranked.nonfinite_first["a"][1]) == 4
     assert ranked.nonfinite_first is not pool.nonfinite_first
+    # the unit statistics are the autocast pass's (the re-rank sees only candidates)
+    assert set(ranked.stats) == set(full) and all(ranked.stats[n] is pool.stats[n] for n in full)
+    assert ranked.stats is not pool.stats
 
 
 def test_fp16_overflow_competes_in_the_pool_and_is_re_ranked_by_its_fp32_value():
