@@ -115,6 +115,20 @@ def test_resume_with_other_weight_settings_is_refused(tmp_path, change):
     assert [h["epoch"] for h in fresh["history"]] == list(range(1, other.epochs + 1))
 
 
+def test_an_unreadable_train_state_is_named_and_left_alone(tmp_path):
+    """A truncated train_state.pt: a one-line DeconvisError naming the file, what went wrong and
+    the way out; the file is not overwritten."""
+    from deconvis.errors import DeconvisError
+
+    cfg = _cfg(tmp_path, epochs=1, snapshots=False)
+    (tmp_path / "train_state.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(DeconvisError, match=r"cannot read '.*train_state\.pt' \([A-Za-z]*Error\); "
+                                            r"delete it or use --no-resume") as err:
+        train(cfg, log=_quiet)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "train_state.pt").read_bytes() == b"PK\x03\x04 not a whole checkpoint"
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_sgd_with_cosine_and_constant_schedules(tmp_path, schedule):
     lr = 0.02
