@@ -17,6 +17,7 @@ table it prints is the one docs/testing.md records.
 from __future__ import annotations
 
 import argparse
+import difflib
 import fnmatch
 import json
 import os
@@ -24,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -95,7 +97,8 @@ TARGETS: Dict[str, Target] = {
         ["tests/test_train_small.py::test_train_resume_is_bitwise_equal_to_an_uninterrupted_run",
          "tests/test_train_small.py::test_resume_runs_only_the_unfinished_epochs",
          "tests/test_train_small.py::test_resume_with_other_weight_settings_is_refused",
-         "tests/test_train_small.py::test_an_unreadable_train_state_is_named_and_left_alone"],
+         "tests/test_train_small.py::test_an_unreadable_train_state_is_named_and_left_alone",
+         "tests/test_train_small.py::test_no_resume_starts_the_snapshots_over_in_a_used_folder"],
         functions=["_resume", "_rng_state", "_set_rng_state", "_Optimisers.state_dict",
                    "_Optimisers.load_state_dict"],
         line_functions=["train"], lines=r"start_epoch|state_path|cfg\.resume|TRAIN_STATE|\"rng\"|\"epoch\": epoch"),
@@ -164,9 +167,13 @@ def _diffs(wd: Path, names: Sequence[str]) -> Dict[str, str]:
     """mutmut's diff of each mutant (original -> mutated function)."""
     code = ("import json,sys\nfrom mutmut.mutation.diff_apply import get_diff_for_mutant\n"
             "names=json.load(sys.stdin)\nprint(json.dumps({n: get_diff_for_mutant(n) for n in names}))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=wd, env=_env(), input=json.dumps(list(names)),
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    for attempt in range(5):  # a running mutmut rewrites its files now and then: read again
+        out = subprocess.run([sys.executable, "-c", code], cwd=wd, env=_env(), input=json.dumps(list(names)),
+                             capture_output=True, text=True)
+        if out.returncode == 0:
+            return json.loads(out.stdout)
+        time.sleep(1 + attempt)
+    raise RuntimeError(f"mutmut could not show the diffs in {wd}:\n{out.stderr[-2000:]}")
 
 
 def _selected(wd: Path, target: Target) -> List[str]:
@@ -180,10 +187,23 @@ def _selected(wd: Path, target: Target) -> List[str]:
         prefix = f"{target.module}.x{_mangle(f)}__mutmut_"
         names = [k for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit()]
         for n, diff in _diffs(wd, names).items():
-            changed = [l for l in diff.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
-            if any(pattern.search(l) for l in changed):
+            if _touches(diff, pattern):
                 chosen.append(n)
     return chosen
+
+
+def _touches(diff: str, pattern: "re.Pattern[str]", reach: int = 3) -> bool:
+    """Whether a mutant's change touches ``pattern``: the pattern's matches differ between the
+    old and the new lines, or a changed span lies within ``reach`` characters of a match (a
+    mutation elsewhere on a long line that happens to mention the pattern does not count)."""
+    lines = diff.splitlines()
+    old = "\n".join(l[1:] for l in lines if l.startswith("-") and not l.startswith("---"))
+    new = "\n".join(l[1:] for l in lines if l.startswith("+") and not l.startswith("+++"))
+    spans = [m.span() for m in pattern.finditer(old)]
+    if [m.group() for m in pattern.finditer(new)] != [old[a:b] for a, b in spans]:
+        return True
+    ops = difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+    return any(i1 <= b + reach and a - reach <= i2 for tag, i1, i2, _, _ in ops if tag != "equal" for a, b in spans)
 
 
 def run(name: str, children: int) -> None:
@@ -197,7 +217,6 @@ def run(name: str, children: int) -> None:
         extra = [n for n in selected if not any(fnmatch.fnmatch(n, g) for g in target.globs())]
         if extra:
             _mutmut(wd, extra, children)
-    (wd / "selected.json").write_text(json.dumps(selected))
 
 
 def report(names: Sequence[str]) -> int:
@@ -209,8 +228,7 @@ def report(names: Sequence[str]) -> int:
             missing.append(name)
             continue
         codes = _meta(wd, target)
-        sel_path = wd / "selected.json"
-        sel = json.loads(sel_path.read_text()) if sel_path.exists() else _selected(wd, target)
+        sel = _selected(wd, target)
         outcome = {n: codes.get(n) for n in sel}
         killed = [n for n, c in outcome.items() if c in KILLED]
         timeout = [n for n, c in outcome.items() if c in TIMEOUT]

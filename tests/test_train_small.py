@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -70,6 +71,7 @@ def test_resume_runs_only_the_unfinished_epochs(tmp_path, monkeypatch):
     cfg = _interrupted_after_epoch_1(tmp_path)
     saved = torch.load(tmp_path / "train_state.pt", weights_only=False)
     assert saved["epoch"] == 1
+    init_png = (tmp_path / "conv1_filters_init.png").read_bytes()  # drawn by the fresh run only
     lines, steps = [], []
     from deconvis.training import train as train_mod
 
@@ -88,6 +90,7 @@ def test_resume_runs_only_the_unfinished_epochs(tmp_path, monkeypatch):
     assert len(steps) == 2 * steps_per_epoch  # epochs 2 and 3 only
     assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
     assert rec["history"][0] == saved["history"][0]  # epoch 1's record is the saved one
+    assert (tmp_path / "conv1_filters_init.png").read_bytes() == init_png  # not redrawn from resumed weights
     # a finished run resumed again trains nothing
     lines.clear()
     again = train(cfg, log=lines.append)
@@ -101,11 +104,12 @@ def test_resume_with_other_weight_settings_is_refused(tmp_path, change):
     the setting and the way out, the saved state left as it was; --no-resume starts over."""
     from deconvis.errors import DeconvisError
 
-    _interrupted_after_epoch_1(tmp_path)
+    was = _interrupted_after_epoch_1(tmp_path)
     before = (tmp_path / "train_state.pt").read_bytes()
     key = next(iter(change))
     other = _cfg(tmp_path, **{**dict(epochs=3, snapshots=False), **change})
-    with pytest.raises(DeconvisError, match=rf"different {key} \({key}=.*--no-resume") as err:
+    with pytest.raises(DeconvisError, match=rf"different {key} \({key}={re.escape(repr(getattr(was, key)))}\); "
+                                            r"use another --out-dir or --no-resume") as err:
         train(other, log=_quiet)
     assert "\n" not in str(err.value)
     assert (tmp_path / "train_state.pt").read_bytes() == before
@@ -113,6 +117,17 @@ def test_resume_with_other_weight_settings_is_refused(tmp_path, change):
     # --no-resume starts over in the same folder
     fresh = train(dataclasses.replace(other, resume=False), log=_quiet)
     assert [h["epoch"] for h in fresh["history"]] == list(range(1, other.epochs + 1))
+
+
+def test_no_resume_starts_the_snapshots_over_in_a_used_folder(tmp_path):
+    """--no-resume in a folder holding another run's snapshots (other seed, so other probe
+    images): the snapshots equal those of the same run in an empty folder."""
+    train(_cfg(tmp_path / "used", epochs=1, snapshot_epochs=[1]), log=_quiet)
+    for name in ("used", "empty"):
+        train(_cfg(tmp_path / name, epochs=1, snapshot_epochs=[1], seed=1, resume=False), log=_quiet)
+    a, b = (torch.load(tmp_path / n / "snapshots.pt", weights_only=True) for n in ("used", "empty"))
+    assert [c["label"] for c in a["columns"]] == [c["label"] for c in b["columns"]] == ["1"]
+    assert all(torch.equal(a["columns"][0]["rec"][l], b["columns"][0]["rec"][l]) for l in b["columns"][0]["rec"])
 
 
 def test_an_unreadable_train_state_is_named_and_left_alone(tmp_path):
