@@ -510,6 +510,14 @@ def test_crop_box_is_the_local_field_after_a_gate():
     assert t.crop_box("3", 5, 9)[0] == (3, 8, 7, 12)
     rec = next(r for r in t.to_records() if r["name"] == "3")
     assert rec["whole"] and rec["local"] == {"rf": [5, 5], "jump": [1, 1], "start": [0, 0]}
+    # a local field that differs between y and x: the record keeps the axes apart
+    net = nn.Sequential(nn.Conv2d(3, 4, (3, 5), padding=(1, 0)), nn.ReLU(), SqueezeExcitation(4, 2),
+                        nn.Conv2d(4, 4, 1))
+    t = receptive_fields(net, (16, 20))
+    loc = t["3"].local
+    assert t["3"].whole and loc.rf[0] != loc.rf[1] and loc.start[0] != loc.start[1]
+    rec = next(r for r in t.to_records() if r["name"] == "3")
+    assert rec["local"] == {"rf": list(loc.rf), "jump": list(loc.jump), "start": list(loc.start)}
 
 
 # ---------------------------------------------------------------------------------- errors
