@@ -585,3 +585,36 @@ def test_model_untouched_and_modes_restored():
     assert net.training and not net[1].training and net[0].training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class InnerGlobal(nn.Module):
+    """A global pool over a map that sees only an inner part of the image: F.pad with negative
+    amounts crops (top 3, left 2, right 1) and a stride-2 (7, 3) conv without padding leaves the
+    last rows and columns unseen; the pooled row and the Linear after it see that part."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, (7, 3), stride=2)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = self.c1(F.pad(x, (-2, -1, -3, 0)))
+        g = x.mean((2, 3))
+        return self.fc(g)
+
+
+def test_a_whole_row_that_sees_an_inner_part_matches_support():
+    size = (15, 17)
+    t = receptive_fields(InnerGlobal(), size, in_channels=1)
+    x = torch.randn(1, 1, *size, dtype=DT, requires_grad=True)
+    (g,) = torch.autograd.grad(positive_linear_copy(InnerGlobal())(x).sum(), x)
+    ys, xs = np.nonzero(g[0, 0].numpy())
+    support = (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
+    assert 0 < support[0] and support[1] < size[0] and 0 < support[2] and support[3] < size[1]  # inside
+    whole = [r for r in t if r.whole]
+    assert len(whole) >= 2  # the pooled row and the Linear
+    for r in whole:
+        assert r.box(0, 0) == support, r.name
+        assert r.rf == (support[1] - support[0], support[3] - support[2]) and r.jump == r.rf
+    one = receptive_fields(nn.Sequential(nn.Flatten(), nn.Linear(1, 2)), 1, in_channels=1)["1"]
+    assert one.whole and one.rf == one.jump == (1, 1)  # a whole row of one pixel: jump 1, as its rf
