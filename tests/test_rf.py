@@ -618,3 +618,15 @@ def test_a_whole_row_that_sees_an_inner_part_matches_support():
         assert r.rf == (support[1] - support[0], support[3] - support[2]) and r.jump == r.rf
     one = receptive_fields(nn.Sequential(nn.Flatten(), nn.Linear(1, 2)), 1, in_channels=1)["1"]
     assert one.whole and one.rf == one.jump == (1, 1)  # a whole row of one pixel: jump 1, as its rf
+
+
+def test_units_outside_a_layer_are_named_and_rows_may_be_passed_as_objects():
+    t = receptive_fields(InnerGlobal(), (15, 17), in_channels=1)
+    row = t["c1"]
+    h, w = row.out
+    assert h != w
+    assert t.box(row, h - 1, w - 1) == t.box("c1", h - 1, w - 1) == row.box(h - 1, w - 1)
+    for y, x in ((h, 0), (0, w), (-1, 0), (0, -1)):
+        with pytest.raises(DeconvisError, match=rf"unit \({y}, {x}\) is outside layer 'c1', whose output is "
+                                                rf"{h}x{w}; use 0 <= y < {h}, 0 <= x < {w}$"):
+            row.box(y, x)
