@@ -78,6 +78,7 @@ TARGETS: Dict[str, Target] = {
         "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[squeezenet]",
         "tests/test_projection.py",
         "tests/test_window_paste.py",
+        "tests/test_windowable.py",
     ]),  # the resnet18 zoo case (10 s, for nearly every mutant) left out: its adds and projection
     # shortcuts are in the graph-op test, its windowed path in the squeezenet case
     # the RegNetY test (14 s, a third of the file's time) runs for nearly every mutant; the

@@ -1,0 +1,55 @@
+"""Which average pools the windowed deconvnet takes (``deconvis.mirror.window.windowable``): a
+pool that divides by the window's real pixels (padding with ``count_include_pad=False``) or whose
+output is not the floor-mode size (``ceil_mode`` adding a window) is not local and takes the full
+path; the others take the windowed one and equal the full projection."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deconvis import DeconvNet
+
+
+def _floor(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+# (kernel, stride, padding, count_include_pad, ceil_mode, input (h, w), windowed)
+CASES = [
+    ((3, 3), (2, 2), (1, 1), True, False, (9, 9), True),
+    ((3, 3), (2, 2), (1, 1), True, False, (8, 8), True),    # floor mode dropping a pixel
+    ((3, 3), (2, 2), (1, 1), False, False, (9, 9), False),  # divides by the real pixels at the border
+    ((3, 3), (2, 2), (0, 0), False, False, (9, 9), True),   # no padding: count_include_pad is moot
+    ((3, 3), (2, 2), (0, 0), True, True, (8, 8), False),    # ceil mode adds a window
+    ((3, 3), (2, 2), (0, 0), True, True, (9, 9), True),     # ceil mode, same size as floor
+    ((2, 3), (1, 2), (0, 1), True, True, (7, 8), False),    # x only gains a window
+    ((3, 2), (2, 1), (1, 0), True, True, (8, 7), False),    # y only gains a window
+    ((3, 2), (2, 1), (1, 0), True, True, (9, 7), True),     # neither, non-square
+]
+
+
+@pytest.mark.parametrize("k,s,p,cip,ceil,size,want", CASES)
+def test_average_pools_take_the_windowed_path_only_when_local(k, s, p, cip, ceil, size, want):
+    torch.manual_seed(0)
+    pool = nn.AvgPool2d(k, s, p, ceil_mode=ceil, count_include_pad=cip)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(3, 2, 1)).double()
+    x = torch.randn(1, 2, *size, dtype=torch.float64)
+    out = pool(net[:2](x)).shape[-2:]
+    local = (p == (0, 0) or cip) and tuple(out) == tuple(_floor(size[a], k[a], s[a], p[a]) for a in (0, 1))
+    assert local == want  # the case says what it covers
+    dn = DeconvNet(net)
+    dn.forward(x)
+    assert (dn.window_plan("3") is not None) == local
+    units = torch.tensor([[0, 1, 0, 0], [0, 0, out[0] - 1, out[1] - 1]])
+    rec, boxes = dn.project_window("3", units)
+    full = dn.project("3", units)
+    if not local:
+        assert torch.equal(rec, full)
+        return
+    for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        cy0, cx0 = max(y0, 0), max(x0, 0)
+        cy1, cx1 = min(y1, size[0]), min(x1, size[1])
+        pasted = torch.zeros_like(full[i])
+        pasted[:, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+        assert torch.allclose(pasted, full[i], rtol=1e-12, atol=1e-14)
