@@ -395,3 +395,21 @@ def test_float32_within_round_off():
     lg0, s0 = naive(model, x, tops, (6, 5), fill, model.b2.bn2)
     assert float((lg - lg0).abs().max()) <= 1e-5 * float(lg0.abs().max())
     assert float((s - s0).abs().max()) <= 1e-5 * float(s0.abs().max())
+
+
+def test_square_sizes_and_positions_are_checked_on_every_side():
+    """On a 7x9 image: a square side from 1 up to the image's fits, 0 or past it does not; a
+    position past any one of the four edges is named (the first bad one)."""
+    net = nn.Sequential(nn.Conv2d(3, 2, 3)).double()
+    x = torch.randn(1, 3, 7, 9, dtype=torch.float64)
+    for size in ((1, 1), (7, 9), (3, 2)):
+        h, w = size
+        eng = IncrementalOcclusion(net, x, size)
+        eng.check_positions(torch.tensor([[0, 0], [7 - h, 9 - w]]))
+        for bad in ([-1, 0], [0, -1], [7 - h + 1, 0], [0, 9 - w + 1]):
+            with pytest.raises(DeconvisError, match=r"^square at \[%d, %d\] runs past the 7x9 image$" % tuple(bad)):
+                eng.check_positions(torch.tensor([[0, 0], bad, [0, 0]]))
+    for size in ((0, 2), (2, 0), (8, 2), (3, 10)):
+        with pytest.raises(DeconvisError, match=r"^square %dx%d px does not fit the 7x9 image; use a side "
+                                                r"between 1 and 7$" % size):
+            IncrementalOcclusion(net, x, size).check_positions(torch.zeros(1, 2, dtype=torch.int64))
