@@ -240,3 +240,34 @@ def test_class_table_lists_the_top_classes_by_mean_maximum(run_out):
             assert [html_mod.unescape(r[0]) for r in rows] == [names[j] for j in order]
             assert [int(r[2]) for r in rows] == [labels.count(j) for j in order]
             assert "<b>pear" not in table
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_version_2_or_3_run_still_opens_and_re_renders(run_out, tmp_path, version):
+    """The run's results.json written as an older version would have it (no bottom-k, no class
+    means; version 2 also no unit statistics) re-renders with --render-only: its pages show the
+    top-k without the new sections, and the file stays at its version."""
+    import json
+    import shutil
+
+    from deconvis.runs.config import load_config
+
+    run_dir = tmp_path / "out" / "old"
+    shutil.copytree(run_out.run_dir, run_dir, ignore=shutil.ignore_patterns("units", "*-bottom"))
+    d = json.loads((run_dir / "results.json").read_text())
+    d["version"] = version
+    d["images"].pop("classes")
+    d["config"].pop("bottom_k")
+    for layer in d["layers"]:
+        del layer["bottom"], layer["class_means"]
+        if version == 2:
+            del layer["unit_stats"]
+    (run_dir / "results.json").write_text(json.dumps(d))
+    over = {k: v for k, v in d["config"].items() if k not in ("render_only", "fresh")}
+    out = pipeline.run(load_config(None, {**over, "out": str(tmp_path / "out"), "run": "old", "render_only": True}))
+    assert out.results.version == version and all(lr.bottom is None for lr in out.results.layers)
+    assert json.loads((run_dir / "results.json").read_text())["version"] == version
+    lr = out.results.layers[0]
+    path, p, text = _parse(str(run_dir), lr.label, lr.units[0].channel)
+    assert [r for t, c, r in p.refs if c == "rec"] == ["../../" + lr.units[0].sprite] * len(lr.units[0].winners)
+    assert 'id="bottom"' not in text and 'id="classes"' not in text and ('id="dist"' in text) == (version == 3)
