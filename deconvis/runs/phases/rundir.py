@@ -93,8 +93,8 @@ def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, sour
         fields.pop(key, None)
     if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
         fields["amp"] = cfg.amp
-    if cfg.bottom_count:  # the minima are mined too (absent when off, so such runs keep their hash)
-        fields["bottom_k"] = cfg.bottom_count
+    if cfg.bottom_k is not None:  # set apart from k (unset: k, already in the identity; older runs keep their hash)
+        fields["bottom_k"] = cfg.bottom_k
     if cfg.max_pixels != MAX_PIXELS:  # which images are skipped (default: absent, so older runs keep their hash)
         fields["max_pixels"] = cfg.max_pixels
     fields.update(extra or {})
