@@ -195,7 +195,7 @@ def _project(ctx: Context, res: Results, poll) -> int:
         bottom.plan(ctx, low, progress_b)
     mine, mine_b = split_jobs(jobs, info), split_jobs(jobs_b, info)
     replay = projection_mod.new_replay(res, precision.replay_rtol(ctx))
-    replay_b = projection_mod.new_replay(low, replay.rtol) if low is not None else None
+    replay_b = projection_mod.new_replay(low, precision.bottom_replay_rtol(ctx)) if low is not None else None
     if jobs and info.enabled:
         ranks.main_log(info, "projecting %d units (rule %s) on %d processes", len(jobs), ctx.cfg.rule, info.world)
     with dist_mod.phase(info, "projection"):
