@@ -72,8 +72,9 @@ def _select(values: Tensor, images: Tensor, ys: Tensor, xs: Tensor, k: int) -> T
     return tuple(t.gather(1, order) for t in (values, images, ys, xs))
 
 
-def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per image and channel, the maximum over positions and where it is.
+def channel_maxima(act: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per image and channel, the maximum over positions and where it is (``negate``: the
+    maximum of ``-act``, i.e. minus the minimum, at the first minimum, without negating the map).
 
     ``act`` is ``[N, C, h, w]`` (or ``[N, C]``, read as ``h = w = 1``). Returns ``values [N, C]``
     (NaN where the map holds a NaN, ``+inf`` where it holds one: the reduction propagates them),
@@ -86,8 +87,11 @@ def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = act.shape
     if h * w == 0:
         raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
-    vals, idx = act.reshape(n, c, h * w).max(dim=2)  # ties: index of the first maximal value
+    flat = act.reshape(n, c, h * w)
+    vals, idx = flat.min(dim=2) if negate else flat.max(dim=2)  # ties: index of the first extremal value
     vals = vals.to(_value_dtype(act.device))
+    if negate:
+        vals = -vals
     return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
 
 
@@ -165,17 +169,19 @@ class TopK:
         }
 
     @torch.inference_mode()
-    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor, eligible: Optional[Tensor] = None) -> None:
+    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor, eligible: Optional[Tensor] = None,
+                     negate: bool = False) -> None:
         """Fold one batch of ``layer``'s activations ``[N, C, h, w]`` for images ``image_ids [N]``
         (global dataset indices) into the state. ``eligible`` (bool ``[N, C]``, optional) limits
-        which (image, channel) pairs may compete (the candidate pool of :mod:`deconvis.mining.rerank`)."""
+        which (image, channel) pairs may compete (the candidate pool of :mod:`deconvis.mining.rerank`);
+        ``negate``: fold ``-act`` (the bottom-k's minima, the map itself left as it is)."""
         if layer not in self.layers:
             raise KeyError(f"layer {layer!r} is not mined by this TopK ({self.layers})")
         if act.shape[0] != image_ids.shape[0]:
             raise ValueError(f"{act.shape[0]} activations for {image_ids.shape[0]} image ids")
         if act.device != self.device:
             act = act.to(self.device)
-        vals, ys, xs = channel_maxima(act)
+        vals, ys, xs = channel_maxima(act, negate)
         ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
         st = self.state.get(layer)
         if st is None:
@@ -219,7 +225,7 @@ class TopK:
             for node in self.bottom.layers:
                 if node not in acts:
                     raise KeyError(f"activations lack the pre-activation {node!r} of the bottom-k (got {sorted(acts)})")
-                self.bottom.update_layer(node, -acts[node], ids)
+                self.bottom.update_layer(node, acts[node], ids, negate=True)
 
     def eligible(self, layer: str, image_ids: Tensor) -> Optional[Tensor]:
         """Which (image, channel) pairs may compete (bool ``[N, C]``); None: all (subclasses
