@@ -293,7 +293,7 @@ def bottom_k_cost(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     drows = []
-    for key in ("mine", "project", "total"):
+    for key in ("mine", "project", "total") if args.demo_rounds else ():
         a, b = min(d[key] for d in demo[9]), min(d[key] for d in demo[0])
         paired = statistics.median(x[key] / y[key] for x, y in zip(demo[9], demo[0]))
         drows.append([key, f"{a:.2f}", f"{b:.2f}", f"{paired:.2f}"])
@@ -304,10 +304,10 @@ def bottom_k_cost(args: argparse.Namespace) -> None:
             + table(["variant", "best s", "img/s"], rows)
             + f"\n\nOverhead of the bottom-{args.k} on mining: median paired ratio {1 + over:.3f} "
               f"({100 * over:+.1f} % of mining time).\n\n"
-            + f"The demo (configs/demo.yaml, zfnet_demo, 252 images, 5 layers) with bottom_k 9 ({demo[9][0]['units']} "
-              f"units projected) and 0 ({demo[0][0]['units']}), {args.demo_rounds} interleaved rounds, best seconds "
-              "and the median paired ratio:\n\n"
-            + table(["phase", "bottom_k 9", "bottom_k 0", "ratio"], drows) + "\n")
+            + (f"The demo (configs/demo.yaml, zfnet_demo, 252 images, 5 layers) with bottom_k 9 ({demo[9][0]['units']} "
+               f"units projected) and 0 ({demo[0][0]['units']}), {args.demo_rounds} interleaved rounds, best seconds "
+               "and the median paired ratio:\n\n"
+               + table(["phase", "bottom_k 9", "bottom_k 0", "ratio"], drows) + "\n" if drows else ""))
     print(body)
     if args.record:
         record(BOTTOM_K_SECTION, body)
