@@ -278,11 +278,12 @@ def bottom_k_cost(args: argparse.Namespace) -> None:
     rows = [[name, f"{min(v):.3f}", f"{n / min(v):.1f}"] for name, v in t.items()]
     over = statistics.median(ratios) - 1
 
-    demo: Dict[int, List[Dict[str, float]]] = {9: [], 0: []}
+    settings = [int(v) for v in args.demo_bottom.split(",")]
+    demo: Dict[int, List[Dict[str, float]]] = {bk: [] for bk in settings}
     tmp = tempfile.mkdtemp(prefix="deconvis_bench_bottomk_")
     try:
         for r in range(args.demo_rounds):
-            for bk in (9, 0):
+            for bk in settings:
                 cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
                                   {"out": tmp, "run": f"b{bk}", "fresh": True, "progress": False, "bottom_k": bk})
                 t0 = time.perf_counter()
@@ -293,10 +294,13 @@ def bottom_k_cost(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     drows = []
+    base = settings[-1]
     for key in ("mine", "project", "total") if args.demo_rounds else ():
-        a, b = min(d[key] for d in demo[9]), min(d[key] for d in demo[0])
-        paired = statistics.median(x[key] / y[key] for x, y in zip(demo[9], demo[0]))
-        drows.append([key, f"{a:.2f}", f"{b:.2f}", f"{paired:.2f}"])
+        row = [key]
+        for bk in settings:
+            paired = statistics.median(x[key] / y[key] for x, y in zip(demo[bk], demo[base]))
+            row.append(f"{min(d[key] for d in demo[bk]):.2f}" + (f" ({paired:.2f}x)" if bk != base else ""))
+        drows.append(row)
     body = (f"AlexNet (random weights), conv1-conv5 (ReLU rows; the bottom-k reads their conv inputs), k={args.k}, "
             f"{n_batches} preloaded batches of {args.batch_size} images at 224 px, float32, {torch.get_num_threads()} "
             f"threads; best of {rounds} interleaved rounds. Load average (1 min) {load_before:.1f} before and "
@@ -304,10 +308,11 @@ def bottom_k_cost(args: argparse.Namespace) -> None:
             + table(["variant", "best s", "img/s"], rows)
             + f"\n\nOverhead of the bottom-{args.k} on mining: median paired ratio {1 + over:.3f} "
               f"({100 * over:+.1f} % of mining time).\n\n"
-            + (f"The demo (configs/demo.yaml, zfnet_demo, 252 images, 5 layers) with bottom_k 9 ({demo[9][0]['units']} "
-               f"units projected) and 0 ({demo[0][0]['units']}), {args.demo_rounds} interleaved rounds, best seconds "
-               "and the median paired ratio:\n\n"
-               + table(["phase", "bottom_k 9", "bottom_k 0", "ratio"], drows) + "\n" if drows else ""))
+            + (f"The demo (configs/demo.yaml, zfnet_demo, 252 images, 5 layers, k=9) with bottom_k "
+               + ", ".join(f"{bk} ({demo[bk][0]['units']:.0f} units projected)" for bk in settings)
+               + f", {args.demo_rounds} interleaved round(s): best seconds per phase (median paired ratio to bottom_k "
+               f"{base}):\n\n"
+               + table(["phase"] + [f"bottom_k {bk}" for bk in settings], drows) + "\n" if drows else ""))
     print(body)
     if args.record:
         record(BOTTOM_K_SECTION, body)
@@ -332,6 +337,7 @@ def main() -> None:
     ap.add_argument("--unit-stats", action="store_true", help="only the cost of the unit statistics (own section)")
     ap.add_argument("--bottom-k", action="store_true", help="only the cost of the bottom-k (own section)")
     ap.add_argument("--demo-rounds", type=int, default=2, help="--bottom-k: interleaved demo runs per setting")
+    ap.add_argument("--demo-bottom", default="9,4,0", help="--bottom-k: the demo's bottom_k settings, the last the baseline")
     args = ap.parse_args()
     if args.bottom_k:
         torch.set_num_threads(args.threads)
