@@ -5,7 +5,9 @@ the report (the projection beside the RF crop, windows onto the channel's sprite
 full displayed image as a thumbnail with its RF box drawn, the distribution of the channel's
 maximum over the whole image set (the histogram collected while mining,
 :mod:`deconvis.mining.unitstats`), its firing share, and the most correlated channels of the
-same layer (links to their pages). Pages are small and written without fsync (4224 for VGG16);
+same layer (links to their pages); its bottom-k (the most negative pre-activations, projected the
+same way: :mod:`deconvis.runs.phases.bottom`, partial ``unit_bottom.html``) and, for a labelled
+image set, the classes with the highest mean maximum (:mod:`deconvis.mining.classmeans`). Pages are small and written without fsync (4224 for VGG16);
 every link is relative, so the run folder can be moved or served as it is.
 """
 from __future__ import annotations
