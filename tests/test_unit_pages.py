@@ -124,8 +124,11 @@ def test_report_links_to_unit_pages_and_a_page_loads_in_chromium(run_out, page):
     expect(link).to_have_attribute("href", unit_pages.unit_page(lr.label, lr.units[2].channel))
     link.click()
     expect(page.locator("header h1")).to_contain_text(f"{lr.label} channel {lr.units[2].channel}")
-    imgs = page.locator("main img")
+    imgs = page.locator("#top img")
     assert imgs.count() == 3 * len(lr.units[2].winners)
+    # the RF + ERF image (unit_erf is on by default) and its legend
+    expect(page.locator("#erf img.erf")).to_have_count(1)
+    expect(page.locator("#erf .legend")).to_contain_text("theoretical RF")
     assert page.evaluate("Promise.all([...document.images].map(i=>{i.loading='eager';return i.complete?0:"
                          "new Promise(r=>{i.onload=i.onerror=r;});})).then(()=>[...document.images]"
                          ".filter(i=>!i.naturalWidth).length)") == 0

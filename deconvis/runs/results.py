@@ -130,6 +130,7 @@ class LayerResult:
     sheets_hash: str = ""     # identity of the rendered sheets (skip re-rendering when unchanged)
     units: List[ChannelResult] = field(default_factory=list)
     unit_stats: Optional[Dict[str, Any]] = None  # version 3: UnitStats.summary() of the mined maxima (unit pages)
+    unit_extras: Optional[Dict[str, Any]] = None  # optional: per-channel RF+ERF, evolution, featvis images (deconvis.runs.unit_extras)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Results:
     version: int = VERSION
     k: int = 0                # winners per channel; 0: the ``k`` of ``config`` (files from before it was a field)
     analyses: Dict[str, "AnalysisRecord"] = field(default_factory=dict)  # name -> record (files before: none)
+    unit_extras: Dict[str, Any] = field(default_factory=dict)  # optional: how the unit pages' extras were made
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
@@ -187,6 +189,8 @@ class Results:
         d["preprocess"], d["rule"] = self.preprocess.to_dict(), Rule.parse(self.rule).value
         d["analyses"] = {k: asdict(v) for k, v in self.analyses.items()}
         d["version"] = self.version if self.version in READABLE_VERSIONS else VERSION
+        if not d["unit_extras"] or d["version"] < 2:  # optional: absent when no extra was computed
+            del d["unit_extras"]
         order = ["schema", "version", "created", "status"]
         out = {**{k: d.pop(k) for k in order}, **d}
         if out["version"] >= 2:
@@ -260,13 +264,15 @@ def _layer_v2(lr: LayerResult, images: Dict[str, Any]) -> Dict[str, Any]:
     out = {key: getattr(lr, key) for key in _LAYER_KEYS}
     if lr.unit_stats is not None:
         out["unit_stats"] = finite_json(lr.unit_stats)
+    if lr.unit_extras:
+        out["unit_extras"] = finite_json(lr.unit_extras)
     out["units"] = cols
     return out
 
 
 def _layer_v1(lr: LayerResult) -> Dict[str, Any]:
     """A layer as version 1 wrote it: one object per channel and per winner."""
-    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}  # version 1: no cell, no unit_stats
+    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}  # version 1: no cell, no unit_stats/extras
     out["units"] = [{"channel": u.channel, "winners": [
         {"rank": w.rank, "image": w.image, "source": w.source, "activation": _finite(w.activation), "y": w.y,
          "x": w.x, "box": w.box, "box_clipped": w.box_clipped, "tiles": w.tiles} for w in u.winners]}
