@@ -33,6 +33,10 @@ Schema (version 3)::
            "images": 252, "edges": [...],   # histogram bin edges: bin i is edges[i-1] <= max < edges[i]
            "hist": [[first_bin, [count, ...]], ...], "fired": [0.93, ...],  # share of images with max > 0
            "mean": [4.1, ...], "correlated": [[[channel, r], ...], ...]},   # most correlated channels (Pearson)
+         "unit_extras": {          # optional (absent when not computed): the unit pages' extras, per channel
+           "erf": ["units/erf/conv1/0000.jpg" | null, ...], "erf_mass95": [0.41 | null, ...],   # RF + ERF image
+           "evolution": {"file": [...], "value": [[per checkpoint]], "image": [[...]], "y": [[...]], "x": [[...]]},
+           "featvis": ["units/featvis/conv1/0000.jpg", ...], "featvis_objective": [...]},
          "units": {                # one entry per channel; per channel one entry per winner (rank order)
            "channel": [0, 1, ...],
            "sprite": ["tiles/conv1/c0000.png", null, ...],     # null: not projected yet
@@ -43,6 +47,10 @@ Schema (version 3)::
            "tiles": [[{"rec": path, "img": path} | null]]  # only for tiles of a version-1 run (one file each)
          }},
         ...],
+      "unit_extras": {"erf": {"definition": "...", "images": 340, "key": "...", "seconds": 12.6},   # optional
+                      "evolution": {"checkpoints": [{"label": "epoch 1", "weights": path}, ...], "images": 256,
+                                    "rule": "deconvnet", "tile": 48, "key": "...", "seconds": ...},
+                      "featvis": {"steps": 64, "size": [128, 128], "seed": 0, "objective": "channel mean", ...}},
       "analyses": {"invariance": {"name": "invariance", "status": "done", "reason": "",
                                   "files": {"json": "analyses/invariance/invariance.json", "png": ...},
                                   "headers": [...], "rows": [[...]], "notes": [...],
@@ -60,7 +68,8 @@ The tiles of a channel are one sprite (:mod:`deconvis.render.sprites`): the tile
 rank ``r`` is column ``r``, row 0 its reconstruction and row 1 its image patch, each cell ``cell``
 pixels; ``sprites`` states this addressing in the file. Version 3 is version 2 plus
 ``unit_stats`` per layer (absent when the run's mining checkpoint predates it); version 2 files
-read as before. Version 1 (one object per winner, with
+read as before. ``unit_extras`` (top level and per layer) are optional keys of versions 2 and up,
+written only when a part was computed (:mod:`deconvis.runs.phases.extras`). Version 1 (one object per winner, with
 ``"tiles": {"rec": path, "img": path}`` files) is still read, re-rendered (``--render-only`` keeps
 it version 1) and resumed (saved as version 2 then, its tile files kept).
 

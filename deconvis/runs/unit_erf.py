@@ -33,8 +33,10 @@ ERF_DIR = "units/erf"
 ERF_PX = 224
 #: colour of the RF box (RGB); the ERF heat uses OpenCV's inferno map
 RF_COLOUR = (0, 230, 255)
-#: largest opacity of the heat overlay (where the ERF peaks)
+#: largest opacity of the heat overlay (where the ERF reaches HEAT_PERCENTILE)
 HEAT_ALPHA = 0.85
+#: the heat's full scale: this percentile of the map's positive values (the map is spiky)
+HEAT_PERCENTILE = 99.0
 #: what the maps mean, stored in results.json
 DEFINITION = ("sum over colours of |d a / d x| for the channel's top winner (its activation a at the winning "
               "position, on the winning image), scaled to its peak; box: the theoretical receptive field")
@@ -79,8 +81,9 @@ def unit_erf_maps(dn: Any, layer: str, units: torch.Tensor, acts: torch.Tensor, 
 def draw_rf_erf(image: np.ndarray, erf: np.ndarray, box_clipped: Sequence[int], px: int = ERF_PX
                 ) -> Tuple[np.ndarray, List[int]]:
     """``image`` uint8 RGB [H, W, 3] scaled so its longer side is ``px``, the ERF ``erf`` [H, W]
-    (>= 0) over it as heat (inferno colours, opacity ``HEAT_ALPHA * sqrt(erf / max)``) and the RF
-    box ``box_clipped`` (half-open, displayed-image pixels) as a 1-pixel :data:`RF_COLOUR` frame.
+    (>= 0) over it as heat (inferno colours, opacity ``HEAT_ALPHA * sqrt(erf / top)`` up to 1, ``top``
+    the :data:`HEAT_PERCENTILE` percentile of its positive values) and the RF box ``box_clipped``
+    (half-open, displayed-image pixels) as a 1-pixel :data:`RF_COLOUR` frame with a black ring outside.
     Returns the image and the frame's box in its pixels (half-open: the frame's outer edge)."""
     import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
@@ -91,15 +94,17 @@ def draw_rf_erf(image: np.ndarray, erf: np.ndarray, box_clipped: Sequence[int], 
     img = cv2.resize(image, size, interpolation=interp) if s != 1 else image.copy()
     e = np.asarray(erf, dtype=np.float64)
     e = cv2.resize(e, size, interpolation=interp) if s != 1 else e
-    peak = float(e.max()) if e.size else 0.0
-    if peak > 0:
-        norm = np.clip(e / peak, 0.0, 1.0)
+    pos = e[e > 0]
+    if pos.size:
+        top = float(np.percentile(pos, HEAT_PERCENTILE))  # a few spikes do not wash out the rest
+        norm = np.clip(e / top, 0.0, 1.0)
         heat = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
         alpha = (HEAT_ALPHA * np.sqrt(norm))[..., None]
         img = np.round(img * (1 - alpha) + heat * alpha).astype(np.uint8)
     y0, y1, x0, x1 = (int(v) for v in box_clipped)
     frame = [round(y0 * s), max(round(y1 * s), round(y0 * s) + 1), round(x0 * s), max(round(x1 * s), round(x0 * s) + 1)]
     img = np.ascontiguousarray(img)
+    cv2.rectangle(img, (frame[2] - 1, frame[0] - 1), (frame[3], frame[1]), (0, 0, 0), 1)  # dark ring outside: contrast
     cv2.rectangle(img, (frame[2], frame[0]), (frame[3] - 1, frame[1] - 1), RF_COLOUR, 1)
     return img, frame
 
