@@ -119,7 +119,8 @@ def evo_run(tmp_path_factory):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"state_dict": load_model(spec, "random").model.state_dict()}, path)
         cps.append(path)
-    cfg = fx.tiny_config(tmp, checkpoints=[os.path.join(str(tmp), "snap")], evolution_images=10, featvis_steps=3)
+    cfg = fx.tiny_config(tmp, checkpoints=[os.path.join(str(tmp), "snap")], evolution_images=10, featvis_steps=3,
+                         unit_erf=True)
     out = pipeline.run(cfg)
     return cfg, cps, out, R.load(out.run_dir)  # the results as written (a test below turns the options off)
 

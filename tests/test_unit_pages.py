@@ -41,7 +41,7 @@ class _Page(html.parser.HTMLParser):
 
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory):
-    return pipeline.run(fx.tiny_config(tmp_path_factory.mktemp("units"), per_sheet=3))
+    return pipeline.run(fx.tiny_config(tmp_path_factory.mktemp("units"), per_sheet=3, unit_erf=True))
 
 
 def _parse(run_dir, label, channel):
