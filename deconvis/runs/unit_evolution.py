@@ -21,7 +21,7 @@ import torch
 
 from deconvis.errors import DeconvisError
 from deconvis.io.atomic import write_image
-from deconvis.io.images import ImageDataset, UnreadableImage
+from deconvis.io.images import ImageDataset
 from deconvis.io.models import load_model
 from deconvis.render.sheets import safe_name
 from deconvis.runs.results import Results
