@@ -29,11 +29,15 @@ from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
 from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to, bn_scale
 from deconvis.mirror.rules import Rule
+from deconvis.mirror.tconv import conv_transpose
 
 Node = torch.fx.Node
 Affine = Tuple[int, int]  # origin = a * u + b (u: the target unit's index along the axis)
 
 _ELEMENTWISE = {"generic"}
+#: ops whose windowed backward can write outside the map (a transposed conv reaches into the
+#: padding; an autograd derivative is taken at clamped positions): their inputs take the map mask
+_SPREADING = {"conv", "avgpool", "generic"}
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,10 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
         paste(g0, _affine(tw), seed, ((1, 0), (1, 0)), u)
     grads: Dict[Node, Tensor] = {target: g0}
     owned: Dict[Node, bool] = {target: g0 is not seed}  # may the node's window be written in place?
+    # may the node's window hold values outside the map? Only a transposed conv (or an op's
+    # autograd derivative) writes there; ReLUs, BatchNorm, unpools, adds and concatenations keep
+    # the zeros of a masked signal, so only the inputs of those ops take the map mask
+    dirty: Dict[Node, bool] = {}
     M = len(n_idx)
     lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
     u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
@@ -276,13 +284,15 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
             continue
         mine = owned.pop(node, False)
         w = plan.axes[node]
-        ok = _valid(w, u, plan.hw[node], u_range)
+        ok = _valid(w, u, plan.hw[node], u_range) if dirty.pop(node, False) else None
         if ok is not None:
             g = g.mul_(ok) if mine else g * ok
             mine = True
         if node.op == "placeholder":
             return g
+        spreads = mirror.ops[node].kind in _SPREADING
         for inp, raw, org, fresh in _window_vjp(mirror, plan, node, g, mine, env, switches, n_idx, u, rule):
+            dirty[inp] = dirty.get(inp, False) or spreads
             wi = plan.axes[inp]
             if inp not in grads:
                 if org == _affine(wi) and tuple(raw.shape[-2:]) == (wi[0].size, wi[1].size):
@@ -320,7 +330,7 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
             c = g.shape[1]
             div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]
             weight, groups = g.new_full((c, 1) + tuple(op.win["k"]), 1.0 / div), c
-        raw = F.conv_transpose2d(g, weight, stride=s, dilation=d, groups=groups)
+        raw = conv_transpose(g, weight, stride=s, dilation=d, groups=groups)
         org = ((here[0][0] * s[0], here[0][1] * s[0] - p[0]), (here[1][0] * s[1], here[1][1] * s[1] - p[1]))
         return [(ins[0], raw, org, True)]
     if k == "maxpool":
@@ -328,11 +338,15 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
         H, W = plan.hw[ins[0]]
         idx = _gather(switches[node], n_idx, w, u)
         oi = _origin(wi, u)
-        ry = (idx // W - oi[:, 0, None, None, None]).clamp(0, wi[0].size - 1)
-        rx = (idx % W - oi[:, 1, None, None, None]).clamp(0, wi[1].size - 1)
+        hs, ws = wi[0].size, wi[1].size
+        # switch (row, col) = (q, idx - q*W) of the map, (q - oy)*ws + (col - ox) of the window:
+        # idx + q*(ws - W) - (oy*ws + ox). Positions of the window outside the map read a clamped
+        # neighbour's switch and carry a zero signal: the clamp only keeps their indices in range
+        local = idx.div(W, rounding_mode="floor").mul_(ws - W).add_(idx)
+        local.sub_((oi[:, 0] * ws + oi[:, 1])[:, None, None, None]).clamp_(0, hs * ws - 1)
         M, C = g.shape[:2]
-        out = g.new_zeros((M, C, wi[0].size * wi[1].size))
-        out.scatter_add_(2, (ry * wi[1].size + rx).reshape(M, C, -1), g.reshape(M, C, -1))
+        out = g.new_zeros((M, C, hs * ws))
+        out.scatter_add_(2, local.reshape(M, C, -1), g.reshape(M, C, -1))
         return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi), True)]
     if k == "bn":
         if node in mirror.folded_bn:  # its scale is in the conv below (Mirror.conv_weight)
