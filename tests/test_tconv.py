@@ -79,3 +79,33 @@ def test_conv_transpose_dispatch(shape, stride, groups, sub, monkeypatch):
     ref = F.conv_transpose2d(g, weight, stride=stride, padding=1, groups=groups)
     assert bool(calls) is sub
     assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+
+
+def test_mirror_with_a_stride4_stem_matches_oracle_in_one_chunk():
+    """AlexNet's conv1 geometry (11x11, stride 4, padding 2, into 3 channels: the sub-pixel form,
+    cropped) in the full and windowed mirror: equal to the autograd oracle, and the one-chunk result
+    (returned without a concatenation) is a contiguous tensor like the multi-chunk one."""
+    from torch import nn
+
+    from autograd_oracle import oracle_project
+    from deconvis.mirror.deconvnet import DeconvNet
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(8, 6, 5, padding=2),
+                          nn.ReLU()).double().eval()
+    x = torch.randn(3, 3, 67, 67, dtype=torch.float64)
+    dn = DeconvNet(model)
+    dn.forward(x)
+    for layer in ("1", "4"):
+        units = dn.strongest(layer, 2)
+        one = dn.project(layer, units)
+        assert one.is_contiguous()
+        ref = oracle_project(model, x, layer, units, "deconvnet")
+        assert torch.allclose(one, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+        assert torch.equal(dn.project(layer, units, batch_size=1), one)
+        rec, boxes = dn.project_window(layer, units)
+        assert rec.is_contiguous()
+        for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, 67), max(x0, 0), min(x1, 67)
+            assert torch.allclose(rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], ref[m, :, cy0:cy1, cx0:cx1],
+                                  rtol=0, atol=1e-10 * float(ref.abs().max()))
