@@ -38,6 +38,9 @@ _ELEMENTWISE = {"generic"}
 #: ops whose windowed backward can write outside the map (a transposed conv reaches into the
 #: padding; an autograd derivative is taken at clamped positions): their inputs take the map mask
 _SPREADING = {"conv", "avgpool", "generic"}
+#: on the CPU, zero the off-map parts of windows block by block (one slice per strip of a unit
+#: that reaches past the map) rather than by a product with a mask over every window
+ZERO_BY_BLOCKS = True
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,28 @@ def _valid(w: Tuple[AxisWindow, AxisWindow], u: Tensor, hw: Tuple[int, int],
     return ok[:, None]
 
 
+def _off_map_strips(w: Tuple[AxisWindow, AxisWindow], u_host: List[List[int]], hw: Tuple[int, int]
+                    ) -> List[Tuple[int, int, int, int, int]]:
+    """(unit, y0, y1, x0, x1) half-open blocks of the units' windows that lie outside the map
+    (rows above and below it over the whole width, columns left and right of it), from the units
+    ``u_host`` [[y, x], ...] as Python ints."""
+    out = []
+    h, wd = w[0].size, w[1].size
+    for m, (uy, ux) in enumerate(u_host):
+        oy, ox = w[0].a * uy + w[0].b, w[1].a * ux + w[1].b
+        y0, y1 = min(max(0, -oy), h), max(min(h, hw[0] - oy), 0)
+        x0, x1 = min(max(0, -ox), wd), max(min(wd, hw[1] - ox), 0)
+        if y0 > 0:
+            out.append((m, 0, y0, 0, wd))
+        if y1 < h:
+            out.append((m, y1, h, 0, wd))
+        if x0 > 0:
+            out.append((m, y0, y1, 0, x0))
+        if x1 < wd:
+            out.append((m, y0, y1, x1, wd))
+    return out
+
+
 def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tuple[Affine, Affine], u: Tensor) -> None:
     """Add ``src`` [M, C, h, w] (origin ``src_org``) into ``dst`` [M, C, H, W] (origin ``dst_org``),
     dropping what falls outside ``dst``. Origins are affine in the unit index ``u`` [M, 2]."""
@@ -276,18 +301,32 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
     # the zeros of a masked signal, so only the inputs of those ops take the map mask
     dirty: Dict[Node, bool] = {}
     M = len(n_idx)
-    lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
-    u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
+    # on the CPU the off-map parts are zeroed block by block (only units whose window reaches past
+    # the map have any), elsewhere by one mask product
+    u_host = u.tolist() if u.device.type == "cpu" and ZERO_BY_BLOCKS else None
+    if u_host is not None:
+        u_range = None
+    else:
+        lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
+        u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
     for node in reversed(plan.nodes):
         g = grads.pop(node, None)
         if g is None:
             continue
         mine = owned.pop(node, False)
         w = plan.axes[node]
-        ok = _valid(w, u, plan.hw[node], u_range) if dirty.pop(node, False) else None
-        if ok is not None:
-            g = g.mul_(ok) if mine else g * ok
-            mine = True
+        if dirty.pop(node, False) and not (w[0].full and w[1].full):
+            if u_host is not None:  # CPU: zero the off-map strips of the units that reach past the map
+                strips = _off_map_strips(w, u_host, plan.hw[node])
+                if strips and not mine:
+                    g, mine = g.clone(), True
+                for m, y0, y1, x0, x1 in strips:
+                    g[m, :, y0:y1, x0:x1] = 0
+            else:
+                ok = _valid(w, u, plan.hw[node], u_range)
+                if ok is not None:
+                    g = g.mul_(ok) if mine else g * ok
+                    mine = True
         if node.op == "placeholder":
             return g
         spreads = mirror.ops[node].kind in _SPREADING
