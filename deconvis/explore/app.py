@@ -135,7 +135,7 @@ def make_app(session: Session, title: str = "deconvis explore") -> Starlette:
         cap = session.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise ExploreError(f"upload {name!r} has {declared} bytes, above the cap of {cap}; send a smaller "
+            raise ExploreError(f"upload {name!r} has {declared} bytes, above the cap of {cap} bytes; send a smaller "
                                "image (or raise max_upload_mb)", 413)
         chunks, total = [], 0
         async for chunk in request.stream():

@@ -309,7 +309,7 @@ class Session:
         """Keep an uploaded file (``data``, the user's file ``name``) if it is an image within the
         caps; returns its key ``u<n>``. 413 over the byte or pixel cap, 415 when not an image."""
         if len(data) > self.max_upload_bytes:
-            raise ExploreError(f"upload {name!r} has {len(data)} bytes, above the cap of {self.max_upload_bytes}; "
+            raise ExploreError(f"upload {name!r} has {len(data)} bytes, above the cap of {self.max_upload_bytes} bytes; "
                                "send a smaller image (or raise max_upload_mb)", 413)
         if not data:
             raise ExploreError(f"upload {name!r} is empty; choose an image file", 415)
