@@ -174,7 +174,10 @@ def make_app(session: Session, title: str = "deconvis explore") -> Starlette:
         finally:
             session.close()
 
-    routes = [Route("/", page), Route("/api/info", info), Route("/api/image/{key}", image),
+    def no_icon(request: Request) -> Response:
+        return Response(status_code=204)
+
+    routes = [Route("/", page), Route("/favicon.ico", no_icon), Route("/api/info", info), Route("/api/image/{key}", image),
               Route("/api/maps", maps), Route("/api/maps.png", maps_png), Route("/api/unit", unit),
               Route("/api/channel", channel), Route("/api/upload", upload, methods=["POST"]),
               Route("/run/{path:path}", run_file)]
