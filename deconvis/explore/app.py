@@ -61,12 +61,11 @@ def _rules(text: str) -> List[Rule]:
 
 
 def inside(root: str, rel: str) -> str:
-    """The real path of ``rel`` under the real folder ``root``, or '' when it is absolute, names
-    ``..``, or resolves (through links) outside ``root``."""
-    parts = rel.replace("\\", "/").split("/")
-    if "\x00" in rel or rel.startswith("/") or os.path.isabs(rel) or ".." in parts:
+    """The real path of ``rel`` under the real folder ``root`` (links followed, ``..`` resolved), or
+    '' when that path is not strictly inside ``root`` (or ``rel`` holds a NUL byte)."""
+    if "\x00" in rel:
         return ""
-    full = os.path.realpath(os.path.join(root, *parts))
+    full = os.path.realpath(os.path.join(root, rel))
     return full if os.path.commonpath([full, root]) == root and full != root else ""
 
 

@@ -118,7 +118,7 @@ def build_session(cfg: ExploreConfig) -> Session:
 
 def need_web_stack() -> None:
     """DeconvisError naming the extra when Starlette or uvicorn is missing."""
-    try:
+    try:  # optional dependencies: the extra [explore]
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
@@ -146,7 +146,7 @@ class Served:
 
     def __init__(self, app: Any, port: int = 0) -> None:
         need_web_stack()
-        import uvicorn
+        import uvicorn  # optional dependency: the extra [explore]
 
         self.sock = bind(port)
         self.url = f"http://{HOST}:{self.sock.getsockname()[1]}/"
@@ -165,9 +165,9 @@ class Served:
 def serve(cfg: ExploreConfig, on_ready: Optional[Any] = None) -> None:
     """Build the session and serve it on 127.0.0.1 until interrupted; uploads are removed at exit."""
     need_web_stack()
-    import uvicorn
+    import uvicorn  # optional dependency: the extra [explore]
 
-    from deconvis.explore.app import make_app
+    from deconvis.explore.app import make_app  # imports Starlette (the extra [explore])
 
     session = build_session(cfg)
     name = os.path.basename(os.path.abspath(cfg.run.rstrip("/\\"))) if cfg.run else session.loaded.spec

@@ -23,6 +23,7 @@ import collections
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -381,8 +382,6 @@ class Session:
              rules: Sequence[Rule] = RULES, pictures: bool = True) -> UnitView:
         """Projections of unit (``channel``, ``y``, ``x``) of ``layer`` in image ``key`` by each
         of ``rules`` (windowed backward from the recorded forward), with its RF box."""
-        import time
-
         lay, c, yy, xx = self.check_unit(layer, channel, y, x)
         with self._lock:
             self.record(key)
