@@ -4,7 +4,7 @@ Serves ``deconvis explore RUN_DIR`` on a free port of 127.0.0.1, opens it in the
 Chromium with Playwright (never a browser download), chooses an image, a layer and a channel,
 projects the channel's strongest unit (the Enter key) and saves the page::
 
-    python scripts/screenshot_explorer.py outputs/demo docs/images/explorer.png --image r40 --layer conv3 --channel 5
+    python scripts/screenshot_explorer.py outputs/demo docs/images/explorer.png --image r0 --layer conv5
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def main() -> int:
     ap.add_argument("out", help="PNG file to write")
     ap.add_argument("--image", default="r0", help="image id (r<index> of the run's set)")
     ap.add_argument("--layer", default="conv3")
-    ap.add_argument("--channel", type=int, default=0)
+    ap.add_argument("--channel", type=int, default=-1, help="channel (-1: the layer's strongest on the image)")
     ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=860)
+    ap.add_argument("--height", type=int, default=1000)
     args = ap.parse_args()
     from playwright.sync_api import expect, sync_playwright
 
@@ -44,7 +44,9 @@ def main() -> int:
             page.locator("#layers button").nth(labels.index(args.layer)).click()
             lay = session.layer(args.layer)
             expect(page.locator("#grid .map")).to_have_count(lay.channels)
-            page.locator("#grid .map").nth(args.channel).click()
+            maxima = session.maps(args.image, args.layer).maxima
+            channel = args.channel if args.channel >= 0 else max(range(len(maxima)), key=maxima.__getitem__)
+            page.locator("#grid .map").nth(channel).click()
             expect(page.locator("#top .pic").first).to_be_visible()
             page.locator("#lname").click()
             page.keyboard.press("Enter")

@@ -126,6 +126,7 @@ def test_keyboard_moves_between_channels_and_layers(served, page):
     expect(page.locator("#layers button.active")).to_have_text(layers[2].label)
     page.keyboard.press("ArrowUp")
     expect(page.locator("#layers button.active")).to_have_text(layers[1].label)
+    expect(page.locator("#grid")).to_have_attribute("data-layer", layers[1].name)  # its maps arrived
     # Enter projects the channel's strongest unit
     page.keyboard.press("Enter")
     expect(page.locator("#proj figure")).to_have_count(3)

@@ -6,8 +6,10 @@ const D = JSON.parse(document.getElementById('data').textContent);
 const $ = id => document.getElementById(id);
 const VIEW = 240;   // CSS pixels of the enlarged map, the photo and each projection (longer side)
 const TILE = 56;    // CSS pixels of a map in the grid (longer side)
+const PROJ = 176;   // CSS pixels of each projection (longer side): the three rules side by side
 const st = {image: null, li: 0, ch: 0, sheet: null, seq: 0, useq: 0};
 const scale = VIEW / Math.max(D.input_size[0], D.input_size[1]);
+const pscale = PROJ / Math.max(D.input_size[0], D.input_size[1]);
 
 function el(tag, cls, txt){ const e = document.createElement(tag); if(cls) e.className = cls; if(txt !== undefined) e.textContent = txt; return e; }
 function fmt(v){ return v === null || v === undefined ? '-' : Number(v).toPrecision(3).replace(/\.?0+$/, '').replace(/\.?0+e/, 'e'); }
@@ -76,6 +78,7 @@ async function loadLayer(){
   $('linfo').textContent = L.channels + ' channels \u00b7 map ' + L.map_size[0] + '\u00d7' + L.map_size[1]
     + (L.rf ? ' \u00b7 RF ' + L.rf[0] + '\u00d7' + L.rf[1] + ' px' : '');
   $('proj').textContent = ''; $('mark').style.display = 'none';
+  st.sheet = null; $('grid').dataset.layer = '';  // until this layer's maps arrive, clicks and keys wait
   if(!st.image){ $('grid').textContent = ''; return; }
   const seq = ++st.seq, t0 = performance.now();
   busy('computing ' + L.label + ' ...');
@@ -90,7 +93,7 @@ async function loadLayer(){
 }
 
 function buildGrid(L, S){
-  const grid = $('grid'); grid.textContent = '';
+  const grid = $('grid'); grid.textContent = ''; grid.dataset.layer = L.name;
   const [h, w] = S.map_size, s = TILE / Math.max(h, w);
   for(let c = 0; c < L.channels; c++){
     const d = el('div', 'map'); d.dataset.c = c;
@@ -176,12 +179,13 @@ async function projectUnit(y, x){
     D.rules.forEach(rule => {
       if(!u.projections[rule]) return;
       const f = el('figure', 'projection'); f.dataset.rule = rule;
-      const cv = el('div', 'canvas'); cv.style.width = px(D.input_size[1] * scale); cv.style.height = px(D.input_size[0] * scale);
+      const cv = el('div', 'canvas'); cv.style.width = px(D.input_size[1] * pscale); cv.style.height = px(D.input_size[0] * pscale);
       const im = new Image(); im.alt = rule + ' projection'; im.src = u.projections[rule];
-      im.style.top = px(u.window[0] * scale); im.style.left = px(u.window[2] * scale);
-      im.style.height = px((u.window[1] - u.window[0]) * scale); im.style.width = px((u.window[3] - u.window[2]) * scale);
+      im.style.top = px(u.window[0] * pscale); im.style.left = px(u.window[2] * pscale);
+      im.style.height = px((u.window[1] - u.window[0]) * pscale); im.style.width = px((u.window[3] - u.window[2]) * pscale);
       cv.appendChild(im);
-      const b = el('div', 'rfbox'); b.style.top = rb.style.top; b.style.left = rb.style.left; b.style.height = rb.style.height; b.style.width = rb.style.width;
+      const b = el('div', 'rfbox'); b.style.top = px(u.box[0] * pscale); b.style.left = px(u.box[2] * pscale);
+      b.style.height = px(bh * pscale); b.style.width = px(bw * pscale);
       cv.appendChild(b);
       f.appendChild(cv); f.appendChild(el('figcaption', '', rule));
       proj.appendChild(f);
