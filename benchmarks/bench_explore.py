@@ -150,11 +150,17 @@ def main() -> int:
     body = table(["step (HTTP API, uvicorn on 127.0.0.1)", "n", "wall ms (median)", "CPU ms (median)",
                   "wall ms p90"], rows)
     direct_med = statistics.median(t[0] for t in direct)
+    cpu_click = statistics.median(t[1] for t in one)
+    cpu_direct = statistics.median(t[1] for t in direct)
     notes = [
         f"- Click-to-projection median {ms(med)} ms, p90 {ms(pct(walls, 90))} ms over {len(one)} different conv5 "
         f"units ({'within' if med <= LIMIT_MS / 1e3 else 'above'} the {LIMIT_MS:.0f} ms goal); the mirror called "
-        f"directly takes {ms(direct_med)} ms ({direct_med / fwd_med:.2f} plain forwards), so HTTP, JSON and the "
-        f"PNG cost {ms(med - direct_med)} ms a click.",
+        f"directly takes {ms(direct_med)} ms ({direct_med / fwd_med:.2f} plain forwards).",
+        f"- Where a click's time goes: it costs {ms(cpu_click)} ms of CPU (client and server), of which the windowed "
+        f"backward is {ms(cpu_direct)} ms and HTTP, JSON, the PNG and its base64 the other "
+        f"{ms(cpu_click - cpu_direct)} ms; the rest of the {ms(med)} ms wall time is the process waiting for the "
+        f"cores it shares (load below); on {args.threads} free cores a click would wait for none of it (not measured: "
+        f"no quiet machine for this run).",
         f"- AlexNet (random weights, seed 0), scikit-image photos at 224 px (resize 256, centre crop), float32, "
         f"{args.threads} torch threads; server and client in one process (CPU time counts both).",
         f"- The machine was shared with other work (load average {load_before:.1f} before, {load_after:.1f} after, "
