@@ -289,3 +289,15 @@ def test_cli_config_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["explore", str(tmp_path)]) == 2  # a folder without results.json
     assert "results.json does not exist" in capsys.readouterr().err
+
+
+def test_shipped_config_names_every_key():
+    import dataclasses
+
+    from deconvis.config import load_yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    values = load_yaml(os.path.join(root, "configs", "explore.yaml"))
+    assert sorted(values) == sorted(f.name for f in dataclasses.fields(ExploreConfig))
+    cfg = ExploreConfig().update(values, source="configs/explore.yaml")
+    assert cfg.run == "outputs/demo" and cfg.port == 8765
