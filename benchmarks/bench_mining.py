@@ -27,6 +27,11 @@ stopping the run.
 (:mod:`deconvis.mining.unitstats`: histogram, firing share, channel cross products; the unit
 pages' budget is at most 5 % of mining time): ``deconvis.mining`` on preloaded AlexNet batches
 with and without them, interleaved, and the statistics' update alone, in its own section.
+
+``--bottom-k`` times the cost of the bottom-k (the minima of each ReLU's input, mined beside the
+top-k; :mod:`deconvis.mining.topk`): ``deconvis.mining`` on preloaded AlexNet batches with and
+without it, interleaved; and the demo run (``configs/demo.yaml``) with ``bottom_k`` 9 and 0 side
+by side, its mining and projection phases, in its own section.
 """
 from __future__ import annotations
 
@@ -241,6 +246,78 @@ def unit_stats_cost(args: argparse.Namespace) -> None:
         record(UNIT_STATS_SECTION, body)
 
 
+BOTTOM_K_SECTION = "Bottom-k while mining and projecting (benchmarks/bench_mining.py --bottom-k)"
+
+
+def bottom_k_cost(args: argparse.Namespace) -> None:
+    """Mining with and without the bottom-k (AlexNet conv1-conv5 ReLUs, random weights, preloaded
+    batches; the minima of each ReLU's input conv), then the demo run with bottom_k 9 and 0, each
+    pair side by side in one run; ratios per round."""
+    from deconvis.runs import pipeline
+    from deconvis.runs.config import load_config
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None).eval()
+    dn = DeconvNet(model)
+    layers = dn.conv_layers()
+    nodes = {layer: dn.graph.preactivation(layer) for layer in layers}
+    n_batches = args.batches or 2
+    data = [(torch.randn(args.batch_size, 3, 224, 224), torch.arange(i * args.batch_size, (i + 1) * args.batch_size))
+            for i in range(n_batches)]
+
+    def run(bottom: int):
+        names = layers + ([n for n in nodes.values() if n not in layers] if bottom else [])
+        return lambda: mine(lambda x: dn.activations(x, names), data,
+                            TopK(layers, args.k, bottom_k=bottom, bottom_of=nodes), progress=False)
+
+    rounds = args.repeat or 5
+    load_before = os.getloadavg()[0]
+    t = interleaved({f"mining with bottom-{args.k}": run(args.k), "mining without": run(0)}, rounds, 1)
+    ratios = [a / b for a, b in zip(t[f"mining with bottom-{args.k}"], t["mining without"])]
+    n = n_batches * args.batch_size
+    rows = [[name, f"{min(v):.3f}", f"{n / min(v):.1f}"] for name, v in t.items()]
+    over = statistics.median(ratios) - 1
+
+    settings = [int(v) for v in args.demo_bottom.split(",")]
+    demo: Dict[int, List[Dict[str, float]]] = {bk: [] for bk in settings}
+    tmp = tempfile.mkdtemp(prefix="deconvis_bench_bottomk_")
+    try:
+        for r in range(args.demo_rounds):
+            for bk in settings:
+                cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                                  {"out": tmp, "run": f"b{bk}", "fresh": True, "progress": False, "bottom_k": bk})
+                t0 = time.perf_counter()
+                out = pipeline.run(cfg, os.path.join(ROOT, "configs"))
+                demo[bk].append({**out.seconds, "total": time.perf_counter() - t0, "units": out.projected})
+                print(f"  demo round {r + 1}, bottom_k {bk}: " + "  ".join(f"{k} {v:.1f}" for k, v in demo[bk][-1].items()),
+                      flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    drows = []
+    base = settings[-1]
+    for key in ("mine", "project", "total") if args.demo_rounds else ():
+        row = [key]
+        for bk in settings:
+            paired = statistics.median(x[key] / y[key] for x, y in zip(demo[bk], demo[base]))
+            row.append(f"{min(d[key] for d in demo[bk]):.2f}" + (f" ({paired:.2f}x)" if bk != base else ""))
+        drows.append(row)
+    body = (f"AlexNet (random weights), conv1-conv5 (ReLU rows; the bottom-k reads their conv inputs), k={args.k}, "
+            f"{n_batches} preloaded batches of {args.batch_size} images at 224 px, float32, {torch.get_num_threads()} "
+            f"threads; best of {rounds} interleaved rounds. Load average (1 min) {load_before:.1f} before and "
+            f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores (other work shared the machine).\n\n"
+            + table(["variant", "best s", "img/s"], rows)
+            + f"\n\nOverhead of the bottom-{args.k} on mining: median paired ratio {1 + over:.3f} "
+              f"({100 * over:+.1f} % of mining time).\n\n"
+            + (f"The demo (configs/demo.yaml, zfnet_demo, 252 images, 5 layers, k=9) with bottom_k "
+               + ", ".join(f"{bk} ({demo[bk][0]['units']:.0f} units projected)" for bk in settings)
+               + f", {args.demo_rounds} interleaved round(s): best seconds per phase (median paired ratio to bottom_k "
+               f"{base}):\n\n"
+               + table(["phase"] + [f"bottom_k {bk}" for bk in settings], drows) + "\n" if drows else ""))
+    print(body)
+    if args.record:
+        record(BOTTOM_K_SECTION, body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch, the same for every variant")
@@ -258,7 +335,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="~1 minute: fewer images and rounds, no bf16, no end-to-end")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("--unit-stats", action="store_true", help="only the cost of the unit statistics (own section)")
+    ap.add_argument("--bottom-k", action="store_true", help="only the cost of the bottom-k (own section)")
+    ap.add_argument("--demo-rounds", type=int, default=2, help="--bottom-k: interleaved demo runs per setting")
+    ap.add_argument("--demo-bottom", default="9,4,0", help="--bottom-k: the demo's bottom_k settings, the last the baseline")
     args = ap.parse_args()
+    if args.bottom_k:
+        torch.set_num_threads(args.threads)
+        bottom_k_cost(args)
+        return
     if args.unit_stats:
         torch.set_num_threads(args.threads)
         unit_stats_cost(args)

@@ -41,7 +41,7 @@ def test_every_key_round_trips_through_its_flag():
               "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30",
               "checkpoint_seconds": "5", "amp_pool": "2", "replay_max_mismatch": "3",
               "analyses": "diagnose,invariance", "analysis_images": "3", "correspondence_parts": "p.yaml",
-              "max_pixels": "1000000"}
+              "max_pixels": "1000000", "bottom_k": "2"}
     bools = {f.name for f in dataclasses.fields(C.VisualizeConfig) if f.type == "bool"}
     assert set(sample) | bools == set(C.FIELD_NAMES)
     argv = [x for k, v in sample.items() for x in (C.flag_name(k), v)]

@@ -143,7 +143,7 @@ def test_sheets_and_results_roundtrip(done):
     again = results_mod.load(out.run_dir)
     assert again.to_dict() == res.to_dict()
     raw = json.load(open(os.path.join(out.run_dir, "results.json")))
-    assert raw["schema"] == "deconvis.results" and raw["version"] == 3 and raw["status"] == "rendered"
+    assert raw["schema"] == "deconvis.results" and raw["version"] == 4 and raw["status"] == "rendered"
     assert raw["preprocess"]["crop"] == [fx.SIZE, fx.SIZE] and raw["config"]["k"] == 3
     assert all(str(i) in raw["images"]["items"] for lr in raw["layers"] for row in lr["units"]["image"] for i in row)
     # a few files per layer: one sprite per channel (tiles of rank r in column r, rec above img)
@@ -194,7 +194,7 @@ def test_render_only_without_results_is_an_error(tmp_path):
 def test_rule_change_reprojects_without_mining(done, monkeypatch):
     cfg, out = done
     monkeypatch.setattr(mining, "mine", lambda *a, **k: pytest.fail("re-mined"))
-    total = sum(len(u.winners) for lr in out.results.layers for u in lr.units)
+    total = sum(len(u.winners) for lr in out.results.layers for layer in (lr, lr.bottom) for u in layer.units)  # top + bottom
     again = pipeline.run(dataclasses.replace(cfg, rule="guided"))
     assert again.projected == total and again.results.rule == "guided"
 
@@ -208,7 +208,8 @@ def test_changed_config_is_an_error_unless_fresh(done):
     again = pipeline.run(dataclasses.replace(cfg, k=2, fresh=True))
     assert again.mined and all(len(u.winners) == 2 for lr in again.results.layers for u in lr.units)
     assert not os.path.exists(stale)  # --fresh dropped the old tiles folder (one rename, deleted aside)
-    assert sorted(os.listdir(out.run_dir + "/tiles")) == ["conv1", "conv2", "conv3"]
+    assert sorted(os.listdir(out.run_dir + "/tiles")) == ["conv1", "conv1-bottom", "conv2", "conv2-bottom", "conv3",
+                                                          "conv3-bottom"]
 
 
 def test_fresh_moves_the_tiles_aside_and_deletes_them_off_the_calling_thread(tmp_path, monkeypatch):
@@ -279,7 +280,10 @@ def test_resume_after_interrupted_mining(tmp_path, monkeypatch):
     assert _winners(out.results) == _winners(ref.results)
 
 
-def test_resume_after_interrupted_projection(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut,progress", [(30, "projection.rank0.json"), (50, "projection-bottom.rank0.json")])
+def test_resume_after_interrupted_projection(tmp_path, monkeypatch, cut, progress):
+    """Interrupted in the top-k's projection (36 units) or in the bottom-k's: the channels listed
+    in that part's progress file are not projected again."""
     ref = pipeline.run(fx.tiny_config(tmp_path, run="ref"))
     cfg = fx.tiny_config(tmp_path, run="cut")
     monkeypatch.setattr(project_phase, "SAVE_EVERY_S", 0.0)
@@ -288,7 +292,7 @@ def test_resume_after_interrupted_projection(tmp_path, monkeypatch):
 
     def failing(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 30:
+        if calls["n"] == cut:
             raise _Interrupt()
         return real(*a, **k)
 
@@ -297,12 +301,14 @@ def test_resume_after_interrupted_projection(tmp_path, monkeypatch):
         pipeline.run(cfg)
     run_dir = os.path.join(cfg.out, cfg.run)
     # the channels whose sprite was written before the crash, listed in this rank's progress file
-    done = json.load(open(os.path.join(run_dir, "projection.rank0.json")))["channels"]
+    done = json.load(open(os.path.join(run_dir, progress)))["channels"]
     assert done and all(os.path.isfile(os.path.join(run_dir, e[2])) for e in done)
+    if progress != "projection.rank0.json":  # every top channel was done before the bottom-k started
+        done += json.load(open(os.path.join(run_dir, "projection.rank0.json")))["channels"]
     monkeypatch.setattr(render, "crop_padded", real)
     monkeypatch.setattr(mining, "mine", lambda *a, **k: pytest.fail("re-mined"))
     out = pipeline.run(cfg)
-    total = sum(len(u.winners) for lr in out.results.layers for u in lr.units)
+    total = sum(len(u.winners) for lr in out.results.layers for layer in (lr, lr.bottom) for u in layer.units)  # top + bottom
     assert out.projected == total - sum(len(e[5]) for e in done) < total
     for lr, rlr in zip(out.results.layers, ref.results.layers):
         for u, ru in zip(lr.units, rlr.units):

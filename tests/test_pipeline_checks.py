@@ -58,14 +58,14 @@ def _winner_image(out) -> int:
 def test_replay_check_catches_an_image_changed_in_place(tmp_path):
     out = pipeline.run(fx.tiny_config(tmp_path))
     rep = out.results.stats["replay"]
-    assert rep["checked"] == 36 and rep["mismatches"] == 0  # same device and precision: all match
+    assert rep["checked"] == 72 and rep["mismatches"] == 0  # same device and precision: all match (top + bottom)
     # the winning image's content changes under the same name; its tiles are gone: re-projected (counts add up)
     i = _winner_image(out)
     path = os.path.join(str(tmp_path), "imgs", f"img{i:02d}.png")
     img = cv2.imread(path)
     cv2.imwrite(path, np.ascontiguousarray(255 - img))
     shutil.rmtree(os.path.join(out.run_dir, "tiles"))
-    with pytest.raises(DeconvisError, match=r"replay check: [1-9]\d* of 72 .*replay_max_mismatch=0.*--fresh"):
+    with pytest.raises(DeconvisError, match=r"replay check: [1-9]\d* of 144 .*replay_max_mismatch=0.*--fresh"):
         pipeline.run(fx.tiny_config(tmp_path))
     with open(os.path.join(out.run_dir, "results.json")) as f:
         saved = json.load(f)

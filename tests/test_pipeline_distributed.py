@@ -98,17 +98,22 @@ def _single(conf: str, run: str):
 
 
 def _winners(run_dir: str):
-    """Per layer and channel: (image id, activation, y, x, box, box_clipped) of every winner."""
+    """Per layer and channel: (image id, activation, y, x, box, box_clipped) of every winner; the
+    bottom-k's under ``<layer>/bottom``."""
     d = json.load(open(os.path.join(run_dir, "results.json")))
     cols = ("image", "activation", "y", "x", "box", "box_clipped")
-    return {lr["name"]: [list(zip(*(lr["units"][c][i] for c in cols))) for i in range(len(lr["units"]["channel"]))]
-            for lr in d["layers"]}
+    out = {}
+    for lr in d["layers"]:
+        for key, part in ((lr["name"], lr), (lr["name"] + "/bottom", lr.get("bottom"))):
+            if part is not None:
+                out[key] = [list(zip(*(part["units"][c][i] for c in cols))) for i in range(len(part["units"]["channel"]))]
+    return out
 
 
 def _tile_files(run_dir: str):
     """Every channel's sprite (all projected: none is null)."""
     d = json.load(open(os.path.join(run_dir, "results.json")))
-    sprites = [s for lr in d["layers"] for s in lr["units"]["sprite"]]
+    sprites = [s for lr in d["layers"] for part in (lr, lr.get("bottom")) if part for s in part["units"]["sprite"]]
     assert sprites and None not in sprites
     return [os.path.join(run_dir, p) for p in sprites]
 
@@ -121,7 +126,8 @@ def test_two_processes_give_the_one_process_winners(tmp_path):
     run_dir = str(tmp_path / "out" / "multi")
     got, want = _winners(run_dir), _winners(ref.run_dir)
     assert got == want  # image ids, activations (exact: same float math), positions, boxes
-    assert sum(len(c) for layer in want.values() for c in layer) == (4 + 5 + 3) * 2
+    assert sum(len(c) for name, layer in want.items() for c in layer if not name.endswith("/bottom")) == (4 + 5 + 3) * 2
+    assert sum(len(c) for name, layer in want.items() for c in layer if name.endswith("/bottom")) == (4 + 5 + 3) * 2
     for path in _tile_files(run_dir):  # every winner's tiles, byte-identical to the 1-process ones
         assert os.path.getsize(path) > 0
         rel = os.path.relpath(path, run_dir)
@@ -337,7 +343,7 @@ def test_bf16_candidates_re_ranked_in_fp32_give_the_fp32_winners(tmp_path, monke
             for w, bw in zip(u.winners, bu.winners):
                 assert w.activation == pytest.approx(bw.activation, rel=1e-5)
     assert checked >= len(out.results.layers)  # every layer has certain channels checked
-    assert out.results.stats["replay"]["mismatches"] == 0 and out.results.stats["replay"]["checked"] == 36
+    assert out.results.stats["replay"]["mismatches"] == 0 and out.results.stats["replay"]["checked"] == 72  # + bottom-k
 
 
 def test_fp16_needs_cuda(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def test_roundtrip(tmp_path, legacy_tiles):
     assert back == res
     text = (tmp_path / "results.json").read_text()
     d = json.loads(text)
-    assert list(d)[:4] == ["schema", "version", "created", "status"] and d["version"] == R.VERSION == 3
+    assert list(d)[:4] == ["schema", "version", "created", "status"] and d["version"] == R.VERSION == 4
     cols = d["layers"][0]["units"]  # columns: per channel, per winner
     assert cols["channel"] == [0, 3] and cols["image"] == [[4, 0], [4]] and cols["box"][0][1] is None
     assert cols["sprite"] == [None, "tiles/conv1/c0003.png"] and d["layers"][0]["cell"] == [7, 7]
@@ -78,3 +78,29 @@ def test_version_and_schema_checks(tmp_path):
         R.load(str(tmp_path))
     with pytest.raises(DeconvisError, match="does not exist"):
         R.load(str(tmp_path / "nowhere"))
+
+
+def test_version_4_bottom_k_and_class_means_round_trip(tmp_path):
+    """The bottom-k (a layer of the pre-activation row, in the same columns) and the class means
+    come back as written; a layer without them writes neither key."""
+    res = _sample(False)
+    low = R.Winner(rank=0, image=4, source="a/b.png", activation=-3.25, y=2, x=0, box=[0, 7, -3, 4],
+                   box_clipped=[0, 7, 0, 4])
+    res.layers[0].bottom = R.LayerResult(name="features.0", label="conv1-bottom", channels=2, channels_total=64,
+                                         map_size=[55, 55], rf=[7, 7], cell=[7, 7],
+                                         units=[R.ChannelResult(channel=0, winners=[low], sprite="tiles/conv1-bottom/c0000.png"),
+                                                R.ChannelResult(channel=3, winners=[])])
+    res.layers[0].class_means = [[[1, 2.5, 3], [0, 1.0, 2]], []]
+    res.images["classes"] = ["cat", "dog"]
+    res.config["bottom_k"] = 1
+    R.save(res, str(tmp_path))
+    d = json.loads((tmp_path / "results.json").read_text())
+    layer = d["layers"][0]
+    assert layer["bottom"]["name"] == "features.0" and layer["bottom"]["units"]["activation"] == [[-3.25], []]
+    assert layer["class_means"] == [[[1, 2.5, 3], [0, 1.0, 2]], []] and d["images"]["classes"] == ["cat", "dog"]
+    back = R.load(str(tmp_path))
+    assert back == res and back.layers[0].bottom.units[0].winners == [low] and R.bottom_k(back) == 1
+    res.layers[0].bottom = res.layers[0].class_means = None
+    R.save(res, str(tmp_path))
+    layer = json.loads((tmp_path / "results.json").read_text())["layers"][0]
+    assert "bottom" not in layer and "class_means" not in layer

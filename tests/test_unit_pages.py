@@ -1,7 +1,9 @@
 """Unit pages (units/<layer>/<channel>.html): one per mined channel, linked from the report; each
-shows the top-k from the sprite, the winners' thumbnails with the RF box, the histogram of the
-maximum over the image set, the firing share and the most correlated channels; every link
-resolves; names are escaped; pages of a run without unit statistics still render."""
+shows the top-k from the sprite, the winners' thumbnails with the RF box, the bottom-k (the most
+negative pre-activations) the same way, the histogram of the maximum over the image set, the
+firing share, the classes with the highest mean response (the run's images are an ImageFolder
+tree) and the most correlated channels; every link resolves; names are escaped; pages of a run
+without unit statistics still render."""
 from __future__ import annotations
 
 import html.parser
@@ -39,9 +41,19 @@ class _Page(html.parser.HTMLParser):
             self.fired, self._fired = data, False
 
 
+CLASSES = ("apple", "<b>pear", "plum")
+
+
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory):
-    return pipeline.run(fx.tiny_config(tmp_path_factory.mktemp("units"), per_sheet=3))
+    """The tiny pipeline run over the fixture images sorted into three class folders."""
+    tmp = tmp_path_factory.mktemp("units")
+    flat = tmp / "flat"
+    fx.write_images(str(flat))
+    for i, name in enumerate(sorted(os.listdir(flat))):
+        os.makedirs(tmp / "imgs" / CLASSES[i % 3], exist_ok=True)
+        os.rename(flat / name, tmp / "imgs" / CLASSES[i % 3] / name)
+    return pipeline.run(fx.tiny_config(tmp, per_sheet=3))
 
 
 def _parse(run_dir, label, channel):
@@ -54,7 +66,7 @@ def _parse(run_dir, label, channel):
 
 def test_every_channel_has_a_page_whose_links_resolve_and_numbers_match_the_mining(run_out):
     res = R.load(run_out.run_dir)
-    assert res.version == 3
+    assert res.version == R.VERSION == 4
     n_img = res.images["readable"]
     for lr in res.layers:
         st = lr.unit_stats
@@ -69,9 +81,10 @@ def test_every_channel_has_a_page_whose_links_resolve_and_numbers_match_the_mini
                 assert not os.path.isabs(target) and os.path.isfile(os.path.normpath(os.path.join(here, target))), ref
             recs = [r for t, c, r in p.refs if c == "rec"]
             thumbs = [r for t, c, r in p.refs if t == "img" and "thumbs/" in r]
-            assert recs == ["../../" + u.sprite] * len(u.winners)
-            assert thumbs == [f"../../units/thumbs/{w.image}.jpg" for w in u.winners]
-            assert text.count('class="rfbox"') == len(u.winners)
+            low = lr.bottom.units[ci]  # every layer of the tiny net is a ReLU: each has a bottom-k
+            assert recs == ["../../" + u.sprite] * len(u.winners) + ["../../" + low.sprite] * len(low.winners)
+            assert thumbs == [f"../../units/thumbs/{w.image}.jpg" for w in u.winners + low.winners]
+            assert text.count('class="rfbox"') == len(u.winners) + len(low.winners)
             assert "../../index.html#" + lr.label in [r for _, _, r in p.refs]
             # the histogram's bars hold every image, its firing share is the stats'
             bars = re.findall(r"<title>\[[^\]<]*\): (\d+)</title>", text)
@@ -95,8 +108,9 @@ def test_rf_box_on_the_thumbnail_is_the_winners_clipped_box(run_out):
     _, _, text = _parse(run_out.run_dir, lr.label, u.channel)
     H, W = res.input_size
     styles = re.findall(r'class="rfbox" style="top:([\d.]+)%;height:([\d.]+)%;left:([\d.]+)%;width:([\d.]+)%"', text)
-    assert len(styles) == len(u.winners)
-    for w, (t, h, l, wd) in zip(u.winners, styles):
+    ws = u.winners + lr.bottom.units[0].winners  # the top-k, then the bottom-k
+    assert len(styles) == len(ws)
+    for w, (t, h, l, wd) in zip(ws, styles):
         y0, y1, x0, x1 = w.box_clipped
         assert [float(t), float(h), float(l), float(wd)] == pytest.approx(
             [100 * y0 / H, 100 * (y1 - y0) / H, 100 * x0 / W, 100 * (x1 - x0) / W], abs=0.006)
@@ -125,7 +139,9 @@ def test_report_links_to_unit_pages_and_a_page_loads_in_chromium(run_out, page):
     link.click()
     expect(page.locator("header h1")).to_contain_text(f"{lr.label} channel {lr.units[2].channel}")
     imgs = page.locator("main img")
-    assert imgs.count() == 3 * len(lr.units[2].winners)
+    assert imgs.count() == 3 * (len(lr.units[2].winners) + len(lr.bottom.units[2].winners))  # top-k, bottom-k
+    expect(page.locator("#bottom h2")).to_contain_text("Bottom-3")
+    expect(page.locator("#classes tr")).to_have_count(1 + 3)  # the header, three classes
     assert page.evaluate("Promise.all([...document.images].map(i=>{i.loading='eager';return i.complete?0:"
                          "new Promise(r=>{i.onload=i.onerror=r;});})).then(()=>[...document.images]"
                          ".filter(i=>!i.naturalWidth).length)") == 0
@@ -165,3 +181,93 @@ def test_layer_one_filter_is_the_first_convs_weights_on_conv1_pages_only(run_out
             png = np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8)
             got = cv2.imdecode(png, cv2.IMREAD_COLOR)
             assert got.shape == (*tuple(lr.rf), 3) and np.abs(got.astype(float) - 127.5).max() == pytest.approx(127.5, abs=0.5)
+
+
+def test_bottom_k_section_shows_the_minima_of_the_preactivation(run_out):
+    """Each page's bottom-k block lists the mined minima of the ReLU's input row, most negative
+    first, from the bottom sprite (its own folder), after the top-k; results.json holds them and
+    the replay check covered them (recomputed at the pre-activation row)."""
+    res = R.load(run_out.run_dir)
+    n_top = sum(len(u.winners) for lr in res.layers for u in lr.units)
+    n_low = sum(len(u.winners) for lr in res.layers for u in lr.bottom.units)
+    assert n_low == n_top and res.stats["replay"]["checked"] == n_top + n_low
+    assert res.stats["replay"]["mismatches"] == 0
+    for lr in res.layers:
+        low = lr.bottom
+        assert low.label == lr.label + "-bottom" and low.name != lr.name and low.cell == lr.cell
+        for ci, u in enumerate(lr.units):
+            lu = low.units[ci]
+            vals = [w.activation for w in lu.winners]
+            assert vals == sorted(vals) and len(vals) == R.bottom_k(res)
+            assert lu.sprite == f"tiles/{lr.label}-bottom/c{u.channel:04d}.png"
+            _, p, text = _parse(run_out.run_dir, lr.label, u.channel)
+            top, bottom = text.split('id="bottom"')
+            assert 'id="top"' in top and f"before rectification ({low.name})" in bottom
+            shown = re.findall(r"<span>#\d+ &middot; ([^ ]+) &middot; \((\d+), (\d+)\)</span>", bottom.split('id="classes"')[0])
+            assert shown == [(f"{w.activation:.4g}", str(w.y), str(w.x)) for w in lu.winners]
+
+
+def test_class_table_lists_the_top_classes_by_mean_maximum(run_out):
+    """The classes table is the five (here three) classes with the highest mean of the channel's
+    maximum over their images, recomputed here from the sprite-free brute force: each image's
+    maximum by a forward of the model, averaged per class folder; names escaped."""
+    import html as html_mod
+
+    res = R.load(run_out.run_dir)
+    assert res.images["classes"] == sorted(CLASSES)
+    from deconvis.io.images import ImageDataset
+    from deconvis.runs.config import load_config
+    from deconvis.runs.distributed import DistInfo
+    from deconvis.runs.phases.prepare import prepare
+
+    ctx = prepare(load_config(None, {k: v for k, v in res.config.items() if k not in ("render_only", "fresh")}),
+                  run_out.run_dir, None, DistInfo())
+    src = ctx.source
+    names, labels = src.labels()
+    ds = ImageDataset(src, ctx.preprocess)
+    x = torch.stack([ds[i][0] for i in range(len(src))])
+    acts = ctx.dn.activations(x, ctx.layers)
+    for lr in res.layers:
+        mx = acts[lr.name].double().flatten(2).amax(2)  # [N, C]
+        for ci in (0, len(lr.units) - 1):
+            means = {j: float(mx[[i for i in range(len(src)) if labels[i] == j], ci].mean()) for j in range(3)}
+            order = sorted(means, key=lambda j: (-means[j], j))
+            assert [r[0] for r in lr.class_means[ci]] == order
+            assert [r[1] for r in lr.class_means[ci]] == pytest.approx([means[j] for j in order], rel=1e-5)
+            _, _, text = _parse(run_out.run_dir, lr.label, lr.units[ci].channel)
+            table = text.split('id="classes"')[1].split("</table>")[0]
+            rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(\d+)</td></tr>", table)
+            assert [html_mod.unescape(r[0]) for r in rows] == [names[j] for j in order]
+            assert [int(r[2]) for r in rows] == [labels.count(j) for j in order]
+            assert "<b>pear" not in table
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_version_2_or_3_run_still_opens_and_re_renders(run_out, tmp_path, version):
+    """The run's results.json written as an older version would have it (no bottom-k, no class
+    means; version 2 also no unit statistics) re-renders with --render-only: its pages show the
+    top-k without the new sections, and the file stays at its version."""
+    import json
+    import shutil
+
+    from deconvis.runs.config import load_config
+
+    run_dir = tmp_path / "out" / "old"
+    shutil.copytree(run_out.run_dir, run_dir, ignore=shutil.ignore_patterns("units", "*-bottom"))
+    d = json.loads((run_dir / "results.json").read_text())
+    d["version"] = version
+    d["images"].pop("classes")
+    d["config"].pop("bottom_k")
+    for layer in d["layers"]:
+        del layer["bottom"], layer["class_means"]
+        if version == 2:
+            del layer["unit_stats"]
+    (run_dir / "results.json").write_text(json.dumps(d))
+    over = {k: v for k, v in d["config"].items() if k not in ("render_only", "fresh")}
+    out = pipeline.run(load_config(None, {**over, "out": str(tmp_path / "out"), "run": "old", "render_only": True}))
+    assert out.results.version == version and all(lr.bottom is None for lr in out.results.layers)
+    assert json.loads((run_dir / "results.json").read_text())["version"] == version
+    lr = out.results.layers[0]
+    path, p, text = _parse(str(run_dir), lr.label, lr.units[0].channel)
+    assert [r for t, c, r in p.refs if c == "rec"] == ["../../" + lr.units[0].sprite] * len(lr.units[0].winners)
+    assert 'id="bottom"' not in text and 'id="classes"' not in text and ('id="dist"' in text) == (version == 3)

@@ -43,6 +43,12 @@ from deconvis.graph import ops
 
 log = logging.getLogger("deconvis")
 
+#: op kinds (:meth:`TracedGraph.kind`) whose output is a pre-activation: a mined layer of one of
+#: these kinds gets the bottom-k of its own minima (:meth:`TracedGraph.preactivation`)
+PREACTIVATION_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "BatchNorm1d", "BatchNorm2d",
+                                 "GroupNorm", "LayerNorm", "add", "iadd", "sub", "isub", "conv2d", "linear",
+                                 "batch_norm"})
+
 
 @dataclass
 class TracedGraph:
@@ -127,6 +133,18 @@ class TracedGraph:
             return name
         row = self.resolve(name)
         return self._label.get(row, row)
+
+    def preactivation(self, name: str) -> Optional[str]:
+        """The row whose minima are ``name``'s bottom-k (the most negative responses before
+        rectification): for a ReLU-family unit (ReLU, ReLU6, LeakyReLU, PReLU; module, function or
+        method) its input; for a layer that is itself a pre-activation (conv, Linear, BatchNorm,
+        GroupNorm/LayerNorm, a residual add or subtraction) the layer itself (its own minima); None
+        for anything else (pools, concatenations, the input), whose minima say nothing new."""
+        node = self.node(self.resolve(name))
+        if ops.relu_unit(node, self.graph_module) is not None:
+            ins = signal_inputs(node, self.signal)
+            return self.row_names.get(ins[0]) if ins and ins[0].op != "placeholder" else None
+        return self.row_names[node] if self.kind(node) in PREACTIVATION_KINDS else None
 
     def conv_layers(self) -> List[str]:
         """Rows of the rectified conv maps of a chain (ZF's layers 1..5 for AlexNet); for other

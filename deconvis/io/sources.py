@@ -43,6 +43,11 @@ class ImageSource:
         :func:`deconvis.io.pixels.too_large`)."""
         return ""
 
+    def labels(self) -> Optional[Tuple[List[str], List[int]]]:
+        """``(class names, class index per image)`` when the set is labelled (an ImageFolder
+        tree), else None."""
+        return None
+
 
 class FolderImages(ImageSource):
     """Every image file below ``root`` (recursive, sorted relative paths)."""
@@ -82,6 +87,18 @@ class FolderImages(ImageSource):
 
     def refusal(self, i: int) -> str:
         return too_large(self.path(i), self.max_pixels)
+
+    def labels(self) -> Optional[Tuple[List[str], List[int]]]:
+        """An ImageFolder tree (every image inside a class sub-folder of ``root``, at least two
+        classes): the first folder of each relative path is its class (classes sorted by name)."""
+        tops = [f.replace(os.sep, "/").split("/", 1) for f in self.files]
+        if any(len(t) < 2 for t in tops):
+            return None
+        names = sorted({t[0] for t in tops})
+        if len(names) < 2:
+            return None
+        index = {n: j for j, n in enumerate(names)}
+        return names, [index[t[0]] for t in tops]
 
 
 class TorchvisionImages(ImageSource):
@@ -150,6 +167,13 @@ class TorchvisionImages(ImageSource):
             a = np.moveaxis(a, 0, -1) if a.ndim == 3 and a.shape[0] in (1, 3, 4) else a
             return to_rgb8(a)
         return to_rgb8(np.asarray(img))
+
+    def labels(self) -> Optional[Tuple[List[str], List[int]]]:
+        """The dataset's ``classes`` and ``targets`` (ImageFolder, CIFAR, ...) when it has both."""
+        classes, targets = getattr(self.ds, "classes", None), getattr(self.ds, "targets", None)
+        if not classes or targets is None or len(targets) != len(self.ds):
+            return None
+        return [str(c) for c in classes], [int(t) for t in targets]
 
 
 # scikit-image photographs (offline, bundled with the package); name -> loader
@@ -257,6 +281,10 @@ class LimitedImages(ImageSource):
 
     def refusal(self, i: int) -> str:
         return self.base.refusal(i)
+
+    def labels(self) -> Optional[Tuple[List[str], List[int]]]:
+        lab = self.base.labels()
+        return None if lab is None else (lab[0], lab[1][:self.n])
 
 
 ImagesSpec = Union[str, Mapping[str, Any]]

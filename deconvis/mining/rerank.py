@@ -67,11 +67,14 @@ def candidate_images(pool: TopK) -> List[int]:
 
 def finish(ranked: TopK, pool: TopK) -> TopK:
     """Give the re-ranked state the pool's bookkeeping: items seen, unreadable images, and the
-    non-finite counts and unit statistics of the autocast pass (where overflow happens). Returns ``ranked``."""
+    non-finite counts, unit statistics and class sums of the autocast pass (where overflow happens), and
+    its bottom-k (ranked by the autocast values: the re-rank covers the top-k only). Returns ``ranked``."""
     ranked.seen, ranked.skipped = pool.seen, list(pool.skipped)
     ranked.nonfinite = dict(pool.nonfinite)
     ranked.nonfinite_first = dict(pool.nonfinite_first)
     ranked.stats = dict(pool.stats)
+    ranked.classes = dict(pool.classes)
+    ranked.bottom, ranked.bottom_of = pool.bottom, dict(pool.bottom_of)  # the minima keep the autocast ranking
     return ranked
 
 

@@ -28,6 +28,15 @@ MPS), which is exact for float16/32 input.
 over their union (the ordering above is a total order on (value, image)), so shards can be mined
 independently (e.g. per torch.distributed rank) and merged. :meth:`TopK.state_dict` holds only
 plain tensors, ints and lists: ``torch.load(..., weights_only=True)`` reads it back.
+
+Bottom-k: with ``bottom_k`` and ``bottom_of`` (mined layer -> the row of its pre-activation,
+:meth:`deconvis.graph.trace.TracedGraph.preactivation`), the same structure keeps, per channel of
+each pre-activation, the ``bottom_k`` images whose minimum over positions is the most negative: a
+second :class:`TopK` (:attr:`TopK.bottom`, keyed by the pre-activation's row) fed the *negated*
+maps, so its order is the same total order on ``-value``: the most negative first, ties to the
+smaller image index, then the first position of the minimum in row-major order. It merges,
+checkpoints and resumes with its parent. With ``labels`` (:meth:`TopK.set_labels`), per layer
+the class sums of :mod:`deconvis.mining.classmeans` are collected beside the unit statistics.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import torch
 from torch import Tensor
 
 from deconvis.errors import DeconvisError
+from deconvis.mining.classmeans import ClassMeans
 from deconvis.mining.unitstats import UnitStats
 
 #: image index of an empty slot (sorts after every real image on equal value -inf)
@@ -62,8 +72,9 @@ def _select(values: Tensor, images: Tensor, ys: Tensor, xs: Tensor, k: int) -> T
     return tuple(t.gather(1, order) for t in (values, images, ys, xs))
 
 
-def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per image and channel, the maximum over positions and where it is.
+def channel_maxima(act: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per image and channel, the maximum over positions and where it is (``negate``: the
+    maximum of ``-act``, i.e. minus the minimum, at the first minimum, without negating the map).
 
     ``act`` is ``[N, C, h, w]`` (or ``[N, C]``, read as ``h = w = 1``). Returns ``values [N, C]``
     (NaN where the map holds a NaN, ``+inf`` where it holds one: the reduction propagates them),
@@ -76,8 +87,11 @@ def channel_maxima(act: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = act.shape
     if h * w == 0:
         raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
-    vals, idx = act.reshape(n, c, h * w).max(dim=2)  # ties: index of the first maximal value
+    flat = act.reshape(n, c, h * w)
+    vals, idx = flat.min(dim=2) if negate else flat.max(dim=2)  # ties: index of the first extremal value
     vals = vals.to(_value_dtype(act.device))
+    if negate:
+        vals = -vals
     return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
 
 
@@ -97,7 +111,8 @@ class TopK:
     #: whether new layers get :class:`UnitStats` (off for the re-rank pass, which sees only candidates)
     collect_stats = True
 
-    def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu", inf_wins: bool = False):
+    def __init__(self, layers: Sequence[str], k: int, device: "str | torch.device" = "cpu", inf_wins: bool = False,
+                 bottom_k: int = 0, bottom_of: Optional[Mapping[str, Optional[str]]] = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeconvisError(f"k must be a positive integer, got {k!r}")
         if not layers:
@@ -112,6 +127,36 @@ class TopK:
         self.nonfinite_first: Dict[str, Tensor] = {}
         self.stats: Dict[str, UnitStats] = {}  # per layer, the maxima's histogram and moments (unit pages)
         self.inf_wins = bool(inf_wins)  # +inf competes (a pool re-ranked in full precision)
+        self.labels: Optional[Tensor] = None  # class index per global image id (int64, -1: none); set_labels
+        self.n_classes = 0
+        self.collect_classes = self.collect_stats  # off for a resumed state that has no class sums
+        self.classes: Dict[str, ClassMeans] = {}  # per layer, the class sums of the maxima (unit pages)
+        # bottom-k: mined layer -> pre-activation row (the first mined layer of a row keeps it)
+        self.bottom_of: Dict[str, str] = {}
+        self.bottom: Optional[TopK] = None
+        if bottom_k and bottom_of:
+            for layer in self.layers:
+                node = bottom_of.get(layer)
+                if node is not None and node not in self.bottom_of.values():
+                    self.bottom_of[layer] = node
+            if self.bottom_of:
+                self.bottom = self._bottom_topk(list(self.bottom_of.values()), int(bottom_k))
+
+    def _bottom_topk(self, nodes: Sequence[str], k: int) -> "TopK":
+        """The state of the minima: a plain TopK of the negated maps (no statistics of its own)."""
+        b = TopK(nodes, k, self.device)
+        b.collect_stats = False
+        return b
+
+    def set_labels(self, labels: Optional[Sequence[int]], n_classes: int) -> None:
+        """Collect per-class sums of the maxima (:class:`ClassMeans`) for images labelled
+        ``labels[i]`` (a class index per global image id; -1: none) among ``n_classes`` classes;
+        None: no labels (nothing collected)."""
+        if labels is None or n_classes < 1:
+            self.labels, self.n_classes = None, 0
+            return
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64, device=self.device)
+        self.n_classes = int(n_classes)
 
     # -- updates -------------------------------------------------------------------------------
     def _empty(self, channels: int, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -124,17 +169,19 @@ class TopK:
         }
 
     @torch.inference_mode()
-    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor, eligible: Optional[Tensor] = None) -> None:
+    def update_layer(self, layer: str, act: Tensor, image_ids: Tensor, eligible: Optional[Tensor] = None,
+                     negate: bool = False) -> None:
         """Fold one batch of ``layer``'s activations ``[N, C, h, w]`` for images ``image_ids [N]``
         (global dataset indices) into the state. ``eligible`` (bool ``[N, C]``, optional) limits
-        which (image, channel) pairs may compete (the candidate pool of :mod:`deconvis.mining.rerank`)."""
+        which (image, channel) pairs may compete (the candidate pool of :mod:`deconvis.mining.rerank`);
+        ``negate``: fold ``-act`` (the bottom-k's minima, the map itself left as it is)."""
         if layer not in self.layers:
             raise KeyError(f"layer {layer!r} is not mined by this TopK ({self.layers})")
         if act.shape[0] != image_ids.shape[0]:
             raise ValueError(f"{act.shape[0]} activations for {image_ids.shape[0]} image ids")
         if act.device != self.device:
             act = act.to(self.device)
-        vals, ys, xs = channel_maxima(act)
+        vals, ys, xs = channel_maxima(act, negate)
         ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
         st = self.state.get(layer)
         if st is None:
@@ -147,6 +194,10 @@ class TopK:
             raise ValueError(f"layer {layer!r} had {st['values'].shape[0]} channels, now {vals.shape[1]}")
         if layer in self.stats:
             self.stats[layer].update(vals)
+        if self.labels is not None and self.collect_classes:
+            if layer not in self.classes:
+                self.classes[layer] = ClassMeans(vals.shape[1], self.n_classes, self.device)
+            self.classes[layer].update(vals, self.labels[ids])
         bad = ~torch.isfinite(vals)  # [N, C]: NaN, +inf (or a map of -inf only)
         ids_nc = ids[:, None].expand_as(vals)
         self.nonfinite[layer] = self.nonfinite[layer] + bad.sum(0)
@@ -170,6 +221,11 @@ class TopK:
             if layer not in acts:
                 raise KeyError(f"activations lack layer {layer!r} (got {sorted(acts)})")
             self.update_layer(layer, acts[layer], ids, self.eligible(layer, ids))
+        if self.bottom is not None:
+            for node in self.bottom.layers:
+                if node not in acts:
+                    raise KeyError(f"activations lack the pre-activation {node!r} of the bottom-k (got {sorted(acts)})")
+                self.bottom.update_layer(node, acts[node], ids, negate=True)
 
     def eligible(self, layer: str, image_ids: Tensor) -> Optional[Tensor]:
         """Which (image, channel) pairs may compete (bool ``[N, C]``); None: all (subclasses
@@ -213,6 +269,16 @@ class TopK:
                 self.stats[layer].merge(st)
             else:
                 self.stats[layer] = UnitStats.from_state_dict(st.state_dict(), self.device)
+        for layer, cm in other.classes.items():
+            if layer in self.classes:
+                self.classes[layer].merge(cm)
+            else:
+                self.classes[layer] = ClassMeans.from_state_dict(cm.state_dict(), self.device)
+        if other.bottom is not None:
+            if self.bottom is None:
+                self.bottom_of = dict(other.bottom_of)
+                self.bottom = self._bottom_topk(other.bottom.layers, other.bottom.k)
+            self.bottom.merge(other.bottom)
         self.seen += other.seen
         self.skipped = sorted(set(self.skipped) | set(other.skipped))
         return self
@@ -228,6 +294,16 @@ class TopK:
         out["valid"] = out["images"] != EMPTY
         return out
 
+    def bottom_winners(self, layer: str) -> Optional[Dict[str, Tensor]]:
+        """The bottom-k of mined ``layer`` like :meth:`winners` (``values`` are the minima:
+        negative first), or None when the layer has none (no pre-activation, or bottom-k off)."""
+        node = self.bottom_of.get(layer)
+        if self.bottom is None or node is None or node not in self.bottom.state:
+            return None
+        out = self.bottom.winners(node)
+        out["values"] = -out["values"]
+        return out
+
     # -- (de)serialisation ---------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
         """Plain CPU tensors, ints and lists (loads with ``weights_only=True``)."""
@@ -241,6 +317,9 @@ class TopK:
             "nonfinite": {layer: {"count": c.detach().cpu().clone(), "first": self.nonfinite_first[layer].detach().cpu().clone()}
                           for layer, c in self.nonfinite.items()},
             "stats": {layer: st.state_dict() for layer, st in self.stats.items()},
+            "classes": {layer: cm.state_dict() for layer, cm in self.classes.items()},
+            "bottom": None if self.bottom is None else self.bottom.state_dict(),
+            "bottom_of": dict(self.bottom_of),
         }
 
     def load_state_dict(self, d: Mapping[str, object]) -> "TopK":
@@ -259,6 +338,16 @@ class TopK:
         self.stats = {layer: UnitStats.from_state_dict(v, self.device) for layer, v in (st or {}).items()}
         if st is None and self.seen > 0:  # a checkpoint from before unit statistics: none, not a partial count
             self.collect_stats = False
+        cl = d.get("classes")  # type: ignore[union-attr]
+        self.classes = {layer: ClassMeans.from_state_dict(v, self.device) for layer, v in (cl or {}).items()}
+        if cl is None and self.seen > 0:  # a checkpoint from before class sums: none, not a partial count
+            self.collect_classes = False
+        b = d.get("bottom")  # type: ignore[union-attr]
+        if b is not None:
+            self.bottom_of = dict(d.get("bottom_of") or {})  # type: ignore[union-attr,arg-type]
+            self.bottom = self._bottom_topk(list(b["layers"]), int(b["k"])).load_state_dict(b)  # type: ignore[index]
+        elif self.seen > 0:  # a checkpoint without the minima: none, not a partial bottom-k
+            self.bottom, self.bottom_of = None, {}
         return self
 
     @classmethod

@@ -41,6 +41,9 @@ class VisualizeConfig(Config):
     layers: List[str] = option([], "layers to visualise, comma separated (aliases conv1, conv5_3, ... or module "
                                "names); empty = every conv layer")
     k: int = option(9, "strongest images per channel (one activation per image)")
+    bottom_k: Optional[int] = option(None, "most negative images per channel before rectification (the minima of the "
+                                           "pre-activation of ReLU layers, or a conv layer's own minima), mined and "
+                                           "projected beside the top-k on the unit pages; unset: k; 0: off")
     images: Union[str, Dict[str, Any]] = option("builtin:skimage-crops", "image set: folder, torchvision:NAME:ROOT[:SPLIT], "
                                                                     "builtin:skimage or builtin:skimage-crops")
     max_images: Optional[int] = option(None, "use only the first N images of the set")
@@ -115,6 +118,8 @@ class VisualizeConfig(Config):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise DeconvisError(f"{name} must be at least 1 (or unset), got {v}")
+        if self.bottom_k is not None and not 0 <= self.bottom_k <= 100:
+            raise DeconvisError(f"bottom_k must be in 0..100 (0: off; unset: k), got {self.bottom_k}")
         for name in ("workers", "replay_max_mismatch"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -144,6 +149,11 @@ class VisualizeConfig(Config):
             raise DeconvisError(f"run name {self.run!r} must be a plain folder name")
 
         parse_images_spec(self.images)
+
+    @property
+    def bottom_count(self) -> int:
+        """Images per channel of the bottom-k: ``bottom_k``, or ``k`` when unset (0: off)."""
+        return self.k if self.bottom_k is None else int(self.bottom_k)
 
     def resolve(self, config_path: Optional[str]) -> None:
         """With a config file and no ``run`` key, the run is named after the file, else the model."""

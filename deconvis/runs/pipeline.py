@@ -61,6 +61,7 @@ from deconvis.runs import ranks
 from deconvis.runs import results as results_mod
 from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
+from deconvis.runs.phases import bottom
 from deconvis.runs.phases.analyses import analyses_phase, check_analyses
 from deconvis.runs.phases.mine import build_results, check_mined, mine_phase, mining_forward
 from deconvis.runs.phases.prepare import Context, amp_dtype, prepare
@@ -178,22 +179,36 @@ def _mine(ctx: Context, poll, seconds: Dict[str, float]):
 
 
 def _project(ctx: Context, res: Results, poll) -> int:
-    """Phase project, split over ranks; returns how many units all ranks projected."""
+    """Phase project (the top-k, then the bottom-k: :mod:`deconvis.runs.phases.bottom`), split over
+    ranks; returns how many units all ranks projected."""
     info = ctx.info
+    low = bottom.shadow(res)  # before the top's plan: it sees the same projection hash as res
     with dist_mod.phase(info, "projection plan", solo=True):  # rank 0 plans from its view of the folder; every rank takes it
         progress = read_progress(ctx.run_dir, ctx.projection_hash) if info.is_main else []  # every rank's finished channels
         jobs = plan_projection(ctx, res, progress) if info.is_main else []
-    progress, jobs = dist_mod.from_main((progress, jobs), info, "the projection plan")
+        progress_b = read_progress(ctx.run_dir, ctx.projection_hash, bottom.PREFIX) if info.is_main and low else []
+        jobs_b = bottom.plan(ctx, low, progress_b) if info.is_main else []
+    progress, jobs, progress_b, jobs_b = dist_mod.from_main((progress, jobs, progress_b, jobs_b), info,
+                                                            "the projection plan")
     if not info.is_main:
         plan_projection(ctx, res, progress)  # the same reset and restored channels as on rank 0 (its job list is unused)
-    mine = split_jobs(jobs, info)
+        bottom.plan(ctx, low, progress_b)
+    mine, mine_b = split_jobs(jobs, info), split_jobs(jobs_b, info)
     replay = projection_mod.new_replay(res, precision.replay_rtol(ctx))
+    replay_b = projection_mod.new_replay(low, precision.bottom_replay_rtol(ctx)) if low is not None else None
     if jobs and info.enabled:
         ranks.main_log(info, "projecting %d units (rule %s) on %d processes", len(jobs), ctx.cfg.rule, info.world)
     with dist_mod.phase(info, "projection"):
         n = project_phase(ctx, res, mine, poll=poll, replay=replay) if mine else 0
+    if jobs_b:
+        ranks.main_log(info, "projecting the bottom-k: %d units", len(jobs_b))
+    with dist_mod.phase(info, "bottom-k projection"):
+        n_b = bottom.project(ctx, low, mine_b, poll=poll, replay=replay_b)
+    if replay_b is not None:
+        replay.merge(replay_b)
     projection_mod.add_replay(res.stats, dist_mod.all_gather_objects(replay, info, "the replay check"), replay.rtol)
-    return ranks.merge_projection(res, mine, n, info)
+    total = ranks.merge_projection(res, mine, n, info)
+    return total + (ranks.merge_projection(low, mine_b, n_b, info) if low is not None else 0)
 
 
 def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: DistInfo) -> Outcome:

@@ -124,6 +124,14 @@ def replay_rtol(ctx: Any) -> float:
     return SAME_PRECISION_RTOL
 
 
+def bottom_replay_rtol(ctx: Any) -> float:
+    """The replay tolerance of the bottom-k: under amp it keeps the autocast ranking and values
+    (the fp32 re-rank covers the top-k only), so the amp rounding; else :func:`replay_rtol`."""
+    if ctx.cfg.amp != "none":
+        return AMP_RTOL.get(ctx.amp, 0.05)
+    return replay_rtol(ctx)
+
+
 def report_nonfinite(ctx: Any, topk: TopK) -> Dict[str, Any]:
     """Warn once per layer (rank 0) about non-finite activations; the summary for ``results.json``
     keyed by layer label (ints only)."""

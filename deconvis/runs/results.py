@@ -6,10 +6,10 @@ it are relative to the run folder (``outputs/<run>/``). Boxes are half-open inpu
 ``preprocess``); ``box`` is the unit's full receptive field (may run past the image: that part
 is grey in the patch and zero in the reconstruction), ``box_clipped`` its part inside the image.
 
-Schema (version 3)::
+Schema (version 4)::
 
     {
-      "schema": "deconvis.results", "version": 3,
+      "schema": "deconvis.results", "version": 4,
       "created": "2025-01-01T12:00:00+00:00",
       "status": "mined" | "projected" | "rendered",
       "config": {...every VisualizeConfig key...},
@@ -23,7 +23,8 @@ Schema (version 3)::
       "rule": "deconvnet",
       "k": 9,                     # winners per channel (files written before it existed: config["k"])
       "images": {"spec": "builtin:skimage-crops", "count": 252, "skipped": [{"id": 7, "path": "..."}],
-                 "items": {"17": {"name": "...", "path": "..."}, ...}},   # the images that won
+                 "items": {"17": {"name": "...", "path": "..."}, ...},    # the images that won (top and bottom)
+                 "classes": ["cat", "dog", ...]},   # version 4, labelled sets only (an ImageFolder tree)
       "sprites": {"path": ..., "rows": ["rec", "img"], "columns": "rank (0 = strongest)", "cell": ...},
       "layers": [                 # one line each: columns, not one object per unit
         {"name": "features.1", "label": "conv1", "channels": 64, "channels_total": 64,
@@ -33,6 +34,14 @@ Schema (version 3)::
            "images": 252, "edges": [...],   # histogram bin edges: bin i is edges[i-1] <= max < edges[i]
            "hist": [[first_bin, [count, ...]], ...], "fired": [0.93, ...],  # share of images with max > 0
            "mean": [4.1, ...], "correlated": [[[channel, r], ...], ...]},   # most correlated channels (Pearson)
+         "class_means": [[[class, mean, images], ...], ...],  # version 4, labelled sets: per channel the 5
+                                   # classes (index into images.classes) with the highest mean maximum
+         "bottom": {               # version 4: the bottom-k (absent: no pre-activation, or bottom_k 0)
+           "name": "features.0", "label": "conv1-bottom",   # the pre-activation row whose minima these are
+           "channels": 64, "channels_total": 64, "map_size": [55, 55], "rf": [11, 11], "cell": [11, 11],
+           "sheets": [], "sheets_hash": "",
+           "units": {...}},        # as "units" below; "activation": the minimum (most negative first),
+                                   # "sprite": "tiles/conv1-bottom/c0000.png"
          "units": {                # one entry per channel; per channel one entry per winner (rank order)
            "channel": [0, 1, ...],
            "sprite": ["tiles/conv1/c0000.png", null, ...],     # null: not projected yet
@@ -58,9 +67,10 @@ Schema (version 3)::
 
 The tiles of a channel are one sprite (:mod:`deconvis.render.sprites`): the tile of the winner of
 rank ``r`` is column ``r``, row 0 its reconstruction and row 1 its image patch, each cell ``cell``
-pixels; ``sprites`` states this addressing in the file. Version 3 is version 2 plus
-``unit_stats`` per layer (absent when the run's mining checkpoint predates it); version 2 files
-read as before. Version 1 (one object per winner, with
+pixels; ``sprites`` states this addressing in the file. Version 4 is version 3 plus ``bottom``
+and ``class_means`` per layer and ``images.classes``; version 3 is version 2 plus
+``unit_stats`` per layer (absent when the run's mining checkpoint predates it); versions 2 and 3
+read as before (no bottom-k, no classes). Version 1 (one object per winner, with
 ``"tiles": {"rec": path, "img": path}`` files) is still read, re-rendered (``--render-only`` keeps
 it version 1) and resumed (saved as version 2 then, its tile files kept).
 
@@ -88,8 +98,10 @@ from deconvis.render.sprites import ADDRESSING
 SCHEMA = "deconvis.results"
 # written by development builds between the package re-layout and this fix; read as the same schema
 _SCHEMA_ALIASES = (SCHEMA, "deconvis.runs.results")
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+#: label suffix of a layer's bottom-k (its tiles folder: ``tiles/<label>-bottom/``)
+BOTTOM_SUFFIX = "-bottom"
 FILENAME = "results.json"
 
 Box = List[int]
@@ -130,6 +142,8 @@ class LayerResult:
     sheets_hash: str = ""     # identity of the rendered sheets (skip re-rendering when unchanged)
     units: List[ChannelResult] = field(default_factory=list)
     unit_stats: Optional[Dict[str, Any]] = None  # version 3: UnitStats.summary() of the mined maxima (unit pages)
+    class_means: Optional[List[List[List[float]]]] = None  # version 4: ClassMeans.summary() (labelled sets)
+    bottom: Optional["LayerResult"] = None  # version 4: the bottom-k, a layer of the pre-activation row
 
 
 @dataclass
@@ -230,6 +244,13 @@ class Results:
             raise DeconvisError(f"results.json is malformed ({type(exc).__name__}: {exc}); re-run with --fresh") from exc
 
 
+def bottom_k(res: Results) -> int:
+    """Images per channel of the run's bottom-k: the config's ``bottom_k``, ``k`` when unset (the
+    columns of its sprites)."""
+    bk = res.config.get("bottom_k")
+    return res.k if bk is None else int(bk)
+
+
 _LAYER_KEYS = ("name", "label", "channels", "channels_total", "map_size", "rf", "cell", "sheets", "sheets_hash")
 
 
@@ -260,6 +281,10 @@ def _layer_v2(lr: LayerResult, images: Dict[str, Any]) -> Dict[str, Any]:
     out = {key: getattr(lr, key) for key in _LAYER_KEYS}
     if lr.unit_stats is not None:
         out["unit_stats"] = finite_json(lr.unit_stats)
+    if lr.class_means is not None:
+        out["class_means"] = finite_json(lr.class_means)
+    if lr.bottom is not None:
+        out["bottom"] = _layer_v2(lr.bottom, images)
     out["units"] = cols
     return out
 
@@ -296,7 +321,9 @@ def _read_layer_v2(d: Dict[str, Any], items: Dict[str, Any]) -> LayerResult:
                           tiles=tiles[c][j] if tiles else None)
                    for j, (r, i, a, y, x, b, bc) in enumerate(row)]
         units.append(ChannelResult(channel=cols["channel"][c], winners=winners, sprite=cols["sprite"][c]))
-    return LayerResult(**{k: v for k, v in d.items() if k != "units"}, units=units)
+    bottom = d.get("bottom")
+    return LayerResult(**{k: v for k, v in d.items() if k not in ("units", "bottom")}, units=units,
+                       bottom=None if bottom is None else _read_layer_v2(bottom, items))
 
 
 def finite_json(obj: Any) -> Any:

@@ -5,7 +5,9 @@ the report (the projection beside the RF crop, windows onto the channel's sprite
 full displayed image as a thumbnail with its RF box drawn, the distribution of the channel's
 maximum over the whole image set (the histogram collected while mining,
 :mod:`deconvis.mining.unitstats`), its firing share, and the most correlated channels of the
-same layer (links to their pages). Pages are small and written without fsync (4224 for VGG16);
+same layer (links to their pages); its bottom-k (the most negative pre-activations, projected the
+same way: :mod:`deconvis.runs.phases.bottom`, partial ``unit_bottom.html``) and, for a labelled
+image set, the classes with the highest mean maximum (:mod:`deconvis.mining.classmeans`). Pages are small and written without fsync (4224 for VGG16);
 every link is relative, so the run folder can be moved or served as it is.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from deconvis.io.images import ImageSource
 from deconvis.io.pixels import UnreadableImage, preprocess_image
 from deconvis.render.pages import environment
 from deconvis.render.sheets import safe_name
-from deconvis.runs.results import LayerResult, Results
+from deconvis.runs.results import LayerResult, Results, bottom_k
 
 log = logging.getLogger("deconvis")
 
@@ -49,7 +51,8 @@ def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> D
     import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
     out: Dict[int, str] = {}
-    ids = sorted({w.image for lr in res.layers for u in lr.units for w in u.winners})
+    ids = sorted({w.image for lr in res.layers for layer in (lr, lr.bottom) if layer is not None
+                  for u in layer.units for w in u.winners})
     h, w = res.input_size
     s = THUMB_PX / max(h, w)
     size = (max(1, round(w * s)), max(1, round(h * s)))
@@ -123,11 +126,11 @@ def _tile_style(cell: List[int], rank: int, row: int, side: int) -> Dict[str, st
             "img": f"margin-left:{-rank * w * s:.2f}px;margin-top:{-row * h * s:.2f}px"}
 
 
-def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[int, str],
-                  filters: Optional[np.ndarray] = None) -> Dict[str, Any]:
+def _winner_views(res: Results, lr: LayerResult, ci: int, k: int, thumbs: Dict[int, str]) -> List[Dict[str, Any]]:
+    """What the page shows of each winner of channel ``ci`` of ``lr`` (a layer or its bottom-k,
+    whose sprites hold ``k`` columns): the sprite windows, the thumbnail and its RF box."""
     u = lr.units[ci]
     up = "../../"
-    k = res.k
     winners = []
     for w in u.winners:
         d: Dict[str, Any] = {"rank": w.rank + 1, "activation": f"{w.activation:.4g}", "image": w.image,
@@ -149,6 +152,35 @@ def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[
                 d["thumb_box"] = (f"top:{100 * bc[0] / H:.2f}%;height:{100 * (bc[1] - bc[0]) / H:.2f}%;"
                                   f"left:{100 * bc[2] / W:.2f}%;width:{100 * (bc[3] - bc[2]) / W:.2f}%")
         winners.append(d)
+    return winners
+
+
+def _bottom_context(res: Results, lr: LayerResult, ci: int, thumbs: Dict[int, str]) -> Optional[Dict[str, Any]]:
+    """The unit's bottom-k (:mod:`deconvis.runs.phases.bottom`): the most negative responses of its
+    pre-activation row, shown like the top-k; None when the layer has none."""
+    low = lr.bottom
+    if low is None or ci >= len(low.units):
+        return None
+    k = bottom_k(res)
+    return {"k": k, "node": low.name, "own": low.name == lr.name, "winners": _winner_views(res, low, ci, k, thumbs)}
+
+
+def _classes_context(res: Results, lr: LayerResult, ci: int) -> Optional[List[Dict[str, Any]]]:
+    """The classes with the highest mean maximum of the channel (labelled image sets,
+    :mod:`deconvis.mining.classmeans`): ``[{name, mean, images}]`` best first; None without labels."""
+    names = (res.images or {}).get("classes")
+    if not names or lr.class_means is None or ci >= len(lr.class_means):
+        return None
+    return [{"name": names[j] if 0 <= j < len(names) else str(j), "mean": "n/a" if m is None else f"{m:.4g}",
+             "images": int(n)} for j, m, n in ((int(r[0]), r[1], r[2]) for r in lr.class_means[ci])]
+
+
+def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[int, str],
+                  filters: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    u = lr.units[ci]
+    up = "../../"
+    k = res.k
+    winners = _winner_views(res, lr, ci, k, thumbs)
     st = lr.unit_stats
     stats = None
     if st is not None and ci < len(st.get("hist", [])):
@@ -170,6 +202,7 @@ def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[
         "prev_c": prev_c, "next_c": next_c,
         "filter": _png_data_uri(filters[ci]) if filters is not None and ci < len(filters) else None,
         "filter_size": None if filters is None else list(filters.shape[1:3]), "model": str(res.model.get("spec")), "dead": bool(u.winners) and u.winners[0].activation <= 0,
+        "bottom": _bottom_context(res, lr, ci, thumbs), "classes": _classes_context(res, lr, ci),
     }
 
 

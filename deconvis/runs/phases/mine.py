@@ -18,7 +18,7 @@ from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
 from deconvis.runs.phases.prepare import Context, autocast
 from deconvis.runs.phases.rundir import check_state, load_state, state_blob, state_filename
-from deconvis.runs.results import ChannelResult, LayerResult, Results, Winner
+from deconvis.runs.results import BOTTOM_SUFFIX, ChannelResult, LayerResult, Results, Winner
 from deconvis.utils.device import tf32
 
 log = logging.getLogger("deconvis")
@@ -27,7 +27,8 @@ log = logging.getLogger("deconvis")
 def mining_forward(ctx: Context) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
     """``images -> {layer: activation}`` for mining: autocast ``amp``, ``channels_last`` and the
     TF32 policy ``tf32`` (off unless asked)."""
-    dn, layers, channels_last = ctx.dn, ctx.layers, ctx.cfg.channels_last
+    dn, channels_last = ctx.dn, ctx.cfg.channels_last
+    layers = ctx.layers + [n for n in dict.fromkeys(bottom_of(ctx).values()) if n not in ctx.layers]  # + pre-activations
 
     def forward(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if channels_last:
@@ -36,6 +37,32 @@ def mining_forward(ctx: Context) -> Callable[[torch.Tensor], Dict[str, torch.Ten
             return dn.activations(x, layers)
 
     return forward
+
+
+def bottom_of(ctx: Context) -> Dict[str, str]:
+    """Mined layer -> the row of its pre-activation, whose minima are its bottom-k
+    (:meth:`deconvis.graph.trace.TracedGraph.preactivation`); empty with ``bottom_k: 0``."""
+    if not ctx.cfg.bottom_count:
+        return {}
+    out = {}
+    for layer in ctx.layers:
+        node = ctx.dn.graph.preactivation(layer)
+        if node is not None:
+            out[layer] = node
+    return out
+
+
+def new_topk(ctx: Context) -> mining.TopK:
+    """The empty mining state of the run: the top-k (or the amp candidate pool, where an fp16
+    overflow competes, to be re-ranked in fp32), the bottom-k of the pre-activations, and the
+    image set's class labels when it has them."""
+    cfg = ctx.cfg
+    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device, inf_wins=precision.reranks(cfg),
+                       bottom_k=cfg.bottom_count, bottom_of=bottom_of(ctx))
+    lab = ctx.source.labels()
+    if lab is not None:
+        topk.set_labels(lab[1], len(lab[0]))
+    return topk
 
 
 def _resume(ctx: Context, path: str, topk: mining.TopK) -> bool:
@@ -60,8 +87,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     after every batch (to stop early when another rank failed)."""
     cfg, info = ctx.cfg, ctx.info
     path = os.path.join(ctx.run_dir, state_filename(info))
-    # k, or the amp candidate pool (where an fp16 overflow competes, to be re-ranked in fp32)
-    topk = mining.TopK(ctx.layers, precision.mining_k(cfg), ctx.device, inf_wins=precision.reranks(cfg))
+    topk = new_topk(ctx)
     times = mining.MiningTimes()
     if not cfg.fresh and _resume(ctx, path, topk):  # --fresh: never read a checkpoint (rank 0 deleted them;
         return topk, times                          # another node may still see them through its cache)
@@ -118,6 +144,37 @@ def check_mined(ctx: Context, topk: mining.TopK) -> None:
                             "match the image set; pass --fresh")
 
 
+def _winner_rows(ctx: Context, w: Dict[str, torch.Tensor], used: Dict[int, Dict[str, str]]) -> List[ChannelResult]:
+    """Per channel, the valid entries of a winners table (:meth:`mining.TopK.winners`) as
+    :class:`Winner` records in rank order; ``used`` collects the images' names and paths."""
+    vals, imgs, ys, xs, valid = (w[f].tolist() for f in ("values", "images", "ys", "xs", "valid"))
+    units = []
+    for c in range(len(vals)):
+        winners = []
+        for r in range(len(vals[c])):
+            if not valid[c][r]:
+                continue
+            i = int(imgs[c][r])
+            if i not in used:
+                used[i] = {"name": ctx.source.name(i), "path": ctx.source.path(i)}
+            winners.append(Winner(rank=r, image=i, source=used[i]["name"], activation=float(vals[c][r]),
+                                  y=int(ys[c][r]), x=int(xs[c][r])))
+        units.append(ChannelResult(channel=c, winners=winners))
+    return units
+
+
+def _bottom_result(ctx: Context, topk: mining.TopK, spec, used: Dict[int, Dict[str, str]]) -> Optional[LayerResult]:
+    """The bottom-k of ``spec``'s layer as a :class:`LayerResult` of its pre-activation row (its
+    winners' ``activation`` the minima, negative first), or None when the layer has none."""
+    w = topk.bottom_winners(spec.name)
+    if w is None:
+        return None
+    node = topk.bottom_of[spec.name]
+    units = _winner_rows(ctx, w, used)
+    return LayerResult(name=node, label=f"{spec.label}{BOTTOM_SUFFIX}", channels=len(units),
+                       channels_total=spec.channels_total, map_size=list(spec.map_size), units=units)
+
+
 def build_results(ctx: Context, topk: mining.TopK) -> Results:
     """Winners of every layer/channel as a :class:`Results` (not yet projected)."""
     cfg = ctx.cfg
@@ -139,15 +196,20 @@ def build_results(ctx: Context, topk: mining.TopK) -> Results:
                                       y=int(ys[c][r]), x=int(xs[c][r])))
             units.append(ChannelResult(channel=c, winners=winners))
         st = topk.stats.get(spec.name)
+        cm = topk.classes.get(spec.name)
         layers.append(LayerResult(name=spec.name, label=spec.label, channels=len(units),
                                   channels_total=spec.channels_total, map_size=list(spec.map_size), units=units,
-                                  unit_stats=st.summary() if st is not None else None))
+                                  unit_stats=st.summary() if st is not None else None,
+                                  class_means=cm.summary() if cm is not None else None,
+                                  bottom=_bottom_result(ctx, topk, spec, used)))
     skipped = [{"id": i, "path": ctx.source.path(i)} for i in topk.skipped]
+    lab = ctx.source.labels() if topk.classes else None
     ident = ctx.identity.fields
     return Results(
         config=cfg.to_dict(), mining_hash=ctx.mining_hash, mining_identity=dict(ident), projection_hash="",
         model={"spec": cfg.model, "weights": cfg.weights, "weights_id": ident["weights_id"]},
         preprocess=ctx.preprocess, input_size=list(ctx.preprocess.crop), rule=cfg.rule, k=cfg.k,
         images={"spec": ident["images"], "count": len(ctx.source), "readable": len(ctx.source) - len(skipped),
-                "skipped": skipped, "items": {str(i): used[i] for i in sorted(used)}},
+                "skipped": skipped, "items": {str(i): used[i] for i in sorted(used)},
+                **({"classes": lab[0]} if lab is not None else {})},
         layers=layers, status="mined")

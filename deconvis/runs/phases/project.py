@@ -60,11 +60,12 @@ def _units(res: Results) -> Dict[Tuple[str, int], Tuple[LayerResult, ChannelResu
     return {(lr.name, u.channel): (lr, u) for lr in res.layers for u in lr.units}
 
 
-def read_progress(run_dir: str, projection_hash: str) -> List[Entry]:
+def read_progress(run_dir: str, projection_hash: str, prefix: str = "projection") -> List[Entry]:
     """The finished channels every rank's progress file lists (files of another projection, or
-    unreadable ones, are skipped: their channels are projected again)."""
+    unreadable ones, are skipped: their channels are projected again); ``prefix``
+    ``projection-bottom``: the bottom-k's files."""
     out: List[Entry] = []
-    for path in sorted(glob.glob(os.path.join(run_dir, PROGRESS_GLOB))):
+    for path in sorted(glob.glob(os.path.join(run_dir, PROGRESS_GLOB.replace("projection", prefix, 1)))):
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -97,8 +98,8 @@ def apply_entries(res: Results, entries: List[Entry]) -> None:
 
 
 def remove_progress(run_dir: str) -> None:
-    """Drop every rank's progress file (``results.json`` holds their content now)."""
-    for path in glob.glob(os.path.join(run_dir, PROGRESS_GLOB)):
+    """Drop every rank's progress files, top and bottom (``results.json`` holds their content now)."""
+    for path in glob.glob(os.path.join(run_dir, PROGRESS_GLOB)) + glob.glob(os.path.join(run_dir, "projection-bottom.rank*.json")):
         try:
             os.remove(path)
         except FileNotFoundError:
@@ -154,8 +155,8 @@ def project_chunk(ctx: Context) -> int:
 class _Progress:
     """This rank's finished channels (sprites on disk), written to its progress file."""
 
-    def __init__(self, run_dir: str, info: DistInfo, projection_hash: str):
-        self.path = os.path.join(run_dir, progress_filename(info))
+    def __init__(self, run_dir: str, info: DistInfo, projection_hash: str, prefix: str = "projection"):
+        self.path = os.path.join(run_dir, progress_filename(info, prefix))
         self.projection_hash = projection_hash
         self.entries: List[Entry] = []
         self.lock = threading.Lock()
@@ -216,11 +217,13 @@ def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k:
 
 
 def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob]] = None,
-                  poll: Optional[Callable[[], None]] = None, replay: Optional[Any] = None) -> int:
+                  poll: Optional[Callable[[], None]] = None, replay: Optional[Any] = None,
+                  prefix: str = "projection") -> int:
     """Project ``jobs`` (default: every winner not yet projected, see :func:`plan_projection`;
     whole channels), writing one sprite per channel and filling the boxes in ``res``; returns how
     many winners were projected. ``replay`` (a :class:`deconvis.render.projection.Replay`) receives
-    the replay check."""
+    the replay check. ``prefix``: this rank's progress file (``projection-bottom`` for the
+    bottom-k, :mod:`deconvis.runs.phases.bottom`)."""
     cfg, info = ctx.cfg, ctx.info
     if jobs is None:
         jobs = plan_projection(ctx, res)
@@ -237,7 +240,7 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
     for layer, c in expected:
         channels_of.setdefault(layer, []).append(c)
     staging = _Staging(ctx.run_dir, info.rank, res.k)
-    progress = _Progress(ctx.run_dir, info, ctx.projection_hash)
+    progress = _Progress(ctx.run_dir, info, ctx.projection_hash, prefix)
     lossless = bool(getattr(cfg, "lossless", False))
     log.info("projecting %d units (rule %s)", len(jobs), cfg.rule)
     writer = BackgroundWriter(threads=1, max_pending=WRITER_PENDING)

@@ -32,7 +32,7 @@ log = logging.getLogger("deconvis")
 
 STATE_FILE = "mining_state.pt"
 STATE_RE = re.compile(r"^mining_state(?:\.rank(\d+)-of(\d+))?\.pt$")
-PROGRESS_RE = re.compile(r"^projection\.rank\d+\.json$")
+PROGRESS_RE = re.compile(r"^projection(?:-bottom)?\.rank\d+\.json$")
 STATE_FORMAT = 1
 LOG_FILE = "run.log"
 PROGRESS_GLOB = "projection.rank*.json"  # each rank's finished channels during a projection
@@ -93,6 +93,8 @@ def run_identity(cfg: VisualizeConfig, layers: Sequence[str], weights: str, sour
         fields.pop(key, None)
     if cfg.amp != "none":  # lower precision can reorder near-ties: not resumable across precisions
         fields["amp"] = cfg.amp
+    if cfg.bottom_k is not None:  # set apart from k (unset: k, already in the identity; older runs keep their hash)
+        fields["bottom_k"] = cfg.bottom_k
     if cfg.max_pixels != MAX_PIXELS:  # which images are skipped (default: absent, so older runs keep their hash)
         fields["max_pixels"] = cfg.max_pixels
     fields.update(extra or {})
@@ -153,9 +155,10 @@ def run_log(run_dir: str, info: Optional[DistInfo] = None) -> Iterator[None]:
         log.setLevel(old_level)
 
 
-def progress_filename(info: Optional[DistInfo] = None) -> str:
-    """This rank's projection progress file (``projection.rank<r>.json``; rank 0 for one process)."""
-    return f"projection.rank{info.rank if info is not None else 0}.json"
+def progress_filename(info: Optional[DistInfo] = None, prefix: str = "projection") -> str:
+    """This rank's projection progress file (``projection.rank<r>.json``; rank 0 for one process;
+    ``projection-bottom.rank<r>.json`` for the bottom-k's)."""
+    return f"{prefix}.rank{info.rank if info is not None else 0}.json"
 
 
 def _discard_dir(path: str) -> None:
