@@ -69,7 +69,8 @@ def tiny_config(tmp_path, **over) -> VisualizeConfig:
         write_images(images)
     values = {"model": spec, "weights": "random", "images": images, "k": 3, "batch_size": 3, "resize": SIZE,
               "crop": SIZE, "out": os.path.join(str(tmp_path), "out"), "run": "t", "progress": False,
-              "checkpoint_every": 1, "min_tile": 8, "max_tile": 32, "per_sheet": 4, "device": "cpu"}
+              "checkpoint_every": 1, "min_tile": 8, "max_tile": 32, "per_sheet": 4, "device": "cpu",
+              "unit_erf": False}  # the unit pages' RF + ERF images: tests/test_unit_extras.py, test_unit_pages.py
     values.update(over)
     return load_config(None, values)
 

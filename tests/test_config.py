@@ -41,7 +41,8 @@ def test_every_key_round_trips_through_its_flag():
               "min_tile": "10", "max_tile": "20", "amp": "bf16", "prefetch_factor": "4", "dist_timeout": "30",
               "checkpoint_seconds": "5", "amp_pool": "2", "replay_max_mismatch": "3",
               "analyses": "diagnose,invariance", "analysis_images": "3", "correspondence_parts": "p.yaml",
-              "max_pixels": "1000000", "bottom_k": "2"}
+              "max_pixels": "1000000", "bottom_k": "2", "checkpoints": "a.pt,runs/train", "evolution_images": "5",
+              "featvis_steps": "7"}
     bools = {f.name for f in dataclasses.fields(C.VisualizeConfig) if f.type == "bool"}
     assert set(sample) | bools == set(C.FIELD_NAMES)
     argv = [x for k, v in sample.items() for x in (C.flag_name(k), v)]
@@ -49,6 +50,7 @@ def test_every_key_round_trips_through_its_flag():
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(argv)))
     assert cfg.layers == ["conv1_1", "conv5_3"] and cfg.k == 4 and cfg.max_images == 7 and cfg.rule == "guided"
     assert cfg.max_pixels == 1000000
+    assert (cfg.checkpoints, cfg.evolution_images, cfg.featvis_steps, cfg.unit_erf) == (["a.pt", "runs/train"], 5, 7, True)
     assert (cfg.batch_size, cfg.seed, cfg.crop, cfg.out, cfg.run, cfg.max_tile) == (5, 3, 32, "o", "r", 20)
     assert cfg.render_only is True and cfg.fresh is False and cfg.progress is True
     assert (cfg.amp, cfg.prefetch_factor, cfg.dist_timeout, cfg.project_batch) == ("bf16", 4, 30, 9)
@@ -62,6 +64,8 @@ def test_every_key_round_trips_through_its_flag():
     assert cfg.fresh is True and cfg.render_only is False
     cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--no-progress"])))
     assert cfg.progress is False
+    cfg = C.load_config(None, C.overrides_from_args(parser.parse_args(["--no-unit-erf"])))
+    assert cfg.unit_erf is False and cfg.featvis_steps == 0 and cfg.checkpoints == []
 
 
 def test_yaml_then_flags_precedence(tmp_path):

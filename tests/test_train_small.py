@@ -43,6 +43,15 @@ def test_train_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     a = torch.load(full["checkpoint"], weights_only=True)["state_dict"]
     b = torch.load(resumed["checkpoint"], weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the weights of each snapshot epoch, for visualize --checkpoints: the last one is the final model
+    from deconvis.runs.unit_evolution import checkpoint_files
+    snaps = checkpoint_files([str(tmp_path / "full")])
+    assert [os.path.relpath(p, tmp_path / "full") for p in snaps] == ["snapshot_weights/epoch_001.pt",
+                                                                       "snapshot_weights/epoch_002.pt"]
+    last = torch.load(snaps[-1], weights_only=True)
+    assert last["deconvis"]["epoch"] == 2 and all(torch.equal(a[k], last["state_dict"][k]) for k in a)
+    first = torch.load(snaps[0], weights_only=True)
+    assert first["deconvis"]["epoch"] == 1 and not all(torch.equal(a[k], first["state_dict"][k]) for k in a)
     sa = torch.load(tmp_path / "full" / "snapshots.pt", weights_only=True)
     sb = torch.load(tmp_path / "part" / "snapshots.pt", weights_only=True)
     assert [c["label"] for c in sb["columns"]] == ["1", "2"]

@@ -53,7 +53,7 @@ def run_out(tmp_path_factory):
     for i, name in enumerate(sorted(os.listdir(flat))):
         os.makedirs(tmp / "imgs" / CLASSES[i % 3], exist_ok=True)
         os.rename(flat / name, tmp / "imgs" / CLASSES[i % 3] / name)
-    return pipeline.run(fx.tiny_config(tmp, per_sheet=3))
+    return pipeline.run(fx.tiny_config(tmp, per_sheet=3, unit_erf=True))
 
 
 def _parse(run_dir, label, channel):
@@ -139,9 +139,12 @@ def test_report_links_to_unit_pages_and_a_page_loads_in_chromium(run_out, page):
     link.click()
     expect(page.locator("header h1")).to_contain_text(f"{lr.label} channel {lr.units[2].channel}")
     imgs = page.locator("main img")
-    assert imgs.count() == 3 * (len(lr.units[2].winners) + len(lr.bottom.units[2].winners))  # top-k, bottom-k
+    # top-k, bottom-k, and the RF + ERF image (unit_erf on in this run)
+    assert imgs.count() == 3 * (len(lr.units[2].winners) + len(lr.bottom.units[2].winners)) + 1
     expect(page.locator("#bottom h2")).to_contain_text("Bottom-3")
     expect(page.locator("#classes tr")).to_have_count(1 + 3)  # the header, three classes
+    expect(page.locator("#erf img.erf")).to_have_count(1)
+    expect(page.locator("#erf .legend")).to_contain_text("theoretical RF")
     assert page.evaluate("Promise.all([...document.images].map(i=>{i.loading='eager';return i.complete?0:"
                          "new Promise(r=>{i.onload=i.onerror=r;});})).then(()=>[...document.images]"
                          ".filter(i=>!i.naturalWidth).length)") == 0

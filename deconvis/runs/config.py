@@ -100,6 +100,16 @@ class VisualizeConfig(Config):
     correspondence_parts: str = option("", "part-box file (YAML/JSON, as deconvis correspondence --parts) for the "
                                            "correspondence analysis; empty: the packaged face boxes with the demo "
                                            "net (zfnet_demo), else the analysis is skipped")
+    unit_erf: bool = option(True, "unit pages: draw each channel's RF box and its effective receptive field (|d unit / "
+                                  "d input| at the top winner, on that image) on one image (about a quarter of the "
+                                  "projection phase's time on the demo; --no-unit-erf skips it)")
+    checkpoints: List[str] = option([], "unit pages: weights to follow each channel across (ZF Fig. 4 for one unit): "
+                                        "checkpoint files, or a `deconvis train` output folder (its snapshot_weights/), "
+                                        "in training order; empty: none")
+    evolution_images: int = option(256, "with checkpoints: the first N images of the set are searched for each "
+                                        "channel's strongest activation at every checkpoint")
+    featvis_steps: int = option(0, "unit pages: add each channel's feature visualisation (deconvis featvis, batched "
+                                   "over channels) with this many optimisation steps; 0: off")
 
     def validate(self) -> None:
         """Range and name checks that need no model; raises DeconvisError. Normalises ``rule``."""
@@ -111,7 +121,7 @@ class VisualizeConfig(Config):
                      "dist_timeout"):
             if getattr(self, name) < 1:
                 raise DeconvisError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "checkpoint_seconds", "amp_pool", "max_pixels"):
+        for name in ("checkpoint_every", "checkpoint_seconds", "amp_pool", "max_pixels", "featvis_steps"):
             if getattr(self, name) < 0:
                 raise DeconvisError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("max_images", "channels", "resize", "crop"):
@@ -131,6 +141,8 @@ class VisualizeConfig(Config):
                 raise DeconvisError(f"analyses: unknown analysis {name!r}; choose among {', '.join(ANALYSES)}"
                                     + close_matches(name, ANALYSES))
         self.analyses = list(dict.fromkeys(self.analyses))
+        if self.evolution_images < 1:
+            raise DeconvisError(f"evolution_images must be at least 1, got {self.evolution_images}")
         if self.analysis_images < 1:
             raise DeconvisError(f"analysis_images must be at least 1, got {self.analysis_images}")
         if self.amp not in AMP_MODES:

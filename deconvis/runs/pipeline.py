@@ -63,6 +63,7 @@ from deconvis.runs.config import VisualizeConfig
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases import bottom
 from deconvis.runs.phases.analyses import analyses_phase, check_analyses
+from deconvis.runs.phases.extras import check_extras, extras_phase
 from deconvis.runs.phases.mine import build_results, check_mined, mine_phase, mining_forward
 from deconvis.runs.phases.prepare import Context, amp_dtype, prepare
 from deconvis.runs.phases.project import (plan_projection, project_chunk, project_phase, read_progress,
@@ -137,6 +138,7 @@ def _setup(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: 
         ranks.check_shared(run_dir, token, info)
         ctx = prepare(cfg, run_dir, config_dir, info)
         check_analyses(cfg, config_dir)
+        check_extras(cfg, config_dir)
         if info.is_main:  # rank 0 decides whether to resume, from its view of the folder
             res = load_results(run_dir, ctx.identity)
             if res is None:
@@ -251,10 +253,15 @@ def _run(cfg: VisualizeConfig, run_dir: str, config_dir: Optional[str], info: Di
         if info.is_main:
             analyses_phase(ctx, res, config_dir, poll=poll)
     t_an = time.perf_counter() - t_an
+    t_ex = time.perf_counter()
+    with dist_mod.phase(info, "unit extras", solo=True):  # rank 0: RF + ERF, checkpoints, featvis of the unit pages
+        if info.is_main:
+            extras_phase(ctx, res, run_dir, config_dir)
+    seconds["unit_extras"] = time.perf_counter() - t_ex
     with dist_mod.phase(info, "report", solo=True):
         report_path = report_phase(res, run_dir, info, source=ctx.source,
                                    filters=first_layer_filters(ctx.loaded.model, ctx.specs))
-    seconds["render"] = time.perf_counter() - t - t_an
+    seconds["render"] = time.perf_counter() - t - t_an - seconds["unit_extras"]
     if cfg.analyses:
         seconds["analyses"] = t_an
     ranks.main_log(info, "wrote %d sheets and %s in %.1f s", sum(len(lr.sheets) for lr in res.layers), report_path,

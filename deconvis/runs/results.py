@@ -42,6 +42,10 @@ Schema (version 4)::
            "sheets": [], "sheets_hash": "",
            "units": {...}},        # as "units" below; "activation": the minimum (most negative first),
                                    # "sprite": "tiles/conv1-bottom/c0000.png"
+         "unit_extras": {          # optional (absent when not computed): the unit pages' extras, per channel
+           "erf": ["units/erf/conv1/0000.jpg" | null, ...], "erf_mass95": [0.41 | null, ...],   # RF + ERF image
+           "evolution": {"file": [...], "value": [[per checkpoint]], "image": [[...]], "y": [[...]], "x": [[...]]},
+           "featvis": ["units/featvis/conv1/0000.jpg", ...], "featvis_objective": [...]},
          "units": {                # one entry per channel; per channel one entry per winner (rank order)
            "channel": [0, 1, ...],
            "sprite": ["tiles/conv1/c0000.png", null, ...],     # null: not projected yet
@@ -52,6 +56,10 @@ Schema (version 4)::
            "tiles": [[{"rec": path, "img": path} | null]]  # only for tiles of a version-1 run (one file each)
          }},
         ...],
+      "unit_extras": {"erf": {"definition": "...", "images": 340, "key": "...", "seconds": 12.6},   # optional
+                      "evolution": {"checkpoints": [{"label": "epoch 1", "weights": path}, ...], "images": 256,
+                                    "rule": "deconvnet", "tile": 48, "key": "...", "seconds": ...},
+                      "featvis": {"steps": 64, "size": [128, 128], "seed": 0, "objective": "channel mean", ...}},
       "analyses": {"invariance": {"name": "invariance", "status": "done", "reason": "",
                                   "files": {"json": "analyses/invariance/invariance.json", "png": ...},
                                   "headers": [...], "rows": [[...]], "notes": [...],
@@ -70,7 +78,9 @@ rank ``r`` is column ``r``, row 0 its reconstruction and row 1 its image patch, 
 pixels; ``sprites`` states this addressing in the file. Version 4 is version 3 plus ``bottom``
 and ``class_means`` per layer and ``images.classes``; version 3 is version 2 plus
 ``unit_stats`` per layer (absent when the run's mining checkpoint predates it); versions 2 and 3
-read as before (no bottom-k, no classes). Version 1 (one object per winner, with
+read as before (no bottom-k, no classes). ``unit_extras`` (top level and per layer) are optional
+keys of versions 2 and up, written only when a part was computed
+(:mod:`deconvis.runs.phases.extras`). Version 1 (one object per winner, with
 ``"tiles": {"rec": path, "img": path}`` files) is still read, re-rendered (``--render-only`` keeps
 it version 1) and resumed (saved as version 2 then, its tile files kept).
 
@@ -144,6 +154,7 @@ class LayerResult:
     unit_stats: Optional[Dict[str, Any]] = None  # version 3: UnitStats.summary() of the mined maxima (unit pages)
     class_means: Optional[List[List[List[float]]]] = None  # version 4: ClassMeans.summary() (labelled sets)
     bottom: Optional["LayerResult"] = None  # version 4: the bottom-k, a layer of the pre-activation row
+    unit_extras: Optional[Dict[str, Any]] = None  # optional: per-channel RF+ERF, evolution, featvis images (deconvis.runs.unit_extras)
 
 
 @dataclass
@@ -181,6 +192,7 @@ class Results:
     version: int = VERSION
     k: int = 0                # winners per channel; 0: the ``k`` of ``config`` (files from before it was a field)
     analyses: Dict[str, "AnalysisRecord"] = field(default_factory=dict)  # name -> record (files before: none)
+    unit_extras: Dict[str, Any] = field(default_factory=dict)  # optional: how the unit pages' extras were made
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
@@ -201,6 +213,8 @@ class Results:
         d["preprocess"], d["rule"] = self.preprocess.to_dict(), Rule.parse(self.rule).value
         d["analyses"] = {k: asdict(v) for k, v in self.analyses.items()}
         d["version"] = self.version if self.version in READABLE_VERSIONS else VERSION
+        if not d["unit_extras"] or d["version"] < 2:  # optional: absent when no extra was computed
+            del d["unit_extras"]
         order = ["schema", "version", "created", "status"]
         out = {**{k: d.pop(k) for k in order}, **d}
         if out["version"] >= 2:
@@ -285,13 +299,15 @@ def _layer_v2(lr: LayerResult, images: Dict[str, Any]) -> Dict[str, Any]:
         out["class_means"] = finite_json(lr.class_means)
     if lr.bottom is not None:
         out["bottom"] = _layer_v2(lr.bottom, images)
+    if lr.unit_extras:
+        out["unit_extras"] = finite_json(lr.unit_extras)
     out["units"] = cols
     return out
 
 
 def _layer_v1(lr: LayerResult) -> Dict[str, Any]:
     """A layer as version 1 wrote it: one object per channel and per winner."""
-    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}  # version 1: no cell, no unit_stats
+    out = {key: getattr(lr, key) for key in _LAYER_KEYS if key != "cell"}  # version 1: no cell, no unit_stats/extras
     out["units"] = [{"channel": u.channel, "winners": [
         {"rank": w.rank, "image": w.image, "source": w.source, "activation": _finite(w.activation), "y": w.y,
          "x": w.x, "box": w.box, "box_clipped": w.box_clipped, "tiles": w.tiles} for w in u.winners]}

@@ -126,6 +126,33 @@ def _tile_style(cell: List[int], rank: int, row: int, side: int) -> Dict[str, st
             "img": f"margin-left:{-rank * w * s:.2f}px;margin-top:{-row * h * s:.2f}px"}
 
 
+def _extras_context(res: Results, lr: LayerResult, ci: int) -> Dict[str, Any]:
+    """The unit's optional extras (``unit_extras`` of the results, :mod:`deconvis.runs.phases.extras`):
+    its RF + ERF image, its figure across checkpoints, its feature visualisation; None where absent."""
+    up = "../../"
+    ex = lr.unit_extras or {}
+    out: Dict[str, Any] = {"erf": None, "evolution": None, "featvis": None}
+    erf = ex.get("erf")
+    if erf and ci < len(erf) and erf[ci]:
+        mass = (ex.get("erf_mass95") or [None] * len(erf))[ci]
+        out["erf"] = {"src": up + erf[ci], "mass95": None if mass is None else f"{100 * mass:.1f}"}
+    evo = ex.get("evolution")
+    meta = res.unit_extras.get("evolution") or {}
+    if isinstance(evo, dict) and ci < len(evo.get("file", [])) and evo["file"][ci]:
+        cps = meta.get("checkpoints", [])
+        out["evolution"] = {"src": up + evo["file"][ci], "images": meta.get("images"),
+                            "columns": [{"label": c.get("label"), "weights": os.path.basename(str(c.get("weights"))),
+                                         "value": f"{v:.4g}" if v is not None else "", "image": i}
+                                        for c, v, i in zip(cps, evo["value"][ci], evo["image"][ci])]}
+    fv = ex.get("featvis")
+    if fv and ci < len(fv) and fv[ci]:
+        fmeta = res.unit_extras.get("featvis") or {}
+        score = (ex.get("featvis_objective") or [None] * len(fv))[ci]
+        out["featvis"] = {"src": up + fv[ci], "steps": fmeta.get("steps"),
+                          "objective": None if score is None else f"{score:.4g}"}
+    return out
+
+
 def _winner_views(res: Results, lr: LayerResult, ci: int, k: int, thumbs: Dict[int, str]) -> List[Dict[str, Any]]:
     """What the page shows of each winner of channel ``ci`` of ``lr`` (a layer or its bottom-k,
     whose sprites hold ``k`` columns): the sprite windows, the thumbnail and its RF box."""
@@ -203,6 +230,7 @@ def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[
         "filter": _png_data_uri(filters[ci]) if filters is not None and ci < len(filters) else None,
         "filter_size": None if filters is None else list(filters.shape[1:3]), "model": str(res.model.get("spec")), "dead": bool(u.winners) and u.winners[0].activation <= 0,
         "bottom": _bottom_context(res, lr, ci, thumbs), "classes": _classes_context(res, lr, ci),
+        "extras": _extras_context(res, lr, ci),
     }
 
 

@@ -45,7 +45,7 @@ from deconvis.training.snapshot_parts import (Column, check_epochs, fingerprint,
                                               open_summary_writer, preserve_training_state)
 
 __all__ = ["SnapshotCallback", "Column", "preserve_training_state", "open_summary_writer", "ZF_EPOCHS",
-           "FEATURE_SELECTIONS", "STATE_FILE", "SUMMARY_FILE"]
+           "FEATURE_SELECTIONS", "STATE_FILE", "SUMMARY_FILE", "SNAPSHOT_WEIGHTS_DIR"]
 
 log = logging.getLogger("deconvis.training.snapshots")
 
@@ -53,6 +53,9 @@ ZF_EPOCHS: Tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
 STATE_FILE = "snapshots.pt"
 SUMMARY_FILE = "snapshots.json"
 STATE_VERSION = 1
+#: where ``deconvis train`` saves the weights of each snapshot epoch (``epoch_NNN.pt``, checkpoint
+#: format), for ``deconvis visualize --checkpoints`` to follow every unit across them
+SNAPSHOT_WEIGHTS_DIR = "snapshot_weights"
 
 
 # ------------------------------------------------------------------------------ callback

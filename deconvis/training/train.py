@@ -9,7 +9,9 @@ Every key of :class:`TrainConfig` is a YAML key (``--config configs/train_demo.y
 Outputs in ``out_dir``: ``train_state.pt`` (per-epoch training checkpoint: model, optimiser,
 schedulers, epoch, RNG states, history; a rerun resumes from it), ``evolution_<layer>.png`` +
 ``snapshots.pt``/``.json`` (the snapshot callback), ``conv1_filters_init.png`` /
-``conv1_filters.png`` (first-layer filters at init and now), ``train_log.json``, and the final
+``conv1_filters.png`` (first-layer filters at init and now), ``train_log.json``,
+``snapshot_weights/epoch_NNN.pt`` (the weights at each snapshot epoch, with ``snapshot_weights``;
+``deconvis visualize --checkpoints OUT_DIR`` follows every unit across them), and the final
 checkpoint (``checkpoint``, default ``out_dir/zfnet_demo.pt``) in the format
 :func:`deconvis.io.models.load_model` reads::
 
@@ -38,7 +40,7 @@ from deconvis.mirror.rules import Rule
 from deconvis.training.demo_model import DEMO_INPUT_SIZE, DEMO_RESIZE, zfnet_demo
 from deconvis.training.evolution import filter_grid
 from deconvis.training.renorm import renormalise_filters
-from deconvis.training.snapshots import SnapshotCallback, check_epochs, open_summary_writer
+from deconvis.training.snapshots import SNAPSHOT_WEIGHTS_DIR, SnapshotCallback, check_epochs, open_summary_writer
 from deconvis.training.surrogate import ExemplarDataset
 from deconvis.utils.device import use_device
 
@@ -90,6 +92,9 @@ class TrainConfig(Config):
     snapshot_epochs: Union[str, List[int]] = option([1, 2, 3, 5, 8, 12], "epochs to snapshot (comma separated, or all)",
                                                     coerce=_coerce_epochs, metavar="A,B,..")
     snapshot_every_n_steps: Optional[int] = option(None, "also snapshot every N optimiser steps")
+    snapshot_weights: bool = option(True, "save the weights at each snapshot epoch as OUT_DIR/snapshot_weights/"
+                                          "epoch_NNN.pt (checkpoint format, ~1.7 MB each): `deconvis visualize "
+                                          "--checkpoints OUT_DIR` shows every unit across them")
     layers: List[str] = option(["conv1", "conv2", "conv3", "conv5"], "layers to show in the evolution figures")
     features_per_layer: int = option(8, "features (rows) per layer")
     feature_select: str = option("top", "how features are picked: top (strongest at the first snapshot), first, spread")
@@ -211,7 +216,7 @@ class _Optimisers:
 
 #: settings that do not change the trained weights: a resumed run may differ in these
 NOT_THE_RUN = ("out_dir", "checkpoint", "device", "threads", "resume", "tensorboard", "snapshots", "snapshot_epochs",
-               "snapshot_every_n_steps", "layers", "features_per_layer", "feature_select", "probe_images", "rule",
+               "snapshot_every_n_steps", "snapshot_weights", "layers", "features_per_layer", "feature_select", "probe_images", "rule",
                "tile_size")
 
 
@@ -345,12 +350,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any
             rec["val_loss"], rec["val_acc"] = _evaluate(model, val, device)
         rec["train_seconds"] = time.perf_counter() - t0
         rec["data_seconds"] = t_data
+        snapped = False
         if cb is not None:
             ts = time.perf_counter()
             if cb.on_epoch_end(epoch, model) is not None:
                 snap_s += time.perf_counter() - ts
+                snapped = True
         rec["snapshot_seconds"] = snap_s
         history.append(rec)
+        if snapped and cfg.snapshot_weights:
+            _save_checkpoint(cfg, data, model, history, run_config,
+                             os.path.join(out, SNAPSHOT_WEIGHTS_DIR, f"epoch_{epoch:03d}.pt"))
         atomic.write_png(os.path.join(out, "conv1_filters.png"), filter_grid(model.features[0].weight))
         atomic.save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "epoch": epoch, "rng": _rng_state(),
