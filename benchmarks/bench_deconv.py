@@ -145,13 +145,17 @@ def node_macs(dn: DeconvNet, target, window=None) -> tuple:
     return fwd, proj
 
 
-def bench_model(name: str, x: torch.Tensor, captum_units: int) -> tuple:
-    """Rows of the table for one model, its totals, and the worst (c) vs (b) difference."""
+def bench_model(name: str, x: torch.Tensor, captum_units: int, only_layers=None, max_units=None) -> tuple:
+    """Rows of the table for one model, its totals, and the worst (c) vs (b) difference;
+    ``only_layers`` (names or 1-based positions in the workload) and ``max_units`` (channels per
+    layer) shorten the run."""
     from captum.attr import NeuronDeconvolution
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     layers, channels, use_captum = WORKLOADS[name]
+    if max_units is not None:
+        channels = min(channels or max_units, max_units)
     dn = DeconvNet(model)
     with torch.inference_mode():
         t_fwd = cpu_time(lambda: model(x), repeat=2)
@@ -159,7 +163,11 @@ def bench_model(name: str, x: torch.Tensor, captum_units: int) -> tuple:
     dn.forward(x)
     rows, tot, worst_cb = [], {"a": 0.0, "b": 0.0, "c": 0.0, "units": 0}, 0.0
     H, W = x.shape[-2:]
-    for layer in layers or dn.conv_layers():
+    todo = layers or dn.conv_layers()
+    if only_layers:
+        todo = [l for i, l in enumerate(todo, 1) if l in only_layers or str(i) in only_layers
+                or dn.display_name(l) in only_layers]
+    for layer in todo:
         units = dn.strongest(layer, k=1)  # the top unit of every channel over the image set
         if channels is not None:
             units = units[:channels]
@@ -217,13 +225,17 @@ def main() -> None:
     ap.add_argument("--captum-units", type=int, default=12, help="units per layer timed with Captum")
     ap.add_argument("--models", default="alexnet,resnet50,vgg16,mobilenet_v2",
                     help="comma separated: " + ", ".join(WORKLOADS))
+    ap.add_argument("--layers", default="", help="comma separated layers to run (names, aliases or 1-based "
+                    "positions in each model's workload); default: all")
+    ap.add_argument("--units", type=int, default=None, help="at most this many channels (units) per layer")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
+    only = {v.strip() for v in args.layers.split(",") if v.strip()}
     x = photos(args.images)
     rows, notes, alexnet = [], [], None
     load0 = os.getloadavg()[0]
     for name in args.models.split(","):
-        r, tot, worst_cb, fwd_ips, model = bench_model(name.strip(), x, args.captum_units)
+        r, tot, worst_cb, fwd_ips, model = bench_model(name.strip(), x, args.captum_units, only, args.units)
         rows += r
         notes.append(f"{name}: workload time (a) {_num(tot['a'], ' s')}, (b) {tot['b']:.1f} s, (c) {tot['c']:.2f} s; "
                      f"plain forward {fwd_ips:.1f} images/s (batch {args.images}); max relative difference "

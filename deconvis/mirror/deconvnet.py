@@ -55,6 +55,10 @@ _ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
 WINDOW_WORK_LIMIT = 0.6
 
 
+#: maps of the largest size the full backward is taken to hold at once (memory estimate)
+FULL_LIVE_MAPS = 4
+
+
 def cut_boxes(rec: Tensor, boxes: Tensor) -> Tensor:
     """Full-image reconstructions [M, C, H, W] cut to half-open unclipped boxes [M, 4] of one size
     (y0, y1, x0, x1): [M, C, rh, rw], zero where a box runs past the image."""
@@ -254,10 +258,13 @@ class DeconvNet:
         return seed
 
     def _bytes_per_unit(self, name: str, plan: Optional[WindowPlan]) -> int:
-        """Rough working memory of one unit's projection (signal, temporaries, indices)."""
+        """Rough working memory of one unit's projection (signal, temporaries, indices). The full
+        backward frees each node's signal once its inputs have theirs, so it holds a few maps at a
+        time (a residual block's skip signal waits beside the branch's): its peak is taken as
+        :data:`FULL_LIVE_MAPS` of the largest map; the windowed one is summed over the path."""
         node = self.graph.node(name)
         elem = self._acts[name].element_size()
-        total = 0
+        total = peak = 0
         for n in self.mirror.ancestors(node):
             v = self._env.get(n)
             if not isinstance(v, Tensor):
@@ -266,8 +273,8 @@ class DeconvNet:
                 h, w = plan.axes[n][0].size, plan.axes[n][1].size
                 total += v.shape[1] * h * w * (elem * 3 + 8)
             else:
-                total += int(v[0].numel()) * (elem * 3 + 8)
-        return max(total, 1)
+                peak = max(peak, int(v[0].numel()) * (elem * 3 + 8))
+        return max(total if plan is not None else FULL_LIVE_MAPS * peak, 1)
 
     # -------------------------------------------------------------- projection
     @torch.no_grad()
@@ -286,7 +293,8 @@ class DeconvNet:
         def run(chunk: Tensor) -> Tensor:
             return self.mirror.backward(self._env, self._switches, node, self._seed(name, chunk), chunk[:, 0], rule)
 
-        return torch.cat(batched(run, units, batch_size, "projection batch"))
+        parts = batched(run, units, batch_size, "projection batch")
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
 
     @torch.no_grad()
     def project_map(self, layer: str, image_index: int, channels: Iterable[int],
@@ -362,6 +370,8 @@ class DeconvNet:
             return rec, plan.box(u)
 
         parts = batched(run, units, batch_size, "projection batch")
+        if len(parts) == 1:  # one chunk: no copy (a cropped view is made contiguous)
+            return parts[0][0].contiguous(), parts[0][1]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def strongest(self, layer: str, k: int = 1) -> Tensor:

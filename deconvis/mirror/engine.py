@@ -40,6 +40,7 @@ from deconvis.graph.trace import TracedGraph, signal_inputs
 from deconvis.mirror.classify import DROPOUT, Node, Op, classify
 from deconvis.mirror.local_rules import accumulate_grad, grad_pairs, prelu_slope, reduce_to, relu_rule, bn_scale
 from deconvis.mirror.rules import Rule
+from deconvis.mirror.tconv import conv_transpose
 
 
 class Mirror:
@@ -203,8 +204,8 @@ class Mirror:
             xs = env[ins[0]].shape
             out_pad = tuple(xs[2 + a] - ((g.shape[2 + a] - 1) * w["s"][a] - 2 * w["p"][a]
                                          + w["d"][a] * (w["k"][a] - 1) + 1) for a in (0, 1))
-            gi = F.conv_transpose2d(g, self.conv_weight(node, g.dtype, not is_target), stride=w["s"],
-                                    padding=w["p"], output_padding=out_pad, groups=m.groups, dilation=w["d"])
+            gi = conv_transpose(g, self.conv_weight(node, g.dtype, not is_target), stride=w["s"],
+                                padding=w["p"], output_padding=out_pad, groups=m.groups, dilation=w["d"])
             return [(ins[0], gi, True)]
         if k == "maxpool":
             x = env[ins[0]]

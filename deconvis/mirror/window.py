@@ -29,11 +29,18 @@ from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
 from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to, bn_scale
 from deconvis.mirror.rules import Rule
+from deconvis.mirror.tconv import conv_transpose
 
 Node = torch.fx.Node
 Affine = Tuple[int, int]  # origin = a * u + b (u: the target unit's index along the axis)
 
 _ELEMENTWISE = {"generic"}
+#: ops whose windowed backward can write outside the map (a transposed conv reaches into the
+#: padding; an autograd derivative is taken at clamped positions): their inputs take the map mask
+_SPREADING = {"conv", "avgpool", "generic"}
+#: on the CPU, zero the off-map parts of windows block by block (one slice per strip of a unit
+#: that reaches past the map) rather than by a product with a mask over every window
+ZERO_BY_BLOCKS = True
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,28 @@ def _valid(w: Tuple[AxisWindow, AxisWindow], u: Tensor, hw: Tuple[int, int],
     return ok[:, None]
 
 
+def _off_map_strips(w: Tuple[AxisWindow, AxisWindow], u_host: List[List[int]], hw: Tuple[int, int]
+                    ) -> List[Tuple[int, int, int, int, int]]:
+    """(unit, y0, y1, x0, x1) half-open blocks of the units' windows that lie outside the map
+    (rows above and below it over the whole width, columns left and right of it), from the units
+    ``u_host`` [[y, x], ...] as Python ints."""
+    out = []
+    h, wd = w[0].size, w[1].size
+    for m, (uy, ux) in enumerate(u_host):
+        oy, ox = w[0].a * uy + w[0].b, w[1].a * ux + w[1].b
+        y0, y1 = min(max(0, -oy), h), max(min(h, hw[0] - oy), 0)
+        x0, x1 = min(max(0, -ox), wd), max(min(wd, hw[1] - ox), 0)
+        if y0 > 0:
+            out.append((m, 0, y0, 0, wd))
+        if y1 < h:
+            out.append((m, y1, h, 0, wd))
+        if x0 > 0:
+            out.append((m, y0, y1, 0, x0))
+        if x1 < wd:
+            out.append((m, y0, y1, x1, wd))
+    return out
+
+
 def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tuple[Affine, Affine], u: Tensor) -> None:
     """Add ``src`` [M, C, h, w] (origin ``src_org``) into ``dst`` [M, C, H, W] (origin ``dst_org``),
     dropping what falls outside ``dst``. Origins are affine in the unit index ``u`` [M, 2]."""
@@ -267,22 +296,42 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
         paste(g0, _affine(tw), seed, ((1, 0), (1, 0)), u)
     grads: Dict[Node, Tensor] = {target: g0}
     owned: Dict[Node, bool] = {target: g0 is not seed}  # may the node's window be written in place?
+    # may the node's window hold values outside the map? Only a transposed conv (or an op's
+    # autograd derivative) writes there; ReLUs, BatchNorm, unpools, adds and concatenations keep
+    # the zeros of a masked signal, so only the inputs of those ops take the map mask
+    dirty: Dict[Node, bool] = {}
     M = len(n_idx)
-    lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
-    u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
+    # on the CPU the off-map parts are zeroed block by block (only units whose window reaches past
+    # the map have any), elsewhere by one mask product
+    u_host = u.tolist() if u.device.type == "cpu" and ZERO_BY_BLOCKS else None
+    if u_host is not None:
+        u_range = None
+    else:
+        lo, hi = u.min(0).values.tolist(), u.max(0).values.tolist()
+        u_range = ((lo[0], hi[0]), (lo[1], hi[1]))
     for node in reversed(plan.nodes):
         g = grads.pop(node, None)
         if g is None:
             continue
         mine = owned.pop(node, False)
         w = plan.axes[node]
-        ok = _valid(w, u, plan.hw[node], u_range)
-        if ok is not None:
-            g = g.mul_(ok) if mine else g * ok
-            mine = True
+        if dirty.pop(node, False) and not (w[0].full and w[1].full):
+            if u_host is not None:  # CPU: zero the off-map strips of the units that reach past the map
+                strips = _off_map_strips(w, u_host, plan.hw[node])
+                if strips and not mine:
+                    g, mine = g.clone(), True
+                for m, y0, y1, x0, x1 in strips:
+                    g[m, :, y0:y1, x0:x1] = 0
+            else:
+                ok = _valid(w, u, plan.hw[node], u_range)
+                if ok is not None:
+                    g = g.mul_(ok) if mine else g * ok
+                    mine = True
         if node.op == "placeholder":
             return g
+        spreads = mirror.ops[node].kind in _SPREADING
         for inp, raw, org, fresh in _window_vjp(mirror, plan, node, g, mine, env, switches, n_idx, u, rule):
+            dirty[inp] = dirty.get(inp, False) or spreads
             wi = plan.axes[inp]
             if inp not in grads:
                 if org == _affine(wi) and tuple(raw.shape[-2:]) == (wi[0].size, wi[1].size):
@@ -320,7 +369,7 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
             c = g.shape[1]
             div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]
             weight, groups = g.new_full((c, 1) + tuple(op.win["k"]), 1.0 / div), c
-        raw = F.conv_transpose2d(g, weight, stride=s, dilation=d, groups=groups)
+        raw = conv_transpose(g, weight, stride=s, dilation=d, groups=groups)
         org = ((here[0][0] * s[0], here[0][1] * s[0] - p[0]), (here[1][0] * s[1], here[1][1] * s[1] - p[1]))
         return [(ins[0], raw, org, True)]
     if k == "maxpool":
@@ -328,11 +377,15 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
         H, W = plan.hw[ins[0]]
         idx = _gather(switches[node], n_idx, w, u)
         oi = _origin(wi, u)
-        ry = (idx // W - oi[:, 0, None, None, None]).clamp(0, wi[0].size - 1)
-        rx = (idx % W - oi[:, 1, None, None, None]).clamp(0, wi[1].size - 1)
+        hs, ws = wi[0].size, wi[1].size
+        # switch (row, col) = (q, idx - q*W) of the map, (q - oy)*ws + (col - ox) of the window:
+        # idx + q*(ws - W) - (oy*ws + ox). Positions of the window outside the map read a clamped
+        # neighbour's switch and carry a zero signal: the clamp only keeps their indices in range
+        local = idx.div(W, rounding_mode="floor").mul_(ws - W).add_(idx)
+        local.sub_((oi[:, 0] * ws + oi[:, 1])[:, None, None, None]).clamp_(0, hs * ws - 1)
         M, C = g.shape[:2]
-        out = g.new_zeros((M, C, wi[0].size * wi[1].size))
-        out.scatter_add_(2, (ry * wi[1].size + rx).reshape(M, C, -1), g.reshape(M, C, -1))
+        out = g.new_zeros((M, C, hs * ws))
+        out.scatter_add_(2, local.reshape(M, C, -1), g.reshape(M, C, -1))
         return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi), True)]
     if k == "bn":
         if node in mirror.folded_bn:  # its scale is in the conv below (Mirror.conv_weight)

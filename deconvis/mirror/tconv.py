@@ -1,0 +1,79 @@
+"""The transposed convolution of the mirror, in the formulation that runs fastest on the CPU.
+
+PyTorch's CPU ``conv_transpose2d`` is slow for a strided conv into few channels (AlexNet's
+11x11 stride-4 conv1 and ResNet's 7x7 stride-2 stem, both into the 3 image channels): about a
+quarter of the forward conv's multiply-add rate. The same numbers come from one *forward*
+convolution by sub-pixel (space-to-depth) decomposition: output pixel ``Y = y*s + t`` of the
+transposed conv takes tap ``t = q*s + r``, so each of the ``s*s`` output phases ``(r_y, r_x)`` is
+a stride-1 convolution of the signal with the taps of that phase. Stacking the phases as output
+channels gives one ``conv2d`` with ``C_in*s*s`` output channels and a ``ceil(k_eff/s)`` kernel
+(the taps padded with zeros to a multiple of ``s``), then ``pixel_shuffle`` lays the phases back
+on the grid and padding crops. It does the same multiply-adds plus the zero taps' (AlexNet:
+``(12/11)^2``, 19 % more) and runs near the forward's rate; the result equals
+``conv_transpose2d``'s up to summation order (float64 round-off).
+
+:func:`conv_transpose` picks the formulation by shape: sub-pixel for strided, ungrouped convs
+into at most :data:`SUBPIXEL_MAX_CHANNELS` phase channels (``C_in*s_y*s_x``), where it measured
+2-4x faster (BENCHMARKS.md); ``conv_transpose2d`` everywhere else, where the two ran even or
+``conv_transpose2d`` won (3x3 stride-2 convs of 128+ channels, depthwise convs).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch.nn.functional as F
+from torch import Tensor
+
+Pair = Tuple[int, int]
+
+#: the sub-pixel form is used up to this many phase channels (transposed conv's output channels
+#: times the stride's area): AlexNet conv1 has 3*16 = 48, ResNet's stem 3*4 = 12
+SUBPIXEL_MAX_CHANNELS = 64
+
+
+def use_subpixel(weight: Tensor, stride: Pair, groups: int) -> bool:
+    """Whether :func:`conv_transpose` takes the sub-pixel form for filters ``weight``
+    [C_out, C_in/groups, kh, kw] at ``stride``."""
+    sy, sx = stride
+    return groups == 1 and sy == sx and sy > 1 and weight.shape[1] * sy * sx <= SUBPIXEL_MAX_CHANNELS
+
+
+def subpixel_conv_transpose(g: Tensor, weight: Tensor, stride: Pair, padding: Pair = (0, 0),
+                            output_padding: Pair = (0, 0), dilation: Pair = (1, 1), groups: int = 1) -> Tensor:
+    """``F.conv_transpose2d(g, weight, ...)`` for ``g`` [M, C_out, h, w] and ``weight``
+    [C_out, C_in/groups, kh, kw] as one forward conv and a ``pixel_shuffle``: [M, C_in, H, W].
+    The stride must be the same along both axes (``pixel_shuffle`` has one factor)."""
+    s = stride[0]
+    if stride[1] != s:
+        raise ValueError(f"subpixel_conv_transpose needs one stride for both axes, got {tuple(stride)}")
+    M, C_out, h, w = g.shape
+    cig, kh, kw = weight.shape[1:]
+    ke = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)  # dilated kernel extent
+    Q = (-(-ke[0] // s), -(-ke[1] // s))  # taps per phase
+    dense = weight.new_zeros((C_out, cig, Q[0] * s, Q[1] * s))
+    dense[:, :, :ke[0]:dilation[0], :ke[1]:dilation[1]] = weight
+    # K[grp, ci, r_y, r_x | co, a, b] = dense[grp co, ci, (Q_y-1-a)*s + r_y, (Q_x-1-b)*s + r_x]
+    K = dense.view(groups, C_out // groups, cig, Q[0], s, Q[1], s).flip(3, 5).permute(0, 2, 4, 6, 1, 3, 5)
+    K = K.reshape(groups * cig * s * s, C_out // groups, Q[0], Q[1])
+    y = F.pixel_shuffle(F.conv2d(g, K, padding=(Q[0] - 1, Q[1] - 1), groups=groups), s)
+    H = (h - 1) * s - 2 * padding[0] + ke[0] + output_padding[0]
+    W = (w - 1) * s - 2 * padding[1] + ke[1] + output_padding[1]
+    short_h, short_w = max(0, padding[0] + H - y.shape[2]), max(0, padding[1] + W - y.shape[3])
+    if short_h or short_w:  # output_padding reaches past the last tap: zeros there
+        y = F.pad(y, (0, short_w, 0, short_h))
+    return y[:, :, padding[0]:padding[0] + H, padding[1]:padding[1] + W]
+
+
+def conv_transpose(g: Tensor, weight: Tensor, stride: Pair, padding: Pair = (0, 0), output_padding: Pair = (0, 0),
+                   dilation: Pair = (1, 1), groups: int = 1) -> Tensor:
+    """``F.conv_transpose2d`` [M, C_in, H, W] of ``g`` [M, C_out, h, w], in the faster formulation
+    for the shape (see the module docstring); the same numbers to round-off."""
+    stride, padding = tuple(stride), tuple(padding)
+    output_padding, dilation = tuple(output_padding), tuple(dilation)
+    if use_subpixel(weight, stride, groups):
+        return subpixel_conv_transpose(g, weight, stride, padding, output_padding, dilation, groups)
+    return F.conv_transpose2d(g, weight, stride=stride, padding=padding, output_padding=output_padding,
+                              groups=groups, dilation=dilation)
+
+
+__all__ = ["conv_transpose", "subpixel_conv_transpose", "use_subpixel", "SUBPIXEL_MAX_CHANNELS"]

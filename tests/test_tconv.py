@@ -1,0 +1,111 @@
+"""The mirror's transposed conv (deconvis/mirror/tconv.py): the sub-pixel form equals
+F.conv_transpose2d to float64 round-off on random shapes (strides 2-4, dilation, groups, padding,
+output padding, non-square kernels and maps), and conv_transpose picks it only where it is meant
+to (strided, ungrouped, few phase channels) while giving the same numbers either way."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deconvis.mirror import tconv
+from deconvis.mirror.tconv import conv_transpose, subpixel_conv_transpose, use_subpixel
+
+
+def _case(rng: random.Random):
+    """A random valid conv_transpose2d configuration, float64."""
+    while True:
+        s = rng.randint(2, 4)
+        kh, kw = rng.randint(1, 7), rng.randint(1, 7)
+        d = (rng.randint(1, 3), rng.randint(1, 3))
+        groups = rng.choice([1, 2, 3])
+        op = (rng.randint(0, s - 1), rng.randint(0, s - 1))
+        p = (rng.randint(0, 3), rng.randint(0, 3))
+        h, w = rng.randint(1, 7), rng.randint(1, 7)
+        gen = torch.Generator().manual_seed(rng.randint(0, 2 ** 31))
+        g = torch.randn(2, 2 * groups, h, w, dtype=torch.float64, generator=gen)
+        weight = torch.randn(2 * groups, rng.randint(1, 3), kh, kw, dtype=torch.float64, generator=gen)
+        kw_args = dict(stride=(s, s), padding=p, output_padding=op, dilation=d, groups=groups)
+        try:
+            ref = F.conv_transpose2d(g, weight, **kw_args)
+        except RuntimeError:  # output_padding >= stride and dilation, or an empty output
+            continue
+        return g, weight, kw_args, ref
+
+
+def test_subpixel_equals_conv_transpose2d_on_random_shapes():
+    rng = random.Random(0)
+    for _ in range(150):
+        g, weight, kw, ref = _case(rng)
+        got = subpixel_conv_transpose(g, weight, **kw)
+        assert got.shape == ref.shape, kw
+        assert torch.allclose(got, ref, rtol=0, atol=1e-12), kw
+
+
+def test_subpixel_on_alexnet_conv1_shape():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(2, 64, 55, 55, dtype=torch.float64, generator=gen)
+    weight = torch.randn(64, 3, 11, 11, dtype=torch.float64, generator=gen)
+    ref = F.conv_transpose2d(g, weight, stride=4, padding=2, output_padding=1)  # 224 px
+    got = subpixel_conv_transpose(g, weight, (4, 4), (2, 2), (1, 1))
+    assert got.shape == ref.shape == (2, 3, 224, 224)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-10)
+
+
+def test_subpixel_refuses_unequal_strides():
+    with pytest.raises(ValueError, match="one stride"):
+        subpixel_conv_transpose(torch.zeros(1, 2, 3, 3), torch.zeros(2, 1, 3, 3), (1, 2))
+
+
+@pytest.mark.parametrize("shape, stride, groups, sub", [
+    ((64, 3, 11, 11), (4, 4), 1, True),      # AlexNet conv1: 48 phase channels
+    ((64, 3, 7, 7), (2, 2), 1, True),        # ResNet stem
+    ((64, 3, 11, 11), (1, 1), 1, False),     # stride 1: conv_transpose2d
+    ((128, 128, 3, 3), (2, 2), 1, False),    # many phase channels
+    ((96, 1, 3, 3), (2, 2), 96, False),      # depthwise
+    ((64, 3, 3, 3), (2, 1), 1, False),       # unequal strides
+])
+def test_conv_transpose_dispatch(shape, stride, groups, sub, monkeypatch):
+    calls = []
+    real = tconv.subpixel_conv_transpose
+    monkeypatch.setattr(tconv, "subpixel_conv_transpose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    g = torch.randn(2, shape[0], 5, 6, dtype=torch.float64, generator=gen)
+    assert use_subpixel(weight, stride, groups) is sub
+    got = conv_transpose(g, weight, stride, (1, 1), (0, 0), (1, 1), groups)
+    ref = F.conv_transpose2d(g, weight, stride=stride, padding=1, groups=groups)
+    assert bool(calls) is sub
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+
+
+def test_mirror_with_a_stride4_stem_matches_oracle_in_one_chunk():
+    """AlexNet's conv1 geometry (11x11, stride 4, padding 2, into 3 channels: the sub-pixel form,
+    cropped) in the full and windowed mirror: equal to the autograd oracle, and the one-chunk result
+    (returned without a concatenation) is a contiguous tensor like the multi-chunk one."""
+    from torch import nn
+
+    from autograd_oracle import oracle_project
+    from deconvis.mirror.deconvnet import DeconvNet
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(8, 6, 5, padding=2),
+                          nn.ReLU()).double().eval()
+    x = torch.randn(3, 3, 67, 67, dtype=torch.float64)
+    dn = DeconvNet(model)
+    dn.forward(x)
+    for layer in ("1", "4"):
+        units = dn.strongest(layer, 2)
+        one = dn.project(layer, units)
+        assert one.is_contiguous()
+        ref = oracle_project(model, x, layer, units, "deconvnet")
+        assert torch.allclose(one, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+        assert torch.equal(dn.project(layer, units, batch_size=1), one)
+        rec, boxes = dn.project_window(layer, units)
+        assert rec.is_contiguous()
+        for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, 67), max(x0, 0), min(x1, 67)
+            assert torch.allclose(rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], ref[m, :, cy0:cy1, cx0:cx1],
+                                  rtol=0, atol=1e-10 * float(ref.abs().max()))
