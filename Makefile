@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scale.py --record
 	$(PY) benchmarks/bench_occlusion.py --record
 	$(PY) benchmarks/bench_featvis.py --record
+	$(PY) benchmarks/bench_explore.py --record
 
 # mutation testing of the engines and run-state code (not in CI; docs/testing.md): TARGETS=topk lock ...
 mutate: $(STAMP)

@@ -1,6 +1,6 @@
 """Imports run down the layers, and a module's interface is what it names without an underscore.
 
-The layers contract lives in setup.cfg (``[importlinter:contract:layers]``): cli > runs > featvis >
+The layers contract lives in setup.cfg (``[importlinter:contract:layers]``): cli > explore > runs > featvis >
 training | analysis > render > mirror | mining > graph > io | utils | config > errors. import-linter
 reads every import statement, function-local ones included.
 """

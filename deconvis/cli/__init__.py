@@ -15,7 +15,7 @@ from deconvis.errors import DeconvisError
 
 # module name under deconvis.cli for each subcommand, in help order
 SUBCOMMANDS = ["visualize", "train", "rf", "erf", "occlusion", "invariance", "correspondence", "diagnose",
-               "featvis"]
+               "featvis", "explore"]
 
 
 def build_parser() -> argparse.ArgumentParser:
