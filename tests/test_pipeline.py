@@ -376,6 +376,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (run_dir / "layer_conv1_p001.jpg").is_file() and (run_dir / "index.html").is_file()
     cfg = json.load(open(run_dir / "results.json"))["config"]
     assert cfg["seed"] == 1 and cfg["layers"] == ["conv1", "conv3"]
+    from deconvis.runs.results import load as load_results
+    res = load_results(str(run_dir))  # the summary line counts the bottom-k's projected units too
+    n_bottom = sum(len(u.winners) for lr in res.layers if lr.bottom is not None for u in lr.bottom.units)
+    assert n_bottom > 0 and f", and {n_bottom} bottom units, " in text
     assert main(argv + ["--render-only"]) == 0
     assert main(argv[:-2] + ["--layers", "conv7"]) == 2
     assert "deconvis: error: unknown layer 'conv7'" in capsys.readouterr().err

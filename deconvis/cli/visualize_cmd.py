@@ -54,12 +54,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     res = out.results
     n_units = sum(len(u.winners) for lr in res.layers for u in lr.units)
+    n_bottom = sum(len(u.winners) for lr in res.layers if lr.bottom is not None for u in lr.bottom.units)
     print(f"run {cfg.run}: {len(res.layers)} layers, {n_units} units, top-{res.k} over "
           f"{res.images.get('readable', out.n_images)} images"
           + (f" ({len(res.images.get('skipped', []))} unreadable skipped)" if res.images.get("skipped") else "")
+          + (f", and {n_bottom} bottom units" if n_bottom else "")
           + f", {time.perf_counter() - t0:.1f} s")
+    width = max((len(p) for p in out.seconds), default=8)
     for phase, secs in out.seconds.items():
-        print(f"  {phase:8s} {secs:7.1f} s")
+        print(f"  {phase:{width}s} {secs:7.1f} s")
     if out.mining is not None:
         where = f" (rank 0 of {out.world})" if out.world > 1 else ""
         print(f"  mining time{where}: {out.mining.summary()}")
