@@ -249,7 +249,7 @@ ARITHMETIC_OPS = {"aten::conv2d", "aten::convolution", "aten::_convolution", "at
                   "aten::convolution_backward", "aten::max_pool2d", "aten::max_pool2d_with_indices",
                   "aten::max_pool2d_with_indices_backward", "aten::max_unpool2d", "aten::avg_pool2d",
                   "aten::adaptive_avg_pool2d", "aten::avg_pool2d_backward"}
-PHASES = ("prepare", "mine", "project", "render")
+PHASES = ("prepare", "mine", "project", "unit_extras", "render")
 
 
 def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float]:
@@ -259,7 +259,8 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
     per op) is inside the wall times."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    wrapped = {"prepare": "_setup", "mine": "_mine", "project": "_project", "render": "render_phase"}
+    wrapped = {"prepare": "_setup", "mine": "_mine", "project": "_project", "unit_extras": "extras_phase",
+               "render": "render_phase"}
     saved = {name: getattr(pipeline, name) for name in wrapped.values()}
 
     def wrap(phase: str, fn):
