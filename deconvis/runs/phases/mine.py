@@ -144,14 +144,16 @@ def check_mined(ctx: Context, topk: mining.TopK) -> None:
                             "match the image set; pass --fresh")
 
 
-def _winner_rows(ctx: Context, w: Dict[str, torch.Tensor], used: Dict[int, Dict[str, str]]) -> List[ChannelResult]:
-    """Per channel, the valid entries of a winners table (:meth:`mining.TopK.winners`) as
+def _winner_rows(ctx: Context, w: Dict[str, torch.Tensor], used: Dict[int, Dict[str, str]],
+                 k: Optional[int] = None) -> List[ChannelResult]:
+    """Per channel, the valid entries of a winners table (:meth:`mining.TopK.winners`) among its
+    first ``k`` ranks (all when None; a mining pool can hold more than the run's k) as
     :class:`Winner` records in rank order; ``used`` collects the images' names and paths."""
     vals, imgs, ys, xs, valid = (w[f].tolist() for f in ("values", "images", "ys", "xs", "valid"))
     units = []
     for c in range(len(vals)):
         winners = []
-        for r in range(len(vals[c])):
+        for r in range(len(vals[c]) if k is None else k):
             if not valid[c][r]:
                 continue
             i = int(imgs[c][r])
@@ -181,20 +183,7 @@ def build_results(ctx: Context, topk: mining.TopK) -> Results:
     used: Dict[int, Dict[str, str]] = {}
     layers: List[LayerResult] = []
     for spec in ctx.specs:
-        w = topk.winners(spec.name)
-        vals, imgs, ys, xs, valid = (w[f].tolist() for f in ("values", "images", "ys", "xs", "valid"))
-        units = []
-        for c in range(len(vals)):
-            winners = []
-            for r in range(cfg.k):
-                if not valid[c][r]:
-                    continue
-                i = int(imgs[c][r])
-                if i not in used:
-                    used[i] = {"name": ctx.source.name(i), "path": ctx.source.path(i)}
-                winners.append(Winner(rank=r, image=i, source=used[i]["name"], activation=float(vals[c][r]),
-                                      y=int(ys[c][r]), x=int(xs[c][r])))
-            units.append(ChannelResult(channel=c, winners=winners))
+        units = _winner_rows(ctx, topk.winners(spec.name), used, k=cfg.k)
         st = topk.stats.get(spec.name)
         cm = topk.classes.get(spec.name)
         layers.append(LayerResult(name=spec.name, label=spec.label, channels=len(units),
