@@ -45,11 +45,14 @@ class Target:
     """One source file, the tests run against its mutants, and optionally which of its
     functions count (mutmut names: ``f`` or ``ClassǁMethod``; ``lines``: also the mutants of
     ``line_functions`` whose changed line matches this regular expression; ``deselect``: tests
-    of ``tests`` left out, slow ones whose ground the others cover)."""
+    of ``tests`` left out, slow ones whose ground the others cover; ``confirm``: slower tests
+    run, with ``tests``, only on the mutants that survive ``tests``: a second stage in its own
+    copy, ``.mutate/<target>-confirm/``)."""
 
     source: str
     tests: List[str]
     deselect: List[str] = field(default_factory=list)
+    confirm: List[str] = field(default_factory=list)
     functions: List[str] = field(default_factory=list)
     line_functions: List[str] = field(default_factory=list)
     lines: str = ""
@@ -70,45 +73,77 @@ def _mangle(function: str) -> str:
     return f"_{function}"
 
 
+#: the window tests: the fast graph-op, path and gate tests and the small zoo nets per mutant;
+#: the generated nets and the bigger zoo nets (2-9 s each) only on the survivors
+_WINDOW_TESTS = [
+    "tests/test_mirror_graph.py::test_every_relu_family_unit_and_graph_op_matches_oracle",
+    "tests/test_mirror_graph.py::test_windowed_path_is_used_and_boxes_are_the_rf_boxes",
+    "tests/test_mirror_graph.py::test_se_gate_layers_take_the_full_path_with_a_local_crop_box",
+    "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[squeezenet]",
+    "tests/test_projection.py",
+    "tests/test_window_paste.py",
+    "tests/test_windowable.py",
+    "tests/test_generated_window.py::test_regression_chunk_item_read_by_a_conv",
+]
+_WINDOW_CONFIRM = [
+    "tests/test_generated_window.py::test_windowed_equals_full_on_generated_nets",
+    "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[resnet18]",
+    "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[googlenet]",
+    "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[mobilenet_v2]",
+]
+#: the planning half of mirror/window.py (which nodes are windowed, their cones and boxes)
+_WINDOW_PLAN = ["windowable", "_footprint", "plan_window", "AxisWindow.full", "WindowPlan.box"]
+
 TARGETS: Dict[str, Target] = {
-    "window": Target("deconvis/mirror/window.py", [
-        "tests/test_mirror_graph.py::test_every_relu_family_unit_and_graph_op_matches_oracle",
-        "tests/test_mirror_graph.py::test_windowed_path_is_used_and_boxes_are_the_rf_boxes",
-        "tests/test_mirror_graph.py::test_se_gate_layers_take_the_full_path_with_a_local_crop_box",
-        "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[squeezenet]",
-        "tests/test_projection.py",
-        "tests/test_window_paste.py",
-        "tests/test_windowable.py",
-    ]),  # the resnet18 zoo case (10 s, for nearly every mutant) left out: its adds and projection
-    # shortcuts are in the graph-op test, its windowed path in the squeezenet case
-    # the RegNetY test (14 s, a third of the file's time) runs for nearly every mutant; the
-    # squeeze-excitation gate it checks is covered by the 12 generated-gate variants
-    "occlusion": Target("deconvis/analysis/occlusion_engine.py", ["tests/test_occlusion.py"],
-                        deselect=["tests/test_occlusion.py::test_torchvision_regnet_y_gates_equal_naive"]),
+    "window": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM),
+    "window_plan": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM,
+                          functions=_WINDOW_PLAN),
+    # per mutant: the per-axis windows (tests/test_occlusion_windows.py, about 1 s) and the
+    # hand-made nets; the 50 generated nets, RegNetY and ResNet-18 only on the survivors
+    "occlusion": Target(
+        "deconvis/analysis/occlusion_engine.py", ["tests/test_occlusion_windows.py", "tests/test_occlusion.py"],
+        deselect=["tests/test_occlusion.py::test_torchvision_regnet_y_gates_equal_naive",
+                  "tests/test_occlusion.py::test_torchvision_resnet18_equals_naive"],
+        confirm=["tests/test_occlusion_generated.py::test_occlusion_equals_naive_on_generated_nets",
+                 "tests/test_occlusion.py::test_torchvision_regnet_y_gates_equal_naive",
+                 "tests/test_occlusion.py::test_torchvision_resnet18_equals_naive"]),
     "topk": Target("deconvis/mining/topk.py", ["tests/test_mining.py", "tests/test_unitstats.py", "tests/test_rerank.py"]),
     "rerank": Target("deconvis/mining/rerank.py", ["tests/test_rerank.py", "tests/test_mining.py"]),
     "rf_geometry": Target("deconvis/graph/rf_geometry.py", [
         "tests/test_rf.py", "tests/test_layerspec.py", "tests/test_cli_rf.py::test_rf_json",
         "tests/test_cli_rf.py::test_rf_table_and_layer_filter", "tests/test_cli_rf.py::test_rf_torchvision_model_json"],
-        # 30 hypothesis stacks (13 s, for nearly every mutant); the regular stacks, branches and pads
-        # check the same gradient support; its survivors are rerun against it by hand
-        deselect=["tests/test_rf.py::test_random_stacks_match_gradient_support"]),
-    "lock": Target("deconvis/runs/lock.py", ["tests/test_lock.py", "tests/test_faults.py"]),
+        # 30 hypothesis stacks and the generated nets only on the survivors; the regular stacks,
+        # branches and pads check the same gradient support
+        deselect=["tests/test_rf.py::test_random_stacks_match_gradient_support"],
+        confirm=["tests/test_rf.py::test_random_stacks_match_gradient_support",
+                 "tests/test_generated_rf.py::test_rf_rows_match_gradient_support_on_generated_nets"]),
+    # per mutant: the lock's own tests and the run-level lock tests; the rest of test_faults.py
+    # (whole runs on damaged folders) only on the survivors
+    "lock": Target("deconvis/runs/lock.py", [
+        "tests/test_lock.py",
+        "tests/test_faults.py::test_second_run_on_a_locked_folder_names_the_holder",
+        "tests/test_faults.py::test_stale_lock_of_a_dead_process_is_taken_over",
+        "tests/test_faults.py::test_lock_is_held_during_the_run_and_released_on_error",
+        "tests/test_faults.py::test_two_concurrent_acquires_one_wins"],
+        confirm=["tests/test_faults.py"]),
+    # per mutant: the short resume tests; the bitwise comparison with an uninterrupted run (two
+    # whole trainings, about 5 s) only on the survivors
     "train_resume": Target(
         "deconvis/training/train.py",
-        ["tests/test_train_small.py::test_train_resume_is_bitwise_equal_to_an_uninterrupted_run",
-         "tests/test_train_small.py::test_resume_runs_only_the_unfinished_epochs",
+        ["tests/test_train_small.py::test_resume_runs_only_the_unfinished_epochs",
          "tests/test_train_small.py::test_resume_with_other_weight_settings_is_refused",
          "tests/test_train_small.py::test_an_unreadable_train_state_is_named_and_left_alone",
          "tests/test_train_small.py::test_no_resume_starts_the_snapshots_over_in_a_used_folder"],
+        confirm=["tests/test_train_small.py::test_train_resume_is_bitwise_equal_to_an_uninterrupted_run"],
         functions=["_resume", "_rng_state", "_set_rng_state", "_Optimisers.state_dict",
                    "_Optimisers.load_state_dict"],
         line_functions=["train"], lines=r"start_epoch|state_path|cfg\.resume|TRAIN_STATE|\"rng\"|\"epoch\": epoch"),
 }
 
 
-def _lay_copy(name: str, target: Target) -> Path:
-    """A fresh scratch copy of the package and tests with a [mutmut] section for ``target``."""
+def _lay_copy(name: str, target: Target, tests_run: Optional[List[str]] = None) -> Path:
+    """A fresh scratch copy ``.mutate/<name>/`` of the package and tests with a [mutmut] section
+    for ``target`` (its ``tests``, or ``tests_run``)."""
     wd = WORK / name
     if wd.exists():
         shutil.rmtree(wd)
@@ -118,8 +153,8 @@ def _lay_copy(name: str, target: Target) -> Path:
         shutil.copytree(ROOT / d, wd / d, ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", wd / "pyproject.toml")
     cfg = (ROOT / "setup.cfg").read_text()
-    tests = "".join(f"\n    {t}" for t in target.tests)
-    deselect = "".join(f"\n    --deselect\n    {t}" for t in target.deselect)
+    tests = "".join(f"\n    {t}" for t in (tests_run if tests_run is not None else target.tests))
+    deselect = "".join(f"\n    --deselect\n    {t}" for t in target.deselect if t not in (tests_run or []))
     cfg += ("\n[mutmut]\nsource_paths = deconvis\n"
             f"only_mutate = {target.source}\n"
             f"pytest_add_cli_args_test_selection ={tests}\n"
@@ -208,10 +243,16 @@ def _touches(diff: str, pattern: "re.Pattern[str]", reach: int = 3) -> bool:
     return any(i1 <= b + reach and a - reach <= i2 for tag, i1, i2, _, _ in ops if tag != "equal" for a, b in spans)
 
 
-def run(name: str, children: int) -> None:
-    """Mutate ``name``'s file in a fresh copy and run the mutants that count for it."""
+def run(name: str, children: int, only: Sequence[str] = ()) -> None:
+    """Mutate ``name``'s file in a fresh copy and run the mutants that count for it, then the
+    confirm stage on the survivors (``only``: just the mutants whose mutmut name matches one of
+    these globs, e.g. ``*ǁ_windowed__mutmut_*`` for a method, ``*x_paste__mutmut_*`` for a
+    function; no confirm stage)."""
     target = TARGETS[name]
     wd = _lay_copy(name, target)
+    if only:
+        _mutmut(wd, list(only), children)
+        return
     _mutmut(wd, target.globs(), children)  # generates every mutant of the file, runs those of the named functions
     selected = _selected(wd, target)
     if target.line_functions:  # then the mutants of line_functions on the matching lines (naming
@@ -219,6 +260,18 @@ def run(name: str, children: int) -> None:
         extra = [n for n in selected if not any(fnmatch.fnmatch(n, g) for g in target.globs())]
         if extra:
             _mutmut(wd, extra, children)
+    confirm(name, children)
+
+
+def confirm(name: str, children: int) -> None:
+    """Second stage: the survivors of ``name``'s last run against its ``confirm`` tests too."""
+    target = TARGETS[name]
+    if not target.confirm:
+        return
+    codes = _meta(WORK / name, target)
+    survivors = [n for n in _selected(WORK / name, target) if codes.get(n) in SURVIVED]
+    if survivors:
+        _mutmut(_lay_copy(f"{name}-confirm", target, target.tests + target.confirm), survivors, children)
 
 
 def report(names: Sequence[str]) -> int:
@@ -232,6 +285,12 @@ def report(names: Sequence[str]) -> int:
         codes = _meta(wd, target)
         sel = _selected(wd, target)
         outcome = {n: codes.get(n) for n in sel}
+        second = WORK / f"{name}-confirm" / "mutants" / (target.source + ".meta")
+        late: List[str] = []  # survivors of the quick tests killed by the confirm stage
+        if target.confirm and second.exists():
+            codes2 = json.loads(second.read_text())["exit_code_by_key"]
+            late = [n for n, c in outcome.items() if c in SURVIVED and codes2.get(n) in KILLED | TIMEOUT]
+            outcome.update({n: codes2[n] for n in late})
         killed = [n for n, c in outcome.items() if c in KILLED]
         timeout = [n for n, c in outcome.items() if c in TIMEOUT]
         survived = sorted((n for n, c in outcome.items() if c in SURVIVED), key=_order)
@@ -240,18 +299,19 @@ def report(names: Sequence[str]) -> int:
         total = len(sel)
         tried = total - len(other)
         rate = 100.0 * (len(killed) + len(timeout)) / tried if tried else 0.0
-        rows.append((name, target.source, total, len(killed), len(timeout), len(survived), len(untested),
-                     len(other), rate))
+        rows.append((name, target.source, total, len(killed), len(late), len(timeout), len(survived),
+                     len(untested), len(other), rate))
         if survived or untested:
             print(f"\n## {name}: survivors and mutants no selected test runs")
             for n, d in _diffs(wd, survived + untested).items():
                 tag = "survived" if n in survived else "no test"
                 body = [l for l in d.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
                 print(f"- {n} ({tag}): " + " | ".join(l.strip() for l in body))
-    print("\n| target | file | mutants | killed | timeout | survived | no test | not run | kill rate (of those run) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| target | file | mutants | killed | of them by confirm | timeout | survived | no test | not run "
+          "| kill rate (of those run) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]:.0f} % |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} | {r[9]:.0f} % |")
     if missing:
         print(f"\nnot run yet: {', '.join(missing)}")
     return 1 if missing else 0
@@ -268,6 +328,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--children", type=int, default=2, help="parallel mutmut workers")
     ap.add_argument("--report", action="store_true", help="only print the table of the last runs")
     ap.add_argument("--list", action="store_true", help="list the targets")
+    ap.add_argument("--only", nargs="+", default=[], metavar="GLOB",
+                    help="run only the mutants whose names match (e.g. '*ǁ_windowed__mutmut_*' for a "
+                         "method, '*x_paste__mutmut_*' for a function); the report counts the others "
+                         "as not run")
     a = ap.parse_args(argv)
     names = a.targets or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
@@ -281,10 +345,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"    {test}")
             for test in t.deselect:
                 print(f"    (not {test})")
+            for test in t.confirm:
+                print(f"    (survivors only: {test})")
         return 0
     if not a.report:
         for n in names:
-            run(n, a.children)
+            run(n, a.children, a.only)
     return report(names)
 
 

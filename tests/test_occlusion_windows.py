@@ -1,0 +1,103 @@
+"""Incremental occlusion's windows on ops whose geometry differs per axis, float64, against a
+plain forward of every occluded copy: kernels, strides, padding and dilation that differ between
+height and width, a dilated ceil-mode max pool, an average pool with padding and
+``divisor_override``, an adaptive pool that is the identity (reading a padded map run in full),
+a map one row (or column) high and a product with a shape-derived constant. Small and quick: it is also the per-mutant selection of the
+occlusion target of ``scripts/mutate.py``."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deconvis.analysis.occlusion_engine import IncrementalOcclusion
+
+LAYERS = ("c1", "p1", "a1", "same", "c3")
+
+
+class PerAxis(nn.Module):
+    """[1, 3, 25, 26] -> c1 [13, 22] -> p1 [5, 22] -> c2 [5, 22] -> a1 [6, 10] -> pad [7, 11] ->
+    same [7, 11] -> c3 [1, 11] -> logits [1, 4]; ``transposed``: every per-axis setting swapped,
+    for a [1, 3, 26, 25] image (the maps transposed too, c3 one column wide)."""
+
+    def __init__(self, transposed: bool = False):
+        super().__init__()
+
+        def ax(a, b):  # (height, width) of a setting
+            return (b, a) if transposed else (a, b)
+
+        self.c1 = nn.Conv2d(3, 4, ax(3, 5), stride=ax(2, 1), padding=ax(1, 2), dilation=ax(1, 2))
+        # ceil mode adds a last row of windows that starts 2 rows before the end of its 13-row
+        # input: its window at the far edge reads 2 rows past the map, more than stride 1 along
+        # the other axis would pad
+        self.p1 = nn.MaxPool2d(ax(3, 2), stride=ax(3, 1), padding=ax(0, 1), dilation=ax(1, 2), ceil_mode=True)
+        # padding 2 on one axis only, stride 1: its windows at the far edge read 2 rows of padding
+        self.c2 = nn.Conv2d(4, 6, ax(5, 1), padding=ax(2, 0), groups=2)
+        self.a1 = nn.AvgPool2d(ax(2, 3), stride=ax(1, 2), padding=ax(1, 0), divisor_override=5)
+        self.pad = (0, 1, 1, 0) if transposed else (1, 0, 0, 1)  # left, right, top, bottom
+        self.same = nn.AdaptiveAvgPool2d(ax(7, 11))  # its input is 7 x 11: the identity, after a pad
+        self.c3 = nn.Conv2d(6, 5, ax(4, 1), stride=ax(3, 1), dilation=ax(2, 1))  # one row high
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        x = self.p1(self.c1(x))  # no ReLU before the pool: negatives meet its -inf padding
+        x = self.a1(F.relu(self.c2(x)))
+        x = self.c3(self.same(F.pad(x, self.pad)))  # the pad runs in full, the pool reads its window
+        x = x * x.shape[1] ** -0.5  # a product with a constant read off the traced shape
+        return self.fc(x.mean((2, 3)))
+
+
+def _naive(model: nn.Module, x: torch.Tensor, tops: Sequence[Tuple[int, int]], size, fill: torch.Tensor):
+    """Each occluded copy through the plain forward: (logits [P, K], {layer: channel sums [P, C]})."""
+    store = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, o)) for n in LAYERS]
+    xo = x.repeat(len(tops), 1, 1, 1)
+    for b, (y, x0) in enumerate(tops):
+        xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
+    try:
+        with torch.no_grad():
+            logits = model(xo)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, {n: store[n].sum((2, 3)) for n in LAYERS}
+
+
+def _tops(H: int, W: int, size, stride) -> List[Tuple[int, int]]:
+    """Top-left corners every ``stride`` pixels, plus the last row and column (the far edges)."""
+    ys = sorted(set(range(0, H - size[0] + 1, stride[0])) | {H - size[0]})
+    xs = sorted(set(range(0, W - size[1] + 1, stride[1])) | {W - size[1]})
+    return [(y, x0) for y in ys for x0 in xs]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("size,stride,batch", [
+    ((3, 4), (2, 3), 7),     # small squares: every conv and pool layer windowed, windows clamped at the edges
+    ((2, 1), (5, 4), 5),     # a 2 x 1 occluder
+    ((15, 19), (4, 7), 3),   # large squares: the deep windows cover their whole maps
+])
+def test_per_axis_windows_equal_naive(size, stride, batch, transposed):
+    torch.manual_seed(3)
+    model = PerAxis(transposed).double().eval()
+    H, W = (26, 25) if transposed else (25, 26)
+    if transposed:
+        size, stride = size[::-1], stride[::-1]
+    x = torch.randn(1, 3, H, W, dtype=torch.float64)
+    fill = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
+    eng = IncrementalOcclusion(model, x, size, LAYERS)
+    names = {eng.tg.row_names[n] for n in eng.windowed}
+    assert set(LAYERS) <= names and "mul" in names and eng.fallback == ["pad"]
+    assert {eng.tg.row_names[n] for n in eng.identity} == {"same"}
+    tops = _tops(H, W, size, stride)
+    t = torch.tensor(tops, dtype=torch.long)
+    outs = [eng.run(c, fill) for c in t.split(batch)]
+    logits = torch.cat([o.logits for o in outs])
+    want_logits, want_sums = _naive(model, x, tops, size, fill)
+    assert float((want_logits - want_logits[:1]).abs().max()) > 1e-6  # the occluder changes the output
+    torch.testing.assert_close(logits, want_logits, rtol=1e-10, atol=1e-12)
+    for n in LAYERS:
+        got = torch.cat([o.sums[eng.tg.resolve(n)] for o in outs])
+        torch.testing.assert_close(got, want_sums[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"layer {n}: {m}")
