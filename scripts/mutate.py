@@ -249,10 +249,10 @@ def run(name: str, children: int, only: Sequence[str] = ()) -> None:
     these globs, e.g. ``*ǁ_windowed__mutmut_*`` for a method, ``*x_paste__mutmut_*`` for a
     function; no confirm stage)."""
     target = TARGETS[name]
-    wd = _lay_copy(name, target)
-    if only:
-        _mutmut(wd, list(only), children)
+    if only:  # in a copy of its own, so that the last full run's results stay
+        _mutmut(_lay_copy(f"{name}-only", target), list(only), children)
         return
+    wd = _lay_copy(name, target)
     _mutmut(wd, target.globs(), children)  # generates every mutant of the file, runs those of the named functions
     selected = _selected(wd, target)
     if target.line_functions:  # then the mutants of line_functions on the matching lines (naming
@@ -274,18 +274,19 @@ def confirm(name: str, children: int) -> None:
         _mutmut(_lay_copy(f"{name}-confirm", target, target.tests + target.confirm), survivors, children)
 
 
-def report(names: Sequence[str]) -> int:
-    """Print the kill table (and each survivor's diff) of the last runs; 1 when one is missing."""
+def report(names: Sequence[str], suffix: str = "") -> int:
+    """Print the kill table (and each survivor's diff) of the last runs (``suffix`` "-only": of
+    the last ``--only`` runs); 1 when one is missing."""
     rows, missing = [], []
     for name in names:
-        target, wd = TARGETS[name], WORK / name
+        target, wd = TARGETS[name], WORK / f"{name}{suffix}"
         if not (wd / "mutants" / (target.source + ".meta")).exists():
             missing.append(name)
             continue
         codes = _meta(wd, target)
         sel = _selected(wd, target)
         outcome = {n: codes.get(n) for n in sel}
-        second = WORK / f"{name}-confirm" / "mutants" / (target.source + ".meta")
+        second = WORK / f"{name}{suffix}-confirm" / "mutants" / (target.source + ".meta")
         late: List[str] = []  # survivors of the quick tests killed by the confirm stage
         if target.confirm and second.exists():
             codes2 = json.loads(second.read_text())["exit_code_by_key"]
@@ -351,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not a.report:
         for n in names:
             run(n, a.children, a.only)
-    return report(names)
+    return report(names, "-only" if a.only else "")
 
 
 if __name__ == "__main__":

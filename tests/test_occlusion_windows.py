@@ -101,3 +101,81 @@ def test_per_axis_windows_equal_naive(size, stride, batch, transposed):
     for n in LAYERS:
         got = torch.cat([o.sums[eng.tg.resolve(n)] for o in outs])
         torch.testing.assert_close(got, want_sums[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"layer {n}: {m}")
+
+
+def test_macs_bound_counts_the_windows_and_is_one_for_a_full_image_square():
+    """``bound`` (naive multiply-adds over those done, reported as ``macs_bound``): exactly 1 when
+    the square is the whole image (every node runs in full); otherwise the windows must still
+    compute at least every conv unit that changes, counted here by brute force."""
+    torch.manual_seed(4)
+    model = PerAxis().double().eval()
+    x = torch.randn(1, 3, 25, 26, dtype=torch.float64)
+    fill = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
+    convs = [model.c1, model.c2, model.c3]
+    per_unit = [c.out_channels * c.in_channels // c.groups * c.kernel_size[0] * c.kernel_size[1] for c in convs]
+    store = {}
+    hooks = [c.register_forward_hook(lambda m, i, o, j=j: store.__setitem__(j, o)) for j, c in enumerate(convs)]
+    try:
+        with torch.no_grad():
+            model(x)
+            clean = dict(store)
+            naive = sum(int(clean[j][0, 0].numel()) * per_unit[j] for j in range(3)) + 5 * 4  # + the Linear
+            eng = IncrementalOcclusion(model, x, (25, 26), [])
+            eng.run(torch.zeros(1, 2, dtype=torch.long), fill)
+            assert eng.macs_naive_per_image == naive and eng.macs_done == naive and eng.bound == 1.0
+            size = (3, 4)
+            tops = _tops(25, 26, size, (4, 5))
+            eng = IncrementalOcclusion(model, x, size, [])
+            eng.run(torch.tensor(tops, dtype=torch.long), fill)
+            xo = x.repeat(len(tops), 1, 1, 1)
+            for b, (y, x0) in enumerate(tops):
+                xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
+            model(xo)
+    finally:
+        for h in hooks:
+            h.remove()
+    changed = sum(int((store[j] != clean[j]).any(1).sum()) * per_unit[j] for j in range(3)) + len(tops) * 5 * 4
+    assert changed <= eng.macs_done < naive * len(tops)
+    assert eng.bound == naive * len(tops) / eng.macs_done
+
+
+class Skipping(nn.Module):
+    """A conv whose stride (4) exceeds its kernel (2) along the height: rows 4u + 2 and 4u + 3 of
+    its input are read by no unit, so an occluder there changes nothing below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, (2, 3), stride=(4, 1))
+        self.c2 = nn.Conv2d(4, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.c2(F.relu(self.c1(x))).amax((2, 3)))
+
+
+def test_an_occluder_on_rows_no_unit_reads_equals_naive():
+    """The window of the input then lies wholly above the rows its consumer reads (and overlaps
+    them along the width): nothing of it may be pasted."""
+    torch.manual_seed(5)
+    model = Skipping().double().eval()
+    x = torch.randn(1, 3, 18, 11, dtype=torch.float64)
+    fill = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    size = (1, 3)
+    tops = _tops(18, 11, size, (1, 2))
+    eng = IncrementalOcclusion(model, x, size, ["c2"])
+    out = eng.run(torch.tensor(tops, dtype=torch.long), fill)
+    store = {}
+    hook = model.c2.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    xo = x.repeat(len(tops), 1, 1, 1)
+    for b, (y, x0) in enumerate(tops):
+        xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
+    try:
+        with torch.no_grad():
+            clean = model(x)
+            logits = model(xo)  # the hook keeps this one's c2 map
+    finally:
+        hook.remove()
+    skipped = [b for b, (y, _) in enumerate(tops) if y % 4 >= 2]  # these squares change nothing
+    assert skipped and bool((logits[skipped] == clean).all()) and not bool((logits == clean).all())
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.sums[eng.layers[0]], store["a"].sum((2, 3)), rtol=1e-10, atol=1e-12)
