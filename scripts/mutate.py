@@ -300,8 +300,11 @@ def report(names: Sequence[str], suffix: str = "") -> int:
         total = len(sel)
         tried = total - len(other)
         rate = 100.0 * (len(killed) + len(timeout)) / tried if tried else 0.0
+        secs = f"{_selection_seconds(wd):.1f}"
+        if target.confirm and second.exists():
+            secs += f" / {_selection_seconds(second.parent.parent):.1f}"
         rows.append((name, target.source, total, len(killed), len(late), len(timeout), len(survived),
-                     len(untested), len(other), rate))
+                     len(untested), len(other), rate, secs))
         if survived or untested:
             print(f"\n## {name}: survivors and mutants no selected test runs")
             for n, d in _diffs(wd, survived + untested).items():
@@ -309,13 +312,23 @@ def report(names: Sequence[str], suffix: str = "") -> int:
                 body = [l for l in d.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
                 print(f"- {n} ({tag}): " + " | ".join(l.strip() for l in body))
     print("\n| target | file | mutants | killed | of them by confirm | timeout | survived | no test | not run "
-          "| kill rate (of those run) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| kill rate (of those run) | selection s (/ confirm) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} | {r[9]:.0f} % |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} | {r[9]:.0f} % "
+              f"| {r[10]} |")
     if missing:
         print(f"\nnot run yet: {', '.join(missing)}")
     return 1 if missing else 0
+
+
+def _selection_seconds(wd: Path) -> float:
+    """Seconds the clean run of the tests selected in ``wd`` took (mutmut's stats run: every
+    test once; a mutant runs at most these, stopping at the first failure)."""
+    stats = wd / "mutants" / "mutmut-stats.json"
+    if not stats.exists():
+        return float("nan")
+    return sum(json.loads(stats.read_text())["duration_by_test"].values())
 
 
 def _order(name: str) -> tuple:

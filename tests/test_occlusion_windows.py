@@ -1,9 +1,10 @@
-"""Incremental occlusion's windows on ops whose geometry differs per axis, float64, against a
-plain forward of every occluded copy: kernels, strides, padding and dilation that differ between
+"""Incremental occlusion's windows and bookkeeping, float64, against a plain forward of every
+occluded copy (or a brute-force count): kernels, strides, padding and dilation that differ between
 height and width, a dilated ceil-mode max pool, an average pool with padding and
-``divisor_override``, an adaptive pool that is the identity (reading a padded map run in full),
-a map one row (or column) high and a product with a shape-derived constant. Small and quick: it is also the per-mutant selection of the
-occlusion target of ``scripts/mutate.py``."""
+``divisor_override``, adaptive pools (the identity after a pad, and an evenly dividing one), a map
+one row (or column) high, a product with a shape-derived constant, rows no unit reads, a net
+without a receptive-field table, the multiply-add bound and the refusals. Small and quick: it is
+also the per-mutant selection of the occlusion target of ``scripts/mutate.py``."""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvis.analysis.occlusion_engine import IncrementalOcclusion
+from deconvis.errors import DeconvisError
 
 LAYERS = ("c1", "p1", "a1", "same", "c3")
 
@@ -179,3 +181,85 @@ def test_an_occluder_on_rows_no_unit_reads_equals_naive():
     assert skipped and bool((logits[skipped] == clean).all()) and not bool((logits == clean).all())
     torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.sums[eng.layers[0]], store["a"].sum((2, 3)), rtol=1e-10, atol=1e-12)
+
+
+def _equals_naive(model: nn.Module, x: torch.Tensor, size, layer: str) -> IncrementalOcclusion:
+    """Every square position, stride 1, in batches of 6: logits and ``layer``'s sums against the
+    plain forward of each occluded copy; returns the engine."""
+    fill = torch.linspace(-1.0, 1.0, x.shape[1], dtype=x.dtype)
+    tops = _tops(x.shape[-2], x.shape[-1], size, (1, 1))
+    eng = IncrementalOcclusion(model, x, size, [layer])
+    outs = [eng.run(c, fill) for c in torch.tensor(tops, dtype=torch.long).split(6)]
+    store = {}
+    hook = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    xo = x.repeat(len(tops), 1, 1, 1)
+    for b, (y, x0) in enumerate(tops):
+        xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
+    try:
+        with torch.no_grad():
+            logits = model(xo)
+    finally:
+        hook.remove()
+    assert float((logits - logits[:1]).abs().max()) > 1e-6
+    torch.testing.assert_close(torch.cat([o.logits for o in outs]), logits, rtol=1e-10, atol=1e-12)
+    got = torch.cat([o.sums[eng.layers[0]] for o in outs])
+    torch.testing.assert_close(got, store["a"].sum((2, 3)), rtol=1e-10, atol=1e-12)
+    return eng
+
+
+def test_an_adaptive_pool_that_is_not_the_identity_is_not_taken_for_one():
+    """An adaptive pool of an evenly divided map (8 x 9 -> 4 x 3: windows 2 x 3) has a local field
+    but is not the identity: its window is pooled, not copied."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AdaptiveAvgPool2d((4, 3)), nn.ReLU(),
+                          nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(24, 3)).double().eval()
+    eng = _equals_naive(model, torch.randn(1, 2, 8, 9, dtype=torch.float64), (2, 2), "1")
+    assert not eng.identity and eng.whole == ["4", "5"]
+
+
+class Misaligned(nn.Module):
+    """Two branches whose grids do not line up (stride 2 against a 5 x 5 kernel): no receptive
+    field table, so every node runs in full for the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 2, stride=2)
+        self.b = nn.Conv2d(2, 3, 5, padding=0)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc((self.a(x)[:, :, :3, :3] + self.b(x)).mean((2, 3)))
+
+
+def test_a_net_without_a_receptive_field_table_runs_in_full_and_equals_naive():
+    torch.manual_seed(7)
+    eng = _equals_naive(Misaligned().double().eval(), torch.randn(1, 2, 7, 7, dtype=torch.float64), (2, 3), "b")
+    assert eng.table is None and not eng.windowed and "b" in eng.fallback
+
+
+def test_an_image_batch_or_a_model_without_one_logits_tensor_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double().eval()
+    with pytest.raises(DeconvisError, match=r"\[1, C, H, W\], got \[2, 3, 6, 6\]"):
+        IncrementalOcclusion(model, torch.zeros(2, 3, 6, 6, dtype=torch.float64), (2, 2))
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    class Constant(nn.Module):  # scores that do not depend on the image
+        def __init__(self):
+            super().__init__()
+            self.net = model
+            self.register_buffer("scores", torch.zeros(1, 2, dtype=torch.float64))
+
+        def forward(self, x):
+            self.net(x)
+            return self.scores
+
+    for wrong in (Named(), Constant()):
+        with pytest.raises(DeconvisError, match="one tensor of class scores"):
+            IncrementalOcclusion(wrong, torch.zeros(1, 3, 6, 6, dtype=torch.float64), (2, 2))
