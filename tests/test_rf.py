@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -164,6 +164,7 @@ def test_axis_recurrence_by_hand():
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 30), k=st.integers(1, 5), s=st.integers(1, 4), d=st.integers(1, 3),
        p=st.integers(0, 3), ceil=st.booleans())
+@example(n=5, k=2, s=2, d=1, p=1, ceil=True)  # ceil mode's last window would start in the padding: dropped
 def test_out_size_formulas_match_torch(n, k, s, d, p, ceil):
     x = torch.zeros(1, 1, n, 1)
     expected_conv = conv_out_size(n, k, s, p, d)
@@ -177,6 +178,42 @@ def test_out_size_formulas_match_torch(n, k, s, d, p, ceil):
         except RuntimeError:
             got = 0
         assert max(expected_pool, 0) == got
+
+
+def test_out_size_defaults_are_a_plain_window():
+    """Left out, stride is 1 (conv), padding 0, dilation 1, floor mode: a 10-pixel axis and a
+    kernel of 3 give 8 convolution and 4 pooling (stride 2) outputs, as torch computes them."""
+    x = torch.zeros(1, 1, 10, 1)
+    assert conv_out_size(10, 3) == F.conv2d(x, torch.ones(1, 1, 3, 1)).shape[2] == 8
+    assert pool_out_size(10, 3, 2) == F.max_pool2d(x, (3, 1), (2, 1)).shape[2] == 4
+
+
+def test_unknown_layers_are_named_with_the_model_and_close_matches():
+    """Without a traced graph the table's own names are matched (rows and containers); with one,
+    a layer that does not depend on the image is named as such."""
+    rows = [LayerRF(name=n, kind="conv", out=(4, 4), rf=(3, 3), jump=(1, 1), start=(1.0, 1.0))
+            for n in ("features.conv1", "features.conv2")]
+    table = RFTable((8, 8), rows, {"features": "features.conv2"}, "Tiny")
+    assert table.resolve("features") == "features.conv2"
+    with pytest.raises(DeconvisError) as e:
+        table.resolve("features.conv3")
+    assert str(e.value).startswith("unknown layer 'features.conv3' in Tiny (did you mean: ")
+    assert "features.conv1" in str(e.value) and "features.conv2" in str(e.value)
+    with pytest.raises(DeconvisError, match=r"'feature' in Tiny \(did you mean: features, "):
+        table.resolve("feature")  # the container first: the closest name
+
+    class Side(nn.Module):  # `scale` runs on a parameter, not on the image
+        def __init__(self):
+            super().__init__()
+            self.conv, self.scale = nn.Conv2d(1, 1, 3), nn.Identity()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.conv(x) * self.scale(self.w)
+
+    table = receptive_fields(Side(), 8, in_channels=1)
+    with pytest.raises(DeconvisError, match=r"layer 'scale' \(scale\) of Side has no receptive-field row"):
+        table.resolve("scale")
 
 
 def test_layer_box_and_clip():
