@@ -91,13 +91,18 @@ _WINDOW_CONFIRM = [
     "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[googlenet]",
     "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[mobilenet_v2]",
 ]
-#: the planning half of mirror/window.py (which nodes are windowed, their cones and boxes)
+#: the planning half of mirror/window.py (which nodes are windowed, their cones and boxes) and
+#: the backward half (the windowed vector-Jacobian products, gathers and pastes)
 _WINDOW_PLAN = ["windowable", "_footprint", "plan_window", "AxisWindow.full", "WindowPlan.box"]
+_WINDOW_BACKWARD = ["backward_window", "_window_vjp", "_gather", "paste", "_off_map_strips", "_valid",
+                    "_origin", "_affine"]
 
 TARGETS: Dict[str, Target] = {
     "window": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM),
     "window_plan": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM,
                           functions=_WINDOW_PLAN),
+    "window_backward": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM,
+                              functions=_WINDOW_BACKWARD),
     # per mutant: the engine's windows and bookkeeping (tests/test_occlusion_windows.py) and the
     # hand-made nets with the 12 squeeze-excitation variants; the 50 generated nets and ResNet-18
     # only on the survivors (RegNetY, 12 s, checks the same gates as the SE variants: left out)
