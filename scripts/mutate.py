@@ -307,7 +307,7 @@ def report(names: Sequence[str], suffix: str = "") -> int:
         rate = 100.0 * (len(killed) + len(timeout)) / tried if tried else 0.0
         secs = f"{_selection_seconds(wd):.1f}"
         if target.confirm and second.exists():
-            secs += f" / {_selection_seconds(second.parent.parent):.1f}"
+            secs += f" / {_selection_seconds(WORK / f'{name}{suffix}-confirm'):.1f}"
         rows.append((name, target.source, total, len(killed), len(late), len(timeout), len(survived),
                      len(untested), len(other), rate, secs))
         if survived or untested:
