@@ -59,3 +59,37 @@ def test_a_lock_file_without_a_mapping_reads_as_unknown(tmp_path, text):
     assert run_lock.read(str(tmp_path)) == {}
     with pytest.raises(DeconvisError, match="an unknown process"):
         run_lock.acquire(str(tmp_path))
+
+
+def test_a_holder_owned_by_another_user_counts_as_alive(tmp_path, monkeypatch):
+    """The probe's PermissionError means the process exists under another user (never raised for
+    root, so it is simulated): the lock is kept, and the message names the folder and a holder
+    whose start time is unknown as ``since ?``."""
+    holder = {"pid": 4242, "host": socket.gethostname()}
+    _write(tmp_path, holder)
+
+    def denied(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(run_lock.os, "kill", denied)
+    with pytest.raises(DeconvisError) as e:
+        run_lock.acquire(str(tmp_path))
+    assert str(e.value).startswith(f"{os.path.abspath(tmp_path)} is in use by another deconvis run: "
+                                   f"process 4242 on {socket.gethostname()} (since ?); ")
+    assert run_lock.read(str(tmp_path)) == holder
+
+
+def test_the_lock_file_mode_is_0644_and_a_stale_takeover_names_the_folder(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid no longer runs
+    _write(tmp_path, {"pid": dead.pid, "host": socket.gethostname(), "since": "2026-01-01 00:00:00"})
+    old = os.umask(0o022)
+    try:
+        with caplog.at_level("WARNING"):
+            run_lock.acquire(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert f"taking over the lock of {os.path.abspath(tmp_path)}: its holder, process {dead.pid}" in caplog.text
+    path = os.path.join(tmp_path, run_lock.LOCK_FILE)
+    assert os.stat(path).st_mode & 0o777 == 0o644 and run_lock.read(str(tmp_path))["pid"] == os.getpid()
+    run_lock.release(str(tmp_path))
