@@ -53,3 +53,47 @@ def test_average_pools_take_the_windowed_path_only_when_local(k, s, p, cip, ceil
         pasted = torch.zeros_like(full[i])
         pasted[:, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
         assert torch.allclose(pasted, full[i], rtol=1e-12, atol=1e-14)
+
+
+class Binary(nn.Module):
+    """conv -> ``op`` of its map and ``other`` -> conv: a binary op is windowed only when its one
+    other operand is a number, a per-channel constant (spatially 1 x 1) or, for add and sub, the
+    same map again."""
+
+    def __init__(self, op: str, other: str):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3)
+        self.op, self.other = op, other
+        self.per_channel = nn.Parameter(torch.randn(1, 3, 1, 1))
+        self.chw = nn.Parameter(torch.randn(3, 1, 1))
+        self.map = nn.Parameter(torch.randn(1, 3, 7, 8))
+        self.row = nn.Parameter(torch.randn(1, 1, 1, 8))
+
+    def forward(self, x):
+        y = self.c1(x)
+        z = {"number": 0.5, "per_channel": self.per_channel, "chw": self.chw, "map": self.map,
+             "row": self.row, "self": y}[self.other]
+        return self.c2({"add": torch.add, "sub": torch.sub, "mul": torch.mul}[self.op](y, z))
+
+
+@pytest.mark.parametrize("op,other,want", [
+    ("add", "per_channel", True), ("mul", "per_channel", True), ("sub", "chw", True),
+    ("mul", "number", True), ("add", "self", True), ("sub", "self", True),
+    ("mul", "self", False),  # a product of two signals: not linear in the window
+    ("add", "map", False), ("mul", "row", False),  # constants that vary over the map
+])
+def test_binary_ops_take_the_windowed_path_only_with_a_constant_or_matching_operand(op, other, want):
+    torch.manual_seed(1)
+    net = Binary(op, other).double()
+    x = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    dn = DeconvNet(net)
+    dn.forward(x)
+    assert (dn.window_plan("c2") is not None) == want
+    units = torch.tensor([[0, 1, 0, 0], [0, 0, 4, 5]])  # (image, channel, y, x)
+    rec, boxes = dn.project_window("c2", units)
+    full = dn.project("c2", units)
+    for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, 7), min(x1, 8)
+        pasted = torch.zeros_like(full[i])
+        pasted[:, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+        assert torch.allclose(pasted, full[i], rtol=1e-12, atol=1e-14)
