@@ -178,7 +178,9 @@ def shutdown(info: DistInfo) -> None:
 @contextmanager
 def session(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] = None) -> Iterator[DistInfo]:
     """``with session(device) as info:`` -- :func:`init` for one run, and on leaving, destroy the
-    process group if this call created it (one made by the caller is left alone)."""
+    process group if this call created it (one made by the caller is left alone, but freed of
+    torch's stray references, :func:`release_captured_groups`, so that the caller's
+    ``destroy_process_group`` ends its threads)."""
     created = launched_by_torchrun() and not dist.is_initialized()
     info = init(device, timeout_s, backend)
     _sessions[0] += 1
