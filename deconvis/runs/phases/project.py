@@ -16,6 +16,7 @@ import contextlib
 import glob
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -186,32 +187,49 @@ class _Progress:
 
 class _Staging:
     """The tiles of channels not yet complete, in one memory-mapped array file per layer
-    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel's
-    winners arrive in image order, so most channels complete late; the page cache, not the
-    process, holds them (bounded memory on VGG-sized runs). Removed when the projection ends."""
+    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel
+    completes when its last winner's image is forwarded; until then the page cache, not the
+    process, holds its tiles (bounded memory on VGG-sized runs). Once a channel's sprite is
+    written its rows are released (:meth:`release`: a hole punched in the file, so the kernel
+    neither writes them back nor keeps them). Removed when the projection ends."""
 
     def __init__(self, run_dir: str, rank: int, k: int):
         self.run_dir, self.rank, self.k = run_dir, rank, k
-        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str]] = {}
+        #: layer name -> (the array, channel -> row, path, the mapping, offset of the array in it)
+        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str, Any, int]] = {}
 
     def slot(self, lr: LayerResult, channels: List[int]) -> Tuple[np.ndarray, Dict[int, int]]:
         if lr.name not in self.layers:
             h, w = lr.cell  # type: ignore[misc]
             path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
-            self.layers[lr.name] = (arr, {c: i for i, c in enumerate(channels)}, path)
-        arr, rows, _ = self.layers[lr.name]
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
+            # a plain ndarray over the same mapping: indexing a np.memmap costs a Python call per view
+            self.layers[lr.name] = (mm.view(np.ndarray), {c: i for i, c in enumerate(channels)}, path,
+                                    getattr(mm, "_mmap", None), int(mm.offset) % mmap.ALLOCATIONGRANULARITY)
+        arr, rows = self.layers[lr.name][:2]
         return arr, rows
 
+    def release(self, layer: str, channel: int) -> None:
+        """Drop the pages of ``channel``'s row (its sprite is written; nothing reads it again): a
+        hole punched in the file (``MADV_REMOVE``; skipped where the filesystem cannot)."""
+        found = self.layers.get(layer)
+        if found is None or found[3] is None or not hasattr(mmap, "MADV_REMOVE"):
+            return
+        arr, rows, _, mm, base = found
+        size = arr[0].nbytes
+        start = base + rows[channel] * size
+        a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if b > a:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_REMOVE, a, b - a)
+
     def close(self) -> None:
-        for arr, _, path in self.layers.values():
-            del arr
-            try:
+        paths = [found[2] for found in self.layers.values()]
+        self.layers.clear()  # the arrays and mappings go with their last reference
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-            except FileNotFoundError:
-                pass
-        self.layers.clear()
 
 
 class _SheetPages:
@@ -275,10 +293,15 @@ class _SheetPages:
 
 
 def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress,
-                  pages: Optional[_SheetPages] = None, unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
-    """Compose and write one channel's sprite (on the writer thread), then count it as done;
-    with ``pages``, add the channel (``unit``: its layer and result) to its layer's sheets."""
+                  staging: Optional[_Staging] = None, pages: Optional[_SheetPages] = None,
+                  unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
+    """Compose and write one channel's sprite (on the writer thread), then count it as done and
+    release its staged tiles; with ``pages``, add the channel (``unit``: its layer and result) to
+    its layer's sheets."""
     sheet = sprites.compose(tiles, k, entry[3])
+    del tiles  # views into the staging file, released below
+    if staging is not None:
+        staging.release(entry[0], entry[1])
     write_image(os.path.join(run_dir, entry[2]), sheet, durable=False)  # atomic; re-creatable
     progress.add(entry)
     if pages is not None and unit is not None:
@@ -345,7 +368,7 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
             u.sprite = sprites.sprite_path(render.safe_name(lr.label), job.channel, sprites.sprite_ext(lr.cell, lossless))
             entry: Entry = (lr.name, job.channel, u.sprite, list(lr.cell), list(lr.rf),
                             [(w.rank, w.box, w.box_clipped) for w in u.winners])
-            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, pages, units[key])
+            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, staging, pages, units[key])
         progress.save()
         if poll is not None:
             poll()
