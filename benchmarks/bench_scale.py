@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -434,12 +435,17 @@ def main() -> None:
                                          checkpoint_every=0, channels=args.channels or None, bottom_k=args.bottom_k,
                                          unit_erf=not args.no_unit_erf))
             load0 = os.getloadavg()[0]
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
             o, ph, arith, wall = cprofiled_run(cfg, args.cprofile) if args.cprofile else profiled_run(cfg)
+            cpu = sum(r.ru_utime + r.ru_stime - (r0.ru_utime + r0.ru_stime) for r, r0 in
+                      zip((resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)), cpu0))
             size, n_files = run_size(os.path.join(tmp, "e2e", "one"))
             print(machine())
             print(f"{args.images} images, 1 process, {torch.get_num_threads()} threads, load {load0:.1f} -> "
                   f"{os.getloadavg()[0]:.1f}; run folder {size / 1e6:.1f} MB in {n_files} files")
             print("by part (MB/files):", size_by_part(os.path.join(tmp, "e2e", "one")))
+            print(f"CPU seconds (user + system, this process and its finished loader workers): {cpu:.1f}; "
+                  "less sensitive to other load than the wall times")
             print(table(["phase", "wall s", "arithmetic s", "wall / arithmetic"], arithmetic_rows(ph, arith, wall)))
             return
         print("1. mining vs plain forward (CPU)", flush=True)
