@@ -188,11 +188,7 @@ def project_jobs(
                                  vals.to(geo_dtype)[:, None]], 1).cpu().tolist()
                 for (b, j), r, g in zip(chunk, tiles, geo):
                     box: Box = (int(g[0]), int(g[1]), int(g[2]), int(g[3]))
-                    img = shown[b]
-                    inside = box[0] >= 0 and box[2] >= 0 and box[1] <= img.shape[0] and box[3] <= img.shape[1]
-                    # a box inside the image: a view (the sink copies it), else a padded copy
-                    patch = img[box[0]:box[1], box[2]:box[3]] if inside else sheets.crop_padded(img, box)
-                    sink(j, np.ascontiguousarray(r), patch, box)
+                    sink(j, np.ascontiguousarray(r), sheets.crop_padded(shown[b], box), box)
                     if replay is not None:
                         replay.add(j, float(g[4]))
                     done.add((j.layer, j.channel, j.rank))
