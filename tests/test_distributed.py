@@ -179,3 +179,40 @@ def test_a_hung_rank_times_out_with_a_clear_error(tmp_path):
     assert msg == ("DeconvisError: rank 1 of 2 made no progress for 4 s during projection (hung or lost); see its "
                    "log, or raise --dist-timeout if that phase is just slow")
     assert 3.5 < float(elapsed) < 11
+
+
+_TEARDOWN_SCRIPT = r"""
+import datetime, importlib, json, os, sys
+import torch, torch.distributed as dist
+from deconvis.runs import distributed as D
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+store = dist.FileStore(sys.argv[1], 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=20))
+importlib.import_module("torch.distributed.nn")  # after the group exists, as torchvision's import does
+captured = dist.distributed_c10d._get_default_group() in importlib.import_module(
+    "torch.distributed.nn.functional").broadcast.__defaults__
+with D.session(torch.device("cpu")):  # a caller-made group: the caller destroys it
+    pass
+before = gloo_threads()
+dist.destroy_process_group()
+print(json.dumps([captured, bool(before), gloo_threads()]))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
+def test_destroying_the_group_after_a_session_ends_its_gloo_threads(tmp_path):
+    """torch.distributed.nn, imported after init_process_group, keeps the default group as a default
+    argument; once a session ends, destroy_process_group must still free the group and join its
+    gloo threads (left alive, they abort the process at interpreter exit)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _TEARDOWN_SCRIPT, str(tmp_path / "store")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == [True, True, []], out.stdout  # captured; threads ran; none left

@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -140,15 +141,46 @@ def init(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] 
                     local_world=local_world, group=group)
 
 
+def release_captured_groups() -> int:
+    """Let :func:`torch.distributed.destroy_process_group` free the default process group: set
+    back to None (which torch reads as the default group) every process group held as the
+    default ``group`` argument of a :mod:`torch.distributed.nn.functional` function; returns how
+    many it released.
+
+    That module writes ``group=group.WORLD`` as a default argument, evaluated once at import;
+    imported after ``init_process_group`` (torchvision imports ``torch._dynamo``, which imports
+    it), its functions keep the default group alive after ``destroy_process_group``. The group's
+    gloo worker threads then live on into interpreter exit, where one that drops its last
+    collective's tensors needs the GIL, is ended by Python's finalization and aborts the process
+    (SIGABRT, "terminate called without an active exception")."""
+    module = sys.modules.get("torch.distributed.nn.functional")  # None: not imported, nothing held
+    released = 0
+    for fn in list(vars(module).values()) if module is not None else ():
+        code, defaults = getattr(fn, "__code__", None), getattr(fn, "__defaults__", None)
+        if code is not None and defaults:  # positional defaults belong to the last parameters
+            names = code.co_varnames[:code.co_argcount][-len(defaults):]
+            fresh = tuple(None if n == "group" and isinstance(v, dist.ProcessGroup) else v
+                          for n, v in zip(names, defaults))
+            if fresh != defaults:
+                fn.__defaults__, released = fresh, released + 1
+        kw = getattr(fn, "__kwdefaults__", None)
+        if isinstance(kw, dict) and isinstance(kw.get("group"), dist.ProcessGroup):
+            fn.__kwdefaults__, released = {**kw, "group": None}, released + 1
+    return released
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        release_captured_groups()
         dist.destroy_process_group()
 
 
 @contextmanager
 def session(device: torch.device, timeout_s: float = 600.0, backend: Optional[str] = None) -> Iterator[DistInfo]:
     """``with session(device) as info:`` -- :func:`init` for one run, and on leaving, destroy the
-    process group if this call created it (one made by the caller is left alone)."""
+    process group if this call created it (one made by the caller is left alone, but freed of
+    torch's stray references, :func:`release_captured_groups`, so that the caller's
+    ``destroy_process_group`` ends its threads)."""
     created = launched_by_torchrun() and not dist.is_initialized()
     info = init(device, timeout_s, backend)
     _sessions[0] += 1
@@ -156,6 +188,8 @@ def session(device: torch.device, timeout_s: float = 600.0, backend: Optional[st
     try:
         yield info
     finally:
+        if dist.is_initialized():  # so that destroying the group (here or by the caller) frees it
+            release_captured_groups()
         if created:
             shutdown(info)
         elif info.group is not None and dist.is_initialized():  # our side group in the caller's process group
