@@ -29,7 +29,7 @@ from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
 from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to, bn_scale
 from deconvis.mirror.rules import Rule
-from deconvis.mirror.tconv import conv_transpose
+from deconvis.mirror.tconv import CHANNELS_LAST_DTYPES, conv_transpose
 
 Node = torch.fx.Node
 Affine = Tuple[int, int]  # origin = a * u + b (u: the target unit's index along the axis)
@@ -41,6 +41,10 @@ _SPREADING = {"conv", "avgpool", "generic"}
 #: on the CPU, zero the off-map parts of windows block by block (one slice per strip of a unit
 #: that reaches past the map) rather than by a product with a mask over every window
 ZERO_BY_BLOCKS = True
+#: on the CPU, carry float32/16 windows channels-last ([M, h, w, C] in memory) through the
+#: transposed convs and unpools: oneDNN runs small-window, many-channel convs faster so, and the
+#: switch gather already yields that layout (:data:`deconvis.mirror.tconv.CHANNELS_LAST_DTYPES`)
+CHANNELS_LAST = True
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,12 @@ def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tup
     view.index_put_((m, r, c), vals, accumulate=True)
 
 
+def _channels_last(g: Tensor) -> bool:
+    """Whether the windowed backward carries ``g`` [M, C, h, w] channels-last (see
+    :data:`CHANNELS_LAST`)."""
+    return CHANNELS_LAST and g.device.type == "cpu" and g.dtype in CHANNELS_LAST_DTYPES
+
+
 def _affine(w: Tuple[AxisWindow, AxisWindow]) -> Tuple[Affine, Affine]:
     return ((w[0].a, w[0].b), (w[1].a, w[1].b))
 
@@ -365,6 +375,9 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
         p, s, d = op.win["p"], op.win["s"], op.win["d"]
         if k == "conv":
             weight, groups = mirror.conv_weight(node, g.dtype, node is not plan.target), op.module.groups
+            if _channels_last(g):
+                cl = torch.channels_last
+                g, weight = g.contiguous(memory_format=cl), weight.contiguous(memory_format=cl)
         else:
             c = g.shape[1]
             div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]
@@ -384,6 +397,11 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
         local = idx.div(W, rounding_mode="floor").mul_(ws - W).add_(idx)
         local.sub_((oi[:, 0] * ws + oi[:, 1])[:, None, None, None]).clamp_(0, hs * ws - 1)
         M, C = g.shape[:2]
+        if _channels_last(g) and local.permute(0, 2, 3, 1).is_contiguous():
+            # channels-last: scatter along the positions of [M, h*w, C] (no layout copies)
+            out = g.new_zeros((M, hs * ws, C))
+            out.scatter_add_(1, local.permute(0, 2, 3, 1).view(M, -1, C), g.permute(0, 2, 3, 1).reshape(M, -1, C))
+            return [(ins[0], out.view(M, hs, ws, C).permute(0, 3, 1, 2), _affine(wi), True)]
         out = g.new_zeros((M, C, hs * ws))
         out.scatter_add_(2, local.reshape(M, C, -1), g.reshape(M, C, -1))
         return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi), True)]

@@ -1,0 +1,46 @@
+"""The windowed mirror's float32 CPU path (deconvis/mirror/window.py, CHANNELS_LAST): windows
+carried channels-last through transposed convs and unpools (the sub-pixel conv of
+deconvis/mirror/tconv.py included) give the full path's numbers to float32 round-off, on a net
+whose strided, padded convs and overlapping pools put border units' windows partly off the map."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deconvis.mirror import deconvnet as dn_module
+from deconvis.mirror import window
+from deconvis.mirror.deconvnet import DeconvNet
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_float32_windows_match_full_path(channels_last, monkeypatch):
+    monkeypatch.setattr(window, "CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))  # never cut over to the full path
+    torch.manual_seed(7)
+    # conv1 takes the sub-pixel form (3 channels * 4*4 phases); two overlapping max-pools unpool
+    model = nn.Sequential(nn.Conv2d(3, 8, 7, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(8, 12, 5, padding=2),
+                          nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU()).eval()
+    H = W = 67
+    x = torch.randn(2, 3, H, W)
+    dn = DeconvNet(model)
+    acts = dn.forward(x)
+    used = []
+    real = window._channels_last
+    monkeypatch.setattr(window, "_channels_last", lambda g: used.append(real(g)) or real(g))
+    for layer in ("4", "7"):
+        h, w = acts[layer].shape[-2:]
+        pos = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, 0), (0, w // 2), (h // 2, w // 2)]
+        units = torch.tensor([[i % 2, i % acts[layer].shape[1], y, xx] for i, (y, xx) in enumerate(pos * 2)])
+        full = dn.project(layer, units)
+        rec, boxes = dn.project_window(layer, units)
+        assert dn.window_plan(layer) is not None
+        scale = float(full.abs().max())
+        for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
+            inside = full[m, :, cy0:cy1, cx0:cx1]
+            got = rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            assert torch.allclose(got, inside, rtol=0, atol=1e-5 * scale), (layer, m)
+            assert float(inside.abs().sum()) == pytest.approx(float(full[m].abs().sum()), rel=1e-5)
+            assert float(rec[m].abs().sum()) == pytest.approx(float(inside.abs().sum()), rel=1e-5)  # zero off the image
+    assert any(used) is channels_last
