@@ -44,3 +44,28 @@ def test_float32_windows_match_full_path(channels_last, monkeypatch):
             assert float(inside.abs().sum()) == pytest.approx(float(full[m].abs().sum()), rel=1e-5)
             assert float(rec[m].abs().sum()) == pytest.approx(float(inside.abs().sum()), rel=1e-5)  # zero off the image
     assert any(used) is channels_last
+
+
+@pytest.mark.parametrize("n_images, n_units", [(1, 40), (6, 1)])  # origin-free part on the map / on the windows
+def test_unpool_index_matches_a_loop(n_images, n_units):
+    """unpool_index against divmod per position, windows partly off the map included."""
+    gen = torch.Generator().manual_seed(n_images)
+    H, W, hm, wm, C = 13, 11, 6, 5, 3  # pool input map H x W, pooled map hm x wm
+    switches = torch.randint(0, H * W, (n_images, C, hm, wm), generator=gen)
+    w = (window.AxisWindow(1, -1, 3, 1, 1, 3), window.AxisWindow(1, -2, 4, 1, 2, 4))  # pooled windows
+    wi = (window.AxisWindow(2, -3, 7, 2, 3, 7), window.AxisWindow(2, -5, 9, 2, 5, 9))  # input windows
+    assert (n_images * hm * wm <= n_units * 3 * 4) is (n_units > 1)
+    n_idx = torch.randint(0, n_images, (n_units,), generator=gen)
+    u = torch.stack([torch.randint(0, hm, (n_units,), generator=gen), torch.randint(0, wm, (n_units,), generator=gen)], 1)
+    got = window.unpool_index(switches, W, n_idx, w, wi, u)
+    assert got.shape == (n_units, 3, 4, C) and got.is_contiguous()
+    for m in range(n_units):
+        uy, ux = u[m].tolist()
+        oy, ox = 2 * uy - 3, 2 * ux - 5
+        for i in range(3):
+            for j in range(4):
+                r, c = min(max(uy - 1 + i, 0), hm - 1), min(max(ux - 2 + j, 0), wm - 1)
+                for ch in range(C):
+                    q, col = divmod(int(switches[n_idx[m], ch, r, c]), W)
+                    want = min(max((q - oy) * 9 + (col - ox), 0), 7 * 9 - 1)
+                    assert int(got[m, i, j, ch]) == want, (m, i, j, ch)
