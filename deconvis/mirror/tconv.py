@@ -7,8 +7,9 @@ convolution by sub-pixel (space-to-depth) decomposition: output pixel ``Y = y*s 
 transposed conv takes tap ``t = q*s + r``, so each of the ``s*s`` output phases ``(r_y, r_x)`` is
 a stride-1 convolution of the signal with the taps of that phase. Stacking the phases as output
 channels gives one ``conv2d`` with ``C_in*s*s`` output channels and a ``ceil(k_eff/s)`` kernel
-(the taps padded with zeros to a multiple of ``s``), then ``pixel_shuffle`` lays the phases back
-on the grid and padding crops. It does the same multiply-adds plus the zero taps' (AlexNet:
+(the taps padded with zeros to a multiple of ``s``), then one copy lays the phases back on the
+grid (``pixel_shuffle``'s layout, :func:`_shuffle`) and padding crops. On the CPU the conv runs
+channels-last for float32/16 (oneDNN's faster layout for it). It does the same multiply-adds plus the zero taps' (AlexNet:
 ``(12/11)^2``, 19 % more) and runs near the forward's rate; the result equals
 ``conv_transpose2d``'s up to summation order (float64 round-off).
 
