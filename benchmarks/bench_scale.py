@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -298,6 +299,23 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
     return out, secs, arith, wall
 
 
+def cprofiled_run(cfg, path: str) -> Tuple[object, Dict[str, float], Dict[str, float], float]:
+    """``pipeline.run(cfg)`` under cProfile (stats written to ``path``, read them with ``pstats``):
+    as :func:`profiled_run`, with no arithmetic (zeros)."""
+    import cProfile
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        out = pipeline.run(cfg)
+    finally:
+        prof.disable()
+        prof.dump_stats(path)
+    wall = time.perf_counter() - t0
+    return out, dict(out.seconds), {p: 0.0 for p in PHASES}, wall
+
+
 def arithmetic_rows(secs: Dict[str, float], arith: Dict[str, float], wall: float) -> List[list]:
     """Rows phase | wall s | arithmetic s | wall / arithmetic."""
     rows = []
@@ -306,7 +324,7 @@ def arithmetic_rows(secs: Dict[str, float], arith: Dict[str, float], wall: float
         rows.append([p, f"{w:.1f}", f"{a:.1f}", f"{w / a:.2f}x" if a > 0 else "-"])
     total_a = sum(arith.values())
     rows.append(["**end to end** (process wall, start-up excluded)", f"{wall:.1f}", f"{total_a:.1f}",
-                 f"**{wall / max(total_a, 1e-9):.2f}x**"])
+                 f"**{wall / total_a:.2f}x**" if total_a > 0 else "-"])
     return rows
 
 
@@ -318,6 +336,20 @@ def run_size(run_dir: str) -> Tuple[int, int]:
             total += os.path.getsize(os.path.join(root, n))
             files += 1
     return total, files
+
+
+def size_by_part(run_dir: str) -> str:
+    """MB and files per part of a run folder: tiles of each layer, the unit pages' folders, sheets, the rest."""
+    parts: Dict[str, List[int]] = {}
+    for root, _, names in os.walk(run_dir):
+        rel = os.path.relpath(root, run_dir).split(os.sep)
+        part = "/".join(rel[:2]) if rel[0] in ("tiles", "units") and len(rel) > 1 else rel[0]
+        for n in names:
+            key = ("sheets" if n.startswith("layer_") else "other") if part == "." else part
+            row = parts.setdefault(key, [0, 0])
+            row[0] += os.path.getsize(os.path.join(root, n))
+            row[1] += 1
+    return ", ".join(f"{k} {b / 1e6:.1f} MB/{f}" for k, (b, f) in sorted(parts.items()))
 
 
 def _winners(res: dict) -> Dict[Tuple[str, int], List[Tuple[int, float]]]:
@@ -383,6 +415,10 @@ def main() -> None:
                                                              "time against arithmetic per phase")
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per end-to-end run")
     ap.add_argument("--record", action="store_true", help="write the tables into BENCHMARKS.md")
+    ap.add_argument("--bottom-k", type=int, default=None, help="end to end: the run's bottom_k (unset: k; 0: off)")
+    ap.add_argument("--no-unit-erf", action="store_true", help="end to end: skip the unit pages' RF + ERF images")
+    ap.add_argument("--cprofile", default="", help="with --e2e-only: run under cProfile instead of the PyTorch "
+                                                   "profiler and write its stats to this file (no arithmetic column)")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="deconvis_bench_scale_")
@@ -396,13 +432,20 @@ def main() -> None:
         if args.e2e_only:
             cfg = load_config(None, dict(model="alexnet", weights="random", images=data, out=os.path.join(tmp, "e2e"),
                                          run="one", progress=False, device="cpu", batch_size=bs, workers=w,
-                                         checkpoint_every=0, channels=args.channels or None))
+                                         checkpoint_every=0, channels=args.channels or None, bottom_k=args.bottom_k,
+                                         unit_erf=not args.no_unit_erf))
             load0 = os.getloadavg()[0]
-            o, ph, arith, wall = profiled_run(cfg)
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            o, ph, arith, wall = cprofiled_run(cfg, args.cprofile) if args.cprofile else profiled_run(cfg)
+            cpu = sum(r.ru_utime + r.ru_stime - (r0.ru_utime + r0.ru_stime) for r, r0 in
+                      zip((resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)), cpu0))
             size, n_files = run_size(os.path.join(tmp, "e2e", "one"))
             print(machine())
             print(f"{args.images} images, 1 process, {torch.get_num_threads()} threads, load {load0:.1f} -> "
                   f"{os.getloadavg()[0]:.1f}; run folder {size / 1e6:.1f} MB in {n_files} files")
+            print("by part (MB/files):", size_by_part(os.path.join(tmp, "e2e", "one")))
+            print(f"CPU seconds (user + system, this process and its finished loader workers): {cpu:.1f}; "
+                  "less sensitive to other load than the wall times")
             print(table(["phase", "wall s", "arithmetic s", "wall / arithmetic"], arithmetic_rows(ph, arith, wall)))
             return
         print("1. mining vs plain forward (CPU)", flush=True)

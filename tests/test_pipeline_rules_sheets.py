@@ -125,3 +125,20 @@ def test_jpeg_sheets_match_the_lossless_ones(runs, tmp_path):
             assert a.shape == b.shape
             diff = np.abs(a.astype(int) - b.astype(int))
             assert diff.mean() < 1.0, (jpg, diff.mean())
+
+
+def test_sheets_composed_while_projecting_equal_the_render_phases(tmp_path, monkeypatch):
+    """In one process the projection's writer thread composes each layer's sheets as its channels
+    complete; they are the sheets the render phase makes from the sprites (PNG: pixel for pixel),
+    and the run's render phase finds them current and composes none itself."""
+    cfg = fx.tiny_config(tmp_path, per_sheet=3, k=3, lossless=True)
+    calls, real = [], render.render_layer
+    monkeypatch.setattr(render, "render_layer", lambda lr, *a, **kw: calls.append(lr.name) or real(lr, *a, **kw))
+    out = pipeline.run(cfg)
+    assert calls == [] and out.sheets
+    during = {s: _read(os.path.join(out.run_dir, s)) for s in out.sheets}
+    again = pipeline.run(dataclasses.replace(cfg, render_only=True))  # from the sprites on disk
+    assert sorted(calls) == sorted(lr.name for lr in out.results.layers)
+    assert again.sheets == out.sheets
+    for s in out.sheets:
+        assert np.array_equal(during[s], _read(os.path.join(out.run_dir, s))), s

@@ -14,7 +14,7 @@ from deconvis.io.images import ImageDataset, open_images
 from deconvis.io.models import Preprocess
 from deconvis.mirror.deconvnet import DeconvNet
 from deconvis.render.display import to_uint8, to_uint8_tensor
-from deconvis.render.projection import Replay, project_jobs
+from deconvis.render.projection import Replay, completion_order, project_jobs
 from deconvis.render.sheets import TileJob
 
 
@@ -73,6 +73,21 @@ def test_jobs_match_direct_projection_with_oom_halving_and_a_cut_forward(setup, 
         assert box == want[key][1]
         assert np.array_equal(rec, want[key][0]), key
     assert (replay.checked, replay.mismatches) == (len(jobs), 0)  # batched values = single-image ones (round-off)
+
+
+def test_channels_complete_in_the_jobs_order_not_the_images_order(setup):
+    """Images are forwarded channel by channel in the jobs' order, so the first channel's winners
+    all reach the sink before any of a later channel whose images have lower ids."""
+    dn, ds = setup
+    jobs = [TileJob("1", 0, 0, 4, 3, 3), TileJob("1", 0, 1, 3, 5, 5),  # channel 0 on images 4, 3
+            TileJob("1", 1, 0, 0, 2, 2), TileJob("1", 1, 1, 1, 4, 4),  # channel 1 on images 0, 1
+            TileJob("1", 2, 0, 3, 1, 1), TileJob("1", 2, 1, 2, 6, 6)]  # channel 2 on image 3 (shared), 2
+    assert completion_order(jobs) == [3, 4, 0, 1, 2]
+    seen = []
+    project_jobs(dn, ds, jobs, batch_size=2, project_batch=8, sink=lambda j, *a: seen.append(j.channel),
+                 progress=False)
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2]
+    assert seen.index(1) > max(i for i, c in enumerate(seen) if c == 0)  # channel 0 complete first
 
 
 def test_uint8_on_the_device_equals_the_host_version():

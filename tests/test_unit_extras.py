@@ -202,3 +202,51 @@ def test_checkpoint_entries_expand_and_bad_ones_fail_in_one_line(tmp_path):
     with pytest.raises(DeconvisError, match="checkpoints: .*nope.pt"):  # before any mining
         pipeline.run(cfg)
     assert not os.path.exists(os.path.join(cfg.out, cfg.run, "results.json"))
+
+
+def _erf_images(run_dir):
+    folder = os.path.join(run_dir, "units", "erf")
+    return {os.path.relpath(os.path.join(r, n), folder): open(os.path.join(r, n), "rb").read()
+            for r, _, names in os.walk(folder) for n in names}
+
+
+def test_erf_images_drawn_on_the_writer_thread_equal_the_inline_ones(evo_run, tmp_path, monkeypatch):
+    """The RF + ERF images and their records are the same whether a writer thread draws them
+    while the next maps are computed or the loop draws them itself; a drawing or write that
+    fails comes back from the phase and leaves neither a file nor a record for its unit."""
+    from deconvis.runs import unit_erf
+
+    cfg, _, out, res = evo_run
+    ctx = pipeline.prepare(cfg, out.run_dir)
+    got = {}
+    for threads in (0, 1):
+        monkeypatch.setattr(unit_erf, "ERF_WRITER_THREADS", threads)
+        r = R.load(out.run_dir)
+        run_dir = str(tmp_path / f"t{threads}")
+        record = unit_erf.erf_phase(ctx, r, run_dir)
+        got[threads] = (record, [lr.unit_extras for lr in r.layers], _erf_images(run_dir))
+    assert got[0] == got[1]
+    assert got[1][0]["images"] == len(got[1][2]) > 0
+    assert [lr.unit_extras["erf"] for lr in res.layers] == [ex["erf"] for ex in got[1][1]]  # as the run wrote them
+
+    real, calls = unit_erf.write_image, []
+
+    def flaky(path, rgb, durable=True):
+        calls.append(path)
+        if len(calls) == 2:
+            from deconvis.io.atomic import atomic_path
+            with atomic_path(path) as tmp:  # dies half way through the file
+                open(tmp, "wb").write(b"\xff\xd8half")
+                raise OSError("disk full")
+        real(path, rgb, durable)
+
+    monkeypatch.setattr(unit_erf, "write_image", flaky)
+    monkeypatch.setattr(unit_erf, "ERF_WRITER_THREADS", 1)
+    r = R.load(out.run_dir)
+    run_dir = str(tmp_path / "failing")
+    with pytest.raises(OSError, match="disk full"):
+        unit_erf.erf_phase(ctx, r, run_dir)
+    left = _erf_images(run_dir)
+    assert not any(".tmp" in f for f in left) and os.path.relpath(calls[1], os.path.join(run_dir, "units", "erf")) not in left
+    listed = [f for lr in r.layers for f in lr.unit_extras["erf"] if f]
+    assert all(os.path.isfile(os.path.join(run_dir, f)) for f in listed) and len(listed) < got[1][0]["images"]

@@ -41,9 +41,12 @@ def to_uint8_tensor(rec: Tensor, shared: bool = False, percentile: Optional[floa
     if shared:
         scale = scale.amax().expand_as(scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # 128 + 127 * (v / scale), rounded: the same operations in the same order, in place on one copy
+    # 128 + 127 * (v / scale), rounded: the same operations in the same order, in place on one copy;
+    # with the maximum as scale |v / scale| <= 1, so the result is in [1, 255]: no clamp
     v = rec.to(wide, copy=True)
-    v.div_(scale.view(-1, 1, 1, 1)).mul_(127.0).add_(128.0).round_().clamp_(0, 255)
+    v.div_(scale.view(-1, 1, 1, 1)).mul_(127.0).add_(128.0).round_()
+    if percentile is not None:
+        v.clamp_(0, 255)
     out = torch.empty((v.shape[0], v.shape[2], v.shape[3], v.shape[1]), dtype=torch.uint8, device=v.device)
     out.copy_(v.permute(0, 2, 3, 1))
     return out

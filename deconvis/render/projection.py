@@ -1,7 +1,7 @@
 """Project the winners: re-forward their images, project each unit, cut two uint8 tiles.
 
 For every job (layer, channel, rank, image, y, x) the image is decoded again (a DataLoader, with
-``workers`` processes), forwarded in batches of distinct images only as deep as the deepest layer
+``workers`` processes; channel by channel in the jobs' order, :func:`completion_order`), forwarded in batches of distinct images only as deep as the deepest layer
 its jobs need, and each unit is projected with ``DeconvNet.project_window``. On an out-of-memory
 error a batch of images is forwarded in halves (and later batches too); every job is handed to the
 sink exactly once. Per chunk of units the device is synchronised twice: once for the uint8 tiles
@@ -114,6 +114,22 @@ def _local_crop(dn, layer: str, rec: torch.Tensor, boxes: torch.Tensor, units: t
     return cut_boxes(rec, local), local
 
 
+def completion_order(jobs: Sequence[TileJob]) -> List[int]:
+    """The jobs' images in the order that completes their channels earliest: the channels in the
+    order of ``jobs``, each adding its images not listed yet (ascending). A channel is complete
+    once its last image is forwarded, so its sprite can be written (and its memory reused) while
+    later channels project, instead of nearly every channel completing in the last batches (as
+    in image order, where a channel's last winner is on average near the end)."""
+    images: Dict[Tuple[str, int], Set[int]] = {}
+    for j in jobs:
+        images.setdefault((j.layer, j.channel), set()).add(j.image)
+    order: Dict[int, None] = {}
+    for ids in images.values():
+        for i in sorted(ids):
+            order.setdefault(i)
+    return list(order)
+
+
 def project_jobs(
     dn,
     dataset: ImageDataset,
@@ -131,7 +147,7 @@ def project_jobs(
 ) -> int:
     """Project every job and hand ``(job, rec uint8 [rh, rw, 3], img uint8 [rh, rw, 3], box)`` to
     ``sink`` (once per job). Images are forwarded once per batch of ``batch_size`` distinct images
-    (halved on out-of-memory), up to the deepest layer their jobs need; units go to
+    (halved on out-of-memory), in :func:`completion_order`, up to the deepest layer their jobs need; units go to
     ``dn.project_window`` in chunks of ``project_batch`` per layer. ``replay`` (optional) receives
     the replay check of the jobs that carry an ``activation``. Returns the number of jobs done."""
     from tqdm.auto import tqdm  # start-up time: tqdm.auto probes for Jupyter
@@ -199,7 +215,7 @@ def project_jobs(
                 continue
             start += n
 
-    loader = DataLoader(_Decoded(dataset, sorted(by_image)), batch_size=max(1, int(batch_size)), shuffle=False,
+    loader = DataLoader(_Decoded(dataset, completion_order(jobs)), batch_size=max(1, int(batch_size)), shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     try:
         for shown_t, x, ids_t in loader:

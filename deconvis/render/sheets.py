@@ -110,12 +110,14 @@ def load_tile(run_dir: str, layer, unit, winner, kind: str) -> Optional[np.ndarr
     return read_rgb(os.path.join(run_dir, winner.tiles[kind])) if winner.tiles else None
 
 
-def channel_tiles(unit, run_dir: str, k: int, cell: Optional[Sequence[int]]
+def channel_tiles(unit, run_dir: str, k: int, cell: Optional[Sequence[int]], sprite: Optional[np.ndarray] = None
                   ) -> List[Optional[Tuple[np.ndarray, np.ndarray, float]]]:
     """``[(rec, img, activation) or None]`` per winner of ``unit`` (a ``ChannelResult``), read
-    from its sprite (one decode) or, for a version-1 run, from its two files per winner; None for
-    a winner without tiles (not projected, or its file is missing)."""
-    sprite = read_rgb(os.path.join(run_dir, unit.sprite)) if unit.sprite else None
+    from its sprite (one decode; ``sprite``: the sprite's pixels already in memory) or, for a
+    version-1 run, from its two files per winner; None for a winner without tiles (not
+    projected, or its file is missing)."""
+    if sprite is None and unit.sprite:
+        sprite = read_rgb(os.path.join(run_dir, unit.sprite))
     out: List[Optional[Tuple[np.ndarray, np.ndarray, float]]] = []
     for w in unit.winners:
         rec = img = None
@@ -274,32 +276,48 @@ def render_layer(
 
     Returns the sheet paths relative to ``run_dir``. Units without tiles show as empty cells.
     """
-    rf = layer.rf or [1, 1]
-    th, tw, _ = tile_scale(int(rf[0]), int(rf[1]), min_tile, max_tile)
-    layout = SheetLayout(k=k, th=th, tw=tw, per_sheet=per_sheet, columns=columns)
+    layout = layer_layout(layer, k=k, per_sheet=per_sheet, columns=columns, min_tile=min_tile, max_tile=max_tile)
     units = layer.units
-    cell = getattr(layer, "cell", None) or rf
     pages = max(1, math.ceil(len(units) / per_sheet))
     written: List[str] = []
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="deconvis-sheets") as pool:
-        def read(u):
-            return [None if t is None else (resize_tile(t[0], th, tw), resize_tile(t[1], th, tw), t[2])
-                    for t in channel_tiles(u, run_dir, k, cell)]
-
         writes = []
         for p in range(pages):
             chunk = units[p * per_sheet:(p + 1) * per_sheet]
-            blocks = list(zip((u.channel for u in chunk), pool.map(read, chunk)))
-            lo = chunk[0].channel if chunk else 0
-            hi = chunk[-1].channel if chunk else 0
-            over = f" over {n_images} images" if n_images is not None else ""
-            name_part = layer.label if layer.label == layer.name else f"{layer.label} ({layer.name})"
-            title = (f"{name_part}  channels {lo}-{hi}  page {p + 1}/{pages}  top-{k}{over}  "
-                     f"RF {rf[0]}x{rf[1]}px   left: reconstructions, right: image patches")
-            sheet = render_sheet(blocks, layout, title)
+            blocks = list(zip((u.channel for u in chunk), pool.map(lambda u: sheet_block(layer, u, run_dir, layout), chunk)))
+            sheet = render_sheet(blocks, layout, page_title(layer, p, pages, k, n_images, per_sheet))
             rel = sheet_name(layer.label, p + 1, ext)
             writes.append(pool.submit(write_image, os.path.join(run_dir, rel), sheet))
             written.append(rel)
         for f in writes:
             f.result()
     return written
+
+
+def layer_layout(layer, *, k: int, per_sheet: int, columns: int, min_tile: int, max_tile: int) -> SheetLayout:
+    """The sheet layout of ``layer`` (a ``LayerResult``): its tiles scaled by :func:`tile_scale`."""
+    rf = layer.rf or [1, 1]
+    th, tw, _ = tile_scale(int(rf[0]), int(rf[1]), min_tile, max_tile)
+    return SheetLayout(k=k, th=th, tw=tw, per_sheet=per_sheet, columns=columns)
+
+
+def sheet_block(layer, unit, run_dir: str, layout: SheetLayout, sprite: Optional[np.ndarray] = None
+                ) -> List[Optional[Tuple[np.ndarray, np.ndarray, float]]]:
+    """One channel's block of a sheet: its tiles (:func:`channel_tiles`; ``sprite``: its pixels
+    already in memory) resized to the layout's tile size."""
+    cell = getattr(layer, "cell", None) or layer.rf or [1, 1]
+    th, tw = layout.th, layout.tw
+    return [None if t is None else (resize_tile(t[0], th, tw), resize_tile(t[1], th, tw), t[2])
+            for t in channel_tiles(unit, run_dir, layout.k, cell, sprite)]
+
+
+def page_title(layer, p: int, pages: int, k: int, n_images: Optional[int], per_sheet: int) -> str:
+    """The title of page ``p`` (from 0) of ``pages`` of ``layer``'s sheets, ``per_sheet`` channels each."""
+    rf = layer.rf or [1, 1]
+    chunk = layer.units[p * per_sheet:(p + 1) * per_sheet]
+    lo = chunk[0].channel if chunk else 0
+    hi = chunk[-1].channel if chunk else 0
+    over = f" over {n_images} images" if n_images is not None else ""
+    name_part = layer.label if layer.label == layer.name else f"{layer.label} ({layer.name})"
+    return (f"{name_part}  channels {lo}-{hi}  page {p + 1}/{pages}  top-{k}{over}  "
+            f"RF {rf[0]}x{rf[1]}px   left: reconstructions, right: image patches")

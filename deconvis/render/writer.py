@@ -4,7 +4,9 @@ OpenCV's encoders and file writes release the GIL, so on a machine whose cores t
 not keep busy (data loading, Python between kernels, a GPU run) the output path overlaps the
 compute instead of following it. At most ``max_pending`` tasks wait (the caller blocks beyond
 that: memory stays bounded); the first error is raised by :meth:`BackgroundWriter.close` (or by
-the next :meth:`submit`), and ``close`` always waits for what was submitted.
+the next :meth:`submit`), and ``close`` always waits for what was submitted; after an error in the
+caller, :meth:`BackgroundWriter.abandon` drops what has not started. Tasks write through
+:mod:`deconvis.io.atomic`, so a failed or dropped task leaves no partial file.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class BackgroundWriter:
 
     def _done(self, fut: Future) -> None:
         self._slots.release()
+        if fut.cancelled():
+            return
         exc = fut.exception()
         if exc is not None:
             with self._lock:
@@ -52,12 +56,19 @@ class BackgroundWriter:
             self._pool = None
         self._raise()
 
+    def abandon(self) -> None:
+        """After an error in the caller: drop the tasks not started, wait for the running ones (each
+        writes a whole file or none), raise nothing (the caller's error is the one to report).
+        A no-op after :meth:`close`."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def __enter__(self) -> "BackgroundWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._pool is not None:  # an error in the caller: finish what was queued, keep its error
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        else:  # an error in the caller: keep its error
+            self.abandon()

@@ -10,7 +10,9 @@
 2. **project** -- re-forward the winners' images and project every winner with
    ``DeconvNet.project_window`` (batches sized by free memory unless ``project_batch`` is set);
    writes one sprite per channel (``tiles/<layer>/c<channel>.<png|jpg>``, on a background thread);
-3. **render** -- compose per-layer sheets ``layer_<label>_pNNN.jpg`` (``.png`` with ``lossless``) from the sprites;
+3. **render** -- compose per-layer sheets ``layer_<label>_pNNN.jpg`` (``.png`` with ``lossless``) from the sprites
+   (in a one-process run the projection's writer thread has composed them already, as the
+   channels completed, and this finds them current);
    then the Section 4 analyses of ``analyses`` (rank 0; :mod:`deconvis.runs.phases.analyses`);
 4. **report** -- ``index.html`` to browse it all.
 

@@ -23,6 +23,7 @@ from deconvis.graph.rf_geometry import clip_box
 from deconvis.io.atomic import write_image
 from deconvis.io.images import ImageDataset, UnreadableImage, normalize
 from deconvis.render.sheets import safe_name
+from deconvis.render.writer import BackgroundWriter
 from deconvis.runs.results import LayerResult, Results
 
 log = logging.getLogger("deconvis")
@@ -37,6 +38,8 @@ RF_COLOUR = (0, 230, 255)
 HEAT_ALPHA = 0.85
 #: the heat's full scale: this percentile of the map's positive values (the map is spiky)
 HEAT_PERCENTILE = 99.0
+#: threads drawing, encoding and writing the images while the next maps are computed (0: inline)
+ERF_WRITER_THREADS = 1
 #: what the maps mean, stored in results.json
 DEFINITION = ("sum over colours of |d a / d x| for the channel's top winner (its activation a at the winning "
               "position, on the winning image), scaled to its peak; box: the theoretical receptive field")
@@ -120,7 +123,8 @@ def mass_fraction(erf: np.ndarray, box_clipped: Sequence[int], q: float = 0.95) 
 def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
     """Draw every mined channel's RF + ERF image (top winner) and record them in each layer's
     ``unit_extras["erf"]`` (paths, null for inactive channels) and ``["erf_mass95"]``. Returns
-    the record for ``res.unit_extras["erf"]``. Images are forwarded ``batch_size`` at a time."""
+    the record for ``res.unit_extras["erf"]``. Images are forwarded ``batch_size`` at a time; the
+    drawing, encoding and writing run on a writer thread (:data:`ERF_WRITER_THREADS`) meanwhile."""
     layers = {lr.name: lr for lr in res.layers}
     tops: Dict[int, List[Tuple[LayerResult, int]]] = {}
     for lr in res.layers:
@@ -133,7 +137,7 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
     data = ImageDataset(ctx.source, ctx.preprocess)
     dn = ctx.dn
     ids = sorted(tops)
-    written = 0
+    writer = BackgroundWriter(threads=ERF_WRITER_THREADS, max_pending=2 * max(1, int(ctx.cfg.batch_size)))
     step = max(1, int(ctx.cfg.batch_size))
     dtype, device = ctx.dtype, ctx.device
     try:
@@ -159,15 +163,23 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
                 H, W = shown[0].shape[:2]
                 maps, boxes = unit_erf_maps(dn, name, units, acts[name], (H, W))
                 for (b, ci), m, box in zip(sel, maps, boxes.tolist()):
-                    if m is None:
-                        continue
-                    clipped, _ = clip_box(box, (H, W))
-                    img, _ = draw_rf_erf(shown[b], m, clipped)
-                    rel = erf_path(lr.label, lr.units[ci].channel)
-                    write_image(os.path.join(run_dir, rel), img, durable=False)
-                    lr.unit_extras["erf"][ci] = rel  # type: ignore[index]
-                    lr.unit_extras["erf_mass95"][ci] = round(mass_fraction(m, clipped), 4)  # type: ignore[index]
-                    written += 1
+                    if m is not None:
+                        writer.submit(_draw_one, run_dir, lr, ci, shown[b], m, box)
+        writer.close()  # the first error of a drawing or a write, if any
     finally:
+        writer.abandon()  # after an error: wait for what was queued, keep the first error
         dn.release()
+    written = sum(1 for lr in res.layers for f in (lr.unit_extras or {}).get("erf") or [] if f)
     return {"definition": DEFINITION, "images": written}
+
+
+def _draw_one(run_dir: str, lr: LayerResult, ci: int, shown: np.ndarray, erf: np.ndarray, box: List[int]) -> None:
+    """Draw, write (atomically) and record the RF + ERF image of channel index ``ci`` of ``lr``
+    (on the writer thread: the next batch's forward and projections go on meanwhile)."""
+    clipped, _ = clip_box(box, erf.shape[:2])
+    img, _ = draw_rf_erf(shown, erf, clipped)
+    rel = erf_path(lr.label, lr.units[ci].channel)
+    write_image(os.path.join(run_dir, rel), img, durable=False)
+    mass = round(mass_fraction(erf, clipped), 4)
+    lr.unit_extras["erf"][ci] = rel  # type: ignore[index]  # the file is complete before it is listed
+    lr.unit_extras["erf_mass95"][ci] = mass  # type: ignore[index]

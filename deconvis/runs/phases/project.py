@@ -1,7 +1,8 @@
 """Projection: re-forward the winners' images, project every winner with
 ``DeconvNet.project_window`` and write one sprite per channel (``tiles/<layer>/c<channel>.<png|jpg>``,
-:mod:`deconvis.render.sprites`) on a background thread; under torchrun each rank takes whole
-(layer, channel) groups.
+:mod:`deconvis.render.sprites`) on a background thread, which in a one-process run also
+composes each layer's grid sheets as its channels complete (:class:`_SheetPages`); under
+torchrun each rank takes whole (layer, channel) groups.
 
 Progress: every rank keeps its own ``projection.rank<r>.json`` (atomic, at most every
 :data:`SAVE_EVERY_S` and at the end) listing the channels whose sprite it has written, with their
@@ -11,9 +12,11 @@ projected together, and a channel whose sprite was not yet written is projected 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -32,6 +35,7 @@ from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.prepare import Context
+from deconvis.runs.phases.render import sheet_ext, sheets_hash
 from deconvis.runs.phases.rundir import PROGRESS_GLOB, channel_done, progress_filename
 from deconvis.runs.results import ChannelResult, LayerResult, Results, Winner
 
@@ -45,6 +49,8 @@ AUTO_PROJECT_BYTES = {"cuda": 1 << 30}
 AUTO_PROJECT_BYTES_DEFAULT = 256 << 20
 #: sprites waiting for the writer thread before the projection waits for it (bounds memory)
 WRITER_PENDING = 64
+#: compose each layer's sheets on the writer thread as its channels complete (:class:`_SheetPages`)
+SHEETS_WHILE_PROJECTING = True
 
 #: one finished channel: (layer name, channel, sprite path, cell [h, w], rf [h, w], [(rank, box, clipped)])
 Entry = Tuple[str, int, str, List[int], List[int], List[Tuple[int, List[int], List[int]]]]
@@ -181,39 +187,125 @@ class _Progress:
 
 class _Staging:
     """The tiles of channels not yet complete, in one memory-mapped array file per layer
-    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel's
-    winners arrive in image order, so most channels complete late; the page cache, not the
-    process, holds them (bounded memory on VGG-sized runs). Removed when the projection ends."""
+    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel
+    completes when its last winner's image is forwarded; until then the page cache, not the
+    process, holds its tiles (bounded memory on VGG-sized runs). Once a channel's sprite is
+    written its rows are released (:meth:`release`: a hole punched in the file, so the kernel
+    neither writes them back nor keeps them). Removed when the projection ends."""
 
     def __init__(self, run_dir: str, rank: int, k: int):
         self.run_dir, self.rank, self.k = run_dir, rank, k
-        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str]] = {}
+        #: layer name -> (the array, channel -> row, path, the mapping, offset of the array in it)
+        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str, Any, int]] = {}
 
     def slot(self, lr: LayerResult, channels: List[int]) -> Tuple[np.ndarray, Dict[int, int]]:
         if lr.name not in self.layers:
             h, w = lr.cell  # type: ignore[misc]
             path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
-            self.layers[lr.name] = (arr, {c: i for i, c in enumerate(channels)}, path)
-        arr, rows, _ = self.layers[lr.name]
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
+            # a plain ndarray over the same mapping: indexing a np.memmap costs a Python call per view
+            self.layers[lr.name] = (mm.view(np.ndarray), {c: i for i, c in enumerate(channels)}, path,
+                                    getattr(mm, "_mmap", None), int(mm.offset) % mmap.ALLOCATIONGRANULARITY)
+        arr, rows = self.layers[lr.name][:2]
         return arr, rows
 
+    def release(self, layer: str, channel: int) -> None:
+        """Drop the pages of ``channel``'s row (its sprite is written; nothing reads it again): a
+        hole punched in the file (``MADV_REMOVE``; skipped where the filesystem cannot)."""
+        found = self.layers.get(layer)
+        if found is None or found[3] is None or not hasattr(mmap, "MADV_REMOVE"):
+            return
+        arr, rows, _, mm, base = found
+        size = arr[0].nbytes
+        start = base + rows[channel] * size
+        a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if b > a:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_REMOVE, a, b - a)
+
     def close(self) -> None:
-        for arr, _, path in self.layers.values():
-            del arr
-            try:
+        paths = [found[2] for found in self.layers.values()]
+        self.layers.clear()  # the arrays and mappings go with their last reference
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-            except FileNotFoundError:
-                pass
-        self.layers.clear()
 
 
-def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress) -> None:
-    """Compose and write one channel's sprite (on the writer thread), then count it as done."""
+class _SheetPages:
+    """Each layer's grid sheets, composed while the projection runs: as a channel's sprite is
+    written its block (the tiles resized, :func:`deconvis.render.sheets.sheet_block`) is cut from
+    the sprite in memory, and a page is rendered and written (atomically) once its channels are
+    all there. Channels complete in the jobs' order (:func:`deconvis.render.projection.completion_order`),
+    so few pages are open at a time, and the render phase neither reads the sprites back nor
+    waits for the sheets. Only for layers whose every channel this call projects; :meth:`finish`
+    records their sheets (with their hash, so the render phase finds them current); any other
+    layer is rendered from the sprites by the render phase as before. Used by the writer thread."""
+
+    def __init__(self, run_dir: str, res: Results, cfg: Any, expected: Dict[Tuple[str, int], int]):
+        self.run_dir, self.res, self.cfg = run_dir, res, cfg
+        self.n_images = res.images.get("readable", res.images.get("count"))
+        self.ext = sheet_ext(cfg)
+        self.per = max(1, int(cfg.per_sheet))
+        #: layer name -> [layout (set at its first channel), {page: {channel: block}}, {page: sheet path}]
+        self.layers: Dict[str, List[Any]] = {lr.name: [None, {}, {}] for lr in res.layers
+                                             if lr.units and all((lr.name, u.channel) in expected for u in lr.units)}
+        self.page_of = {(lr.name, u.channel): i // self.per for lr in res.layers if lr.name in self.layers
+                        for i, u in enumerate(lr.units)}
+
+    def add(self, lr: LayerResult, u: ChannelResult, sprite: np.ndarray) -> None:
+        """Channel ``u`` of ``lr`` is complete (``sprite``: its pixels): keep its block, write its
+        page when the page is complete."""
+        st = self.layers.get(lr.name)
+        if st is None:
+            return
+        cfg, k = self.cfg, self.res.k
+        if st[0] is None:  # the layer's RF is known once one of its channels completes
+            st[0] = render.layer_layout(lr, k=k, per_sheet=self.per, columns=cfg.sheet_columns,
+                                        min_tile=cfg.min_tile, max_tile=cfg.max_tile)
+        p = self.page_of[(lr.name, u.channel)]
+        blocks = st[1].setdefault(p, {})
+        blocks[u.channel] = render.sheet_block(lr, u, self.run_dir, st[0], sprite)
+        chunk = lr.units[p * self.per:(p + 1) * self.per]
+        if len(blocks) < len(chunk):
+            return
+        del st[1][p]
+        pages = max(1, -(-len(lr.units) // self.per))
+        sheet = render.render_sheet([(c.channel, blocks[c.channel]) for c in chunk], st[0],
+                                    render.page_title(lr, p, pages, k, self.n_images, self.per))
+        rel = render.sheet_name(lr.label, p + 1, self.ext)
+        write_image(os.path.join(self.run_dir, rel), sheet)
+        st[2][p] = rel
+
+    def finish(self) -> None:
+        """Record the sheets of every layer whose pages were all written (after the last
+        :meth:`add`; the boxes of every winner are set)."""
+        for lr in self.res.layers:
+            st = self.layers.get(lr.name)
+            pages = max(1, -(-len(lr.units) // self.per))
+            if st is None or len(st[2]) != pages:
+                continue
+            sheets = [st[2][p] for p in range(pages)]
+            for old in set(lr.sheets) - set(sheets):  # pages of an earlier, longer layout
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.run_dir, old))
+            lr.sheets, lr.sheets_hash = sheets, sheets_hash(self.res, lr, self.cfg)
+
+
+def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress,
+                  staging: Optional[_Staging] = None, pages: Optional[_SheetPages] = None,
+                  unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
+    """Compose and write one channel's sprite (on the writer thread), then count it as done and
+    release its staged tiles; with ``pages``, add the channel (``unit``: its layer and result) to
+    its layer's sheets."""
     sheet = sprites.compose(tiles, k, entry[3])
+    del tiles  # views into the staging file, released below
+    if staging is not None:
+        staging.release(entry[0], entry[1])
     write_image(os.path.join(run_dir, entry[2]), sheet, durable=False)  # atomic; re-creatable
     progress.add(entry)
+    if pages is not None and unit is not None:
+        pages.add(unit[0], unit[1], sheet)
 
 
 def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob]] = None,
@@ -244,6 +336,9 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
     lossless = bool(getattr(cfg, "lossless", False))
     log.info("projecting %d units (rule %s)", len(jobs), cfg.rule)
     writer = BackgroundWriter(threads=1, max_pending=WRITER_PENDING)
+    # the sheets as the channels complete: one process, the top-k (the bottom-k has no sheets)
+    pages = (_SheetPages(ctx.run_dir, res, cfg, expected)
+             if SHEETS_WHILE_PROJECTING and prefix == "projection" and not info.enabled else None)
 
     def sink(job: render.TileJob, rec, img, box) -> None:
         lr, wnr = index[(job.layer, job.channel, job.rank)]
@@ -273,19 +368,23 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
             u.sprite = sprites.sprite_path(render.safe_name(lr.label), job.channel, sprites.sprite_ext(lr.cell, lossless))
             entry: Entry = (lr.name, job.channel, u.sprite, list(lr.cell), list(lr.rf),
                             [(w.rank, w.box, w.box_clipped) for w in u.winners])
-            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress)
+            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, staging, pages, units[key])
         progress.save()
         if poll is not None:
             poll()
 
+    ok = False
     try:
         n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                     batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
                                     dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
                                     workers=precision.workers(cfg, info), replay=replay)
+        ok = True
     finally:
         try:
             writer.close()
+            if ok and pages is not None:
+                pages.finish()
         finally:
             progress.save(force=True)  # what was written, even when the projection failed
             staging.close()

@@ -1,0 +1,45 @@
+"""The projection's staging file (runs/phases/project.py ``_Staging``): a channel's rows are
+released (a hole punched in the file) once its sprite is written, the other channels' rows
+untouched; every projected channel is released in a run, and the file is gone after it."""
+from __future__ import annotations
+
+import glob
+import os
+import types
+
+import pytest
+
+import pipeline_fixtures as fx
+from deconvis.runs import pipeline
+from deconvis.runs.phases import project
+
+
+@pytest.mark.parametrize("cell", [[40, 41], [32, 64]])  # rows of 29,520 bytes (not page-aligned), 9 pages
+def test_release_drops_one_channels_rows_and_keeps_the_others(tmp_path, cell):
+    st = project._Staging(str(tmp_path), 0, 3)
+    lr = types.SimpleNamespace(name="l", label="l", cell=cell)
+    arr, rows = st.slot(lr, [5, 7, 9, 11])
+    for c, r in rows.items():
+        arr[r] = c
+    path = st.layers["l"][2]
+    st.release("l", 7)
+    st.release("l", 11)
+    size = arr[0].nbytes
+    for c, r in rows.items():
+        row = arr[r].reshape(-1)
+        if c in (5, 9):
+            assert (row == c).all(), c
+        else:  # the pages wholly inside the row are gone (read back as zeros); its edges may stay
+            inner = row[4096:size - 4096]
+            assert inner.size > 0 and (inner == 0).all(), c
+    st.close()
+    assert not os.path.exists(path)
+
+
+def test_every_projected_channel_is_released_and_the_staging_file_removed(tmp_path, monkeypatch):
+    released, real = [], project._Staging.release
+    monkeypatch.setattr(project._Staging, "release", lambda self, layer, c: released.append((layer, c)) or real(self, layer, c))
+    out = pipeline.run(fx.tiny_config(tmp_path, bottom_k=0))
+    want = sorted((lr.name, u.channel) for lr in out.results.layers for u in lr.units)
+    assert sorted(released) == want
+    assert glob.glob(os.path.join(out.run_dir, "tiles", "*", ".staging*")) == []
