@@ -69,3 +69,23 @@ def test_unpool_index_matches_a_loop(n_images, n_units):
                     q, col = divmod(int(switches[n_idx[m], ch, r, c]), W)
                     want = min(max((q - oy) * 9 + (col - ox), 0), 7 * 9 - 1)
                     assert int(got[m, i, j, ch]) == want, (m, i, j, ch)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_float32_windows_come_back_contiguous(batch_size, monkeypatch):
+    """A stride-1 first conv runs conv_transpose2d channels-last: one chunk or several, the
+    reconstructions come back in the contiguous [M, C, h, w] layout, equal to the float64 ones."""
+    monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 3, 24, 24)
+    units = torch.tensor([[0, 1, 0, 0], [1, 2, 5, 5], [0, 3, 11, 11], [1, 4, 6, 0], [0, 5, 3, 9]])
+    dn = DeconvNet(model)
+    dn.forward(x)
+    rec, _ = dn.project_window("4", units, batch_size=batch_size)
+    assert rec.is_contiguous()
+    dn64 = DeconvNet(model.double())
+    dn64.forward(x.double())
+    ref, _ = dn64.project_window("4", units)
+    assert torch.allclose(rec.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
