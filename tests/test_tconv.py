@@ -109,3 +109,20 @@ def test_mirror_with_a_stride4_stem_matches_oracle_in_one_chunk():
             cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, 67), max(x0, 0), min(x1, 67)
             assert torch.allclose(rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], ref[m, :, cy0:cy1, cx0:cx1],
                                   rtol=0, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_subpixel_float32_channels_last_path_equals_conv_transpose2d():
+    """float32 on the CPU takes the channels-last conv and the layout-agnostic shuffle: the same
+    numbers as conv_transpose2d (float64 reference) to float32 round-off, contiguous output."""
+    rng = random.Random(3)
+    for _ in range(40):
+        g, weight, kw, ref = _case(rng)
+        got = subpixel_conv_transpose(g.float(), weight.float(), **kw)
+        assert got.dtype == torch.float32 and got.shape == ref.shape, kw
+        assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4), kw
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(3, 64, 9, 9, generator=gen)
+    weight = torch.randn(64, 3, 11, 11, generator=gen)
+    got = subpixel_conv_transpose(g, weight, (4, 4))
+    ref = F.conv_transpose2d(g.double(), weight.double(), stride=4)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-3)

@@ -372,7 +372,8 @@ class DeconvNet:
         parts = batched(run, units, batch_size, "projection batch")
         if len(parts) == 1:  # one chunk: no copy (a cropped view is made contiguous)
             return parts[0][0].contiguous(), parts[0][1]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        # (contiguous: float32 windows travel channels-last on the CPU, and cat keeps their layout)
+        return torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts])
 
     def strongest(self, layer: str, k: int = 1) -> Tensor:
         """The ``k`` strongest units per channel of ``layer`` over the last forward batch (all images

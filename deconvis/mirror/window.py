@@ -29,7 +29,7 @@ from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
 from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to, bn_scale
 from deconvis.mirror.rules import Rule
-from deconvis.mirror.tconv import conv_transpose
+from deconvis.mirror.tconv import CHANNELS_LAST_DTYPES, conv_transpose
 
 Node = torch.fx.Node
 Affine = Tuple[int, int]  # origin = a * u + b (u: the target unit's index along the axis)
@@ -41,6 +41,10 @@ _SPREADING = {"conv", "avgpool", "generic"}
 #: on the CPU, zero the off-map parts of windows block by block (one slice per strip of a unit
 #: that reaches past the map) rather than by a product with a mask over every window
 ZERO_BY_BLOCKS = True
+#: on the CPU, carry float32/16 windows channels-last ([M, h, w, C] in memory) through the
+#: transposed convs and unpools: oneDNN runs small-window, many-channel convs faster so, and the
+#: switch gather already yields that layout (:data:`deconvis.mirror.tconv.CHANNELS_LAST_DTYPES`)
+CHANNELS_LAST = True
 
 
 @dataclass(frozen=True)
@@ -194,12 +198,44 @@ def _gather(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Te
     """Windows [M, C, h, w] of ``full`` [N, C, H, W] (positions outside the map clamped)."""
     if w[0].full and w[1].full:
         return full[n_idx]
+    return _gather_hwc(full, n_idx, w, u).permute(0, 3, 1, 2)
+
+
+def _gather_hwc(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Tensor) -> Tensor:
+    """Windows of ``full`` [N, C, H, W] as a contiguous [M, h, w, C] (positions outside the map
+    clamped): one advanced-indexing gather."""
+    if w[0].full and w[1].full:
+        return full[n_idx].permute(0, 2, 3, 1).contiguous()
     H, W = full.shape[-2:]
     dev = full.device
     o = _origin(w, u)
     rows = (o[:, 0, None] + torch.arange(w[0].size, device=dev)).clamp(0, H - 1)
     cols = (o[:, 1, None] + torch.arange(w[1].size, device=dev)).clamp(0, W - 1)
-    return full[n_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return full[n_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+
+
+def unpool_index(switches: Tensor, W: int, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow],
+                 wi: Tuple[AxisWindow, AxisWindow], u: Tensor) -> Tensor:
+    """Where each pooled value of the window ``w`` lands in the pool's input window ``wi``: flat
+    indices [M, h, w, C] (contiguous) into ``wi``'s ``hs*ws`` positions, from the recorded
+    ``switches`` [N, C, h_map, w_map] (flat indices into the input map of width ``W``).
+
+    A switch (row q, col c) = (q, idx - q*W) of the map is ``(q - oy)*ws + (c - ox)`` of the
+    window: ``idx + q*(ws - W) - (oy*ws + ox)``. The origin-free part ``idx + q*(ws - W)`` is
+    computed on the whole switch map when that is smaller than the units' windows (one integer
+    division per map position instead of per window position). Positions of the window outside
+    the map read a clamped neighbour's switch and carry a zero signal: the clamp only keeps their
+    indices in range."""
+    hs, ws = wi[0].size, wi[1].size
+    N, _, h_map, w_map = switches.shape
+    if N * h_map * w_map <= len(n_idx) * w[0].size * w[1].size:
+        base = switches.div(W, rounding_mode="floor").mul_(ws - W).add_(switches)
+        local = _gather_hwc(base, n_idx, w, u)
+    else:
+        idx = _gather_hwc(switches, n_idx, w, u)
+        local = idx.div(W, rounding_mode="floor").mul_(ws - W).add_(idx)
+    oi = _origin(wi, u)
+    return local.sub_((oi[:, 0] * ws + oi[:, 1])[:, None, None, None]).clamp_(0, hs * ws - 1)
 
 
 def _valid(w: Tuple[AxisWindow, AxisWindow], u: Tensor, hw: Tuple[int, int],
@@ -276,6 +312,12 @@ def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tup
     c = cols.clamp(0, dst.shape[-1] - 1)[:, None, :].expand(M, h, w)
     view = dst.permute(0, 2, 3, 1)
     view.index_put_((m, r, c), vals, accumulate=True)
+
+
+def _channels_last(g: Tensor) -> bool:
+    """Whether the windowed backward carries ``g`` [M, C, h, w] channels-last (see
+    :data:`CHANNELS_LAST`)."""
+    return CHANNELS_LAST and g.device.type == "cpu" and g.dtype in CHANNELS_LAST_DTYPES
 
 
 def _affine(w: Tuple[AxisWindow, AxisWindow]) -> Tuple[Affine, Affine]:
@@ -365,6 +407,9 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
         p, s, d = op.win["p"], op.win["s"], op.win["d"]
         if k == "conv":
             weight, groups = mirror.conv_weight(node, g.dtype, node is not plan.target), op.module.groups
+            if _channels_last(g):
+                cl = torch.channels_last
+                g, weight = g.contiguous(memory_format=cl), weight.contiguous(memory_format=cl)
         else:
             c = g.shape[1]
             div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]
@@ -374,18 +419,15 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
         return [(ins[0], raw, org, True)]
     if k == "maxpool":
         wi = plan.axes[ins[0]]
-        H, W = plan.hw[ins[0]]
-        idx = _gather(switches[node], n_idx, w, u)
-        oi = _origin(wi, u)
         hs, ws = wi[0].size, wi[1].size
-        # switch (row, col) = (q, idx - q*W) of the map, (q - oy)*ws + (col - ox) of the window:
-        # idx + q*(ws - W) - (oy*ws + ox). Positions of the window outside the map read a clamped
-        # neighbour's switch and carry a zero signal: the clamp only keeps their indices in range
-        local = idx.div(W, rounding_mode="floor").mul_(ws - W).add_(idx)
-        local.sub_((oi[:, 0] * ws + oi[:, 1])[:, None, None, None]).clamp_(0, hs * ws - 1)
+        local = unpool_index(switches[node], plan.hw[ins[0]][1], n_idx, w, wi, u)  # [M, h, w, C]
         M, C = g.shape[:2]
+        if _channels_last(g):  # scatter along the positions of [M, h*w, C]: no layout copies
+            out = g.new_zeros((M, hs * ws, C))
+            out.scatter_add_(1, local.view(M, -1, C), g.permute(0, 2, 3, 1).reshape(M, -1, C))
+            return [(ins[0], out.view(M, hs, ws, C).permute(0, 3, 1, 2), _affine(wi), True)]
         out = g.new_zeros((M, C, hs * ws))
-        out.scatter_add_(2, local.reshape(M, C, -1), g.reshape(M, C, -1))
+        out.scatter_add_(2, local.permute(0, 3, 1, 2).reshape(M, C, -1), g.reshape(M, C, -1))
         return [(ins[0], out.view(M, C, wi[0].size, wi[1].size), _affine(wi), True)]
     if k == "bn":
         if node in mirror.folded_bn:  # its scale is in the conv below (Mirror.conv_weight)

@@ -1,0 +1,91 @@
+"""The windowed mirror's float32 CPU path (deconvis/mirror/window.py, CHANNELS_LAST): windows
+carried channels-last through transposed convs and unpools (the sub-pixel conv of
+deconvis/mirror/tconv.py included) give the full path's numbers to float32 round-off, on a net
+whose strided, padded convs and overlapping pools put border units' windows partly off the map."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deconvis.mirror import deconvnet as dn_module
+from deconvis.mirror import window
+from deconvis.mirror.deconvnet import DeconvNet
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_float32_windows_match_full_path(channels_last, monkeypatch):
+    monkeypatch.setattr(window, "CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))  # never cut over to the full path
+    torch.manual_seed(7)
+    # conv1 takes the sub-pixel form (3 channels * 4*4 phases); two overlapping max-pools unpool
+    model = nn.Sequential(nn.Conv2d(3, 8, 7, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(8, 12, 5, padding=2),
+                          nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU()).eval()
+    H = W = 67
+    x = torch.randn(2, 3, H, W)
+    dn = DeconvNet(model)
+    acts = dn.forward(x)
+    used = []
+    real = window._channels_last
+    monkeypatch.setattr(window, "_channels_last", lambda g: used.append(real(g)) or real(g))
+    for layer in ("4", "7"):
+        h, w = acts[layer].shape[-2:]
+        pos = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, 0), (0, w // 2), (h // 2, w // 2)]
+        units = torch.tensor([[i % 2, i % acts[layer].shape[1], y, xx] for i, (y, xx) in enumerate(pos * 2)])
+        full = dn.project(layer, units)
+        rec, boxes = dn.project_window(layer, units)
+        assert dn.window_plan(layer) is not None
+        scale = float(full.abs().max())
+        for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
+            inside = full[m, :, cy0:cy1, cx0:cx1]
+            got = rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            assert torch.allclose(got, inside, rtol=0, atol=1e-5 * scale), (layer, m)
+            assert float(inside.abs().sum()) == pytest.approx(float(full[m].abs().sum()), rel=1e-5)
+            assert float(rec[m].abs().sum()) == pytest.approx(float(inside.abs().sum()), rel=1e-5)  # zero off the image
+    assert any(used) is channels_last
+
+
+@pytest.mark.parametrize("n_images, n_units", [(1, 40), (6, 1)])  # origin-free part on the map / on the windows
+def test_unpool_index_matches_a_loop(n_images, n_units):
+    """unpool_index against divmod per position, windows partly off the map included."""
+    gen = torch.Generator().manual_seed(n_images)
+    H, W, hm, wm, C = 13, 11, 6, 5, 3  # pool input map H x W, pooled map hm x wm
+    switches = torch.randint(0, H * W, (n_images, C, hm, wm), generator=gen)
+    w = (window.AxisWindow(1, -1, 3, 1, 1, 3), window.AxisWindow(1, -2, 4, 1, 2, 4))  # pooled windows
+    wi = (window.AxisWindow(2, -3, 7, 2, 3, 7), window.AxisWindow(2, -5, 9, 2, 5, 9))  # input windows
+    assert (n_images * hm * wm <= n_units * 3 * 4) is (n_units > 1)
+    n_idx = torch.randint(0, n_images, (n_units,), generator=gen)
+    u = torch.stack([torch.randint(0, hm, (n_units,), generator=gen), torch.randint(0, wm, (n_units,), generator=gen)], 1)
+    got = window.unpool_index(switches, W, n_idx, w, wi, u)
+    assert got.shape == (n_units, 3, 4, C) and got.is_contiguous()
+    for m in range(n_units):
+        uy, ux = u[m].tolist()
+        oy, ox = 2 * uy - 3, 2 * ux - 5
+        for i in range(3):
+            for j in range(4):
+                r, c = min(max(uy - 1 + i, 0), hm - 1), min(max(ux - 2 + j, 0), wm - 1)
+                for ch in range(C):
+                    q, col = divmod(int(switches[n_idx[m], ch, r, c]), W)
+                    want = min(max((q - oy) * 9 + (col - ox), 0), 7 * 9 - 1)
+                    assert int(got[m, i, j, ch]) == want, (m, i, j, ch)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_float32_windows_come_back_contiguous(batch_size, monkeypatch):
+    """A stride-1 first conv runs conv_transpose2d channels-last: one chunk or several, the
+    reconstructions come back in the contiguous [M, C, h, w] layout, equal to the float64 ones."""
+    monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 3, 24, 24)
+    units = torch.tensor([[0, 1, 0, 0], [1, 2, 5, 5], [0, 3, 11, 11], [1, 4, 6, 0], [0, 5, 3, 9]])
+    dn = DeconvNet(model)
+    dn.forward(x)
+    rec, _ = dn.project_window("4", units, batch_size=batch_size)
+    assert rec.is_contiguous()
+    dn64 = DeconvNet(model.double())
+    dn64.forward(x.double())
+    ref, _ = dn64.project_window("4", units)
+    assert torch.allclose(rec.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
