@@ -82,6 +82,7 @@ _WINDOW_TESTS = [
     "tests/test_mirror_graph.py::test_zoo_matches_oracle_and_windowed_equals_full[squeezenet]",
     "tests/test_projection.py",
     "tests/test_window_paste.py",
+    "tests/test_window_layout.py",
     "tests/test_windowable.py",
     "tests/test_generated_window.py::test_regression_chunk_item_read_by_a_conv",
 ]
@@ -94,8 +95,8 @@ _WINDOW_CONFIRM = [
 #: the planning half of mirror/window.py (which nodes are windowed, their cones and boxes) and
 #: the backward half (the windowed vector-Jacobian products, gathers and pastes)
 _WINDOW_PLAN = ["windowable", "_footprint", "plan_window", "AxisWindow.full", "WindowPlan.box"]
-_WINDOW_BACKWARD = ["backward_window", "_window_vjp", "_gather", "paste", "_off_map_strips", "_valid",
-                    "_origin", "_affine"]
+_WINDOW_BACKWARD = ["backward_window", "_window_vjp", "_gather", "_gather_hwc", "unpool_index", "paste",
+                    "_off_map_strips", "_valid", "_channels_last", "_origin", "_affine"]
 
 TARGETS: Dict[str, Target] = {
     "window": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM),
