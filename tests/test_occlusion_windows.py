@@ -52,10 +52,11 @@ class PerAxis(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _naive(model: nn.Module, x: torch.Tensor, tops: Sequence[Tuple[int, int]], size, fill: torch.Tensor):
+def _naive(model: nn.Module, x: torch.Tensor, tops: Sequence[Tuple[int, int]], size, fill: torch.Tensor,
+           layers: Sequence[str] = LAYERS):
     """Each occluded copy through the plain forward: (logits [P, K], {layer: channel sums [P, C]})."""
     store = {}
-    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, o)) for n in LAYERS]
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, o)) for n in layers]
     xo = x.repeat(len(tops), 1, 1, 1)
     for b, (y, x0) in enumerate(tops):
         xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
@@ -65,7 +66,7 @@ def _naive(model: nn.Module, x: torch.Tensor, tops: Sequence[Tuple[int, int]], s
     finally:
         for h in hooks:
             h.remove()
-    return logits, {n: store[n].sum((2, 3)) for n in LAYERS}
+    return logits, {n: store[n].sum((2, 3)) for n in layers}
 
 
 def _tops(H: int, W: int, size, stride) -> List[Tuple[int, int]]:
@@ -190,20 +191,11 @@ def _equals_naive(model: nn.Module, x: torch.Tensor, size, layer: str) -> Increm
     tops = _tops(x.shape[-2], x.shape[-1], size, (1, 1))
     eng = IncrementalOcclusion(model, x, size, [layer])
     outs = [eng.run(c, fill) for c in torch.tensor(tops, dtype=torch.long).split(6)]
-    store = {}
-    hook = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    xo = x.repeat(len(tops), 1, 1, 1)
-    for b, (y, x0) in enumerate(tops):
-        xo[b, :, y:y + size[0], x0:x0 + size[1]] = fill[:, None, None]
-    try:
-        with torch.no_grad():
-            logits = model(xo)
-    finally:
-        hook.remove()
+    logits, sums = _naive(model, x, tops, size, fill, [layer])
     assert float((logits - logits[:1]).abs().max()) > 1e-6
     torch.testing.assert_close(torch.cat([o.logits for o in outs]), logits, rtol=1e-10, atol=1e-12)
     got = torch.cat([o.sums[eng.layers[0]] for o in outs])
-    torch.testing.assert_close(got, store["a"].sum((2, 3)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, sums[layer], rtol=1e-10, atol=1e-12)
     return eng
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from deconvis.mirror import deconvnet as dn_module
 from deconvis.mirror import window
 from deconvis.mirror.deconvnet import DeconvNet
+from window_check import assert_windowed_equals_full, border_units
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -29,20 +30,7 @@ def test_float32_windows_match_full_path(channels_last, monkeypatch):
     real = window._channels_last
     monkeypatch.setattr(window, "_channels_last", lambda g: used.append(real(g)) or real(g))
     for layer in ("4", "7"):
-        h, w = acts[layer].shape[-2:]
-        pos = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, 0), (0, w // 2), (h // 2, w // 2)]
-        units = torch.tensor([[i % 2, i % acts[layer].shape[1], y, xx] for i, (y, xx) in enumerate(pos * 2)])
-        full = dn.project(layer, units)
-        rec, boxes = dn.project_window(layer, units)
-        assert dn.window_plan(layer) is not None
-        scale = float(full.abs().max())
-        for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
-            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
-            inside = full[m, :, cy0:cy1, cx0:cx1]
-            got = rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-            assert torch.allclose(got, inside, rtol=0, atol=1e-5 * scale), (layer, m)
-            assert float(inside.abs().sum()) == pytest.approx(float(full[m].abs().sum()), rel=1e-5)
-            assert float(rec[m].abs().sum()) == pytest.approx(float(inside.abs().sum()), rel=1e-5)  # zero off the image
+        assert_windowed_equals_full(dn, layer, border_units(acts[layer]), (H, W), atol_of_max=1e-5, rel=1e-5)
     assert any(used) is channels_last
 
 

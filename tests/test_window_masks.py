@@ -11,6 +11,7 @@ from torch import nn
 from deconvis.mirror import deconvnet as dn_module
 from deconvis.mirror import window
 from deconvis.mirror.deconvnet import DeconvNet
+from window_check import assert_windowed_equals_full, border_units
 
 
 @pytest.mark.parametrize("blocks", [True, False])
@@ -25,16 +26,5 @@ def test_off_map_zeroing_matches_full_path(blocks, monkeypatch):
     dn = DeconvNet(model)
     acts = dn.forward(x)
     for layer in ("1", "4", "6"):
-        h, w = acts[layer].shape[-2:]
         # corners, edges and the centre of both images, every channel the layer has at least once
-        pos = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, 0), (0, w // 2), (h // 2, w // 2)]
-        units = torch.tensor([[i % 2, i % acts[layer].shape[1], y, xx] for i, (y, xx) in enumerate(pos * 2)])
-        full = dn.project(layer, units)
-        rec, boxes = dn.project_window(layer, units)
-        assert dn.window_plan(layer) is not None
-        for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
-            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
-            inside = full[m, :, cy0:cy1, cx0:cx1]
-            assert torch.allclose(rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], inside, rtol=0, atol=1e-12)
-            assert float(inside.abs().sum()) == pytest.approx(float(full[m].abs().sum()), rel=1e-12)
-            assert float(rec[m].abs().sum()) == pytest.approx(float(inside.abs().sum()), rel=1e-12)  # zero off the image
+        assert_windowed_equals_full(dn, layer, border_units(acts[layer]), (H, W), atol=1e-12, rel=1e-12)
