@@ -277,13 +277,12 @@ def render_layer(
     Returns the sheet paths relative to ``run_dir``. Units without tiles show as empty cells.
     """
     layout = layer_layout(layer, k=k, per_sheet=per_sheet, columns=columns, min_tile=min_tile, max_tile=max_tile)
-    units = layer.units
-    pages = max(1, math.ceil(len(units) / per_sheet))
+    pages = page_count(layer, per_sheet)
     written: List[str] = []
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="deconvis-sheets") as pool:
         writes = []
         for p in range(pages):
-            chunk = units[p * per_sheet:(p + 1) * per_sheet]
+            chunk = page_units(layer, p, per_sheet)
             blocks = list(zip((u.channel for u in chunk), pool.map(lambda u: sheet_block(layer, u, run_dir, layout), chunk)))
             sheet = render_sheet(blocks, layout, page_title(layer, p, pages, k, n_images, per_sheet))
             rel = sheet_name(layer.label, p + 1, ext)
@@ -311,10 +310,20 @@ def sheet_block(layer, unit, run_dir: str, layout: SheetLayout, sprite: Optional
             for t in channel_tiles(unit, run_dir, layout.k, cell, sprite)]
 
 
+def page_count(layer, per_sheet: int) -> int:
+    """How many sheets ``layer``'s channels fill, ``per_sheet`` each (at least one)."""
+    return max(1, math.ceil(len(layer.units) / per_sheet))
+
+
+def page_units(layer, p: int, per_sheet: int) -> list:
+    """The channels (``ChannelResult``) of page ``p`` (from 0) of ``layer``'s sheets."""
+    return layer.units[p * per_sheet:(p + 1) * per_sheet]
+
+
 def page_title(layer, p: int, pages: int, k: int, n_images: Optional[int], per_sheet: int) -> str:
     """The title of page ``p`` (from 0) of ``pages`` of ``layer``'s sheets, ``per_sheet`` channels each."""
     rf = layer.rf or [1, 1]
-    chunk = layer.units[p * per_sheet:(p + 1) * per_sheet]
+    chunk = page_units(layer, p, per_sheet)
     lo = chunk[0].channel if chunk else 0
     hi = chunk[-1].channel if chunk else 0
     over = f" over {n_images} images" if n_images is not None else ""

@@ -154,20 +154,20 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
                 continue
             x = torch.stack([normalize(s, ctx.preprocess) for s in shown]).to(device=device, dtype=dtype)
             acts = dn.forward(x, layers=[n for n in layers])
+            H, W = shown[0].shape[:2]
             for name, lr in layers.items():
                 sel = [(b, ci) for b, i in enumerate(chunk) for (l2, ci) in tops[i] if l2 is lr]
                 if not sel:
                     continue
                 units = torch.tensor([[b, lr.units[ci].channel, lr.units[ci].winners[0].y, lr.units[ci].winners[0].x]
                                       for b, ci in sel], dtype=torch.long)
-                H, W = shown[0].shape[:2]
                 maps, boxes = unit_erf_maps(dn, name, units, acts[name], (H, W))
                 for (b, ci), m, box in zip(sel, maps, boxes.tolist()):
                     if m is not None:
                         writer.submit(_draw_one, run_dir, lr, ci, shown[b], m, box)
         writer.close()  # the first error of a drawing or a write, if any
     finally:
-        writer.abandon()  # after an error: wait for what was queued, keep the first error
+        writer.abandon()  # after an error: drop the drawings not started, let the running ones finish
         dn.release()
     written = sum(1 for lr in res.layers for f in (lr.unit_extras or {}).get("erf") or [] if f)
     return {"definition": DEFINITION, "images": written}

@@ -266,13 +266,13 @@ class _SheetPages:
         p = self.page_of[(lr.name, u.channel)]
         blocks = st[1].setdefault(p, {})
         blocks[u.channel] = render.sheet_block(lr, u, self.run_dir, st[0], sprite)
-        chunk = lr.units[p * self.per:(p + 1) * self.per]
+        chunk = render.page_units(lr, p, self.per)
         if len(blocks) < len(chunk):
             return
         del st[1][p]
-        pages = max(1, -(-len(lr.units) // self.per))
         sheet = render.render_sheet([(c.channel, blocks[c.channel]) for c in chunk], st[0],
-                                    render.page_title(lr, p, pages, k, self.n_images, self.per))
+                                    render.page_title(lr, p, render.page_count(lr, self.per), k, self.n_images,
+                                                      self.per))
         rel = render.sheet_name(lr.label, p + 1, self.ext)
         write_image(os.path.join(self.run_dir, rel), sheet)
         st[2][p] = rel
@@ -282,7 +282,7 @@ class _SheetPages:
         :meth:`add`; the boxes of every winner are set)."""
         for lr in self.res.layers:
             st = self.layers.get(lr.name)
-            pages = max(1, -(-len(lr.units) // self.per))
+            pages = render.page_count(lr, self.per)
             if st is None or len(st[2]) != pages:
                 continue
             sheets = [st[2][p] for p in range(pages)]
