@@ -35,7 +35,10 @@ def _case(rng: random.Random):
         return g, weight, kw_args, ref
 
 
-def test_subpixel_equals_conv_transpose2d_on_random_shapes():
+@pytest.mark.parametrize("crop", [True, False])
+def test_subpixel_equals_conv_transpose2d_on_random_shapes(crop, monkeypatch):
+    """(SHUFFLE_CROP: phases laid straight into the crop, or onto the whole grid and then cut.)"""
+    monkeypatch.setattr(tconv, "SHUFFLE_CROP", crop)
     rng = random.Random(0)
     for _ in range(150):
         g, weight, kw, ref = _case(rng)
@@ -126,3 +129,50 @@ def test_subpixel_float32_channels_last_path_equals_conv_transpose2d():
     got = subpixel_conv_transpose(g, weight, (4, 4))
     ref = F.conv_transpose2d(g.double(), weight.double(), stride=4)
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shuffle_crop_equals_pixel_shuffle_cut(dtype):
+    """_shuffle_crop is pixel_shuffle followed by a crop, exactly, for crops that start and end
+    inside a block or on its edge, from contiguous and channels-last phase maps."""
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        s, C = rng.randint(2, 4), rng.randint(1, 3)
+        h, w = rng.randint(1, 6), rng.randint(1, 6)
+        y = torch.randn(rng.randint(1, 3), C * s * s, h, w, generator=gen).to(dtype)
+        if rng.random() < 0.5:
+            y = y.contiguous(memory_format=torch.channels_last)
+        top, left = rng.randint(0, h * s - 1), rng.randint(0, w * s - 1)
+        H, W = rng.randint(1, h * s - top), rng.randint(1, w * s - left)
+        got = tconv._shuffle_crop(y, s, top, left, H, W)
+        assert got.is_contiguous()
+        assert torch.equal(got, F.pixel_shuffle(y, s)[:, :, top:top + H, left:left + W]), (s, h, w, top, left, H, W)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_one_position_signal_is_one_matrix_product(dtype, tol, monkeypatch):
+    """A 1x1 signal (a windowed projection's seed at its own conv) goes through conv_transpose as
+    one matrix product: F.conv_transpose2d's numbers (float64 reference), any stride, non-square
+    kernels, channels-last filters; maps of more positions, padding, dilation and groups keep the
+    convolution."""
+    calls = []
+    real = tconv._one_position
+    monkeypatch.setattr(tconv, "_one_position", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(6)
+    for stride, (kh, kw), cl in (((1, 1), (3, 3), False), ((4, 4), (11, 11), True), ((2, 3), (5, 2), False)):
+        g = torch.randn(5, 7, 1, 1, generator=gen, dtype=torch.float64)
+        weight = torch.randn(7, 4, kh, kw, generator=gen, dtype=torch.float64)
+        ref = F.conv_transpose2d(g, weight, stride=stride)
+        wt = weight.to(dtype)
+        got = conv_transpose(g.to(dtype), wt.contiguous(memory_format=torch.channels_last) if cl else wt, stride)
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert torch.allclose(got.double(), ref, rtol=0, atol=tol * float(ref.abs().max()))
+    assert len(calls) == 3
+    g = torch.randn(2, 6, 1, 1, generator=gen, dtype=dtype)
+    weight = torch.randn(6, 3, 3, 3, generator=gen, dtype=dtype)
+    for kw_args in (dict(padding=(1, 1)), dict(dilation=(2, 2)), dict(groups=2, weight=weight[:, :1])):
+        w = kw_args.pop("weight", weight)
+        conv_transpose(g, w, (1, 1), **kw_args)
+    conv_transpose(torch.randn(2, 6, 2, 1, generator=gen, dtype=dtype), weight, (1, 1))
+    assert len(calls) == 3

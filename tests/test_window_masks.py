@@ -1,6 +1,6 @@
 """The windowed mirror zeroes the parts of a window that lie off the map below each transposed
-conv (deconvis/mirror/window.py): block by block on the CPU (ZERO_BY_BLOCKS) or by one mask
-product (the other devices' way). Both give the full path's numbers, float64, on a net whose
+conv (deconvis/mirror/window.py): block by block on the CPU (ZERO_BY_BLOCKS; blocks of one extent
+together, GROUP_STRIPS, or one by one) or by one mask product (the other devices' way). Both give the full path's numbers, float64, on a net whose
 padded convs and pools put every border unit's window partly off the map."""
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from deconvis.mirror.deconvnet import DeconvNet
 from window_check import assert_windowed_equals_full, border_units
 
 
-@pytest.mark.parametrize("blocks", [True, False])
-def test_off_map_zeroing_matches_full_path(blocks, monkeypatch):
+@pytest.mark.parametrize("blocks, grouped", [(True, True), (True, False), (False, True)])
+def test_off_map_zeroing_matches_full_path(blocks, grouped, monkeypatch):
+    """(GROUP_STRIPS: the blocks of one extent zeroed together over their units; border_units puts
+    units of both images at the same positions, so groups hold several units.)"""
     monkeypatch.setattr(window, "ZERO_BY_BLOCKS", blocks)
+    monkeypatch.setattr(window, "GROUP_STRIPS", grouped)
     monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))  # never cut over to the full path
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 6, 5, 2, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(6, 8, 3, padding=2,

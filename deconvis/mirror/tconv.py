@@ -20,7 +20,7 @@ into at most :data:`SUBPIXEL_MAX_CHANNELS` phase channels (``C_in*s_y*s_x``), wh
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,61 @@ def use_subpixel(weight: Tensor, stride: Pair, groups: int) -> bool:
     [C_out, C_in/groups, kh, kw] at ``stride``."""
     sy, sx = stride
     return groups == 1 and sy == sx and sy > 1 and weight.shape[1] * sy * sx <= SUBPIXEL_MAX_CHANNELS
+
+
+#: lay the phases back straight into the cropped output (:func:`_shuffle_crop`, one pass) rather
+#: than onto the whole phase grid and then copying the crop out (two passes over the output)
+SHUFFLE_CROP = True
+
+#: a signal of one position (a 1x1 map: the seed of a windowed projection at its own conv) goes
+#: through the transposed conv as one matrix product ``g [M, C_out] @ weight [C_out, C_in*kh*kw]``:
+#: the convolution kernels run such a map at a fraction of their rate
+GEMM_ONE_POSITION = True
+
+
+def _segments(lo: int, n: int, s: int) -> List[Tuple[int, int, int, int, int]]:
+    """The rows ``[lo, lo + n)`` of a grid of blocks of ``s`` rows (row ``q*s + r`` is phase ``r`` of
+    block ``q``) as runs (out_row, q0, nq, r0, nr): a partial first block, whole blocks, a partial
+    last block, each covering blocks ``q0 .. q0+nq-1`` and their phases ``r0 .. r0+nr-1``."""
+    out = []
+    pos, end = lo, lo + n
+    if pos % s and pos < end:
+        nr = min(s - pos % s, end - pos)
+        out.append((pos - lo, pos // s, 1, pos % s, nr))
+        pos += nr
+    nq = (end - pos) // s
+    if nq:
+        out.append((pos - lo, pos // s, nq, 0, s))
+        pos += nq * s
+    if pos < end:
+        out.append((pos - lo, pos // s, 1, 0, end - pos))
+    return out
+
+
+def _shuffle_crop(y: Tensor, s: int, top: int, left: int, H: int, W: int) -> Tensor:
+    """``F.pixel_shuffle(y, s)[:, :, top:top+H, left:left+W]`` [M, C, H, W] (contiguous) of ``y``
+    [M, C*s*s, h, w] in any memory layout, written straight into the crop: one strided copy per
+    pair of row and column runs (:func:`_segments`, at most nine). The crop must lie inside the
+    grid (``top + H <= h*s``, ``left + W <= w*s``)."""
+    M, Cs, h, w = y.shape
+    C = Cs // (s * s)
+    src = y.view(M, C, s, s, h, w).permute(0, 1, 4, 2, 5, 3)  # [M, C, h, s, w, s]
+    out = y.new_empty((M, C, H, W))
+    base = out.storage_offset()
+    for oy, qy, nqy, ry, nry in _segments(top, H, s):
+        for ox, qx, nqx, rx, nrx in _segments(left, W, s):
+            dst = out.as_strided((M, C, nqy, nry, nqx, nrx), (C * H * W, H * W, s * W, W, s, 1),
+                                 base + oy * W + ox)
+            dst.copy_(src[:, :, qy:qy + nqy, ry:ry + nry, qx:qx + nqx, rx:rx + nrx])
+    return out
+
+
+def _one_position(g: Tensor, weight: Tensor) -> Tensor:
+    """``F.conv_transpose2d(g, weight)`` [M, C_in, kh, kw] of a one-position signal ``g``
+    [M, C_out, 1, 1] (no padding, dilation 1, one group; the stride does not matter) as one matrix
+    product with the filters ``weight`` [C_out, C_in, kh, kw]."""
+    M, C_out = g.shape[:2]
+    return (g.reshape(M, C_out) @ weight.reshape(C_out, -1)).view((M,) + tuple(weight.shape[1:]))
 
 
 def _shuffle(y: Tensor, s: int) -> Tensor:
@@ -74,9 +129,12 @@ def subpixel_conv_transpose(g: Tensor, weight: Tensor, stride: Pair, padding: Pa
     K = K.reshape(groups * cig * s * s, C_out // groups, Q[0], Q[1])
     if g.device.type == "cpu" and g.dtype in CHANNELS_LAST_DTYPES:  # oneDNN's fast layout here
         g, K = g.contiguous(memory_format=torch.channels_last), K.contiguous(memory_format=torch.channels_last)
-    y = _shuffle(F.conv2d(g, K, padding=(Q[0] - 1, Q[1] - 1), groups=groups), s)
+    y = F.conv2d(g, K, padding=(Q[0] - 1, Q[1] - 1), groups=groups)
     H = (h - 1) * s - 2 * padding[0] + ke[0] + output_padding[0]
     W = (w - 1) * s - 2 * padding[1] + ke[1] + output_padding[1]
+    if SHUFFLE_CROP and padding[0] + H <= y.shape[2] * s and padding[1] + W <= y.shape[3] * s:
+        return _shuffle_crop(y, s, padding[0], padding[1], H, W)
+    y = _shuffle(y, s)
     short_h, short_w = max(0, padding[0] + H - y.shape[2]), max(0, padding[1] + W - y.shape[3])
     if short_h or short_w:  # output_padding reaches past the last tap: zeros there
         y = F.pad(y, (0, short_w, 0, short_h))
@@ -89,6 +147,9 @@ def conv_transpose(g: Tensor, weight: Tensor, stride: Pair, padding: Pair = (0, 
     for the shape (see the module docstring); the same numbers to round-off."""
     stride, padding = tuple(stride), tuple(padding)
     output_padding, dilation = tuple(output_padding), tuple(dilation)
+    if GEMM_ONE_POSITION and g.shape[-2:] == (1, 1) and groups == 1 and padding == (0, 0) \
+            and output_padding == (0, 0) and dilation == (1, 1):
+        return _one_position(g, weight)
     if use_subpixel(weight, stride, groups):
         return subpixel_conv_transpose(g, weight, stride, padding, output_padding, dilation, groups)
     return F.conv_transpose2d(g, weight, stride=stride, padding=padding, output_padding=output_padding,
