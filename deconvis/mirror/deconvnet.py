@@ -140,9 +140,11 @@ class DeconvNet:
 
     # ----------------------------------------------------------------- forward
     def release(self) -> None:
-        """Drop everything the last ``forward`` recorded (activations, switches), so no memory is
-        held between uses; ``project`` then needs a new ``forward``."""
+        """Drop everything the last ``forward`` recorded (activations, switches) and the windowed
+        backward's scratch buffers, so no memory is held between uses; ``project`` then needs a
+        new ``forward``."""
         self._clear()
+        self.mirror.release_scratch()
 
     def _clear(self) -> None:
         self._env: Dict = {}

@@ -27,6 +27,7 @@ The op classification is :mod:`deconvis.mirror.classify`; the larger local rules
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -58,6 +59,7 @@ class Mirror:
         for i, n in enumerate(self.gm.graph.nodes):
             torch.fx.node.map_arg((n.args, n.kwargs), lambda a: last_use.__setitem__(a, i))
         self._last_use = last_use
+        self._scratch = threading.local()  # the windowed backward's reusable buffers, per thread
         # eval BatchNorm right after a conv that feeds nothing else: its scale is folded into the
         # conv's transposed filters (one product per call over the weights, not per signal element)
         self.bn_after: Dict[Node, nn.Module] = {}
@@ -68,6 +70,18 @@ class Mirror:
                     and len(ins[0].users) == 1 and self.ops[ins[0]].module.out_channels == self.ops[n].module.num_features:
                 self.bn_after[ins[0]] = self.ops[n].module
                 self.folded_bn.add(n)
+
+    def scratch(self) -> Dict[Any, Tensor]:
+        """This thread's scratch buffers, kept from call to call (see
+        :data:`deconvis.mirror.window.REUSE_BUFFERS`); :meth:`release_scratch` drops them."""
+        pool = getattr(self._scratch, "pool", None)
+        if pool is None:
+            pool = self._scratch.pool = {}
+        return pool
+
+    def release_scratch(self) -> None:
+        """Drop this thread's scratch buffers."""
+        self._scratch.pool = {}
 
     def conv_weight(self, node: Node, dtype: torch.dtype, fold: bool) -> Tensor:
         """The conv's filters [C_out, C_in/groups, kh, kw] in ``dtype``; with ``fold`` (the signal

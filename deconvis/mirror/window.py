@@ -44,6 +44,11 @@ ZERO_BY_BLOCKS = True
 #: zero the off-map blocks of equal extent across units with one ``index_fill_`` each (a few dozen
 #: ops per node) rather than one slice assignment per block (about a thousand on AlexNet's conv5)
 GROUP_STRIPS = True
+#: on the CPU, the unpools write into buffers kept on the mirror from call to call (their zeroed
+#: outputs and switch indices, :meth:`Mirror.scratch`) instead of fresh ones: fresh buffers of
+#: tens of MB are mapped anew by the allocator and page-fault in on every call (AlexNet conv3's
+#: windowed projection: 1.17x faster on one thread). A result that would share a buffer is copied
+REUSE_BUFFERS = True
 #: on the CPU, carry float32/16 windows channels-last ([M, h, w, C] in memory) through the
 #: transposed convs and unpools: oneDNN runs small-window, many-channel convs faster so, and the
 #: switch gather already yields that layout (:data:`deconvis.mirror.tconv.CHANNELS_LAST_DTYPES`)
@@ -204,21 +209,39 @@ def _gather(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Te
     return _gather_hwc(full, n_idx, w, u).permute(0, 3, 1, 2)
 
 
-def _gather_hwc(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Tensor) -> Tensor:
+def _gather_hwc(full: Tensor, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow], u: Tensor,
+                out: Optional[Tensor] = None) -> Tensor:
     """Windows of ``full`` [N, C, H, W] as a contiguous [M, h, w, C] (positions outside the map
-    clamped): one advanced-indexing gather."""
-    if w[0].full and w[1].full:
+    clamped): one advanced-indexing gather, or with ``out`` (a contiguous buffer of at least
+    M*h*w*C elements of ``full``'s dtype) one ``index_select`` of map positions into it."""
+    if w[0].full and w[1].full and out is None:
         return full[n_idx].permute(0, 2, 3, 1).contiguous()
-    H, W = full.shape[-2:]
+    N, C, H, W = full.shape
     dev = full.device
     o = _origin(w, u)
     rows = (o[:, 0, None] + torch.arange(w[0].size, device=dev)).clamp(0, H - 1)
     cols = (o[:, 1, None] + torch.arange(w[1].size, device=dev)).clamp(0, W - 1)
-    return full[n_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    if out is None:
+        return full[n_idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    pos = (n_idx[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]  # [M, h, w] map positions
+    dst = out[:pos.numel() * C].view(-1, C)
+    torch.index_select(full.permute(0, 2, 3, 1).reshape(-1, C), 0, pos.reshape(-1), out=dst)
+    return dst.view(tuple(pos.shape) + (C,))
+
+
+def _buffer(scratch: Optional[Dict[Any, Tensor]], key: Any, numel: int, like: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+    """A flat buffer of at least ``numel`` elements of ``dtype`` on ``like``'s device from
+    ``scratch`` (grown when too small), or None without a pool."""
+    if scratch is None:
+        return None
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
+        buf = scratch[key] = torch.empty(numel, dtype=dtype, device=like.device)
+    return buf[:numel]
 
 
 def unpool_index(switches: Tensor, W: int, n_idx: Tensor, w: Tuple[AxisWindow, AxisWindow],
-                 wi: Tuple[AxisWindow, AxisWindow], u: Tensor) -> Tensor:
+                 wi: Tuple[AxisWindow, AxisWindow], u: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Where each pooled value of the window ``w`` lands in the pool's input window ``wi``: flat
     indices [M, h, w, C] (contiguous) into ``wi``'s ``hs*ws`` positions, from the recorded
     ``switches`` [N, C, h_map, w_map] (flat indices into the input map of width ``W``).
@@ -228,12 +251,12 @@ def unpool_index(switches: Tensor, W: int, n_idx: Tensor, w: Tuple[AxisWindow, A
     computed on the whole switch map when that is smaller than the units' windows (one integer
     division per map position instead of per window position). Positions of the window outside
     the map read a clamped neighbour's switch and carry a zero signal: the clamp only keeps their
-    indices in range."""
+    indices in range. ``out``: a buffer for the indices (see :func:`_gather_hwc`)."""
     hs, ws = wi[0].size, wi[1].size
     N, _, h_map, w_map = switches.shape
     if N * h_map * w_map <= len(n_idx) * w[0].size * w[1].size:
         base = switches.div(W, rounding_mode="floor").mul_(ws - W).add_(switches)
-        local = _gather_hwc(base, n_idx, w, u)
+        local = _gather_hwc(base, n_idx, w, u, out)
     else:
         idx = _gather_hwc(switches, n_idx, w, u)
         local = idx.div(W, rounding_mode="floor").mul_(ws - W).add_(idx)
@@ -360,6 +383,7 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
     # the zeros of a masked signal, so only the inputs of those ops take the map mask
     dirty: Dict[Node, bool] = {}
     M = len(n_idx)
+    scratch = mirror.scratch() if REUSE_BUFFERS and seed.device.type == "cpu" else None
     # on the CPU the off-map parts are zeroed block by block (only units whose window reaches past
     # the map have any), elsewhere by one mask product
     u_host = u.tolist() if u.device.type == "cpu" and ZERO_BY_BLOCKS else None
@@ -386,9 +410,11 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
                     g = g.mul_(ok) if mine else g * ok
                     mine = True
         if node.op == "placeholder":
+            if scratch and any(_shares(g, b) for b in scratch.values()):
+                g = g.clone()  # (an unpool's output reached the input: the next call reuses its buffer)
             return g
         spreads = mirror.ops[node].kind in _SPREADING
-        for inp, raw, org, fresh in _window_vjp(mirror, plan, node, g, mine, env, switches, n_idx, u, rule):
+        for inp, raw, org, fresh in _window_vjp(mirror, plan, node, g, mine, env, switches, n_idx, u, rule, scratch):
             dirty[inp] = dirty.get(inp, False) or spreads
             wi = plan.axes[inp]
             if inp not in grads:
@@ -404,11 +430,17 @@ def backward_window(mirror: Mirror, plan: WindowPlan, env: Dict[Node, Any], swit
     return seed.new_zeros((M, x.shape[1], wi[0].size, wi[1].size))
 
 
+def _shares(a: Tensor, b: Tensor) -> bool:
+    """Whether tensors ``a`` and ``b`` lie in the same storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: bool, env: Dict[Node, Any],
-                switches: Dict[Node, Tensor], n_idx: Tensor, u: Tensor, rule: Rule
-                ) -> List[Tuple[Node, Tensor, Tuple[Affine, Affine], bool]]:
+                switches: Dict[Node, Tensor], n_idx: Tensor, u: Tensor, rule: Rule,
+                scratch: Optional[Dict[Any, Tensor]] = None) -> List[Tuple[Node, Tensor, Tuple[Affine, Affine], bool]]:
     """[(input node, signal window, its origin, fresh)] that ``node``'s backward sends down;
-    ``fresh``: the window is the backward's own (``mine`` says the same of ``g``)."""
+    ``fresh``: the window is the backward's own (``mine`` says the same of ``g``). ``scratch``:
+    the pool the unpools take their buffers from (None: fresh ones)."""
     op = mirror.ops[node]
     k = op.kind
     ins = mirror.node_inputs[node]
@@ -436,10 +468,12 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
     if k == "maxpool":
         wi = plan.axes[ins[0]]
         hs, ws = wi[0].size, wi[1].size
-        local = unpool_index(switches[node], plan.hw[ins[0]][1], n_idx, w, wi, u)  # [M, h, w, C]
         M, C = g.shape[:2]
+        idx_buf = _buffer(scratch, (node, "index"), M * w[0].size * w[1].size * C, g, torch.long)
+        local = unpool_index(switches[node], plan.hw[ins[0]][1], n_idx, w, wi, u, idx_buf)  # [M, h, w, C]
         if _channels_last(g):  # scatter along the positions of [M, h*w, C]: no layout copies
-            out = g.new_zeros((M, hs * ws, C))
+            buf = _buffer(scratch, (node, "out"), M * hs * ws * C, g, g.dtype)
+            out = g.new_zeros((M, hs * ws, C)) if buf is None else buf.view(M, hs * ws, C).zero_()
             out.scatter_add_(1, local.view(M, -1, C), g.permute(0, 2, 3, 1).reshape(M, -1, C))
             return [(ins[0], out.view(M, hs, ws, C).permute(0, 3, 1, 2), _affine(wi), True)]
         out = g.new_zeros((M, C, hs * ws))
