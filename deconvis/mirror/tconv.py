@@ -13,8 +13,13 @@ channels-last for float32/16 (oneDNN's faster layout for it). It does the same m
 ``(12/11)^2``, 19 % more) and runs near the forward's rate; the result equals
 ``conv_transpose2d``'s up to summation order (float64 round-off).
 
-:func:`conv_transpose` picks the formulation by shape: sub-pixel for strided, ungrouped convs
-into at most :data:`SUBPIXEL_MAX_CHANNELS` phase channels (``C_in*s_y*s_x``), where it measured
+The phases are laid back straight into the cropped output (:func:`_shuffle_crop`, one pass; the
+crop is where padding cuts the transposed conv's rim). A signal of one position (the seed of a
+windowed projection at its own conv) is one matrix product with the filters (:func:`_one_position`).
+
+:func:`conv_transpose` picks the formulation by shape: a matrix product for 1x1 signals (no
+padding, dilation or groups), sub-pixel for strided, ungrouped convs into at most
+:data:`SUBPIXEL_MAX_CHANNELS` phase channels (``C_in*s_y*s_x``), where it measured
 2-4x faster (BENCHMARKS.md); ``conv_transpose2d`` everywhere else, where the two ran even or
 ``conv_transpose2d`` won (3x3 stride-2 convs of 128+ channels, depthwise convs).
 """
