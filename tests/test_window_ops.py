@@ -34,12 +34,13 @@ def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
 
 
 def _one_side_batches(act: torch.Tensor) -> list:
-    """Unit batches [2, 4] on the middle of one side of ``act``'s map each (top, bottom, left,
-    right), both images: the other axis stays inside, so only one axis's range reaches out."""
+    """Unit batches [2, 4] of ``act``'s map: one unit on the middle of one side (top, bottom, left,
+    right) and one at the centre, of the two images: the batch's range of units reaches out of
+    the map on that side only."""
     h, w = act.shape[-2:]
     c = act.shape[1]
     sides = [(0, w // 2), (h - 1, w // 2), (h // 2, 0), (h // 2, w - 1)]
-    return [torch.tensor([[0, 0, y, x], [1, c - 1, y, x]]) for y, x in sides]
+    return [torch.tensor([[0, 0, y, x], [1, c - 1, h // 2, w // 2]]) for y, x in sides]
 
 
 def _check(dn, layers, acts, size):
@@ -165,3 +166,48 @@ def test_windowed_equals_full_through_a_concatenation_with_a_constant_map(monkey
     assert float(acts["c2"][units[:, 0], units[:, 1], units[:, 2], units[:, 3]].abs().min()) > 0
     for rule in RULES:
         assert_windowed_equals_full(dn, "c2", units, (9, 10), atol=1e-12, rel=1e-9, rule=rule)
+
+
+class _SharedSignal(nn.Module):
+    """One node concatenated with itself, the concatenation added to a branch computed before it:
+    the add hands both the same signal, the concatenation hands its node two views of it; the
+    second view must be added into a copy, not into the first view (the add's signal, still to be
+    read by the other branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        o = self.c2(x)
+        a = torch.relu(self.c1(x))
+        return self.c3(torch.cat([a, a], 1) + o)
+
+
+
+class _Meet(nn.Module):
+    """A stride-2 conv without padding on a 7-row map: its transposed output falls a row short of
+    its input's window (the whole map along y). Its output is read first by a product, then by a
+    conv that writes off the map, which its 3-wide kernel carries back onto the map below: that
+    map must still take the map mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, (2, 3), 2)
+        self.c2, self.c3 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 5, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(torch.relu(self.c0(x))))
+        return self.c3(torch.cat([2 * a, self.c2(a)], 1))
+
+
+@pytest.mark.parametrize("net,size", [(_SharedSignal, (11, 11)), (_Meet, (7, 24))])
+def test_windowed_equals_full_where_branches_meet(net, size, monkeypatch):
+    monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))
+    torch.manual_seed(15)
+    model = net().double().eval()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    dn = DeconvNet(model)
+    acts = dn.forward(x)
+    for rule, units in zip(RULES * 2, [border_units(acts["c3"])] + _one_side_batches(acts["c3"])):
+        assert_windowed_equals_full(dn, "c3", units, size, atol=1e-12, rel=1e-9, rule=rule)
