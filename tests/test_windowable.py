@@ -126,8 +126,10 @@ class Graph(nn.Module):
             n, c, h, w = y.shape
             y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
         else:
-            y = {"flip": lambda: torch.flip(y, [3]),  # a function outside the elementwise set
-                 "flip_method": lambda: y.flip(3),  # a method outside it
+            # a function and a method outside the elementwise set that the receptive-field table
+            # passes (they keep H and W in place)
+            y = {"permute": lambda: torch.permute(y, (0, 1, 2, 3)),
+                 "permute_method": lambda: y.permute(0, 1, 2, 3),
                  "tanh_method": lambda: y.tanh(),  # a method inside it
                  "clamp_map": lambda: torch.clamp(y, self.lo),  # its other operand varies over the map
                  "cat_batch": lambda: torch.cat([y, y]),  # concatenated along the images
@@ -137,7 +139,7 @@ class Graph(nn.Module):
 
 @pytest.mark.parametrize("kind,want", [
     ("tanh_method", True), ("cat_1", True), ("cat_dim_1", True), ("cat_dim_-3", True),
-    ("flip", False), ("flip_method", False), ("clamp_map", False), ("shuffle", False), ("cat_batch", False),
+    ("permute", False), ("permute_method", False), ("clamp_map", False), ("shuffle", False), ("cat_batch", False),
     ("jumps", False),  # no single cone: the branches disagree on the jump
 ])
 def test_graph_ops_take_the_windowed_path_only_when_local(kind, want, monkeypatch):
