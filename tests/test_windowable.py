@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deconvis import DeconvNet
@@ -71,11 +72,13 @@ class Binary(nn.Module):
         self.chw = nn.Parameter(torch.randn(3, 1, 1))
         self.map = nn.Parameter(torch.randn(1, 3, 7, 8))
         self.row = nn.Parameter(torch.randn(1, 1, 1, 8))
+        self.map2d = nn.Parameter(torch.randn(7, 8))
+        self.square = nn.Parameter(torch.randn(1, 3, 8, 8))  # (on an 8 x 8 input)
 
     def forward(self, x):
         y = self.c1(x)
         z = {"number": 0.5, "per_channel": self.per_channel, "chw": self.chw, "map": self.map,
-             "row": self.row, "self": y}[self.other]
+             "row": self.row, "map2d": self.map2d, "square": self.square, "self": y}[self.other]
         return self.c2({"add": torch.add, "sub": torch.sub, "mul": torch.mul}[self.op](y, z))
 
 
@@ -84,11 +87,13 @@ class Binary(nn.Module):
     ("mul", "number", True), ("add", "self", True), ("sub", "self", True),
     ("mul", "self", False),  # a product of two signals: not linear in the window
     ("add", "map", False), ("mul", "row", False),  # constants that vary over the map
+    ("mul", "map2d", False), ("add", "square", False),  # a 2-D one; one as high as wide
 ])
 def test_binary_ops_take_the_windowed_path_only_with_a_constant_or_matching_operand(op, other, want):
     torch.manual_seed(1)
     net = Binary(op, other).double()
-    x = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    H, W = (8, 8) if other == "square" else (7, 8)
+    x = torch.randn(1, 2, H, W, dtype=torch.float64)
     dn = DeconvNet(net)
     dn.forward(x)
     assert (dn.window_plan("c2") is not None) == want
@@ -96,7 +101,7 @@ def test_binary_ops_take_the_windowed_path_only_with_a_constant_or_matching_oper
     rec, boxes = dn.project_window("c2", units)
     full = dn.project("c2", units)
     for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
-        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, 7), min(x1, 8)
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
         pasted = torch.zeros_like(full[i])
         pasted[:, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
         assert torch.allclose(pasted, full[i], rtol=1e-12, atol=1e-14)
@@ -133,13 +138,15 @@ class Graph(nn.Module):
                  "tanh_method": lambda: y.tanh(),  # a method inside it
                  "clamp_map": lambda: torch.clamp(y, self.lo),  # its other operand varies over the map
                  "cat_batch": lambda: torch.cat([y, y]),  # concatenated along the images
+                 "pad": lambda: F.pad(y, (1, 0, 0, 1)),  # changes the map's size
+                 "view": lambda: y.view(-1, 4, 8, 8),  # a reshape, even one that keeps the shape
                  }[k]()
         return self.c2(y)
 
 
 @pytest.mark.parametrize("kind,want", [
     ("tanh_method", True), ("cat_1", True), ("cat_dim_1", True), ("cat_dim_-3", True),
-    ("permute", False), ("permute_method", False), ("clamp_map", False), ("shuffle", False), ("cat_batch", False),
+    ("permute", False), ("permute_method", False), ("clamp_map", False), ("shuffle", False), ("cat_batch", False), ("pad", False), ("view", False),
     ("jumps", False),  # no single cone: the branches disagree on the jump
 ])
 def test_graph_ops_take_the_windowed_path_only_when_local(kind, want, monkeypatch):
