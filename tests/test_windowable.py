@@ -74,11 +74,13 @@ class Binary(nn.Module):
         self.row = nn.Parameter(torch.randn(1, 1, 1, 8))
         self.map2d = nn.Parameter(torch.randn(7, 8))
         self.square = nn.Parameter(torch.randn(1, 3, 8, 8))  # (on an 8 x 8 input)
+        self.c1b = nn.Conv2d(2, 1, 3, padding=1)  # a one-channel signal, broadcast over the channels
 
     def forward(self, x):
         y = self.c1(x)
         z = {"number": 0.5, "per_channel": self.per_channel, "chw": self.chw, "map": self.map,
-             "row": self.row, "map2d": self.map2d, "square": self.square, "self": y}[self.other]
+             "row": self.row, "map2d": self.map2d, "square": self.square, "self": y,
+             "one_channel": self.c1b(x)}[self.other]
         return self.c2({"add": torch.add, "sub": torch.sub, "mul": torch.mul}[self.op](y, z))
 
 
@@ -88,6 +90,7 @@ class Binary(nn.Module):
     ("mul", "self", False),  # a product of two signals: not linear in the window
     ("add", "map", False), ("mul", "row", False),  # constants that vary over the map
     ("mul", "map2d", False), ("add", "square", False),  # a 2-D one; one as high as wide
+    ("add", "one_channel", False),  # a signal of another shape (broadcast over the channels)
 ])
 def test_binary_ops_take_the_windowed_path_only_with_a_constant_or_matching_operand(op, other, want):
     torch.manual_seed(1)
