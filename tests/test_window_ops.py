@@ -56,14 +56,15 @@ def _check(dn, layers, acts, size):
 
 def _anisotropic() -> nn.Module:
     """Every geometric setting differs between the axes: kernels, strides, paddings, a dilation, a
-    non-square max pool and average pool, and a 1-row kernel with 2 rows of padding (border rows
-    of its output read only padding: their windows lie wholly off the map)."""
+    non-square max pool, an average pool of other strides, and a 1 x 1 kernel with padding 1 (the
+    border rows and columns of its output read only padding: their windows lie wholly off the
+    map, just past its edge, where the average pool below carries them back onto it)."""
     return nn.Sequential(
         nn.Conv2d(3, 6, (3, 5), stride=(1, 2), padding=(1, 3), dilation=(1, 2)), nn.ReLU(),
         nn.MaxPool2d((2, 3), stride=(2, 1), padding=(0, 1)),
         nn.Conv2d(6, 8, (5, 3), stride=(2, 1), padding=(2, 0)), nn.ReLU(),
-        nn.AvgPool2d((3, 2), (1, 2), padding=(1, 1)),
-        nn.Conv2d(8, 5, (1, 3), padding=(2, 1)), nn.ReLU())
+        nn.AvgPool2d(3, (1, 2), padding=1),
+        nn.Conv2d(8, 5, 1, padding=1), nn.ReLU())
 
 
 # (input size, layers): a map several units high and wide; one where layer 3's map is one row
@@ -122,7 +123,7 @@ class _Ops(nn.Module):
         s = 2 * s - self.sig(s)
         s = torch.clamp(s, min=self.lo)
         s = F.hardtanh(s, -0.5, 0.8)
-        s = F.prelu(s, self.w)
+        s = F.prelu(torch.tanh(input=s), self.w)  # (tanh's input given by keyword)
         return torch.relu(self.c3(s))
 
 
@@ -169,19 +170,37 @@ def test_windowed_equals_full_through_a_concatenation_with_a_constant_map(monkey
 
 
 class _SharedSignal(nn.Module):
-    """One node concatenated with itself, the concatenation added to a branch computed before it:
-    the add hands both the same signal, the concatenation hands its node two views of it; the
-    second view must be added into a copy, not into the first view (the add's signal, still to be
-    read by the other branch)."""
+    """Adds hand both operands the same signal, which the branches must not write in place while
+    the other still has to read it: one node concatenated with itself (the concatenation hands it
+    two views; the second must go into a copy, not into the first view) beside a branch computed
+    before it; a BatchNorm that is not folded after a dropout; an identity elementwise op
+    (``.double()`` of a float64 map, whose derivative is the signal itself) above a ReLU."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.c2, self.c3 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3)
+        self.c4, self.c5, self.bn, self.drop = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.Dropout()
 
     def forward(self, x):
         o = self.c2(x)
         a = torch.relu(self.c1(x))
-        return self.c3(torch.cat([a, a], 1) + o)
+        s = torch.cat([a, a], 1) + o
+        s = s + self.bn(self.drop(torch.relu(self.c4(x))))
+        s = s + torch.relu(self.c5(x)).double()
+        return self.c3(s)
+
+
+class _Short(nn.Module):
+    """A stride-2 conv without padding on a 7 x 6 map: its transposed output (6 x 6) falls a row
+    short of its input's window (the whole 7 x 6 map), above a ReLU that reads that window."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 2, 2)
+        self.c2, self.c3 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.c3(self.c2(torch.relu(self.c1(torch.relu(self.c0(x))))))
 
 
 
@@ -201,11 +220,11 @@ class _Meet(nn.Module):
         return self.c3(torch.cat([2 * a, self.c2(a)], 1))
 
 
-@pytest.mark.parametrize("net,size", [(_SharedSignal, (11, 11)), (_Meet, (7, 24))])
+@pytest.mark.parametrize("net,size", [(_SharedSignal, (11, 11)), (_Meet, (7, 24)), (_Short, (7, 6))])
 def test_windowed_equals_full_where_branches_meet(net, size, monkeypatch):
     monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))
     torch.manual_seed(15)
-    model = net().double().eval()
+    model = _randomise_bn(net(), 16).double().eval()
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     dn = DeconvNet(model)
     acts = dn.forward(x)
