@@ -98,7 +98,8 @@ _WINDOW_CONFIRM = [
 #: the backward half (the windowed vector-Jacobian products, gathers and pastes)
 _WINDOW_PLAN = ["windowable", "_footprint", "plan_window", "AxisWindow.full", "WindowPlan.box"]
 _WINDOW_BACKWARD = ["backward_window", "_window_vjp", "_gather", "_gather_hwc", "unpool_index", "paste",
-                    "_off_map_strips", "_valid", "_channels_last", "_origin", "_affine"]
+                    "_off_map_strips", "_valid", "_channels_last", "_origin", "_affine", "_buffer", "_zero_strips",
+                    "_shares"]
 
 TARGETS: Dict[str, Target] = {
     "window": Target("deconvis/mirror/window.py", _WINDOW_TESTS, confirm=_WINDOW_CONFIRM),
