@@ -245,7 +245,6 @@ class _SheetPages:
     def __init__(self, run_dir: str, res: Results, cfg: Any, expected: Dict[Tuple[str, int], int]):
         self.run_dir, self.res, self.cfg = run_dir, res, cfg
         self.n_images = res.images.get("readable", res.images.get("count"))
-        self.ext = sheet_ext(cfg)
         self.per = max(1, int(cfg.per_sheet))
         #: layer name -> [layout (set at its first channel), {page: {channel: block}}, {page: sheet path}]
         self.layers: Dict[str, List[Any]] = {lr.name: [None, {}, {}] for lr in res.layers
@@ -273,7 +272,7 @@ class _SheetPages:
         sheet = render.render_sheet([(c.channel, blocks[c.channel]) for c in chunk], st[0],
                                     render.page_title(lr, p, render.page_count(lr, self.per), k, self.n_images,
                                                       self.per))
-        rel = render.sheet_name(lr.label, p + 1, self.ext)
+        rel = render.sheet_name(lr.label, p + 1, sheet_ext(self.cfg, lr))
         write_image(os.path.join(self.run_dir, rel), sheet)
         st[2][p] = rel
 
