@@ -1,10 +1,13 @@
 """The projection's staging file (runs/phases/project.py ``_Staging``): a channel's rows are
 released (a hole punched in the file) once its sprite is written, the other channels' rows
-untouched; every projected channel is released in a run, and the file is gone after it."""
+untouched; every projected channel is released in a run, and the file is gone after it (renamed
+aside at once, deleted on a background thread; a leftover of a run killed while deleting goes
+with the next staging of that layer)."""
 from __future__ import annotations
 
 import glob
 import os
+import threading
 import types
 
 import pytest
@@ -34,6 +37,30 @@ def test_release_drops_one_channels_rows_and_keeps_the_others(tmp_path, cell):
             assert inner.size > 0 and (inner == 0).all(), c
     st.close()
     assert not os.path.exists(path)
+    _join_deleters()
+    assert os.listdir(os.path.dirname(path)) == []
+
+
+def _join_deleters():
+    for t in threading.enumerate():
+        if t.name == "deconvis-staging":
+            t.join()
+
+
+def test_a_staging_file_left_while_deleting_goes_with_the_next_staging(tmp_path):
+    lr = types.SimpleNamespace(name="l", label="l", cell=[8, 8])
+    folder = tmp_path / "tiles" / "l"
+    folder.mkdir(parents=True)
+    left = folder / f".staging.rank0.npy{project.STAGING_TRASH}123-456"  # a killed run's, mid-delete
+    other = folder / f".staging.rank1.npy{project.STAGING_TRASH}123-456"  # another rank's: not ours to touch
+    left.write_bytes(b"x" * 100)
+    other.write_bytes(b"x")
+    st = project._Staging(str(tmp_path), 0, 3)
+    st.slot(lr, [0, 1])
+    assert sorted(os.listdir(folder)) == [".staging.rank0.npy", other.name]
+    st.close()
+    _join_deleters()
+    assert os.listdir(folder) == [other.name]
 
 
 def test_every_projected_channel_is_released_and_the_staging_file_removed(tmp_path, monkeypatch):
@@ -42,4 +69,5 @@ def test_every_projected_channel_is_released_and_the_staging_file_removed(tmp_pa
     out = pipeline.run(fx.tiny_config(tmp_path, bottom_k=0))
     want = sorted((lr.name, u.channel) for lr in out.results.layers for u in lr.units)
     assert sorted(released) == want
+    _join_deleters()
     assert glob.glob(os.path.join(out.run_dir, "tiles", "*", ".staging*")) == []

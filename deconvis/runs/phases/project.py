@@ -185,13 +185,23 @@ class _Progress:
         self.last = time.monotonic()
 
 
+#: the suffix (+ process and thread id) of a staging file renamed aside for deletion
+STAGING_TRASH = ".deleting-"
+
+
+def _remove_files(paths: List[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 class _Staging:
     """The tiles of channels not yet complete, in one memory-mapped array file per layer
     (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel
     completes when its last winner's image is forwarded; until then the page cache, not the
     process, holds its tiles (bounded memory on VGG-sized runs). Once a channel's sprite is
     written its rows are released (:meth:`release`: a hole punched in the file, so the kernel
-    neither writes them back nor keeps them). Removed when the projection ends."""
+    neither writes them back nor keeps them). Removed when the projection ends (:meth:`close`)."""
 
     def __init__(self, run_dir: str, rank: int, k: int):
         self.run_dir, self.rank, self.k = run_dir, rank, k
@@ -203,6 +213,7 @@ class _Staging:
             h, w = lr.cell  # type: ignore[misc]
             path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            _remove_files(glob.glob(glob.escape(path + STAGING_TRASH) + "*"))  # left by a run killed while deleting
             mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
             # a plain ndarray over the same mapping: indexing a np.memmap costs a Python call per view
             self.layers[lr.name] = (mm.view(np.ndarray), {c: i for i, c in enumerate(channels)}, path,
@@ -225,11 +236,20 @@ class _Staging:
                 mm.madvise(mmap.MADV_REMOVE, a, b - a)
 
     def close(self) -> None:
+        """Drop the mappings and remove the files: each is renamed aside at once (a later staging
+        of the same layer never meets it) and deleted on a background thread, since unlinking a
+        large file that was written through a mapping takes the filesystem a while (seconds for
+        AlexNet's layers); the process waits for the thread before it exits."""
         paths = [found[2] for found in self.layers.values()]
         self.layers.clear()  # the arrays and mappings go with their last reference
+        aside = []
         for path in paths:
+            trash = f"{path}{STAGING_TRASH}{os.getpid()}-{threading.get_ident()}"
             with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+                os.replace(path, trash)
+                aside.append(trash)
+        if aside:
+            threading.Thread(target=_remove_files, args=(aside,), name="deconvis-staging", daemon=False).start()
 
 
 class _SheetPages:
