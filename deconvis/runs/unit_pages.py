@@ -48,22 +48,35 @@ def unit_page(label: str, channel: int) -> str:
     return f"{UNITS_DIR}/{safe_name(label)}/{int(channel):04d}.html"
 
 
-def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> Dict[int, str]:
-    """A thumbnail (longer side :data:`THUMB_PX`) of every winning image's displayed image
-    (resize + centre crop of the run): ``{image id: path relative to the run folder}``. Reuses
-    thumbnails on disk; without ``source`` only those (a re-render)."""
+def thumb_path(image: int) -> str:
+    """The thumbnail of image ``image``, relative to the run folder."""
+    return f"{THUMBS_DIR}/{int(image)}.jpg"
+
+
+def write_thumb(run_dir: str, image: int, shown: np.ndarray) -> None:
+    """Write the thumbnail of image ``image`` from its displayed pixels ``shown`` (uint8 RGB
+    ``[h, w, 3]``): area-downscaled to the longer side :data:`THUMB_PX`. The projection writes them
+    on its writer thread as it decodes the winners' images (so the report need not decode them
+    again); :func:`write_thumbs` writes those still missing."""
     import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
+    h, w = shown.shape[:2]
+    s = THUMB_PX / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    write_image(os.path.join(run_dir, thumb_path(image)), cv2.resize(shown, size, interpolation=cv2.INTER_AREA),
+                durable=False)
+
+
+def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> Dict[int, str]:
+    """A thumbnail (:func:`write_thumb`) of every winning image's displayed image (resize + centre
+    crop of the run): ``{image id: path relative to the run folder}``. Reuses thumbnails on disk;
+    without ``source`` only those (a re-render)."""
     out: Dict[int, str] = {}
     ids = sorted({w.image for lr in res.layers for layer in (lr, lr.bottom) if layer is not None
                   for u in layer.units for w in u.winners})
-    h, w = res.input_size
-    s = THUMB_PX / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
     for i in ids:
-        rel = f"{THUMBS_DIR}/{i}.jpg"
-        path = os.path.join(run_dir, rel)
-        if not os.path.isfile(path):
+        rel = thumb_path(i)
+        if not os.path.isfile(os.path.join(run_dir, rel)):
             if source is None:
                 continue
             try:
@@ -71,7 +84,7 @@ def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> D
             except (UnreadableImage, OSError) as exc:
                 log.warning("no thumbnail for image %d: %s", i, exc)
                 continue
-            write_image(path, cv2.resize(shown, size, interpolation=cv2.INTER_AREA), durable=False)
+            write_thumb(run_dir, i, shown)
         out[i] = rel
     return out
 

@@ -1,8 +1,9 @@
 """Projection: re-forward the winners' images, project every winner with
 ``DeconvNet.project_window`` and write one sprite per channel (``tiles/<layer>/c<channel>.<png|jpg>``,
-:mod:`deconvis.render.sprites`) on a background thread, which in a one-process run also
-composes each layer's grid sheets as its channels complete (:class:`_SheetPages`); under
-torchrun each rank takes whole (layer, channel) groups.
+:mod:`deconvis.render.sprites`) on a background thread, which also writes the unit pages'
+thumbnail of every image the projection decodes and, in a one-process run, composes each layer's
+grid sheets as its channels complete (:class:`_SheetPages`); under torchrun each rank takes whole
+(layer, channel) groups.
 
 Progress: every rank keeps its own ``projection.rank<r>.json`` (atomic, at most every
 :data:`SAVE_EVERY_S` and at the end) listing the channels whose sprite it has written, with their
@@ -33,6 +34,7 @@ from deconvis.render import sprites
 from deconvis.render.writer import BackgroundWriter
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
+from deconvis.runs import unit_pages
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.prepare import Context
 from deconvis.runs.phases.render import sheet_ext, sheets_hash
@@ -392,12 +394,16 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         if poll is not None:
             poll()
 
+    def thumb(image: int, shown: np.ndarray) -> None:  # the unit pages' thumbnail, from the decode at hand
+        if not os.path.isfile(os.path.join(ctx.run_dir, unit_pages.thumb_path(image))):
+            writer.submit(unit_pages.write_thumb, ctx.run_dir, image, shown)
+
     ok = False
     try:
         n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                     batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
                                     dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
-                                    workers=precision.workers(cfg, info), replay=replay)
+                                    workers=precision.workers(cfg, info), replay=replay, on_image=thumb)
         ok = True
     finally:
         try:
