@@ -148,7 +148,7 @@ def tile_scale(rh: int, rw: int, min_tile: int, max_tile: int) -> Tuple[int, int
 
 #: sheets whose tiles are enlarged (nearest neighbour, :func:`tile_scale`) this many times or more
 #: are PNG: blocks of equal pixels cost PNG little and JPEG much (AlexNet's conv1 sheets, 11 px
-#: tiles shown 6x: PNG is lossless at about a sixth of JPEG 93's bytes; BENCHMARKS.md, "image formats")
+#: tiles shown 6x: PNG is lossless at about a seventh of the JPEG bytes; BENCHMARKS.md, "image formats")
 PNG_FROM_ENLARGEMENT = 3
 
 
