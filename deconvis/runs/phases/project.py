@@ -198,54 +198,81 @@ def _remove_files(paths: List[str]) -> None:
 
 
 class _Staging:
-    """The tiles of channels not yet complete, in one memory-mapped array file per layer
-    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel
-    completes when its last winner's image is forwarded; until then the page cache, not the
-    process, holds its tiles (bounded memory on VGG-sized runs). Once a channel's sprite is
-    written its rows are released (:meth:`release`: a hole punched in the file, so the kernel
-    neither writes them back nor keeps them). Removed when the projection ends (:meth:`close`)."""
+    """The tiles of channels not yet complete, in one array file per layer
+    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``, headerless): a
+    channel completes when its last winner's image is forwarded; until then the page cache, not
+    the process, holds its tiles (bounded memory on VGG-sized runs). Tiles go in with ``pwrite``
+    and a complete channel comes out with one ``preadv`` (:meth:`put`, :meth:`read`: several times
+    cheaper than writing through a shared mapping, whose first touch of each page is a fault and a
+    filesystem call). Once read, a channel's rows are released (:meth:`release`: a hole punched in
+    the file, so the kernel neither writes them back nor keeps them). Removed when the projection
+    ends (:meth:`close`)."""
 
     def __init__(self, run_dir: str, rank: int, k: int):
         self.run_dir, self.rank, self.k = run_dir, rank, k
-        #: layer name -> (the array, channel -> row, path, the mapping, offset of the array in it)
-        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str, Any, int]] = {}
+        #: layer name -> (file descriptor, channel -> row, path, cell (h, w), a mapping of the file
+        #: (only for hole punching: never read or written), bytes per row)
+        self.layers: Dict[str, Tuple[int, Dict[int, int], str, Tuple[int, int], Any, int]] = {}
 
-    def slot(self, lr: LayerResult, channels: List[int]) -> Tuple[np.ndarray, Dict[int, int]]:
+    def slot(self, lr: LayerResult, channels: List[int]) -> Dict[int, int]:
+        """Open (once) the file of ``lr``'s ``channels``; returns channel -> row."""
         if lr.name not in self.layers:
-            h, w = lr.cell  # type: ignore[misc]
+            h, w = (int(v) for v in lr.cell)  # type: ignore[union-attr]
             path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _remove_files(glob.glob(glob.escape(path + STAGING_TRASH) + "*"))  # left by a run killed while deleting
-            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
-            # a plain ndarray over the same mapping: indexing a np.memmap costs a Python call per view
-            self.layers[lr.name] = (mm.view(np.ndarray), {c: i for i, c in enumerate(channels)}, path,
-                                    getattr(mm, "_mmap", None), int(mm.offset) % mmap.ALLOCATIONGRANULARITY)
-        arr, rows = self.layers[lr.name][:2]
-        return arr, rows
+            row_bytes = self.k * 2 * h * w * 3
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            size = max(1, len(channels) * row_bytes)
+            os.ftruncate(fd, size)
+            mm = None
+            if hasattr(mmap, "MADV_REMOVE"):
+                with contextlib.suppress(OSError, ValueError):
+                    mm = mmap.mmap(fd, size)
+            self.layers[lr.name] = (fd, {c: i for i, c in enumerate(channels)}, path, (h, w), mm, row_bytes)
+        return self.layers[lr.name][1]
+
+    def put(self, layer: str, channel: int, rank: int, side: int, tile: np.ndarray) -> None:
+        """Store ``tile`` (uint8 [h, w, 3], the layer's cell) as (``rank``, ``side``: 0 rec, 1 img)
+        of ``channel``."""
+        fd, rows, _, (h, w), _, row_bytes = self.layers[layer]
+        os.pwrite(fd, np.ascontiguousarray(tile, dtype=np.uint8),
+                  rows[channel] * row_bytes + (rank * 2 + side) * h * w * 3)
+
+    def read(self, layer: str, channel: int) -> np.ndarray:
+        """``channel``'s tiles, uint8 [k, 2, h, w, 3] (a copy; ranks never put read as zeros)."""
+        fd, rows, _, (h, w), _, row_bytes = self.layers[layer]
+        out = np.empty((self.k, 2, h, w, 3), dtype=np.uint8)
+        got = os.preadv(fd, [out], rows[channel] * row_bytes)
+        if got != row_bytes:
+            raise OSError(f"staging file {self.layers[layer][2]}: read {got} of {row_bytes} bytes")
+        return out
 
     def release(self, layer: str, channel: int) -> None:
-        """Drop the pages of ``channel``'s row (its sprite is written; nothing reads it again): a
-        hole punched in the file (``MADV_REMOVE``; skipped where the filesystem cannot)."""
+        """Drop the pages of ``channel``'s row (read; nothing reads it again): a hole punched in
+        the file (``MADV_REMOVE`` on a mapping never touched; skipped where the filesystem cannot)."""
         found = self.layers.get(layer)
-        if found is None or found[3] is None or not hasattr(mmap, "MADV_REMOVE"):
+        if found is None or found[4] is None:
             return
-        arr, rows, _, mm, base = found
-        size = arr[0].nbytes
-        start = base + rows[channel] * size
+        _, rows, _, _, mm, size = found
+        start = rows[channel] * size
         a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
         if b > a:
             with contextlib.suppress(OSError, ValueError):
                 mm.madvise(mmap.MADV_REMOVE, a, b - a)
 
     def close(self) -> None:
-        """Drop the mappings and remove the files: each is renamed aside at once (a later staging
-        of the same layer never meets it) and deleted on a background thread, since unlinking a
-        large file that was written through a mapping takes the filesystem a while (seconds for
-        AlexNet's layers); the process waits for the thread before it exits."""
-        paths = [found[2] for found in self.layers.values()]
-        self.layers.clear()  # the arrays and mappings go with their last reference
+        """Close the files and remove them: each is renamed aside at once (a later staging of the
+        same layer never meets it) and deleted on a background thread, since unlinking a large
+        file whose pages were written back takes the filesystem a while (seconds for AlexNet's
+        layers); the process waits for the thread before it exits."""
+        found = list(self.layers.values())
+        self.layers.clear()
         aside = []
-        for path in paths:
+        for fd, _, path, _, mm, _ in found:
+            if mm is not None:
+                mm.close()
+            os.close(fd)
             trash = f"{path}{STAGING_TRASH}{os.getpid()}-{threading.get_ident()}"
             with contextlib.suppress(FileNotFoundError):
                 os.replace(path, trash)
@@ -314,15 +341,11 @@ class _SheetPages:
 
 
 def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress,
-                  staging: Optional[_Staging] = None, pages: Optional[_SheetPages] = None,
-                  unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
-    """Compose and write one channel's sprite (on the writer thread), then count it as done and
-    release its staged tiles; with ``pages``, add the channel (``unit``: its layer and result) to
-    its layer's sheets."""
+                  pages: Optional[_SheetPages] = None, unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
+    """Compose and write one channel's sprite (on the writer thread), then count it as done; with
+    ``pages``, add the channel (``unit``: its layer and result) to its layer's sheets."""
     sheet = sprites.compose(tiles, k, entry[3])
-    del tiles  # views into the staging file, released below
-    if staging is not None:
-        staging.release(entry[0], entry[1])
+    del tiles
     write_image(os.path.join(run_dir, entry[2]), sheet, durable=False)  # atomic; re-creatable
     progress.add(entry)
     if pages is not None and unit is not None:
@@ -370,26 +393,27 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         if lr.cell is None:
             lr.cell = [int(rec.shape[0]), int(rec.shape[1])]
         key = (job.layer, job.channel)
-        arr, rows = staging.slot(lr, channels_of[job.layer])
-        cell = arr[rows[job.channel], job.rank]
-        if rec.shape[:2] == cell.shape[1:3] and img.shape[:2] == cell.shape[1:3]:
-            cell[0], cell[1] = rec, img
-        else:  # never for one layer's boxes: keep the tile's top left, grey around
-            cell[:] = sprites.GREY
-            for side, t in enumerate((rec, img)):
-                th, tw = min(t.shape[0], cell.shape[1]), min(t.shape[1], cell.shape[2])
-                cell[side, :th, :tw] = t[:th, :tw]
+        staging.slot(lr, channels_of[job.layer])
+        ch, cw = lr.cell
+        for side, t in enumerate((rec, img)):
+            if t.shape[:2] != (ch, cw):  # never for one layer's boxes: keep the tile's top left, grey around
+                cell = np.full((ch, cw, 3), sprites.GREY, dtype=np.uint8)
+                th, tw = min(t.shape[0], ch), min(t.shape[1], cw)
+                cell[:th, :tw] = t[:th, :tw]
+                t = cell
+            staging.put(job.layer, job.channel, job.rank, side, t)
         got = pending.setdefault(key, [])
         got.append(job.rank)
         if len(got) == expected[key]:
             del pending[key]
-            row = arr[rows[job.channel]]
-            got = {r: (row[r, 0], row[r, 1]) for r in got}  # views into the staging file
+            row = staging.read(job.layer, job.channel)
+            staging.release(job.layer, job.channel)
+            got = {r: (row[r, 0], row[r, 1]) for r in got}
             u = units[key][1]
             u.sprite = sprites.sprite_path(render.safe_name(lr.label), job.channel, sprites.sprite_ext(lr.cell, lossless))
             entry: Entry = (lr.name, job.channel, u.sprite, list(lr.cell), list(lr.rf),
                             [(w.rank, w.box, w.box_clipped) for w in u.winners])
-            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, staging, pages, units[key])
+            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, pages, units[key])
         progress.save()
         if poll is not None:
             poll()
