@@ -83,6 +83,8 @@ _WINDOW_TESTS = [
     "tests/test_projection.py",
     "tests/test_window_paste.py",
     "tests/test_window_layout.py",
+    "tests/test_window_masks.py",
+    "tests/test_window_ops.py",
     "tests/test_windowable.py",
     "tests/test_generated_window.py::test_regression_chunk_item_read_by_a_conv",
 ]

@@ -1,14 +1,18 @@
-"""Which average pools the windowed deconvnet takes (``deconvis.mirror.window.windowable``): a
-pool that divides by the window's real pixels (padding with ``count_include_pad=False``) or whose
-output is not the floor-mode size (``ceil_mode`` adding a window) is not local and takes the full
-path; the others take the windowed one and equal the full projection."""
+"""Which ops the windowed deconvnet takes (``deconvis.mirror.window.windowable``, ``plan_window``):
+an average pool that divides by the window's real pixels (padding with ``count_include_pad=False``)
+or whose output is not the floor-mode size (``ceil_mode`` adding a window) is not local and takes
+the full path; so do binary ops with a map-varying operand, ops outside the elementwise set,
+reshapes, concatenations along another dim than the channels, and branches that read one map at
+different jumps. The others take the windowed path and equal the full projection."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deconvis import DeconvNet
+from window_check import assert_windowed_equals_full
 
 
 def _floor(n, k, s, p):
@@ -68,11 +72,15 @@ class Binary(nn.Module):
         self.chw = nn.Parameter(torch.randn(3, 1, 1))
         self.map = nn.Parameter(torch.randn(1, 3, 7, 8))
         self.row = nn.Parameter(torch.randn(1, 1, 1, 8))
+        self.map2d = nn.Parameter(torch.randn(7, 8))
+        self.square = nn.Parameter(torch.randn(1, 3, 8, 8))  # (on an 8 x 8 input)
+        self.c1b = nn.Conv2d(2, 1, 3, padding=1)  # a one-channel signal, broadcast over the channels
 
     def forward(self, x):
         y = self.c1(x)
         z = {"number": 0.5, "per_channel": self.per_channel, "chw": self.chw, "map": self.map,
-             "row": self.row, "self": y}[self.other]
+             "row": self.row, "map2d": self.map2d, "square": self.square, "self": y,
+             "one_channel": self.c1b(x)}[self.other]
         return self.c2({"add": torch.add, "sub": torch.sub, "mul": torch.mul}[self.op](y, z))
 
 
@@ -81,11 +89,14 @@ class Binary(nn.Module):
     ("mul", "number", True), ("add", "self", True), ("sub", "self", True),
     ("mul", "self", False),  # a product of two signals: not linear in the window
     ("add", "map", False), ("mul", "row", False),  # constants that vary over the map
+    ("mul", "map2d", False), ("add", "square", False),  # a 2-D one; one as high as wide
+    ("add", "one_channel", False),  # a signal of another shape (broadcast over the channels)
 ])
 def test_binary_ops_take_the_windowed_path_only_with_a_constant_or_matching_operand(op, other, want):
     torch.manual_seed(1)
     net = Binary(op, other).double()
-    x = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    H, W = (8, 8) if other == "square" else (7, 8)
+    x = torch.randn(1, 2, H, W, dtype=torch.float64)
     dn = DeconvNet(net)
     dn.forward(x)
     assert (dn.window_plan("c2") is not None) == want
@@ -93,7 +104,72 @@ def test_binary_ops_take_the_windowed_path_only_with_a_constant_or_matching_oper
     rec, boxes = dn.project_window("c2", units)
     full = dn.project("c2", units)
     for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
-        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, 7), min(x1, 8)
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
         pasted = torch.zeros_like(full[i])
         pasted[:, cy0:cy1, cx0:cx1] = rec[i, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
         assert torch.allclose(pasted, full[i], rtol=1e-12, atol=1e-14)
+
+
+
+class Graph(nn.Module):
+    """conv -> ``kind`` -> conv; ``kind`` names the op between the convs."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+        self.lo = nn.Parameter(torch.randn(1, 4, 8, 8) * 0.1)
+        self.c8 = nn.Conv2d(8, 3, 3, padding=1)
+        self.s2, self.s1 = nn.Conv2d(2, 4, 2, 2), nn.Conv2d(2, 4, 5)  # 8 x 8 -> 4 x 4 at jumps 2 and 1
+
+    def forward(self, x):
+        k = self.kind
+        if k == "jumps":  # the input read at jump 2 and at jump 1 by branches that meet again
+            return self.c2(self.s2(x) + self.s1(x))
+        y = self.c1(x)
+        if k in ("cat_1", "cat_dim_1", "cat_dim_-3"):
+            z = torch.relu(y)
+            return self.c8(torch.cat([y, z], 1) if k == "cat_1" else torch.cat([y, z], dim=int(k[8:])))
+        if k == "shuffle":  # reshapes to 5-D and back
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        else:
+            # a function and a method outside the elementwise set that the receptive-field table
+            # passes (they keep H and W in place)
+            y = {"permute": lambda: torch.permute(y, (0, 1, 2, 3)),
+                 "permute_method": lambda: y.permute(0, 1, 2, 3),
+                 "tanh_method": lambda: y.tanh(),  # a method inside it
+                 "clamp_map": lambda: torch.clamp(y, self.lo),  # its other operand varies over the map
+                 "cat_batch": lambda: torch.cat([y, y]),  # concatenated along the images
+                 "pad": lambda: F.pad(y, (1, 0, 0, 1)),  # changes the map's size
+                 "view": lambda: y.view(-1, 4, 8, 8),  # a reshape, even one that keeps the shape
+                 }[k]()
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("kind,want", [
+    ("tanh_method", True), ("cat_1", True), ("cat_dim_1", True), ("cat_dim_-3", True),
+    ("permute", False), ("permute_method", False), ("clamp_map", False), ("shuffle", False), ("cat_batch", False), ("pad", False), ("view", False),
+    ("jumps", False),  # no single cone: the branches disagree on the jump
+])
+def test_graph_ops_take_the_windowed_path_only_when_local(kind, want, monkeypatch):
+    from deconvis.mirror import deconvnet as dn_module
+
+    monkeypatch.setattr(dn_module, "WINDOW_WORK_LIMIT", float("inf"))
+    torch.manual_seed(2)
+    net = Graph(kind).double().eval()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    dn = DeconvNet(net)
+    acts = dn.forward(x)
+    layer = "c8" if kind.startswith("cat_") and kind != "cat_batch" else "c2"
+    assert (dn.window_plan(layer) is not None) == want
+    if kind == "cat_batch":  # (the full backward cannot split a unit's signal by images: no projection)
+        return
+    h, w = acts[layer].shape[-2:]
+    units = torch.tensor([[0, 1, 0, 0], [1, 0, h - 1, w // 2], [0, 2, h // 2, w - 1]])
+    if want:
+        assert_windowed_equals_full(dn, layer, units, (8, 8), atol=1e-12, rel=1e-9, rule="gradient")
+    else:
+        rec, boxes = dn.project_window(layer, units, rule="gradient")
+        assert torch.equal(rec, dn.project(layer, units, rule="gradient"))
+        assert boxes.tolist() == [[0, 8, 0, 8]] * 3

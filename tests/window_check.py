@@ -15,19 +15,19 @@ def border_units(act: torch.Tensor) -> torch.Tensor:
 
 
 def assert_windowed_equals_full(dn, layer: str, units: torch.Tensor, size, *, atol: float = 0.0,
-                                atol_of_max: float = 0.0, rel: float) -> None:
+                                atol_of_max: float = 0.0, rel: float, rule: str = "deconvnet") -> None:
     """``dn.project_window`` on a plan (not the full path) equals ``dn.project`` inside each unit's
     RF box on the image of ``size`` (H, W), to ``atol + atol_of_max * max|full|``, and both are
-    zero elsewhere (the box holds the full reconstruction's mass, to ``rel``)."""
+    zero elsewhere (the box holds the full reconstruction's mass, to ``rel``); both under ``rule``."""
     H, W = size
-    full = dn.project(layer, units)
-    rec, boxes = dn.project_window(layer, units)
+    full = dn.project(layer, units, rule=rule)
+    rec, boxes = dn.project_window(layer, units, rule=rule)
     assert dn.window_plan(layer) is not None
     tol = atol + atol_of_max * float(full.abs().max())
     for m, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
         inside = full[m, :, cy0:cy1, cx0:cx1]
         got = rec[m, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-        assert torch.allclose(got, inside, rtol=0, atol=tol), (layer, m)
+        assert torch.allclose(got, inside, rtol=0, atol=tol), (layer, rule, m)
         assert float(inside.abs().sum()) == pytest.approx(float(full[m].abs().sum()), rel=rel)
         assert float(rec[m].abs().sum()) == pytest.approx(float(inside.abs().sum()), rel=rel)  # zero off the image
