@@ -94,7 +94,7 @@ def test_encode_image_round_trips_png_exactly_and_jpeg_closely(tmp_path):
         write_image(path, smooth)
         back = render.read_rgb(path)
         diff = np.abs(back.astype(int) - smooth.astype(int))
-        assert diff.max() == 0 if ext == "png" else diff.mean() < 1.0, (ext, diff.mean())
+        assert diff.max() == 0 if ext == "png" else diff.mean() < 1.25, (ext, diff.mean())  # JPEG 92: about a level
     assert open(str(tmp_path / "x.jpg"), "rb").read(2) == b"\xff\xd8"
     with pytest.raises(ValueError, match="unknown format"):
         write_image(str(tmp_path / "x.bmp"), smooth)
