@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deconvis.errors import DeconvisError
 from deconvis import DeconvNet
 from window_check import assert_windowed_equals_full
 
@@ -73,13 +74,14 @@ class Binary(nn.Module):
         self.map = nn.Parameter(torch.randn(1, 3, 7, 8))
         self.row = nn.Parameter(torch.randn(1, 1, 1, 8))
         self.map2d = nn.Parameter(torch.randn(7, 8))
+        self.row1d = nn.Parameter(torch.randn(8))  # 1-D: broadcast along the width
         self.square = nn.Parameter(torch.randn(1, 3, 8, 8))  # (on an 8 x 8 input)
         self.c1b = nn.Conv2d(2, 1, 3, padding=1)  # a one-channel signal, broadcast over the channels
 
     def forward(self, x):
         y = self.c1(x)
         z = {"number": 0.5, "per_channel": self.per_channel, "chw": self.chw, "map": self.map,
-             "row": self.row, "map2d": self.map2d, "square": self.square, "self": y,
+             "row": self.row, "row1d": self.row1d, "map2d": self.map2d, "square": self.square, "self": y,
              "one_channel": self.c1b(x)}[self.other]
         return self.c2({"add": torch.add, "sub": torch.sub, "mul": torch.mul}[self.op](y, z))
 
@@ -88,7 +90,7 @@ class Binary(nn.Module):
     ("add", "per_channel", True), ("mul", "per_channel", True), ("sub", "chw", True),
     ("mul", "number", True), ("add", "self", True), ("sub", "self", True),
     ("mul", "self", False),  # a product of two signals: not linear in the window
-    ("add", "map", False), ("mul", "row", False),  # constants that vary over the map
+    ("add", "map", False), ("mul", "row", False), ("mul", "row1d", False),  # constants that vary over the map
     ("mul", "map2d", False), ("add", "square", False),  # a 2-D one; one as high as wide
     ("add", "one_channel", False),  # a signal of another shape (broadcast over the channels)
 ])
@@ -140,6 +142,8 @@ class Graph(nn.Module):
                  "permute_method": lambda: y.permute(0, 1, 2, 3),
                  "tanh_method": lambda: y.tanh(),  # a method inside it
                  "clamp_map": lambda: torch.clamp(y, self.lo),  # its other operand varies over the map
+                 "clamp_map_kw": lambda: torch.clamp(y, min=self.lo),  # the same, as a keyword
+                 "clamp_map_method": lambda: y.clamp(self.lo),  # the same, as a method
                  "cat_batch": lambda: torch.cat([y, y]),  # concatenated along the images
                  "pad": lambda: F.pad(y, (1, 0, 0, 1)),  # changes the map's size
                  "view": lambda: y.view(-1, 4, 8, 8),  # a reshape, even one that keeps the shape
@@ -149,7 +153,8 @@ class Graph(nn.Module):
 
 @pytest.mark.parametrize("kind,want", [
     ("tanh_method", True), ("cat_1", True), ("cat_dim_1", True), ("cat_dim_-3", True),
-    ("permute", False), ("permute_method", False), ("clamp_map", False), ("shuffle", False), ("cat_batch", False), ("pad", False), ("view", False),
+    ("permute", False), ("permute_method", False), ("clamp_map", False), ("clamp_map_kw", False),
+    ("clamp_map_method", False), ("shuffle", False), ("cat_batch", False), ("pad", False), ("view", False),
     ("jumps", False),  # no single cone: the branches disagree on the jump
 ])
 def test_graph_ops_take_the_windowed_path_only_when_local(kind, want, monkeypatch):
@@ -163,7 +168,9 @@ def test_graph_ops_take_the_windowed_path_only_when_local(kind, want, monkeypatc
     acts = dn.forward(x)
     layer = "c8" if kind.startswith("cat_") and kind != "cat_batch" else "c2"
     assert (dn.window_plan(layer) is not None) == want
-    if kind == "cat_batch":  # (the full backward cannot split a unit's signal by images: no projection)
+    if kind == "cat_batch":  # the full backward cannot split a unit's signal by images: a clear error
+        with pytest.raises(DeconvisError, match="batch dimension"):
+            dn.project(layer, torch.tensor([[0, 1, 0, 0]]), rule="gradient")
         return
     h, w = acts[layer].shape[-2:]
     units = torch.tensor([[0, 1, 0, 0], [1, 0, h - 1, w // 2], [0, 2, h // 2, w - 1]])

@@ -248,6 +248,12 @@ class Mirror:
         if k == "cat":
             tensors = node.args[0]
             dim = ops.node_arg(node, 1, "dim", 0)
+            if dim % g.dim() == 0:
+                raise DeconvisError(
+                    f"{self.tg.row_names[node]!r} concatenates along the batch dimension (dim 0), which mixes "
+                    "images; the mirror projects each unit on its own image, so it cannot run back through "
+                    f"it. Fix: mine a layer before {self.tg.row_names[node]!r}, or concatenate along the "
+                    "channels (dim 1).")
             sizes = [env[t].shape[dim] if isinstance(t, Node) else t.shape[dim] for t in tensors]
             parts = torch.split(g, sizes, dim=dim)  # disjoint views: each as much ours as g is
             return [(t, p, mine) for t, p in zip(tensors, parts) if isinstance(t, Node) and t in self.tg.signal]

@@ -84,6 +84,12 @@ class WindowPlan:
         return torch.stack([y0, y0 + ay.R, x0, x0 + ax.R], 1)
 
 
+def _varies_over_map(v: Any) -> bool:
+    """Whether ``v``, broadcast against a map [N, C, H, W], differs along H or W: a tensor whose
+    last two sizes (its last one, if 1-D) are not all 1."""
+    return isinstance(v, Tensor) and any(s != 1 for s in v.shape[-2:])
+
+
 def windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
     """Whether ``node``'s output [N, C, H, W] can be computed on a window of its input (a local
     op whose receptive field the RF table knows); other nodes are computed in full."""
@@ -109,10 +115,8 @@ def windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
                 n_sig += 1
                 if tuple(env[a].shape) != tuple(val.shape):
                     return False
-            elif isinstance(a, Node):
-                v = env.get(a)
-                if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[-1] * v.shape[-2] != 1:
-                    return False
+            elif isinstance(a, Node) and _varies_over_map(env.get(a)):
+                return False
         return n_sig == 1 or (k != "mul" and n_sig == 2)
     if k == "cat":
         dim = ops.node_arg(node, 1, "dim", 0)
@@ -125,9 +129,13 @@ def windowable(mirror: Mirror, node: Node, env: Dict[Node, Any]) -> bool:
         m = mirror.tg.module(node)
         if m is not None:
             return isinstance(m, ops.PASS_MODULES)
+        # a tensor operand other than the signal (positional or keyword: ``clamp(y, min=p)``) that
+        # varies over the map, which a window of it would not see: the full path
+        if any(isinstance(a, Node) and a not in sig and _varies_over_map(env.get(a))
+               for a in (*node.args[1:], *node.kwargs.values())):
+            return False
         if node.op == "call_function":
-            return t in ops.PASS_FUNCS and not any(isinstance(a, Node) and a not in sig and isinstance(env.get(a), Tensor)
-                                                    for a in node.args[1:])
+            return t in ops.PASS_FUNCS
         return node.op == "call_method" and t in ops.PASS_METHODS
     return False
 
