@@ -339,13 +339,16 @@ def run_size(run_dir: str) -> Tuple[int, int]:
 
 
 def size_by_part(run_dir: str) -> str:
-    """MB and files per part of a run folder: tiles of each layer, the unit pages' folders, sheets, the rest."""
+    """MB and files per part of a run folder: tiles of each layer, the unit pages' folders, the
+    sheets of each layer, results.json, the rest."""
     parts: Dict[str, List[int]] = {}
     for root, _, names in os.walk(run_dir):
         rel = os.path.relpath(root, run_dir).split(os.sep)
         part = "/".join(rel[:2]) if rel[0] in ("tiles", "units") and len(rel) > 1 else rel[0]
         for n in names:
-            key = ("sheets" if n.startswith("layer_") else "other") if part == "." else part
+            sheet = re.match(r"layer_(.+)_p\d+\.\w+$", n)
+            key = part if part != "." else (f"sheets/{sheet.group(1)}" if sheet else
+                                            n if n == "results.json" else "other")
             row = parts.setdefault(key, [0, 0])
             row[0] += os.path.getsize(os.path.join(root, n))
             row[1] += 1

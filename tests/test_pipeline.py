@@ -135,7 +135,8 @@ def test_sheets_and_results_roundtrip(done):
     cfg, out = done
     res = out.results
     pages = {lr.label: lr.sheets for lr in res.layers}
-    assert pages == {"conv1": ["layer_conv1_p001.jpg"], "conv2": ["layer_conv2_p001.jpg", "layer_conv2_p002.jpg"],
+    # conv1's small tiles are enlarged 3x or more on its sheet: PNG (render.sheet_format); the others JPEG
+    assert pages == {"conv1": ["layer_conv1_p001.png"], "conv2": ["layer_conv2_p001.jpg", "layer_conv2_p002.jpg"],
                      "conv3": ["layer_conv3_p001.jpg"]}
     for s in out.sheets:
         img = cv2.imread(os.path.join(out.run_dir, s))
@@ -373,7 +374,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "run cli: 2 layers, 14 units, top-2 over 12 images" in text
     run_dir = tmp_path / "o" / "cli"
-    assert (run_dir / "layer_conv1_p001.jpg").is_file() and (run_dir / "index.html").is_file()
+    assert (run_dir / "layer_conv1_p001.png").is_file() and (run_dir / "index.html").is_file()  # tiles enlarged 3x+
     cfg = json.load(open(run_dir / "results.json"))["config"]
     assert cfg["seed"] == 1 and cfg["layers"] == ["conv1", "conv3"]
     from deconvis.runs.results import load as load_results
@@ -397,7 +398,7 @@ def test_config_file_and_script_wrapper(tmp_path):
                            str(conf), "--channels", "1"], capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "run tiny: 1 layers, 2 units" in proc.stdout  # images: resolved against the config's folder
-    assert (tmp_path / "o" / "tiny" / "layer_conv3_p001.jpg").is_file()
+    assert (tmp_path / "o" / "tiny" / "layer_conv3_p001.png").is_file()  # small tiles, enlarged 3x+ on the sheet
 
 
 def test_demo_config_runs_with_random_weights(tmp_path):

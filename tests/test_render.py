@@ -44,6 +44,17 @@ def test_tile_scale():
     assert render.tile_scale(3, 5, 8, 32) == (6, 10, cv2.INTER_NEAREST)
 
 
+def test_sheet_format_png_where_the_sheets_enlarge_tiles_three_times_or_more():
+    assert render.sheet_format([11, 11], 64, 96) == "png"     # AlexNet conv1: 6x
+    assert render.sheet_format([22, 22], 64, 96) == "png"     # 3x
+    assert render.sheet_format([3, 5], 8, 32) == "jpg"        # 2x
+    assert render.sheet_format([51, 51], 64, 96) == "jpg"     # conv2: 2x
+    assert render.sheet_format([163, 163], 64, 96) == "jpg"   # shrunk
+    assert render.sheet_format([80, 80], 64, 96) == "jpg"     # as is
+    assert render.sheet_format(None, 64, 96) == "jpg"         # RF not known yet
+    assert render.sheet_format([163, 163], 64, 96, lossless=True) == "png"
+
+
 def test_tile_paths_and_names():
     assert render.tile_paths("conv1", 3, 0) == {"rec": "tiles/conv1/c0003_0_rec.png",
                                                 "img": "tiles/conv1/c0003_0_img.png"}
@@ -83,7 +94,7 @@ def test_encode_image_round_trips_png_exactly_and_jpeg_closely(tmp_path):
         write_image(path, smooth)
         back = render.read_rgb(path)
         diff = np.abs(back.astype(int) - smooth.astype(int))
-        assert diff.max() == 0 if ext == "png" else diff.mean() < 1.0, (ext, diff.mean())
+        assert diff.max() == 0 if ext == "png" else diff.mean() < 1.25, (ext, diff.mean())  # JPEG 92: about a level
     assert open(str(tmp_path / "x.jpg"), "rb").read(2) == b"\xff\xd8"
     with pytest.raises(ValueError, match="unknown format"):
         write_image(str(tmp_path / "x.bmp"), smooth)

@@ -274,3 +274,41 @@ def test_a_version_2_or_3_run_still_opens_and_re_renders(run_out, tmp_path, vers
     path, p, text = _parse(str(run_dir), lr.label, lr.units[0].channel)
     assert [r for t, c, r in p.refs if c == "rec"] == ["../../" + lr.units[0].sprite] * len(lr.units[0].winners)
     assert 'id="bottom"' not in text and 'id="classes"' not in text and ('id="dist"' in text) == (version == 3)
+
+
+def test_pages_share_one_stylesheet_holding_the_base_and_unit_rules(run_out):
+    """No page inlines the CSS (a third of its bytes): each links ``units/unit.css``, which holds
+    the shared base rules, the unit page's own and the extras', with the tile size."""
+    from deconvis.render.pages import environment
+
+    css = open(os.path.join(run_out.run_dir, unit_pages.UNIT_CSS), encoding="utf-8").read()
+    base = environment().get_template("base.css").render()
+    assert base.strip() in css and f"--tile:{unit_pages.UNIT_TILE_PX}px" in css
+    assert ".rfbox{" in css and "svg.hist rect" in css and ".legend" in css  # unit.html's and unit_extras.css's
+    res = R.load(run_out.run_dir)
+    for lr in res.layers:
+        path, p, text = _parse(run_out.run_dir, lr.label, lr.units[0].channel)
+        assert "<style" not in text
+        assert [r for t, _, r in p.refs if t == "link"] == ["../unit.css"]
+
+
+def test_thumbnails_come_from_the_projections_decode(tmp_path, monkeypatch):
+    """The projection writes every winner's thumbnail (top-k and bottom-k) from the image it
+    decodes anyway: the report phase decodes none, and a thumbnail is the displayed image
+    area-resized to THUMB_PX (within JPEG's error)."""
+    import cv2
+
+    from deconvis.io.images import FolderImages, preprocess_image
+
+    monkeypatch.setattr(unit_pages, "preprocess_image", lambda *a, **k: pytest.fail("decoded again for a thumbnail"))
+    cfg = fx.tiny_config(tmp_path)
+    res = pipeline.run(cfg).results
+    ids = {w.image for lr in res.layers for layer in (lr, lr.bottom) if layer is not None
+           for u in layer.units for w in u.winners}
+    folder = os.path.join(cfg.out, cfg.run, unit_pages.THUMBS_DIR)
+    assert sorted(os.listdir(folder)) == sorted(f"{i}.jpg" for i in ids)
+    i = min(ids)
+    shown = preprocess_image(FolderImages(cfg.images).load(i), res.preprocess)
+    want = cv2.resize(shown, (unit_pages.THUMB_PX, unit_pages.THUMB_PX), interpolation=cv2.INTER_AREA)
+    got = cv2.imread(os.path.join(folder, f"{i}.jpg"), cv2.IMREAD_COLOR)[:, :, ::-1]
+    assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).mean() < 3  # blocky 5x: JPEG ~2

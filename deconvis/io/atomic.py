@@ -87,9 +87,11 @@ def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray, durable: bool = T
     write_bytes(path, buf.tobytes(), durable=durable)
 
 
-#: JPEG quality of lossy tiles and sheets: at 93 with full-resolution colour (4:4:4) the mean pixel
-#: error is below 1 level of 255 on photographic crops and reconstructions (BENCHMARKS.md, output path)
-JPEG_QUALITY = 93
+#: JPEG quality of lossy tiles and sheets, with full-resolution colour (4:4:4): at 92 the mean pixel
+#: error on image patches and sheets is about 1 level of 255 (99th percentile 5 to 12), 8 % fewer
+#: bytes than 93 for 0.05 to 0.15 levels more; chroma subsampling, progressive or optimised-Huffman
+#: coding measured worse per byte or per CPU second (BENCHMARKS.md, "image formats")
+JPEG_QUALITY = 92
 #: zlib level of PNGs: 3 with the default strategy is smaller and faster than OpenCV's default (1, RLE)
 PNG_LEVEL = 3
 

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -144,12 +144,15 @@ def project_jobs(
     progress: bool = True,
     workers: int = 0,
     replay: Optional[Replay] = None,
+    on_image: Optional[Callable[[int, np.ndarray], None]] = None,
 ) -> int:
     """Project every job and hand ``(job, rec uint8 [rh, rw, 3], img uint8 [rh, rw, 3], box)`` to
     ``sink`` (once per job). Images are forwarded once per batch of ``batch_size`` distinct images
     (halved on out-of-memory), in :func:`completion_order`, up to the deepest layer their jobs need; units go to
     ``dn.project_window`` in chunks of ``project_batch`` per layer. ``replay`` (optional) receives
-    the replay check of the jobs that carry an ``activation``. Returns the number of jobs done."""
+    the replay check of the jobs that carry an ``activation``; ``on_image`` (optional) receives each
+    decoded image once, ``(image id, displayed uint8 [h, w, 3])``, before its jobs are projected.
+    Returns the number of jobs done."""
     from tqdm.auto import tqdm  # start-up time: tqdm.auto probes for Jupyter
 
     device = torch.device(device)
@@ -224,7 +227,11 @@ def project_jobs(
             if bad:
                 raise DeconvisError(f"image {bad[0]} ({dataset.source.path(bad[0])}) won during mining but cannot be "
                                     "read any more; the image set changed: re-run with --fresh")
-            run_halving([s.numpy() for s in shown_t], x, ids)
+            shown = [s.numpy() for s in shown_t]
+            if on_image is not None:
+                for i, s in zip(ids, shown):
+                    on_image(i, s)
+            run_halving(shown, x, ids)
     finally:
         bar.close()
         dn.release()

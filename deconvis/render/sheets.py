@@ -14,11 +14,11 @@ A channel's tiles are saved as one sprite (``tiles/<layer>/c<channel>.<png|jpg>`
 digits; column = rank, 0 = strongest; row 0 reconstructions, row 1 patches: :mod:`deconvis.render.sprites`)
 and the sheets are composed from those files (one decode per channel, on a few threads), so
 ``--render-only`` needs neither the model nor the images. Runs of version 1 kept two files per
-winner (``c<channel>_<rank>_{rec,img}.png``); they still render. Sheets are JPEG (quality 93,
-4:4:4: 2.5x smaller and 10x faster to encode than PNG on these photographic grids), PNG with
-``lossless``. A sheet holds ``per_sheet`` channels; each channel is a block
-of k reconstructions (left) beside its k patches (right), labelled with the channel and each
-tile's activation.
+winner (``c<channel>_<rank>_{rec,img}.png``); they still render. Sheets are JPEG (quality 92,
+4:4:4: 3x smaller and 10x faster to encode than PNG on these photographic grids), PNG with
+``lossless`` and where the sheets enlarge small tiles 3x or more (:func:`sheet_format`). A sheet
+holds ``per_sheet`` channels; each channel is a block of k reconstructions (left) beside its k
+patches (right), labelled with the channel and each tile's activation.
 """
 from __future__ import annotations
 
@@ -144,6 +144,25 @@ def tile_scale(rh: int, rw: int, min_tile: int, max_tile: int) -> Tuple[int, int
         s = max_tile / side
         return max(1, round(rh * s)), max(1, round(rw * s)), cv2.INTER_AREA
     return rh, rw, cv2.INTER_NEAREST
+
+
+#: sheets whose tiles are enlarged (nearest neighbour, :func:`tile_scale`) this many times or more
+#: are PNG: blocks of equal pixels cost PNG little and JPEG much (AlexNet's conv1 sheets, 11 px
+#: tiles shown 6x: PNG is lossless at about a seventh of the JPEG bytes; BENCHMARKS.md, "image formats")
+PNG_FROM_ENLARGEMENT = 3
+
+
+def sheet_format(rf: Optional[Sequence[int]], min_tile: int, max_tile: int, lossless: bool = False) -> str:
+    """The format of the sheets of a layer whose tiles are ``rf`` ``[h, w]`` pixels: ``png`` with
+    ``lossless`` or where the sheets enlarge the tiles at least :data:`PNG_FROM_ENLARGEMENT` times,
+    else ``jpg`` (also while ``rf`` is unknown, None)."""
+    if lossless:
+        return "png"
+    if not rf:
+        return "jpg"
+    rh, rw = int(rf[0]), int(rf[1])
+    th, _, _ = tile_scale(rh, rw, min_tile, max_tile)  # enlarged: both sides by the same integer factor
+    return "png" if th // rh >= PNG_FROM_ENLARGEMENT else "jpg"
 
 
 _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX

@@ -11,8 +11,8 @@ So the tile (rank ``r``, row ``j``) is the half-open pixel box ``y in [j*h, (j+1
 grey. ``results.json`` documents the same addressing (``sprites``) for the report and the unit
 pages. Format (measured in BENCHMARKS.md, "output path"): PNG (lossless) for tiles under
 :data:`SMALL_TILE` pixels, where JPEG's 8 px blocks would show once the sheets enlarge them; JPEG
-(quality 93, 4:4:4: mean error under one level) for larger ones, 5x smaller and 10x faster to
-encode than PNG; PNG everywhere with ``lossless``.
+(quality 92, 4:4:4: mean error about one level on image patches) for larger ones, 3x smaller
+and 10x faster to encode than PNG; PNG everywhere with ``lossless``.
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ class VisualizeConfig(Config):
     sheet_columns: int = option(4, "channel blocks per sheet row")
     min_tile: int = option(64, "smallest tile side in sheets, pixels (small RF patches are upscaled, nearest)")
     max_tile: int = option(96, "largest tile side in sheets, pixels (large RF patches are downscaled, area)")
-    lossless: bool = option(False, "write sheets and every sprite as PNG (pixel-exact; default: JPEG quality 93 "
+    lossless: bool = option(False, "write sheets and every sprite as PNG (pixel-exact; default: JPEG quality 92 "
                                    "for sheets and for tiles of 32 px and more, about 3x smaller)")
     render_only: bool = option(False, "re-render sheets and report from results.json and saved tiles; never re-mine")
     fresh: bool = option(False, "ignore (delete) this run's saved mining state, tiles and results and start over")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -123,8 +124,9 @@ def mass_fraction(erf: np.ndarray, box_clipped: Sequence[int], q: float = 0.95) 
 def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
     """Draw every mined channel's RF + ERF image (top winner) and record them in each layer's
     ``unit_extras["erf"]`` (paths, null for inactive channels) and ``["erf_mass95"]``. Returns
-    the record for ``res.unit_extras["erf"]``. Images are forwarded ``batch_size`` at a time; the
-    drawing, encoding and writing run on a writer thread (:data:`ERF_WRITER_THREADS`) meanwhile."""
+    the record for ``res.unit_extras["erf"]``. Images are forwarded ``batch_size`` at a time, the
+    next batch decoded on a thread meanwhile; the drawing, encoding and writing run on a writer
+    thread (:data:`ERF_WRITER_THREADS`) meanwhile."""
     layers = {lr.name: lr for lr in res.layers}
     tops: Dict[int, List[Tuple[LayerResult, int]]] = {}
     for lr in res.layers:
@@ -140,20 +142,29 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
     writer = BackgroundWriter(threads=ERF_WRITER_THREADS, max_pending=2 * max(1, int(ctx.cfg.batch_size)))
     step = max(1, int(ctx.cfg.batch_size))
     dtype, device = ctx.dtype, ctx.device
-    try:
-        for start in range(0, len(ids), step):
-            chunk, shown = [], []
-            for i in ids[start:start + step]:
-                try:
-                    shown.append(data.display(i))
-                except (UnreadableImage, OSError) as exc:
-                    log.warning("no ERF image for image %d: %s", i, exc)
-                    continue
-                chunk.append(i)
-            if not chunk:
+
+    def decode(batch: List[int]) -> Tuple[List[int], List[np.ndarray], Optional[torch.Tensor]]:
+        """The readable images of ``batch``: ids, displayed pixels, network input [N, 3, H, W]."""
+        chunk, shown = [], []
+        for i in batch:
+            try:
+                shown.append(data.display(i))
+            except (UnreadableImage, OSError) as exc:
+                log.warning("no ERF image for image %d: %s", i, exc)
                 continue
-            x = torch.stack([normalize(s, ctx.preprocess) for s in shown]).to(device=device, dtype=dtype)
-            acts = dn.forward(x, layers=[n for n in layers])
+            chunk.append(i)
+        return chunk, shown, torch.stack([normalize(s, ctx.preprocess) for s in shown]) if shown else None
+
+    batches = [ids[s:s + step] for s in range(0, len(ids), step)]
+    reader = ThreadPoolExecutor(1, thread_name_prefix="deconvis-erf-decode")  # the next batch decodes meanwhile
+    try:
+        ahead = reader.submit(decode, batches[0]) if batches else None
+        for bi in range(len(batches)):
+            chunk, shown, x = ahead.result()  # type: ignore[union-attr]
+            ahead = reader.submit(decode, batches[bi + 1]) if bi + 1 < len(batches) else None
+            if x is None:
+                continue
+            acts = dn.forward(x.to(device=device, dtype=dtype), layers=list(layers))
             H, W = shown[0].shape[:2]
             for name, lr in layers.items():
                 sel = [(b, ci) for b, i in enumerate(chunk) for (l2, ci) in tops[i] if l2 is lr]
@@ -167,6 +178,7 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
                         writer.submit(_draw_one, run_dir, lr, ci, shown[b], m, box)
         writer.close()  # the first error of a drawing or a write, if any
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)
         writer.abandon()  # after an error: drop the drawings not started, let the running ones finish
         dn.release()
     written = sum(1 for lr in res.layers for f in (lr.unit_extras or {}).get("erf") or [] if f)

@@ -8,7 +8,8 @@ maximum over the whole image set (the histogram collected while mining,
 same layer (links to their pages); its bottom-k (the most negative pre-activations, projected the
 same way: :mod:`deconvis.runs.phases.bottom`, partial ``unit_bottom.html``) and, for a labelled
 image set, the classes with the highest mean maximum (:mod:`deconvis.mining.classmeans`). Pages are small and written without fsync (4224 for VGG16);
-every link is relative, so the run folder can be moved or served as it is.
+every link is relative, so the run folder can be moved or served as it is; the pages share one
+stylesheet, ``units/unit.css``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from deconvis.io.atomic import encode_image, write_bytes, write_image
+from deconvis.io.atomic import encode_image, write_bytes, write_image, write_text
 from deconvis.io.images import ImageSource
 from deconvis.io.pixels import UnreadableImage, preprocess_image
 from deconvis.render.pages import environment
@@ -37,6 +38,9 @@ THUMBS_DIR = "units/thumbs"
 THUMB_PX = 160
 #: the longer side of a tile on a unit page, CSS pixels
 UNIT_TILE_PX = 112
+#: the unit pages' one stylesheet (template ``unit.css``), linked by every page instead of inlined
+#: in each (a third of a page's bytes)
+UNIT_CSS = f"{UNITS_DIR}/unit.css"
 
 
 def unit_page(label: str, channel: int) -> str:
@@ -44,22 +48,35 @@ def unit_page(label: str, channel: int) -> str:
     return f"{UNITS_DIR}/{safe_name(label)}/{int(channel):04d}.html"
 
 
-def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> Dict[int, str]:
-    """A thumbnail (longer side :data:`THUMB_PX`) of every winning image's displayed image
-    (resize + centre crop of the run): ``{image id: path relative to the run folder}``. Reuses
-    thumbnails on disk; without ``source`` only those (a re-render)."""
+def thumb_path(image: int) -> str:
+    """The thumbnail of image ``image``, relative to the run folder."""
+    return f"{THUMBS_DIR}/{int(image)}.jpg"
+
+
+def write_thumb(run_dir: str, image: int, shown: np.ndarray) -> None:
+    """Write the thumbnail of image ``image`` from its displayed pixels ``shown`` (uint8 RGB
+    ``[h, w, 3]``): area-downscaled to the longer side :data:`THUMB_PX`. The projection writes them
+    on its writer thread as it decodes the winners' images (so the report need not decode them
+    again); :func:`write_thumbs` writes those still missing."""
     import cv2  # start-up time: OpenCV loads only when an image is resized or encoded
 
+    h, w = shown.shape[:2]
+    s = THUMB_PX / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    write_image(os.path.join(run_dir, thumb_path(image)), cv2.resize(shown, size, interpolation=cv2.INTER_AREA),
+                durable=False)
+
+
+def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> Dict[int, str]:
+    """A thumbnail (:func:`write_thumb`) of every winning image's displayed image (resize + centre
+    crop of the run): ``{image id: path relative to the run folder}``. Reuses thumbnails on disk;
+    without ``source`` only those (a re-render)."""
     out: Dict[int, str] = {}
     ids = sorted({w.image for lr in res.layers for layer in (lr, lr.bottom) if layer is not None
                   for u in layer.units for w in u.winners})
-    h, w = res.input_size
-    s = THUMB_PX / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
     for i in ids:
-        rel = f"{THUMBS_DIR}/{i}.jpg"
-        path = os.path.join(run_dir, rel)
-        if not os.path.isfile(path):
+        rel = thumb_path(i)
+        if not os.path.isfile(os.path.join(run_dir, rel)):
             if source is None:
                 continue
             try:
@@ -67,7 +84,7 @@ def write_thumbs(res: Results, run_dir: str, source: Optional[ImageSource]) -> D
             except (UnreadableImage, OSError) as exc:
                 log.warning("no thumbnail for image %d: %s", i, exc)
                 continue
-            write_image(path, cv2.resize(shown, size, interpolation=cv2.INTER_AREA), durable=False)
+            write_thumb(run_dir, i, shown)
         out[i] = rel
     return out
 
@@ -223,6 +240,7 @@ def _page_context(res: Results, li: int, lr: LayerResult, ci: int, thumbs: Dict[
     next_c = chans[ci + 1] if ci + 1 < len(chans) else None
     return {
         "title": f"deconvis: {res.config.get('run', '')} {lr.label} channel {u.channel}", "tile_px": UNIT_TILE_PX,
+        "css": os.path.basename(UNIT_CSS),
         "label": lr.label, "name": lr.name, "channel": u.channel, "k": k, "rf": lr.rf, "map_size": lr.map_size,
         "report": up + "index.html#" + lr.label, "winners": winners, "stats": stats, "rule": str(getattr(res.rule, "value", res.rule)),
         "prev": None if prev_c is None else f"{prev_c:04d}.html", "next": None if next_c is None else f"{next_c:04d}.html",
@@ -240,6 +258,7 @@ def write_unit_pages(res: Results, run_dir: str, source: Optional[ImageSource] =
     :func:`first_layer_filters`) adds the layer-1 filter to those layers' pages. Returns the
     number of pages."""
     thumbs = write_thumbs(res, run_dir, source)
+    write_text(os.path.join(run_dir, UNIT_CSS), environment().get_template("unit.css").render(tile_px=UNIT_TILE_PX))
     template = environment().get_template("unit.html")
     n = 0
     for li, lr in enumerate(res.layers):

@@ -1,8 +1,9 @@
 """Projection: re-forward the winners' images, project every winner with
 ``DeconvNet.project_window`` and write one sprite per channel (``tiles/<layer>/c<channel>.<png|jpg>``,
-:mod:`deconvis.render.sprites`) on a background thread, which in a one-process run also
-composes each layer's grid sheets as its channels complete (:class:`_SheetPages`); under
-torchrun each rank takes whole (layer, channel) groups.
+:mod:`deconvis.render.sprites`) on a background thread, which also writes the unit pages'
+thumbnail of every image the projection decodes and, in a one-process run, composes each layer's
+grid sheets as its channels complete (:class:`_SheetPages`); under torchrun each rank takes whole
+(layer, channel) groups.
 
 Progress: every rank keeps its own ``projection.rank<r>.json`` (atomic, at most every
 :data:`SAVE_EVERY_S` and at the end) listing the channels whose sprite it has written, with their
@@ -33,6 +34,7 @@ from deconvis.render import sprites
 from deconvis.render.writer import BackgroundWriter
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
+from deconvis.runs import unit_pages
 from deconvis.runs.distributed import DistInfo
 from deconvis.runs.phases.prepare import Context
 from deconvis.runs.phases.render import sheet_ext, sheets_hash
@@ -185,51 +187,98 @@ class _Progress:
         self.last = time.monotonic()
 
 
+#: the suffix (+ process and thread id) of a staging file renamed aside for deletion
+STAGING_TRASH = ".deleting-"
+
+
+def _remove_files(paths: List[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 class _Staging:
-    """The tiles of channels not yet complete, in one memory-mapped array file per layer
-    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``): a channel
-    completes when its last winner's image is forwarded; until then the page cache, not the
-    process, holds its tiles (bounded memory on VGG-sized runs). Once a channel's sprite is
-    written its rows are released (:meth:`release`: a hole punched in the file, so the kernel
-    neither writes them back nor keeps them). Removed when the projection ends."""
+    """The tiles of channels not yet complete, in one array file per layer
+    (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``, headerless): a
+    channel completes when its last winner's image is forwarded; until then the page cache, not
+    the process, holds its tiles (bounded memory on VGG-sized runs). Tiles go in with ``pwrite``
+    and a complete channel comes out with one ``preadv`` (:meth:`put`, :meth:`read`: several times
+    cheaper than writing through a shared mapping, whose first touch of each page is a fault and a
+    filesystem call). Once read, a channel's rows are released (:meth:`release`: a hole punched in
+    the file, so the kernel neither writes them back nor keeps them). Removed when the projection
+    ends (:meth:`close`)."""
 
     def __init__(self, run_dir: str, rank: int, k: int):
         self.run_dir, self.rank, self.k = run_dir, rank, k
-        #: layer name -> (the array, channel -> row, path, the mapping, offset of the array in it)
-        self.layers: Dict[str, Tuple[np.ndarray, Dict[int, int], str, Any, int]] = {}
+        #: layer name -> (file descriptor, channel -> row, path, cell (h, w), a mapping of the file
+        #: (only for hole punching: never read or written), bytes per row)
+        self.layers: Dict[str, Tuple[int, Dict[int, int], str, Tuple[int, int], Any, int]] = {}
 
-    def slot(self, lr: LayerResult, channels: List[int]) -> Tuple[np.ndarray, Dict[int, int]]:
+    def slot(self, lr: LayerResult, channels: List[int]) -> Dict[int, int]:
+        """Open (once) the file of ``lr``'s ``channels``; returns channel -> row."""
         if lr.name not in self.layers:
-            h, w = lr.cell  # type: ignore[misc]
+            h, w = (int(v) for v in lr.cell)  # type: ignore[union-attr]
             path = os.path.join(self.run_dir, "tiles", render.safe_name(lr.label), f".staging.rank{self.rank}.npy")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(channels), self.k, 2, h, w, 3))
-            # a plain ndarray over the same mapping: indexing a np.memmap costs a Python call per view
-            self.layers[lr.name] = (mm.view(np.ndarray), {c: i for i, c in enumerate(channels)}, path,
-                                    getattr(mm, "_mmap", None), int(mm.offset) % mmap.ALLOCATIONGRANULARITY)
-        arr, rows = self.layers[lr.name][:2]
-        return arr, rows
+            _remove_files(glob.glob(glob.escape(path + STAGING_TRASH) + "*"))  # left by a run killed while deleting
+            row_bytes = self.k * 2 * h * w * 3
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            size = max(1, len(channels) * row_bytes)
+            os.ftruncate(fd, size)
+            mm = None
+            if hasattr(mmap, "MADV_REMOVE"):
+                with contextlib.suppress(OSError, ValueError):
+                    mm = mmap.mmap(fd, size)
+            self.layers[lr.name] = (fd, {c: i for i, c in enumerate(channels)}, path, (h, w), mm, row_bytes)
+        return self.layers[lr.name][1]
+
+    def put(self, layer: str, channel: int, rank: int, side: int, tile: np.ndarray) -> None:
+        """Store ``tile`` (uint8 [h, w, 3], the layer's cell) as (``rank``, ``side``: 0 rec, 1 img)
+        of ``channel``."""
+        fd, rows, _, (h, w), _, row_bytes = self.layers[layer]
+        os.pwrite(fd, np.ascontiguousarray(tile, dtype=np.uint8),
+                  rows[channel] * row_bytes + (rank * 2 + side) * h * w * 3)
+
+    def read(self, layer: str, channel: int) -> np.ndarray:
+        """``channel``'s tiles, uint8 [k, 2, h, w, 3] (a copy; ranks never put read as zeros)."""
+        fd, rows, _, (h, w), _, row_bytes = self.layers[layer]
+        out = np.empty((self.k, 2, h, w, 3), dtype=np.uint8)
+        got = os.preadv(fd, [out], rows[channel] * row_bytes)
+        if got != row_bytes:
+            raise OSError(f"staging file {self.layers[layer][2]}: read {got} of {row_bytes} bytes")
+        return out
 
     def release(self, layer: str, channel: int) -> None:
-        """Drop the pages of ``channel``'s row (its sprite is written; nothing reads it again): a
-        hole punched in the file (``MADV_REMOVE``; skipped where the filesystem cannot)."""
+        """Drop the pages of ``channel``'s row (read; nothing reads it again): a hole punched in
+        the file (``MADV_REMOVE`` on a mapping never touched; skipped where the filesystem cannot)."""
         found = self.layers.get(layer)
-        if found is None or found[3] is None or not hasattr(mmap, "MADV_REMOVE"):
+        if found is None or found[4] is None:
             return
-        arr, rows, _, mm, base = found
-        size = arr[0].nbytes
-        start = base + rows[channel] * size
+        _, rows, _, _, mm, size = found
+        start = rows[channel] * size
         a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
         if b > a:
             with contextlib.suppress(OSError, ValueError):
                 mm.madvise(mmap.MADV_REMOVE, a, b - a)
 
     def close(self) -> None:
-        paths = [found[2] for found in self.layers.values()]
-        self.layers.clear()  # the arrays and mappings go with their last reference
-        for path in paths:
+        """Close the files and remove them: each is renamed aside at once (a later staging of the
+        same layer never meets it) and deleted on a background thread, since unlinking a large
+        file whose pages were written back takes the filesystem a while (seconds for AlexNet's
+        layers); the process waits for the thread before it exits."""
+        found = list(self.layers.values())
+        self.layers.clear()
+        aside = []
+        for fd, _, path, _, mm, _ in found:
+            if mm is not None:
+                mm.close()
+            os.close(fd)
+            trash = f"{path}{STAGING_TRASH}{os.getpid()}-{threading.get_ident()}"
             with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+                os.replace(path, trash)
+                aside.append(trash)
+        if aside:
+            threading.Thread(target=_remove_files, args=(aside,), name="deconvis-staging", daemon=False).start()
 
 
 class _SheetPages:
@@ -245,7 +294,6 @@ class _SheetPages:
     def __init__(self, run_dir: str, res: Results, cfg: Any, expected: Dict[Tuple[str, int], int]):
         self.run_dir, self.res, self.cfg = run_dir, res, cfg
         self.n_images = res.images.get("readable", res.images.get("count"))
-        self.ext = sheet_ext(cfg)
         self.per = max(1, int(cfg.per_sheet))
         #: layer name -> [layout (set at its first channel), {page: {channel: block}}, {page: sheet path}]
         self.layers: Dict[str, List[Any]] = {lr.name: [None, {}, {}] for lr in res.layers
@@ -273,7 +321,7 @@ class _SheetPages:
         sheet = render.render_sheet([(c.channel, blocks[c.channel]) for c in chunk], st[0],
                                     render.page_title(lr, p, render.page_count(lr, self.per), k, self.n_images,
                                                       self.per))
-        rel = render.sheet_name(lr.label, p + 1, self.ext)
+        rel = render.sheet_name(lr.label, p + 1, sheet_ext(self.cfg, lr))
         write_image(os.path.join(self.run_dir, rel), sheet)
         st[2][p] = rel
 
@@ -293,15 +341,11 @@ class _SheetPages:
 
 
 def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k: int, progress: _Progress,
-                  staging: Optional[_Staging] = None, pages: Optional[_SheetPages] = None,
-                  unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
-    """Compose and write one channel's sprite (on the writer thread), then count it as done and
-    release its staged tiles; with ``pages``, add the channel (``unit``: its layer and result) to
-    its layer's sheets."""
+                  pages: Optional[_SheetPages] = None, unit: Optional[Tuple[LayerResult, ChannelResult]] = None) -> None:
+    """Compose and write one channel's sprite (on the writer thread), then count it as done; with
+    ``pages``, add the channel (``unit``: its layer and result) to its layer's sheets."""
     sheet = sprites.compose(tiles, k, entry[3])
-    del tiles  # views into the staging file, released below
-    if staging is not None:
-        staging.release(entry[0], entry[1])
+    del tiles
     write_image(os.path.join(run_dir, entry[2]), sheet, durable=False)  # atomic; re-creatable
     progress.add(entry)
     if pages is not None and unit is not None:
@@ -349,36 +393,41 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         if lr.cell is None:
             lr.cell = [int(rec.shape[0]), int(rec.shape[1])]
         key = (job.layer, job.channel)
-        arr, rows = staging.slot(lr, channels_of[job.layer])
-        cell = arr[rows[job.channel], job.rank]
-        if rec.shape[:2] == cell.shape[1:3] and img.shape[:2] == cell.shape[1:3]:
-            cell[0], cell[1] = rec, img
-        else:  # never for one layer's boxes: keep the tile's top left, grey around
-            cell[:] = sprites.GREY
-            for side, t in enumerate((rec, img)):
-                th, tw = min(t.shape[0], cell.shape[1]), min(t.shape[1], cell.shape[2])
-                cell[side, :th, :tw] = t[:th, :tw]
+        staging.slot(lr, channels_of[job.layer])
+        ch, cw = lr.cell
+        for side, t in enumerate((rec, img)):
+            if t.shape[:2] != (ch, cw):  # never for one layer's boxes: keep the tile's top left, grey around
+                cell = np.full((ch, cw, 3), sprites.GREY, dtype=np.uint8)
+                th, tw = min(t.shape[0], ch), min(t.shape[1], cw)
+                cell[:th, :tw] = t[:th, :tw]
+                t = cell
+            staging.put(job.layer, job.channel, job.rank, side, t)
         got = pending.setdefault(key, [])
         got.append(job.rank)
         if len(got) == expected[key]:
             del pending[key]
-            row = arr[rows[job.channel]]
-            got = {r: (row[r, 0], row[r, 1]) for r in got}  # views into the staging file
+            row = staging.read(job.layer, job.channel)
+            staging.release(job.layer, job.channel)
+            got = {r: (row[r, 0], row[r, 1]) for r in got}
             u = units[key][1]
             u.sprite = sprites.sprite_path(render.safe_name(lr.label), job.channel, sprites.sprite_ext(lr.cell, lossless))
             entry: Entry = (lr.name, job.channel, u.sprite, list(lr.cell), list(lr.rf),
                             [(w.rank, w.box, w.box_clipped) for w in u.winners])
-            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, staging, pages, units[key])
+            writer.submit(_write_sprite, ctx.run_dir, entry, got, res.k, progress, pages, units[key])
         progress.save()
         if poll is not None:
             poll()
+
+    def thumb(image: int, shown: np.ndarray) -> None:  # the unit pages' thumbnail, from the decode at hand
+        if not os.path.isfile(os.path.join(ctx.run_dir, unit_pages.thumb_path(image))):
+            writer.submit(unit_pages.write_thumb, ctx.run_dir, image, shown)
 
     ok = False
     try:
         n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                     batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
                                     dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
-                                    workers=precision.workers(cfg, info), replay=replay)
+                                    workers=precision.workers(cfg, info), replay=replay, on_image=thumb)
         ok = True
     finally:
         try:

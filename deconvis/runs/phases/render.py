@@ -1,5 +1,6 @@
-"""Rendering: each layer's grid sheets ``layer_<label>_pNNN.jpg`` (``.png`` with ``lossless``) from
-the saved sprites, skipping layers whose sheets are current (same winners, tiles and layout)."""
+"""Rendering: each layer's grid sheets ``layer_<label>_pNNN.jpg`` (``.png`` with ``lossless``, and for
+layers whose small tiles the sheets enlarge: :func:`deconvis.render.sheets.sheet_format`) from the
+saved sprites, skipping layers whose sheets are current (same winners, tiles and layout)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,13 +23,15 @@ def sheets_hash(res: Results, lr: LayerResult, cfg: VisualizeConfig) -> str:
     winners = [(u.channel, u.sprite, [(w.rank, w.image, w.activation, w.tiles is not None) for w in u.winners])
                for u in lr.units]
     data = {"projection": res.projection_hash, "winners": winners, "rf": lr.rf, "k": res.k,
-            "render": [cfg.per_sheet, cfg.sheet_columns, cfg.min_tile, cfg.max_tile, sheet_ext(cfg)], "v": 3}
+            "render": [cfg.per_sheet, cfg.sheet_columns, cfg.min_tile, cfg.max_tile, sheet_ext(cfg, lr)], "v": 3}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sheet_ext(cfg: VisualizeConfig) -> str:
-    """The sheets' format: ``png`` with ``lossless``, else ``jpg``."""
-    return "png" if getattr(cfg, "lossless", False) else "jpg"
+def sheet_ext(cfg: VisualizeConfig, lr: Optional[LayerResult] = None) -> str:
+    """The format of ``lr``'s sheets: ``png`` with ``lossless`` or where the sheets enlarge the
+    layer's tiles (:func:`deconvis.render.sheets.sheet_format`), else ``jpg``."""
+    rf = lr.rf if lr is not None else None
+    return render.sheet_format(rf, cfg.min_tile, cfg.max_tile, bool(getattr(cfg, "lossless", False)))
 
 
 def render_phase(res: Results, run_dir: str, cfg: VisualizeConfig, force: bool = False,
@@ -51,7 +54,7 @@ def render_phase(res: Results, run_dir: str, cfg: VisualizeConfig, force: bool =
             log.warning("layer %s: %d units have no tiles; they show as empty cells", lr.label, missing)
         sheets = render.render_layer(lr, run_dir, k=res.k, per_sheet=cfg.per_sheet, columns=cfg.sheet_columns,
                                      min_tile=cfg.min_tile, max_tile=cfg.max_tile, n_images=n_images,
-                                     ext=sheet_ext(cfg))
+                                     ext=sheet_ext(cfg, lr))
         for old in set(lr.sheets) - set(sheets):  # pages of an earlier, longer layout
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run_dir, old))
