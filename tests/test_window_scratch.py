@@ -60,3 +60,24 @@ def test_a_result_survives_later_calls(dtype):
     assert torch.equal(dn.project_window(layer, units, batch_size=3)[0], kept)
     dn.release()
     assert not dn.mirror.scratch()
+
+
+def test_a_model_turned_to_bfloat16_gets_bfloat16_buffers():
+    """The pool keys buffers by node: after the model goes from float32 to bfloat16 (in place, so
+    the same DeconvNet runs it; both dtypes take the channels-last unpool), a float32 buffer must
+    not be reused for the bfloat16 windows; the projections equal a fresh DeconvNet's."""
+    torch.manual_seed(13)
+    model = _net(torch.float32)
+    x = torch.randn(2, 3, 29, 29)
+    dn = DeconvNet(model)
+    units = border_units(dn.forward(x)["0"])
+    dn.project_window("0", units)
+    assert any(b.dtype == torch.float32 for b in dn.mirror.scratch().values())
+    model.bfloat16()
+    dn.forward(x.bfloat16())
+    got, _ = dn.project_window("0", units)
+    fresh = DeconvNet(model)
+    fresh.forward(x.bfloat16())
+    want, _ = fresh.project_window("0", units)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
