@@ -93,3 +93,80 @@ def test_the_lock_file_mode_is_0644_and_a_stale_takeover_names_the_folder(tmp_pa
     path = os.path.join(tmp_path, run_lock.LOCK_FILE)
     assert os.stat(path).st_mode & 0o777 == 0o644 and run_lock.read(str(tmp_path))["pid"] == os.getpid()
     run_lock.release(str(tmp_path))
+
+
+# Races, staged: another run takes, drops or removes the lock between two system calls of this
+# one. The lock module's ``os.open``/``os.remove`` and ``read`` are wrapped so that the other
+# run's step happens exactly there.
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_released_between_our_open_and_read_is_taken_on_the_next_try(tmp_path, monkeypatch, sleeper):
+    path = _write(str(tmp_path), {"pid": sleeper.pid, "host": socket.gethostname()})
+    real_read = run_lock.read
+
+    def read_after_release(run_dir):  # the holder finishes just after our exclusive open failed
+        os.remove(path)
+        monkeypatch.setattr(run_lock, "read", real_read)
+        return real_read(run_dir)
+
+    monkeypatch.setattr(run_lock, "read", read_after_release)
+    run_lock.acquire(str(tmp_path))
+    assert run_lock.read(str(tmp_path))["pid"] == os.getpid()
+
+
+def test_a_stale_lock_removed_by_another_run_first_is_still_taken_over(tmp_path, monkeypatch):
+    """We find a stale lock; before we remove it, another run removes it (taking it over) and
+    drops it again: our removal finds no file, which is no error, and our next try wins."""
+    path = _write(str(tmp_path), {"pid": _dead_pid(), "host": socket.gethostname()})
+    real_remove = os.remove
+
+    def remove_raced(p, *a, **k):
+        if p == path and not os.path.exists(p + ".raced"):
+            real_remove(p)  # the other run's removal, just before ours
+            open(p + ".raced", "w").close()
+        return real_remove(p, *a, **k)
+
+    monkeypatch.setattr(run_lock.os, "remove", remove_raced)
+    run_lock.acquire(str(tmp_path))
+    monkeypatch.setattr(run_lock.os, "remove", real_remove)
+    assert run_lock.read(str(tmp_path))["pid"] == os.getpid()
+
+
+def test_release_when_the_lock_vanished_after_our_read_is_no_error(tmp_path, monkeypatch):
+    run_lock.acquire(str(tmp_path))
+    path = os.path.join(str(tmp_path), run_lock.LOCK_FILE)
+    real_read = run_lock.read
+
+    def read_then_gone(run_dir):  # someone deletes the file by hand right after we read it
+        holder = real_read(run_dir)
+        os.remove(path)
+        return holder
+
+    monkeypatch.setattr(run_lock, "read", read_then_gone)
+    run_lock.release(str(tmp_path))
+    assert not os.path.exists(path)
+
+
+def test_a_lock_retaken_on_every_try_gives_up_after_three_tries_with_a_clear_error(tmp_path, monkeypatch):
+    """Each try finds a stale lock, removes it, and another run creates a new stale one before
+    our next exclusive open: after three tries the error says so and what to do."""
+    path = os.path.join(str(tmp_path), run_lock.LOCK_FILE)
+    real_open = os.open
+    tries = []
+
+    def open_lost(p, *a, **k):
+        if p == path:
+            tries.append(p)
+            _write(str(tmp_path), {"pid": _dead_pid(), "host": socket.gethostname()})  # the other run won
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(run_lock.os, "open", open_lost)
+    with pytest.raises(DeconvisError) as err:
+        run_lock.acquire(str(tmp_path))
+    assert str(err.value) == f"could not take the lock {path}: other runs keep taking it; use another --run"
+    assert len(tries) == 3
