@@ -31,7 +31,7 @@ def test_release_drops_one_channels_rows_and_keeps_the_others(tmp_path, cell):
         st.put("l", c, r, s, t)
     for c in rows:  # each channel reads back as put: [k, 2, h, w, 3], rank then rec/img
         assert np.array_equal(st.read("l", c), np.stack([np.stack([tiles[c, r, 0], tiles[c, r, 1]]) for r in range(3)]))
-    path = st.layers["l"][2]
+    path = st.layers["l"].path
     st.release("l", 7)
     st.release("l", 11)
     size = st.read("l", 5).nbytes

@@ -21,7 +21,8 @@ import mmap
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -197,6 +198,17 @@ def _remove_files(paths: List[str]) -> None:
             os.remove(path)
 
 
+class _StagingFile(NamedTuple):
+    """One layer's staging file, open."""
+
+    fd: int
+    rows: Dict[int, int]  # channel -> row
+    path: str
+    cell: Tuple[int, int]  # (h, w) of a tile, pixels
+    mm: Any  # a mapping of the file, only for hole punching (never read or written); None without
+    row_bytes: int
+
+
 class _Staging:
     """The tiles of channels not yet complete, in one array file per layer
     (``tiles/<layer>/.staging.rank<r>.npy``, uint8 ``[channels, k, 2, h, w, 3]``, headerless): a
@@ -210,9 +222,7 @@ class _Staging:
 
     def __init__(self, run_dir: str, rank: int, k: int):
         self.run_dir, self.rank, self.k = run_dir, rank, k
-        #: layer name -> (file descriptor, channel -> row, path, cell (h, w), a mapping of the file
-        #: (only for hole punching: never read or written), bytes per row)
-        self.layers: Dict[str, Tuple[int, Dict[int, int], str, Tuple[int, int], Any, int]] = {}
+        self.layers: Dict[str, _StagingFile] = {}
 
     def slot(self, lr: LayerResult, channels: List[int]) -> Dict[int, int]:
         """Open (once) the file of ``lr``'s ``channels``; returns channel -> row."""
@@ -229,37 +239,36 @@ class _Staging:
             if hasattr(mmap, "MADV_REMOVE"):
                 with contextlib.suppress(OSError, ValueError):
                     mm = mmap.mmap(fd, size)
-            self.layers[lr.name] = (fd, {c: i for i, c in enumerate(channels)}, path, (h, w), mm, row_bytes)
-        return self.layers[lr.name][1]
+            self.layers[lr.name] = _StagingFile(fd, {c: i for i, c in enumerate(channels)}, path, (h, w), mm, row_bytes)
+        return self.layers[lr.name].rows
 
     def put(self, layer: str, channel: int, rank: int, side: int, tile: np.ndarray) -> None:
         """Store ``tile`` (uint8 [h, w, 3], the layer's cell) as (``rank``, ``side``: 0 rec, 1 img)
         of ``channel``."""
-        fd, rows, _, (h, w), _, row_bytes = self.layers[layer]
-        os.pwrite(fd, np.ascontiguousarray(tile, dtype=np.uint8),
-                  rows[channel] * row_bytes + (rank * 2 + side) * h * w * 3)
+        f = self.layers[layer]
+        h, w = f.cell
+        os.pwrite(f.fd, np.ascontiguousarray(tile, dtype=np.uint8), f.rows[channel] * f.row_bytes + (rank * 2 + side) * h * w * 3)
 
     def read(self, layer: str, channel: int) -> np.ndarray:
         """``channel``'s tiles, uint8 [k, 2, h, w, 3] (a copy; ranks never put read as zeros)."""
-        fd, rows, _, (h, w), _, row_bytes = self.layers[layer]
-        out = np.empty((self.k, 2, h, w, 3), dtype=np.uint8)
-        got = os.preadv(fd, [out], rows[channel] * row_bytes)
-        if got != row_bytes:
-            raise OSError(f"staging file {self.layers[layer][2]}: read {got} of {row_bytes} bytes")
+        f = self.layers[layer]
+        out = np.empty((self.k, 2) + f.cell + (3,), dtype=np.uint8)
+        got = os.preadv(f.fd, [out], f.rows[channel] * f.row_bytes)
+        if got != f.row_bytes:
+            raise OSError(f"staging file {f.path}: read {got} of {f.row_bytes} bytes")
         return out
 
     def release(self, layer: str, channel: int) -> None:
         """Drop the pages of ``channel``'s row (read; nothing reads it again): a hole punched in
         the file (``MADV_REMOVE`` on a mapping never touched; skipped where the filesystem cannot)."""
-        found = self.layers.get(layer)
-        if found is None or found[4] is None:
+        f = self.layers.get(layer)
+        if f is None or f.mm is None:
             return
-        _, rows, _, _, mm, size = found
-        start = rows[channel] * size
-        a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        start = f.rows[channel] * f.row_bytes
+        a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + f.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if b > a:
             with contextlib.suppress(OSError, ValueError):
-                mm.madvise(mmap.MADV_REMOVE, a, b - a)
+                f.mm.madvise(mmap.MADV_REMOVE, a, b - a)
 
     def close(self) -> None:
         """Close the files and remove them: each is renamed aside at once (a later staging of the
@@ -269,16 +278,25 @@ class _Staging:
         found = list(self.layers.values())
         self.layers.clear()
         aside = []
-        for fd, _, path, _, mm, _ in found:
-            if mm is not None:
-                mm.close()
-            os.close(fd)
-            trash = f"{path}{STAGING_TRASH}{os.getpid()}-{threading.get_ident()}"
+        for f in found:
+            if f.mm is not None:
+                f.mm.close()
+            os.close(f.fd)
+            trash = f"{f.path}{STAGING_TRASH}{os.getpid()}-{threading.get_ident()}"
             with contextlib.suppress(FileNotFoundError):
-                os.replace(path, trash)
+                os.replace(f.path, trash)
                 aside.append(trash)
         if aside:
             threading.Thread(target=_remove_files, args=(aside,), name="deconvis-staging", daemon=False).start()
+
+
+@dataclass
+class _LayerPages:
+    """One layer's sheets while they are composed (:class:`_SheetPages`)."""
+
+    layout: Optional[render.SheetLayout] = None  # set at the layer's first complete channel
+    blocks: Dict[int, Dict[int, Any]] = field(default_factory=dict)  # open page -> {channel: block}
+    written: Dict[int, str] = field(default_factory=dict)  # page -> sheet path
 
 
 class _SheetPages:
@@ -295,9 +313,8 @@ class _SheetPages:
         self.run_dir, self.res, self.cfg = run_dir, res, cfg
         self.n_images = res.images.get("readable", res.images.get("count"))
         self.per = max(1, int(cfg.per_sheet))
-        #: layer name -> [layout (set at its first channel), {page: {channel: block}}, {page: sheet path}]
-        self.layers: Dict[str, List[Any]] = {lr.name: [None, {}, {}] for lr in res.layers
-                                             if lr.units and all((lr.name, u.channel) in expected for u in lr.units)}
+        self.layers: Dict[str, _LayerPages] = {lr.name: _LayerPages() for lr in res.layers
+                                               if lr.units and all((lr.name, u.channel) in expected for u in lr.units)}
         self.page_of = {(lr.name, u.channel): i // self.per for lr in res.layers if lr.name in self.layers
                         for i, u in enumerate(lr.units)}
 
@@ -308,22 +325,22 @@ class _SheetPages:
         if st is None:
             return
         cfg, k = self.cfg, self.res.k
-        if st[0] is None:  # the layer's RF is known once one of its channels completes
-            st[0] = render.layer_layout(lr, k=k, per_sheet=self.per, columns=cfg.sheet_columns,
+        if st.layout is None:  # the layer's RF is known once one of its channels completes
+            st.layout = render.layer_layout(lr, k=k, per_sheet=self.per, columns=cfg.sheet_columns,
                                         min_tile=cfg.min_tile, max_tile=cfg.max_tile)
         p = self.page_of[(lr.name, u.channel)]
-        blocks = st[1].setdefault(p, {})
-        blocks[u.channel] = render.sheet_block(lr, u, self.run_dir, st[0], sprite)
+        blocks = st.blocks.setdefault(p, {})
+        blocks[u.channel] = render.sheet_block(lr, u, self.run_dir, st.layout, sprite)
         chunk = render.page_units(lr, p, self.per)
         if len(blocks) < len(chunk):
             return
-        del st[1][p]
-        sheet = render.render_sheet([(c.channel, blocks[c.channel]) for c in chunk], st[0],
+        del st.blocks[p]
+        sheet = render.render_sheet([(c.channel, blocks[c.channel]) for c in chunk], st.layout,
                                     render.page_title(lr, p, render.page_count(lr, self.per), k, self.n_images,
                                                       self.per))
         rel = render.sheet_name(lr.label, p + 1, sheet_ext(self.cfg, lr))
         write_image(os.path.join(self.run_dir, rel), sheet)
-        st[2][p] = rel
+        st.written[p] = rel
 
     def finish(self) -> None:
         """Record the sheets of every layer whose pages were all written (after the last
@@ -331,9 +348,9 @@ class _SheetPages:
         for lr in self.res.layers:
             st = self.layers.get(lr.name)
             pages = render.page_count(lr, self.per)
-            if st is None or len(st[2]) != pages:
+            if st is None or len(st.written) != pages:
                 continue
-            sheets = [st[2][p] for p in range(pages)]
+            sheets = [st.written[p] for p in range(pages)]
             for old in set(lr.sheets) - set(sheets):  # pages of an earlier, longer layout
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.run_dir, old))
@@ -345,7 +362,6 @@ def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k:
     """Compose and write one channel's sprite (on the writer thread), then count it as done; with
     ``pages``, add the channel (``unit``: its layer and result) to its layer's sheets."""
     sheet = sprites.compose(tiles, k, entry[3])
-    del tiles
     write_image(os.path.join(run_dir, entry[2]), sheet, durable=False)  # atomic; re-creatable
     progress.add(entry)
     if pages is not None and unit is not None:
