@@ -37,11 +37,11 @@ def to_uint8_tensor(rec: Tensor, shared: bool = False, percentile: Optional[floa
         raise ValueError(f"reconstructions must be [M, C, H, W], got shape {list(rec.shape)}")
     rec = rec.detach()
     work = rec.dtype if rec.dtype in (torch.float32, torch.float64) else torch.float32
+    wide = torch.float32 if rec.device.type == "mps" else torch.float64  # (MPS has no float64)
     if percentile is None:  # max |v| is exact in the input's precision
         lo, hi = rec.flatten(1).aminmax(dim=1)
         scale = torch.maximum(hi, -lo).to(work)
     else:
-        wide = torch.float32 if rec.device.type == "mps" else torch.float64
         scale = torch.quantile(rec.to(wide).abs().flatten(1), percentile / 100.0, dim=1).to(work)
     if shared:
         scale = scale.amax().expand_as(scale)
@@ -50,7 +50,6 @@ def to_uint8_tensor(rec: Tensor, shared: bool = False, percentile: Optional[floa
     # is at most 127 (plus round-off far below half a level), so the result is in [1, 255]: no clamp
     factor = 127.0 / scale
     if work == torch.float32 and not bool(torch.isfinite(factor).all()):  # max |v| under ~4e-37: overflows
-        wide = torch.float32 if rec.device.type == "mps" else torch.float64
         v = rec.to(wide).div_(scale.to(wide).view(-1, 1, 1, 1)).mul_(127.0)
     else:
         v = torch.mul(rec.to(work), factor.view(-1, 1, 1, 1))
