@@ -42,6 +42,11 @@ SUBPIXEL_MAX_CHANNELS = 64
 CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def cpu_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is a CPU tensor of a dtype that runs faster channels-last (:data:`CHANNELS_LAST_DTYPES`)."""
+    return t.device.type == "cpu" and t.dtype in CHANNELS_LAST_DTYPES
+
+
 def use_subpixel(weight: Tensor, stride: Pair, groups: int) -> bool:
     """Whether :func:`conv_transpose` takes the sub-pixel form for filters ``weight``
     [C_out, C_in/groups, kh, kw] at ``stride``."""
@@ -132,7 +137,7 @@ def subpixel_conv_transpose(g: Tensor, weight: Tensor, stride: Pair, padding: Pa
     # K[grp, ci, r_y, r_x | co, a, b] = dense[grp co, ci, (Q_y-1-a)*s + r_y, (Q_x-1-b)*s + r_x]
     K = dense.view(groups, C_out // groups, cig, Q[0], s, Q[1], s).flip(3, 5).permute(0, 2, 4, 6, 1, 3, 5)
     K = K.reshape(groups * cig * s * s, C_out // groups, Q[0], Q[1])
-    if g.device.type == "cpu" and g.dtype in CHANNELS_LAST_DTYPES:  # oneDNN's fast layout here
+    if cpu_channels_last(g):  # oneDNN's fast layout here
         g, K = g.contiguous(memory_format=torch.channels_last), K.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(g, K, padding=(Q[0] - 1, Q[1] - 1), groups=groups)
     H = (h - 1) * s - 2 * padding[0] + ke[0] + output_padding[0]

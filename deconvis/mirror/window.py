@@ -29,7 +29,7 @@ from deconvis.graph import ops
 from deconvis.graph.rf import RFTable
 from deconvis.mirror.engine import Mirror, relu_rule, prelu_slope, reduce_to, bn_scale
 from deconvis.mirror.rules import Rule
-from deconvis.mirror.tconv import CHANNELS_LAST_DTYPES, conv_transpose
+from deconvis.mirror.tconv import conv_transpose, cpu_channels_last
 
 Node = torch.fx.Node
 Affine = Tuple[int, int]  # origin = a * u + b (u: the target unit's index along the axis)
@@ -365,7 +365,7 @@ def paste(dst: Tensor, dst_org: Tuple[Affine, Affine], src: Tensor, src_org: Tup
 def _channels_last(g: Tensor) -> bool:
     """Whether the windowed backward carries ``g`` [M, C, h, w] channels-last (see
     :data:`CHANNELS_LAST`)."""
-    return CHANNELS_LAST and g.device.type == "cpu" and g.dtype in CHANNELS_LAST_DTYPES
+    return CHANNELS_LAST and cpu_channels_last(g)
 
 
 def _affine(w: Tuple[AxisWindow, AxisWindow]) -> Tuple[Affine, Affine]:
