@@ -193,3 +193,17 @@ def test_to_uint8_contrast_stretch():
     shared = to_uint8(rec, shared=True)
     assert shared[1, 2, 2, 2] == round(128 + 127 * 0.25)
     assert (to_uint8(torch.zeros(1, 3, 2, 2)) == 128).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_to_uint8_scale_is_the_largest_magnitude_of_either_sign(dtype):
+    # random signed reconstructions whose extreme is negative in one image and positive in another,
+    # against 128 + 127 v / max|v| in float64 (float32: one level off at most, at rounding ties)
+    rec = torch.randn(4, 3, 9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rec[1] -= 5.0
+    rec[2] += 5.0
+    v = rec.numpy()
+    ref = np.round(128 + 127 * v / np.abs(v).reshape(4, -1).max(1)[:, None, None, None]).transpose(0, 2, 3, 1)
+    got = to_uint8(rec.to(dtype)).astype(np.int64)
+    assert np.abs(got - ref).max() <= (0 if dtype == torch.float64 else 1)
+    assert got[1].min() == 1 and got[2].max() == 255
