@@ -35,6 +35,7 @@ from deconvis.graph.rf_geometry import RFTable, clip_box
 from deconvis.io.images import ImageSource
 from deconvis.io.models import LoadedModel, Preprocess
 from deconvis.io.pixels import ImageTooLarge, UnreadableImage, header_pixels, normalize, preprocess_image, read_image
+from deconvis.io.rgb import swap_red_blue
 from deconvis.mirror.deconvnet import DeconvNet
 from deconvis.mirror.rules import Rule
 from deconvis.render.display import to_uint8
@@ -121,8 +122,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
     pictures are sent once, never stored)."""
     import cv2  # start-up time: OpenCV loads only when an image is encoded
 
-    img = rgb[:, :, ::-1] if rgb.ndim == 3 else rgb
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(".png", swap_red_blue(np.asarray(rgb)), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()

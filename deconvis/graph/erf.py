@@ -33,6 +33,7 @@ from deconvis.graph.rf import (Box, LayerRF, RFTable, TracedGraph, size_pair, cl
                                resolve_layer, table_from_traced, trace_graph)
 from deconvis.graph.trace import truncated_module
 from deconvis.io.atomic import atomic_path, write_png
+from deconvis.io.rgb import swap_red_blue
 from deconvis.utils.device import model_dtype_device
 
 
@@ -253,7 +254,7 @@ def heatmap_image(values: np.ndarray, box: Optional[Box] = None, log: bool = Fal
         y0, y1, x0, x1 = box
         if y1 > y0 and x1 > x0:
             cv2.rectangle(bgr, (x0 * f, y0 * f), (x1 * f - 1, y1 * f - 1), (0, 255, 0), 1)
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return swap_red_blue(bgr)
 
 
 def write_heatmap(path: Union[str, os.PathLike], values: np.ndarray, box: Optional[Box] = None,

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from deconvis.errors import DeconvisError
+from deconvis.io.rgb import swap_red_blue
 
 
 def _file_mode() -> int:
@@ -78,7 +79,7 @@ def write_png(path: "str | os.PathLike[str]", rgb: np.ndarray, durable: bool = T
     if img.dtype != np.uint8:
         raise TypeError(f"write_png needs uint8 pixels, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 3:
-        img = img[:, :, ::-1]  # RGB -> BGR for OpenCV
+        img = swap_red_blue(img)  # RGB -> BGR for OpenCV
     elif img.ndim != 2:
         raise ValueError(f"write_png needs [H, W, 3] or [H, W], got shape {tuple(rgb.shape)}")
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
@@ -105,7 +106,7 @@ def encode_image(rgb: np.ndarray, ext: str) -> bytes:
     if img.dtype != np.uint8:
         raise TypeError(f"encode_image needs uint8 pixels, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 3:
-        img = img[:, :, ::-1]  # RGB -> BGR for OpenCV
+        img = swap_red_blue(img)  # RGB -> BGR for OpenCV
     elif img.ndim != 2:
         raise ValueError(f"encode_image needs [H, W, 3] or [H, W], got shape {tuple(img.shape)}")
     ext = ext.lower().lstrip(".")

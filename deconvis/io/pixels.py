@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from deconvis.io.models import Preprocess
+from deconvis.io.rgb import swap_red_blue
 
 #: grey value used to pad crops outside the image
 GREY = 128
@@ -131,7 +132,7 @@ def read_image(path: str, max_pixels: Optional[int] = MAX_PIXELS, min_side: Opti
     if img is None or img.size == 0:
         raise UnreadableImage(f"{path}: not a decodable image")
     if img.ndim == 3 and img.shape[2] >= 3:
-        img = img[:, :, [2, 1, 0] + list(range(3, img.shape[2]))]  # BGR(A) -> RGB(A)
+        img = swap_red_blue(img)  # BGR(A) -> RGB(A)
     try:
         return to_rgb8(img)
     except ValueError as exc:

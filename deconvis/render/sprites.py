@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from deconvis.io.images import GREY  # noqa: F401 - the fill of empty cells, re-exported
+from deconvis.io.rgb import swap_red_blue
 
 ROWS = ("rec", "img")
 #: tiles whose longer side is below this many pixels are stored losslessly
@@ -69,4 +70,4 @@ def read_rgb(path: str) -> Optional[np.ndarray]:
     import cv2  # start-up time: OpenCV loads only when an image is read
 
     img = cv2.imread(path, cv2.IMREAD_COLOR)
-    return None if img is None else img[:, :, ::-1]
+    return None if img is None else swap_red_blue(img)

@@ -23,6 +23,7 @@ from deconvis.graph.erf import ERF
 from deconvis.graph.rf_geometry import clip_box
 from deconvis.io.atomic import write_image
 from deconvis.io.images import ImageDataset, UnreadableImage, normalize
+from deconvis.io.rgb import swap_red_blue
 from deconvis.render.sheets import safe_name
 from deconvis.render.writer import BackgroundWriter
 from deconvis.runs.results import LayerResult, Results
@@ -103,7 +104,8 @@ def draw_rf_erf(image: np.ndarray, erf: np.ndarray, box_clipped: Sequence[int], 
     if pos.size:
         top = float(np.percentile(pos, HEAT_PERCENTILE))  # a few spikes do not wash out the rest
         norm = np.clip(e / top, 0.0, 1.0)
-        heat = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
+        heat = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+        heat = swap_red_blue(heat)
         alpha = (HEAT_ALPHA * np.sqrt(norm))[..., None]
         img = np.round(img * (1 - alpha) + heat * alpha).astype(np.uint8)
     y0, y1, x0, x1 = (int(v) for v in box_clipped)
