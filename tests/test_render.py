@@ -122,3 +122,34 @@ def test_render_sheet_places_every_tile(k, n):
         else:
             # each block shows the rec tile (12x12 after nearest upscale), bar label overlap
             assert color_present >= n * 12 * 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(ch=st.integers(3, 170), cw=st.integers(3, 170), k=st.integers(1, 9), missing=st.integers(0, 3),
+       seed=st.integers(0, 2 ** 16))
+def test_sheet_block_from_the_whole_sprite_equals_each_tile_resized(ch, cw, k, missing, seed):
+    # the sheet's tiles cut from one resize of the whole sprite against each tile resized on its own
+    # (resize_tile, area when shrinking, nearest when enlarging), on random pixels; winners without a
+    # box (not projected) or past k must come out as before
+    from types import SimpleNamespace
+
+    from deconvis.render.display import resize_tile
+    from deconvis.render.sprites import cut
+
+    rng = np.random.default_rng(seed)
+    sprite = rng.integers(0, 256, (2 * ch, k * cw, 3), dtype=np.uint8)
+    winners = [SimpleNamespace(rank=r, box=None if r < missing else (0, ch, 0, cw), tiles=None,
+                               activation=float(k - r)) for r in range(k)]
+    unit = SimpleNamespace(winners=winners, sprite=None)
+    layer = SimpleNamespace(cell=[ch, cw], rf=[ch, cw])
+    layout = render.layer_layout(layer, k=k, per_sheet=4, columns=2, min_tile=64, max_tile=96)
+    got = render.sheet_block(layer, unit, "", layout, sprite)
+    assert len(got) == k
+    for w, g in zip(winners, got):
+        if w.box is None:
+            assert g is None
+            continue
+        for row in (0, 1):
+            want = resize_tile(cut(sprite, w.rank, row, (ch, cw)), layout.th, layout.tw)
+            np.testing.assert_array_equal(g[row], want)
+        assert g[2] == w.activation
