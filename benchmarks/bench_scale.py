@@ -250,7 +250,14 @@ ARITHMETIC_OPS = {"aten::conv2d", "aten::convolution", "aten::_convolution", "at
                   "aten::convolution_backward", "aten::max_pool2d", "aten::max_pool2d_with_indices",
                   "aten::max_pool2d_with_indices_backward", "aten::max_unpool2d", "aten::avg_pool2d",
                   "aten::adaptive_avg_pool2d", "aten::avg_pool2d_backward"}
+#: in the project phase also the windowed mirror's own forms of the same arithmetic: the transposed
+#: conv of a one-position signal as a matrix product (``aten::mm``, deconvis.mirror.tconv) and the
+#: unpooling through the switches as a ``scatter_add_`` (deconvis.mirror.window), which the full
+#: path runs as ``conv_transpose2d`` and ``max_unpool2d``
+PROJECTION_ARITHMETIC_OPS = {"aten::mm", "aten::scatter_add_"}
 PHASES = ("prepare", "mine", "project", "unit_extras", "render")
+#: seconds of :data:`PROJECTION_ARITHMETIC_OPS` in the last :func:`profiled_run` (printed beside the table)
+WINDOWED_FORMS = [0.0]
 
 
 def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float]:
@@ -281,19 +288,25 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
         for name, fn in saved.items():
             setattr(pipeline, name, fn)
     arith = {p: 0.0 for p in PHASES}
+    ops = ARITHMETIC_OPS | PROJECTION_ARITHMETIC_OPS
+    WINDOWED_FORMS[0] = 0.0
     for ev in prof.events():
-        if ev.name not in ARITHMETIC_OPS:
+        if ev.name not in ops:
             continue
         parent, phase = ev.cpu_parent, None
         while parent is not None:
-            if parent.name in ARITHMETIC_OPS:
+            if parent.name in ops:
                 break
             if parent.name.startswith("phase::"):
                 phase = parent.name.split("::", 1)[1]
                 break
             parent = parent.cpu_parent
+        if ev.name in PROJECTION_ARITHMETIC_OPS and phase != "project":
+            continue
         if phase is not None and (parent is None or parent.name.startswith("phase::")):
             arith[phase] += ev.cpu_time_total / 1e6
+            if ev.name in PROJECTION_ARITHMETIC_OPS:
+                WINDOWED_FORMS[0] += ev.cpu_time_total / 1e6
     secs = dict(out.seconds)
     secs["render"] = secs.get("render", 0.0)
     return out, secs, arith, wall
@@ -450,6 +463,8 @@ def main() -> None:
             print(f"CPU seconds (user + system, this process and its finished loader workers): {cpu:.1f}; "
                   "less sensitive to other load than the wall times")
             print(table(["phase", "wall s", "arithmetic s", "wall / arithmetic"], arithmetic_rows(ph, arith, wall)))
+            print(f"of the project phase's arithmetic, the windowed mirror's matrix products and unpool scatters "
+                  f"(aten::mm, aten::scatter_add_): {WINDOWED_FORMS[0]:.1f} s")
             return
         print("1. mining vs plain forward (CPU)", flush=True)
         rows = mining_vs_forward(data, os.path.join(tmp, "m"), min(args.mine_images, args.images), bs, w, rounds=3)
