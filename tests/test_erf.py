@@ -111,6 +111,29 @@ def test_mass_fraction_monotone_and_bounded():
     assert erf.mass_fraction(0.95) == pytest.approx(1 / ((y1 - y0) * (x1 - x0)))
 
 
+@pytest.mark.parametrize("negative", [False, True])
+def test_mass_fraction_against_counting_the_largest_values(negative):
+    # random maps, mostly zeros as an ERF pasted from its RF window (and, for a general map, some
+    # negative values), against the fewest largest values that reach q of the total, counted by hand
+    rng = np.random.default_rng(11)
+    erf = effective_receptive_field(small_net(), "6", 24, n_random=2)
+    y0, y1, x0, x1 = erf.clipped_box
+    for trial in range(5):
+        m = np.zeros_like(erf.map)
+        m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) ** 3 * (rng.random((y1 - y0, x1 - x0)) < 0.7)
+        if negative:
+            m[y0, x0:x1] -= 0.01
+        erf.map = m
+        vals = sorted(m.ravel().tolist(), reverse=True)
+        total = sum(vals)
+        for q in (0.2, 0.5, 0.95):
+            run, k = 0.0, 0
+            while run < q * total * (1 - 1e-12):
+                run += vals[k]
+                k += 1
+            assert erf.mass_fraction(q) * ((y1 - y0) * (x1 - x0)) == pytest.approx(k), (trial, q)
+
+
 def test_path_count_two_3x3_convs():
     net = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.Conv2d(1, 1, 3))
     pc = path_count(net, "2", 9, in_channels=1)                   # 5x5 output, centre unit (2, 2)

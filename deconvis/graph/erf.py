@@ -89,7 +89,10 @@ class ERF:
             raise DeconvisError(f"mass fraction q={q} must be in (0, 1]")
         y0, y1, x0, x1 = self.clipped_box
         area = (y1 - y0) * (x1 - x0)
-        vals = np.sort(self.map.ravel())[::-1]
+        vals = self.map.ravel()
+        if not (vals < 0).any():  # an ERF: zeros (most of the map outside the RF) hold no mass, skip their sort
+            vals = vals[vals > 0]
+        vals = np.sort(vals)[::-1]
         csum = np.cumsum(vals)
         total = csum[-1] if csum.size else 0.0
         if area <= 0 or total <= 0:
