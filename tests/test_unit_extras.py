@@ -93,6 +93,38 @@ def test_rf_box_is_drawn_on_the_rf_tables_box(px):
         np.testing.assert_array_equal(tinted, (erf > 0) & ~want)
 
 
+@pytest.mark.parametrize("px", [40, 64, 90])
+def test_rf_erf_picture_equals_the_heat_blended_over_the_whole_image(px):
+    """The heat, blended only where the ERF holds it, against the documented blend computed over
+    every pixel (opacity HEAT_ALPHA * sqrt(min(erf / top, 1)), inferno colours), on a random photo
+    and a random ERF: positive in an RF box, a few stray positive pixels elsewhere, zeros around."""
+    import cv2
+
+    from deconvis.runs.unit_erf import HEAT_ALPHA, HEAT_PERCENTILE
+
+    rng = np.random.default_rng(px)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    erf = np.zeros((64, 64))
+    erf[9:40, 17:52] = rng.random((31, 35)) ** 3
+    erf[rng.integers(0, 64, 5), rng.integers(0, 64, 5)] = rng.random(5)
+    box = [9, 40, 17, 52]
+    out, frame = draw_rf_erf(image, erf, box, px=px)
+    s = px / 64
+    size = (round(64 * s), round(64 * s))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    img = cv2.resize(image, size, interpolation=interp) if s != 1 else image.copy()
+    e = cv2.resize(erf, size, interpolation=interp) if s != 1 else erf
+    top = float(np.percentile(e[e > 0], HEAT_PERCENTILE))
+    norm = np.clip(e / top, 0.0, 1.0)
+    heat = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
+    alpha = (HEAT_ALPHA * np.sqrt(norm))[..., None]
+    want = np.ascontiguousarray(np.round(img * (1 - alpha) + heat * alpha).astype(np.uint8))
+    y0, y1, x0, x1 = frame
+    cv2.rectangle(want, (x0 - 1, y0 - 1), (x1, y1), (0, 0, 0), 1)
+    cv2.rectangle(want, (x0, y0), (x1 - 1, y1 - 1), RF_COLOUR, 1)
+    np.testing.assert_array_equal(out, want)
+
+
 def _pages_refs(path):
     class P(html.parser.HTMLParser):
         refs = []

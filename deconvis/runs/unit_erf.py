@@ -103,11 +103,16 @@ def draw_rf_erf(image: np.ndarray, erf: np.ndarray, box_clipped: Sequence[int], 
     pos = e[e > 0]
     if pos.size:
         top = float(np.percentile(pos, HEAT_PERCENTILE))  # a few spikes do not wash out the rest
-        norm = np.clip(e / top, 0.0, 1.0)
+        # blend only the rows and columns that hold heat (an ERF is zero outside the unit's RF): where
+        # it is zero the opacity is zero and the pixels stay as they are
+        rows, cols = np.flatnonzero((e > 0).any(1)), np.flatnonzero((e > 0).any(0))
+        win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        norm = np.clip(e[win] / top, 0.0, 1.0)
         heat = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
         heat = swap_red_blue(heat)
         alpha = (HEAT_ALPHA * np.sqrt(norm))[..., None]
-        img = np.round(img * (1 - alpha) + heat * alpha).astype(np.uint8)
+        img = np.array(img)
+        img[win] = np.round(img[win] * (1 - alpha) + heat * alpha).astype(np.uint8)
     y0, y1, x0, x1 = (int(v) for v in box_clipped)
     frame = [round(y0 * s), max(round(y1 * s), round(y0 * s) + 1), round(x0 * s), max(round(x1 * s), round(x0 * s) + 1)]
     img = np.ascontiguousarray(img)
