@@ -33,7 +33,7 @@ full pass each where receptive fields are small.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -145,6 +145,12 @@ class DeconvNet:
         new ``forward``."""
         self._clear()
         self.mirror.release_scratch()
+
+    def fixed_weights(self) -> ContextManager[None]:
+        """A block in which the model does not change (the projection phase of a run): the
+        transposed convs' filters (dtype, BatchNorm scale, memory layout) are computed once and
+        kept, instead of per call (:meth:`deconvis.mirror.engine.Mirror.fixed_weights`)."""
+        return self.mirror.fixed_weights()
 
     def _clear(self) -> None:
         self._env: Dict = {}

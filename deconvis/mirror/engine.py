@@ -27,8 +27,9 @@ The op classification is :mod:`deconvis.mirror.classify`; the larger local rules
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
@@ -83,14 +84,45 @@ class Mirror:
         """Drop this thread's scratch buffers."""
         self._scratch.pool = {}
 
-    def conv_weight(self, node: Node, dtype: torch.dtype, fold: bool) -> Tensor:
-        """The conv's filters [C_out, C_in/groups, kh, kw] in ``dtype``; with ``fold`` (the signal
-        reaches this conv through the BatchNorm after it, see :attr:`bn_after`) times that
-        BatchNorm's per-channel scale. Computed per call, so it follows a model that trains."""
-        w = self.ops[node].module.weight.to(dtype)
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """Within this block (on this thread) :meth:`conv_weight` keeps the filters it computes
+        for the next calls: the caller promises not to change the model meanwhile (the projection
+        phase of a run). An optimizer step or ``load_state_dict`` (a new version of a parameter)
+        still recomputes them."""
+        before = getattr(self._scratch, "weights", None)
+        self._scratch.weights = {} if before is None else before
+        try:
+            yield
+        finally:
+            self._scratch.weights = before
+
+    def conv_weight(self, node: Node, dtype: torch.dtype, fold: bool, channels_last: bool = False) -> Tensor:
+        """The conv's filters [C_out, C_in/groups, kh, kw] in ``dtype`` (``channels_last``: in that
+        memory format); with ``fold`` (the signal reaches this conv through the BatchNorm after it,
+        see :attr:`bn_after`) times that BatchNorm's per-channel scale. Computed per call, so it
+        follows a model that trains, except inside :meth:`fixed_weights`."""
+        module = self.ops[node].module
         bn = self.bn_after.get(node) if fold else None
+        cache = getattr(self._scratch, "weights", None)
+        if cache is not None:
+            sources = [module.weight] if bn is None else [module.weight, bn.weight, bn.running_var]
+            try:
+                stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources if t is not None)
+            except RuntimeError:  # an inference-mode tensor has no version counter: no caching
+                cache = None
+            else:
+                key = (node, dtype, bn is not None, channels_last)
+                hit = cache.get(key)
+                if hit is not None and hit[0] == stamp:
+                    return hit[1]
+        w = module.weight.to(dtype)
         if bn is not None:
             w = w * bn_scale(bn).to(dtype).view(-1, 1, 1, 1)
+        if channels_last:
+            w = w.contiguous(memory_format=torch.channels_last)
+        if cache is not None:
+            cache[key] = (stamp, w.detach())
         return w
 
     # ------------------------------------------------------------------------- forward

@@ -462,10 +462,10 @@ def _window_vjp(mirror: Mirror, plan: WindowPlan, node: Node, g: Tensor, mine: b
     if k in ("conv", "avgpool"):
         p, s, d = op.win["p"], op.win["s"], op.win["d"]
         if k == "conv":
-            weight, groups = mirror.conv_weight(node, g.dtype, node is not plan.target), op.module.groups
-            if _channels_last(g):
-                cl = torch.channels_last
-                g, weight = g.contiguous(memory_format=cl), weight.contiguous(memory_format=cl)
+            cl = _channels_last(g)
+            weight, groups = mirror.conv_weight(node, g.dtype, node is not plan.target, channels_last=cl), op.module.groups
+            if cl:
+                g = g.contiguous(memory_format=torch.channels_last)
         else:
             c = g.shape[1]
             div = op.module.divisor_override or op.win["k"][0] * op.win["k"][1]

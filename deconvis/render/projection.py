@@ -14,6 +14,7 @@ between mining and projection shows as mismatches instead of silently wrong shee
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -220,18 +221,21 @@ def project_jobs(
 
     loader = DataLoader(_Decoded(dataset, completion_order(jobs)), batch_size=max(1, int(batch_size)), shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
+    # the model does not change while its winners project: the filters are prepared once
+    fixed = dn.fixed_weights() if hasattr(dn, "fixed_weights") else contextlib.nullcontext()
     try:
-        for shown_t, x, ids_t in loader:
-            ids = [int(i) for i in ids_t]
-            bad = [-1 - i for i in ids if i < 0]
-            if bad:
-                raise DeconvisError(f"image {bad[0]} ({dataset.source.path(bad[0])}) won during mining but cannot be "
-                                    "read any more; the image set changed: re-run with --fresh")
-            shown = [s.numpy() for s in shown_t]
-            if on_image is not None:
-                for i, s in zip(ids, shown):
-                    on_image(i, s)
-            run_halving(shown, x, ids)
+        with fixed:
+            for shown_t, x, ids_t in loader:
+                ids = [int(i) for i in ids_t]
+                bad = [-1 - i for i in ids if i < 0]
+                if bad:
+                    raise DeconvisError(f"image {bad[0]} ({dataset.source.path(bad[0])}) won during mining but cannot "
+                                        "be read any more; the image set changed: re-run with --fresh")
+                shown = [s.numpy() for s in shown_t]
+                if on_image is not None:
+                    for i, s in zip(ids, shown):
+                        on_image(i, s)
+                run_halving(shown, x, ids)
     finally:
         bar.close()
         dn.release()
