@@ -8,6 +8,8 @@ of VGG16's conv2_2, conv3_3, conv4_3 and conv5_3, by
 (b) deconvis's full-image mirror, batched;
 (c) deconvis's windowed mirror (each unit's receptive-field cone only), batched;
 
+(b) and (c) inside ``DeconvNet.fixed_weights()``, as a run's projection phase calls them;
+
 with the plain forward pass's images/s as the yardstick; each projection path's multiply-add rate
 over the forward's (the forward up to the layer on the same machine, threads and a batch of
 ``BATCH`` images, in the faster of the contiguous and channels-last layouts: the bound for a projection, which does the same multiply-adds transposed); and
@@ -180,10 +182,11 @@ def bench_model(name: str, x: torch.Tensor, captum_units: int, only_layers=None,
         target = dn.graph.node(dn.resolve(layer))
         t_f = min(cpu_time(lambda: dn.activations(xb, [layer]), repeat=2),  # forward up to the layer, batch BATCH,
                   cpu_time(lambda: dn_cl.activations(xb_cl, [layer]), repeat=2))  # the faster layout
-        t_b = cpu_time(lambda: dn.project(layer, units, batch_size=BATCH), repeat=1)
-        full = dn.project(layer, units, batch_size=BATCH)
-        t_c = cpu_time(lambda: dn.project_window(layer, units), repeat=2)
-        rec, boxes = dn.project_window(layer, units)
+        with dn.fixed_weights():  # as the projection phase of a run: the filters prepared once
+            t_b = cpu_time(lambda: dn.project(layer, units, batch_size=BATCH), repeat=1)
+            full = dn.project(layer, units, batch_size=BATCH)
+            t_c = cpu_time(lambda: dn.project_window(layer, units), repeat=2)
+            rec, boxes = dn.project_window(layer, units)
         pasted = torch.zeros_like(full)
         for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
             cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
