@@ -122,7 +122,8 @@ def encode_png(rgb: np.ndarray) -> bytes:
     pictures are sent once, never stored)."""
     import cv2  # start-up time: OpenCV loads only when an image is encoded
 
-    ok, buf = cv2.imencode(".png", swap_red_blue(np.asarray(rgb)), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    img = np.ascontiguousarray(swap_red_blue(np.asarray(rgb)))
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
