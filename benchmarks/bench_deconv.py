@@ -59,8 +59,9 @@ def photos(n: int) -> torch.Tensor:
             img = np.stack([img] * 3, -1)
         img = cv2.resize(np.ascontiguousarray(img[..., :3]), (224, 224), interpolation=cv2.INTER_AREA)
         out.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255.0)
+    base = len(out)  # the photos this scikit-image has (some need a download): mirrored copies fill up to n
     while len(out) < n:
-        out.append(out[len(out) % len(PHOTOS)].flip(-1))
+        out.append(out[len(out) % base].flip(-1))
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     return (torch.stack(out) - mean) / std
