@@ -100,18 +100,18 @@ def draw_rf_erf(image: np.ndarray, erf: np.ndarray, box_clipped: Sequence[int], 
     img = cv2.resize(image, size, interpolation=interp) if s != 1 else image.copy()
     e = np.asarray(erf, dtype=np.float64)
     e = cv2.resize(e, size, interpolation=interp) if s != 1 else e
-    pos = e[e > 0]
+    hot = e > 0
+    pos = e[hot]
     if pos.size:
         top = float(np.percentile(pos, HEAT_PERCENTILE))  # a few spikes do not wash out the rest
         # blend only the rows and columns that hold heat (an ERF is zero outside the unit's RF): where
         # it is zero the opacity is zero and the pixels stay as they are
-        rows, cols = np.flatnonzero((e > 0).any(1)), np.flatnonzero((e > 0).any(0))
+        rows, cols = np.flatnonzero(hot.any(1)), np.flatnonzero(hot.any(0))
         win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         norm = np.clip(e[win] / top, 0.0, 1.0)
         heat = cv2.applyColorMap(np.round(norm * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
         heat = swap_red_blue(heat)
         alpha = (HEAT_ALPHA * np.sqrt(norm))[..., None]
-        img = np.array(img)
         img[win] = np.round(img[win] * (1 - alpha) + heat * alpha).astype(np.uint8)
     y0, y1, x0, x1 = (int(v) for v in box_clipped)
     frame = [round(y0 * s), max(round(y1 * s), round(y0 * s) + 1), round(x0 * s), max(round(x1 * s), round(x0 * s) + 1)]
