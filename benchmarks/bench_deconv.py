@@ -36,7 +36,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import best_time, machine, record, table  # noqa: E402
+from common import best_time, publish, table  # noqa: E402
 
 from deconvis.mirror.deconvnet import WINDOW_WORK_LIMIT, DeconvNet  # noqa: E402
 
@@ -279,10 +279,7 @@ def main() -> None:
                  f"difference {worst_ab:.1e} (in float32, single-image vs batched forward round-off can flip "
                  "near-tied max-pool switches, so float32 results differ by a few per cent on some units).")
     print()
-    print(machine())
-    print(body)
-    if args.record:
-        record("Deconvnet projections (benchmarks/bench_deconv.py)", body)
+    publish("Deconvnet projections (benchmarks/bench_deconv.py)", body, args.record)
 
 
 if __name__ == "__main__":

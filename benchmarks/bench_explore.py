@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import ROOT, machine, record, table  # noqa: E402
+from benchmarks.common import ROOT, publish, table  # noqa: E402
 from deconvis.explore.server import ExploreConfig, build_session  # noqa: E402
 
 SECTION = "Live explorer (benchmarks/bench_explore.py)"
@@ -195,10 +195,7 @@ def main() -> int:
         f"on {os.cpu_count()} cores): wall times swing with it; CPU times are steadier.",
     ]
     text = body + "\n\n" + "\n".join(notes)
-    print(machine())
-    print(text)
-    if args.record:
-        record(SECTION, text)
+    publish(SECTION, text, args.record)
     return 0
 
 

@@ -53,7 +53,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, machine, record, table  # noqa: E402
+from common import ROOT, publish, record, table  # noqa: E402
 
 from deconvis.io.images import FolderImages, ImageDataset, LimitedImages, make_loader  # noqa: E402
 from deconvis.mirror.deconvnet import DeconvNet  # noqa: E402
@@ -556,10 +556,7 @@ def main() -> None:
         + f"CPU flags: {cpu_flags()}. "
         "The machine is shared: absolute numbers are noisy, ratios are what matter.")
     print()
-    print(machine())
-    print(body)
-    if args.record:
-        record(SECTION, body)
+    publish(SECTION, body, args.record)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, machine, record, table  # noqa: E402
+from common import ROOT, machine, publish, table  # noqa: E402
 
 from deconvis import mining  # noqa: E402
 from deconvis.mining import rerank  # noqa: E402
@@ -548,10 +548,7 @@ def main() -> None:
             body += ("\n\n### 4. GPU\n\nNo CUDA device on this machine: section not run (the script adds it, with the "
                      "GPU model and date, when run where CUDA is available).")
         print()
-        print(machine())
-        print(body)
-        if args.record:
-            record(SECTION, body)
+        publish(SECTION, body, args.record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

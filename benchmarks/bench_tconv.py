@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import best_time, machine, record, table  # noqa: E402
+from common import best_time, publish, table  # noqa: E402
 
 from deconvis.mirror.tconv import subpixel_conv_transpose  # noqa: E402
 
@@ -109,10 +109,7 @@ def main() -> None:
              "form does (12/11)^2 more multiply-adds for conv1 (zero taps) plus the rim of its phase grid; its "
              "contiguous-signal column includes the copy to channels-last that the full path's unpooled signal "
              "needs. The small-window rows count the windows' multiply-adds (64 x side^2 x 363 per unit).")
-    print(machine())
-    print(body)
-    if args.record:
-        record("Transposed convolutions against the forward (benchmarks/bench_tconv.py)", body)
+    publish("Transposed convolutions against the forward (benchmarks/bench_tconv.py)", body, args.record)
 
 
 if __name__ == "__main__":

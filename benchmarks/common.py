@@ -63,3 +63,12 @@ def record(section: str, body: str) -> None:
     with open(tmp, "w") as f:
         f.write(out)
     os.replace(tmp, BENCH_MD)
+
+
+def publish(section: str, body: str, save: bool) -> None:
+    """Print the machine line and ``body``; with ``save`` also :func:`record` ``body`` as
+    ``## section`` of BENCHMARKS.md."""
+    print(machine())
+    print(body)
+    if save:
+        record(section, body)
