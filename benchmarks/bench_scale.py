@@ -256,15 +256,14 @@ ARITHMETIC_OPS = {"aten::conv2d", "aten::convolution", "aten::_convolution", "at
 #: path runs as ``conv_transpose2d`` and ``max_unpool2d``
 PROJECTION_ARITHMETIC_OPS = {"aten::mm", "aten::scatter_add_"}
 PHASES = ("prepare", "mine", "project", "unit_extras", "render")
-#: seconds of :data:`PROJECTION_ARITHMETIC_OPS` in the last :func:`profiled_run` (printed beside the table)
-WINDOWED_FORMS = [0.0]
 
 
-def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float]:
+def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float, float]:
     """``pipeline.run(cfg)`` in this process under the PyTorch profiler: (outcome, wall seconds
-    per phase, seconds of arithmetic per phase (:data:`ARITHMETIC_OPS`, outermost op only, on the
-    tensors the run itself computes), whole wall seconds). The profiler's own overhead (a few us
-    per op) is inside the wall times."""
+    per phase, seconds of arithmetic per phase (:data:`ARITHMETIC_OPS`, and in the project phase
+    :data:`PROJECTION_ARITHMETIC_OPS`; outermost op only, on the tensors the run itself computes),
+    whole wall seconds, the seconds of :data:`PROJECTION_ARITHMETIC_OPS` among them). The
+    profiler's own overhead (a few us per op) is inside the wall times."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     wrapped = {"prepare": "_setup", "mine": "_mine", "project": "_project", "unit_extras": "extras_phase",
@@ -289,7 +288,7 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
             setattr(pipeline, name, fn)
     arith = {p: 0.0 for p in PHASES}
     ops = ARITHMETIC_OPS | PROJECTION_ARITHMETIC_OPS
-    WINDOWED_FORMS[0] = 0.0
+    forms = 0.0
     for ev in prof.events():
         if ev.name not in ops:
             continue
@@ -306,13 +305,13 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
         if phase is not None and (parent is None or parent.name.startswith("phase::")):
             arith[phase] += ev.cpu_time_total / 1e6
             if ev.name in PROJECTION_ARITHMETIC_OPS:
-                WINDOWED_FORMS[0] += ev.cpu_time_total / 1e6
+                forms += ev.cpu_time_total / 1e6
     secs = dict(out.seconds)
     secs["render"] = secs.get("render", 0.0)
-    return out, secs, arith, wall
+    return out, secs, arith, wall, forms
 
 
-def cprofiled_run(cfg, path: str) -> Tuple[object, Dict[str, float], Dict[str, float], float]:
+def cprofiled_run(cfg, path: str) -> Tuple[object, Dict[str, float], Dict[str, float], float, float]:
     """``pipeline.run(cfg)`` under cProfile (stats written to ``path``, read them with ``pstats``):
     as :func:`profiled_run`, with no arithmetic (zeros)."""
     import cProfile
@@ -326,7 +325,7 @@ def cprofiled_run(cfg, path: str) -> Tuple[object, Dict[str, float], Dict[str, f
         prof.disable()
         prof.dump_stats(path)
     wall = time.perf_counter() - t0
-    return out, dict(out.seconds), {p: 0.0 for p in PHASES}, wall
+    return out, dict(out.seconds), {p: 0.0 for p in PHASES}, wall, 0.0
 
 
 def arithmetic_rows(secs: Dict[str, float], arith: Dict[str, float], wall: float) -> List[list]:
@@ -452,7 +451,7 @@ def main() -> None:
                                          unit_erf=not args.no_unit_erf))
             load0 = os.getloadavg()[0]
             cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-            o, ph, arith, wall = cprofiled_run(cfg, args.cprofile) if args.cprofile else profiled_run(cfg)
+            o, ph, arith, wall, forms = cprofiled_run(cfg, args.cprofile) if args.cprofile else profiled_run(cfg)
             cpu = sum(r.ru_utime + r.ru_stime - (r0.ru_utime + r0.ru_stime) for r, r0 in
                       zip((resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)), cpu0))
             size, n_files = run_size(os.path.join(tmp, "e2e", "one"))
@@ -464,7 +463,7 @@ def main() -> None:
                   "less sensitive to other load than the wall times")
             print(table(["phase", "wall s", "arithmetic s", "wall / arithmetic"], arithmetic_rows(ph, arith, wall)))
             print(f"of the project phase's arithmetic, the windowed mirror's matrix products and unpool scatters "
-                  f"(aten::mm, aten::scatter_add_): {WINDOWED_FORMS[0]:.1f} s")
+                  f"(aten::mm, aten::scatter_add_): {forms:.1f} s")
             return
         print("1. mining vs plain forward (CPU)", flush=True)
         rows = mining_vs_forward(data, os.path.join(tmp, "m"), min(args.mine_images, args.images), bs, w, rounds=3)
@@ -483,7 +482,7 @@ def main() -> None:
                                      progress=False, device="cpu", batch_size=bs, workers=w, checkpoint_every=0,
                                      channels=args.channels or None))
         load0 = os.getloadavg()[0]
-        o, ph, arith, wall = profiled_run(cfg)
+        o, ph, arith, wall, _ = profiled_run(cfg)
         load = f"{load0:.1f} -> {os.getloadavg()[0]:.1f}"
         size, n_files = run_size(os.path.join(e2e, "one"))
         with open(os.path.join(e2e, "one", "results.json"), encoding="utf-8") as f:
