@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from deconvis.io.images import (SKIMAGE_PHOTOS, FolderImages, ImageDataset, SkimageImages, denormalize, make_loader,
-                           normalize, open_images, parse_images_spec, photo_crops, preprocess_image, read_image,
+from deconvis.io.images import (SKIMAGE_PHOTOS, FolderImages, ImageDataset, Normalized, SkimageImages, denormalize,
+                           make_loader, normalize, normalize_batch, open_images, parse_images_spec, photo_crops, preprocess_image, read_image,
                            resized_size, to_rgb8)
 from deconvis.errors import DeconvisError
 from deconvis.io.models import Preprocess
@@ -197,3 +197,35 @@ def test_torchvision_imagefolder(tmp_path):
     assert len(src) == 4
     assert src.name(2).endswith("0.png") and src.path(2).endswith(os.path.join("dogs", "0.png"))
     assert src.load(3)[0, 0].tolist() == [140] * 3
+
+
+@pytest.mark.parametrize("mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.1, 0.7, 0.33), (0.9, 0.05, 1.7))])
+def test_normalize_batch_is_normalize_of_each_image_bit_for_bit(mean, std):
+    rng = np.random.default_rng(7)
+    pp = Preprocess(resize=13, crop=(13, 17), mean=mean, std=std)
+    imgs = rng.integers(0, 256, (5, 13, 17, 3), dtype=np.uint8)
+    got = normalize_batch(torch.from_numpy(imgs), pp)
+    want = torch.stack([normalize(im, pp) for im in imgs])
+    assert got.dtype == torch.float32 and got.shape == (5, 3, 13, 17) and got.is_contiguous()
+    assert torch.equal(got, want)  # the same float32 operations in the same order: no rounding apart
+    # a strided batch (every other image) and a single image
+    assert torch.equal(normalize_batch(torch.from_numpy(imgs)[::2], pp), want[::2])
+    assert torch.equal(normalize_batch(torch.from_numpy(imgs[:1]), pp), want[:1])
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_batch(torch.zeros(2, 3, 4, 4), pp)
+
+
+def test_displayed_dataset_through_normalized_gives_the_float_batches(folder):
+    pp = Preprocess(resize=8, crop=(8, 8), mean=(0.3, 0.5, 0.2), std=(0.2, 0.4, 0.3))
+    src = FolderImages(str(folder))
+    shown, i = ImageDataset(src, pp, displayed=True)[1]
+    assert shown.dtype == torch.uint8 and shown.shape == (8, 8, 3) and i == 1
+    bad, i = ImageDataset(src, pp, displayed=True)[2]
+    assert i == -3 and bad.shape == (8, 8, 3)
+    plain = list(make_loader(ImageDataset(src, pp), batch_size=3))
+    norm = Normalized(make_loader(ImageDataset(src, pp, displayed=True), batch_size=3), pp)
+    assert len(norm) == len(plain)
+    for (x, ids), (y, ids2) in zip(plain, norm):
+        assert torch.equal(ids, ids2)
+        ok = ids >= 0  # (an unreadable image's pixels are placeholders, skipped by every reader)
+        assert torch.equal(x[ok], y[ok])

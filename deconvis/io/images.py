@@ -28,7 +28,7 @@ uint8 RGB ``[h, w, 3]`` -- then scale to [0, 1] and normalise by mean/std into t
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deconvis.io.models import Preprocess
 from deconvis.io.pixels import (GREY, MAX_PIXELS, ImageTooLarge, UnreadableImage, crop_offset, denormalize,
-                                normalize, preprocess_image, read_image, resized_size, to_rgb8, unnormalize)
+                                normalize, normalize_batch, preprocess_image, read_image, resized_size, to_rgb8, unnormalize)
 from deconvis.io.sources import (BUILTIN_SETS, CROP_SCALES, IMAGE_EXTS, FolderImages, ImageSource, ImagesSpec,
                                  LimitedImages, SKIMAGE_PHOTOS, SkimageImages, TorchvisionImages, open_images,
                                  parse_images_spec, photo_crops, skimage_photo)
@@ -44,20 +44,23 @@ from deconvis.io.sources import (BUILTIN_SETS, CROP_SCALES, IMAGE_EXTS, FolderIm
 log = logging.getLogger("deconvis")
 
 __all__ = ["BUILTIN_SETS", "CROP_SCALES", "GREY", "IMAGE_EXTS", "MAX_PIXELS", "FolderImages", "ImageDataset",
-           "ImageSource", "ImageTooLarge", "ImagesSpec", "LimitedImages", "SKIMAGE_PHOTOS", "SkimageImages", "TorchvisionImages", "UnreadableImage",
-           "crop_offset", "denormalize", "make_loader", "normalize", "open_images", "parse_images_spec",
+           "ImageSource", "ImageTooLarge", "ImagesSpec", "LimitedImages", "Normalized", "SKIMAGE_PHOTOS", "SkimageImages", "TorchvisionImages", "UnreadableImage",
+           "crop_offset", "denormalize", "make_loader", "normalize", "normalize_batch", "open_images", "parse_images_spec",
            "photo_crops", "preprocess_image", "read_image", "resized_size", "skimage_photo", "to_rgb8", "unnormalize"]
 
 
 class ImageDataset(Dataset):
-    """``(input [3, h, w] float32 normalised, index)`` per image of ``source``.
+    """``(input [3, h, w] float32 normalised, index)`` per image of ``source``; with
+    ``displayed=True`` ``(displayed uint8 [h, w, 3], index)`` instead, for a loader whose batches
+    are normalised whole (:class:`Normalized`: cheaper than an image at a time).
 
     An unreadable image yields a zero tensor and index ``-1 - i`` (mining skips and logs it), so
     one bad file never stops a long run. ``display(i)`` gives the displayed uint8 image.
     """
 
-    def __init__(self, source: ImageSource, preprocess: Preprocess, start: int = 0):
+    def __init__(self, source: ImageSource, preprocess: Preprocess, start: int = 0, displayed: bool = False):
         self.source, self.preprocess, self.start = source, preprocess, int(start)
+        self.displayed = bool(displayed)
 
     def __len__(self) -> int:
         return max(0, len(self.source) - self.start)
@@ -72,14 +75,37 @@ class ImageDataset(Dataset):
             shown = self.display(i)
         except UnreadableImage:
             h, w = self.preprocess.crop
+            if self.displayed:
+                return torch.zeros(h, w, 3, dtype=torch.uint8), -1 - i
             return torch.zeros(3, h, w, dtype=torch.float32), -1 - i
+        if self.displayed:
+            return torch.from_numpy(shown), i
         return normalize(shown, self.preprocess), i
+
+
+class Normalized:
+    """Batches ``(displayed uint8 [B, h, w, 3], ids [B])`` of a loader over an
+    ``ImageDataset(..., displayed=True)`` as ``(input float32 [B, 3, h, w], ids)``: each batch moved
+    to ``device`` as uint8, then normalised there (:func:`deconvis.io.pixels.normalize_batch`,
+    value for value the per-image :func:`normalize`). Iterable as often as the loader."""
+
+    def __init__(self, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], preprocess: Preprocess,
+                 device: "torch.device | str" = "cpu"):
+        self.loader, self.preprocess, self.device = loader, preprocess, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for shown, ids in self.loader:
+            yield normalize_batch(shown.to(self.device, non_blocking=True), self.preprocess), ids
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int = 0, pin_memory: bool = False, *,
                 sampler: Optional[Sampler] = None, prefetch_factor: int = 2,
                 persistent_workers: bool = False) -> DataLoader:
-    """Ordered (unshuffled) batches ``(images [B, 3, h, w], ids [B])``.
+    """Ordered (unshuffled) batches ``(images [B, 3, h, w], ids [B])`` (of an ``ImageDataset(...,
+    displayed=True)``: ``(displayed uint8 [B, h, w, 3], ids [B])``, see :class:`Normalized`).
 
     ``sampler`` picks (and orders) the dataset positions, e.g. one rank's shard
     (:class:`deconvis.runs.distributed.ShardSampler`); ``workers`` processes decode in parallel, each

@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from deconvis.io.images import ImageDataset, make_loader
+from deconvis.io.images import ImageDataset, Normalized, make_loader
+from deconvis.io.prefetch import Prefetch
 from deconvis.mining import TopK, mine
 from deconvis.mining.nonfinite import nonfinite_messages, nonfinite_summary
 from deconvis.mining.rerank import AMP_RTOL, PoolTopK, candidate_images, finish, pool_size, uncertain_channels
@@ -72,14 +73,16 @@ def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None)
     cfg, info = ctx.cfg, ctx.info
     cands = dist_mod.split_for_rank(candidate_images(pool), info)
     part = PoolTopK(pool, cfg.k)
-    loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size,
-                         workers(cfg, info), pin_memory=ctx.device.type == "cuda", sampler=cands)
+    n_workers = workers(cfg, info)
+    loader = make_loader(ImageDataset(ctx.source, ctx.preprocess, displayed=True), cfg.batch_size, n_workers,
+                         pin_memory=ctx.device.type == "cuda", sampler=cands)
+    batches = Normalized(loader if n_workers > 0 else Prefetch(loader), ctx.preprocess, ctx.device)
 
     def forward(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         with tf32(False):
             return ctx.dn.activations(x, ctx.layers)
 
-    mine(forward, loader, part, channels=cfg.channels, dtype=ctx.dtype, total=len(cands),
+    mine(forward, batches, part, channels=cfg.channels, dtype=ctx.dtype, total=len(cands),
          progress=cfg.progress and info.is_main, desc="fp32 re-rank", on_batch=lambda n: poll() if poll else None,
          batch_size=cfg.batch_size)
     return part

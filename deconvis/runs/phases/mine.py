@@ -13,7 +13,8 @@ import torch
 from deconvis import mining
 from deconvis.errors import DeconvisError
 from deconvis.io.atomic import save_torch
-from deconvis.io.images import ImageDataset, make_loader
+from deconvis.io.images import ImageDataset, Normalized, make_loader
+from deconvis.io.prefetch import Prefetch
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
 from deconvis.runs.phases.prepare import Context, autocast
@@ -104,15 +105,18 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
 
     sampler = dist_mod.ShardSampler(len(ctx.source), info.rank, info.world, start=topk.seen)
     workers = precision.workers(cfg, info)
-    loader = make_loader(ImageDataset(ctx.source, ctx.preprocess), cfg.batch_size, workers,
+    # uint8 batches, normalised whole on the device (deconvis.io.images.Normalized)
+    loader = make_loader(ImageDataset(ctx.source, ctx.preprocess, displayed=True), cfg.batch_size, workers,
                          pin_memory=ctx.device.type == "cuda", sampler=sampler,
                          prefetch_factor=cfg.prefetch_factor, persistent_workers=workers > 0)
+    # no worker processes: a thread decodes the next batches meanwhile (deconvis.io.prefetch)
+    batches = Normalized(loader if workers > 0 else Prefetch(loader), ctx.preprocess, ctx.device)
     model = ctx.loaded.model
     n_skipped_before = len(topk.skipped)
     try:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        mining.mine(mining_forward(ctx), loader, topk, channels=cfg.channels, dtype=ctx.dtype,
+        mining.mine(mining_forward(ctx), batches, topk, channels=cfg.channels, dtype=ctx.dtype,
                     checkpoint_every=cfg.checkpoint_every, on_checkpoint=checkpoint,
                     checkpoint_seconds=cfg.checkpoint_seconds,
                     total=dist_mod.shard_size(len(ctx.source), info.rank, info.world),
@@ -121,7 +125,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
     finally:
         if cfg.channels_last:  # projections run on the usual layout
             model.to(memory_format=torch.contiguous_format)
-        del loader  # ends persistent workers
+        del batches, loader  # ends persistent workers
     for i in topk.skipped[n_skipped_before:]:  # a refusal is re-read from the header (cheap, no decode)
         why = ctx.source.refusal(i)
         log.warning("skipped unreadable image %d: %s%s", i, ctx.source.path(i), f" ({why})" if why else "")
