@@ -154,3 +154,47 @@ def test_gated_layer_local_crop_is_logged_by_every_projection_run(tmp_path, capl
         assert len(said) == 1, (run, [r.getMessage() for r in caplog.records])
         assert "r2" in said[0].getMessage()
     assert boxes[:3] == [row.local.box(4 + c, 9) for c in range(3)] == boxes[3:]  # the tiles are cut to it
+
+
+def test_tile_thread_hands_the_same_tiles_in_the_same_order_and_raises_the_sinks_error(setup, monkeypatch):
+    """On the CPU the stretch and the sink run on a thread of their own (``HANDOFF_CHUNKS`` chunks
+    ahead): the sink sees what the inline path gives it, in the same order, and its error reaches
+    the caller."""
+    import threading
+
+    from deconvis.render import projection
+
+    dn, ds = setup
+    jobs = [TileJob("1", c, r, i, (7 * i + c) % 32, (3 * c + 2 * i) % 32, None)
+            for c in range(3) for r, i in enumerate((4, 1, 2))] + [TileJob("4", 1, 0, 0, 4, 6, None)]
+
+    def run(chunks):
+        monkeypatch.setattr(projection, "HANDOFF_CHUNKS", chunks)
+        got, threads = [], set()
+
+        def sink(job, rec, img, box):
+            got.append((job, rec.copy(), img.copy(), box))
+            threads.add(threading.current_thread() is threading.main_thread())
+
+        project_jobs(dn, ds, jobs, batch_size=2, project_batch=2, sink=sink, progress=False)
+        return got, threads
+
+    inline, on_main = run(0)
+    assert on_main == {True}
+    for chunks in (1, 2):
+        handed, on_main = run(chunks)
+        assert on_main == {False}  # the tile thread
+        assert [g[0] for g in handed] == [g[0] for g in inline]
+        for a, b in zip(handed, inline):
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]) and a[3] == b[3]
+
+    calls = []
+
+    def failing(job, *a):
+        calls.append(job)
+        if len(calls) == len(jobs):  # the last chunk: no later hand-off sees it, the closing one must
+            raise OSError("disk full")
+
+    monkeypatch.setattr(projection, "HANDOFF_CHUNKS", 2)
+    with pytest.raises(OSError, match="disk full"):
+        project_jobs(dn, ds, jobs, batch_size=2, project_batch=2, sink=failing, progress=False)

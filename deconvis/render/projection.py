@@ -19,21 +19,27 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deconvis.errors import DeconvisError
-from deconvis.io.images import ImageDataset, UnreadableImage, normalize
+from deconvis.io.images import ImageDataset, UnreadableImage, normalize_batch
+from deconvis.io.prefetch import Prefetch
 from deconvis.mirror.deconvnet import cut_boxes
 from deconvis.render.display import to_uint8_tensor
+from deconvis.render.writer import BackgroundWriter
 from deconvis.render import sheets
 from deconvis.render.sheets import Box, TileJob, TileSink
 from deconvis.utils.device import is_oom
 
 Key = Tuple[str, int, int]
+
+#: chunks of projected units that may wait for the tile thread (0: stretch and sink on the caller's
+#: thread, as on a GPU); each holds its float reconstructions, [M, C, h, w]
+HANDOFF_CHUNKS = 2
 log = logging.getLogger("deconvis")
 
 
@@ -77,7 +83,8 @@ class Replay:
 
 
 class _Decoded(Dataset):
-    """``(displayed uint8 [h, w, 3], input [3, h, w], id)`` of chosen images (id ``-1 - i``: unreadable)."""
+    """``(displayed uint8 [h, w, 3], id)`` of chosen images (id ``-1 - i``: unreadable); batches
+    are normalised whole (:func:`deconvis.io.images.normalize_batch`)."""
 
     def __init__(self, dataset: ImageDataset, ids: Sequence[int]):
         self.dataset, self.ids = dataset, list(ids)
@@ -91,8 +98,8 @@ class _Decoded(Dataset):
             shown = self.dataset.display(i)
         except UnreadableImage:
             h, w = self.dataset.preprocess.crop
-            return torch.zeros(h, w, 3, dtype=torch.uint8), torch.zeros(3, h, w), -1 - i
-        return torch.from_numpy(np.ascontiguousarray(shown)), normalize(shown, self.dataset.preprocess), i
+            return torch.zeros(h, w, 3, dtype=torch.uint8), -1 - i
+        return torch.from_numpy(np.ascontiguousarray(shown)), i
 
 
 def _local_crop(dn, layer: str, rec: torch.Tensor, boxes: torch.Tensor, units: torch.Tensor,
@@ -185,18 +192,29 @@ def project_jobs(
                 units = torch.tensor([[b, j.channel, j.y, j.x] for b, j in chunk], dtype=torch.long)  # host
                 rec, boxes = dn.project_window(layer, units, rule=rule)
                 rec, boxes = _local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]), noted)  # SE-gated
-                tiles = to_uint8_tensor(rec).cpu().numpy()           # sync 1: uint8 tiles
+                if handoff is None:  # a device: the tiles' stretch runs there, 1 byte per pixel copied
+                    rec = to_uint8_tensor(rec).cpu()                 # sync 1: uint8 tiles
                 u = units.to(act.device, non_blocking=True)
                 vals = act[u[:, 0], u[:, 1], u[:, 2], u[:, 3]] if act.dim() == 4 else act[u[:, 0], u[:, 1]]
                 geo = torch.cat([boxes.to(device=vals.device, dtype=geo_dtype),  # sync 2: boxes + replay values
                                  vals.to(geo_dtype)[:, None]], 1).cpu().tolist()
-                for (b, j), r, g in zip(chunk, tiles, geo):
-                    box: Box = (int(g[0]), int(g[1]), int(g[2]), int(g[3]))
-                    sink(j, np.ascontiguousarray(r), sheets.crop_padded(shown[b], box), box)
-                    if replay is not None:
-                        replay.add(j, float(g[4]))
-                    done.add((j.layer, j.channel, j.rank))
-                bar.update(len(chunk))
+                done.update((j.layer, j.channel, j.rank) for _, j in chunk)
+                if handoff is None:
+                    deliver(chunk, rec, geo, shown)
+                else:
+                    handoff.submit(deliver, chunk, rec, geo, shown)
+
+    def deliver(chunk: List[Tuple[int, TileJob]], rec: torch.Tensor, geo: List[List[float]],
+                shown: List[np.ndarray]) -> None:
+        """Hand one chunk's tiles to ``sink`` (``rec``: float reconstructions [M, C, h, w] on the
+        CPU, stretched here, or the uint8 tiles [M, h, w, C] already)."""
+        tiles = (rec if rec.dtype == torch.uint8 else to_uint8_tensor(rec)).numpy()
+        for (b, j), r, g in zip(chunk, tiles, geo):
+            box: Box = (int(g[0]), int(g[1]), int(g[2]), int(g[3]))
+            sink(j, np.ascontiguousarray(r), sheets.crop_padded(shown[b], box), box)
+            if replay is not None:
+                replay.add(j, float(g[4]))
+        bar.update(len(chunk))
 
     def run_halving(shown: List[np.ndarray], x: torch.Tensor, ids: List[int]) -> None:
         start = 0
@@ -219,24 +237,35 @@ def project_jobs(
                 continue
             start += n
 
-    loader = DataLoader(_Decoded(dataset, completion_order(jobs)), batch_size=max(1, int(batch_size)), shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    # on the CPU the tiles' stretch and the sink run on a thread of their own, beside the next
+    # chunk's projection (:data:`HANDOFF_CHUNKS` chunks at most wait; their order is kept)
+    handoff = (BackgroundWriter(threads=1, max_pending=HANDOFF_CHUNKS, name="deconvis-tiles")
+               if device.type == "cpu" and HANDOFF_CHUNKS > 0 else None)
+    loader: Iterable = DataLoader(_Decoded(dataset, completion_order(jobs)), batch_size=max(1, int(batch_size)),
+                                  shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    if workers == 0:  # no worker processes: a thread decodes the next batches meanwhile
+        loader = Prefetch(loader, name="deconvis-decode")
     # the model does not change while its winners project: the filters are prepared once
     fixed = dn.fixed_weights() if hasattr(dn, "fixed_weights") else contextlib.nullcontext()
     try:
         with fixed:
-            for shown_t, x, ids_t in loader:
+            for shown_t, ids_t in loader:
                 ids = [int(i) for i in ids_t]
                 bad = [-1 - i for i in ids if i < 0]
                 if bad:
                     raise DeconvisError(f"image {bad[0]} ({dataset.source.path(bad[0])}) won during mining but cannot "
                                         "be read any more; the image set changed: re-run with --fresh")
                 shown = [s.numpy() for s in shown_t]
+                x = normalize_batch(shown_t.to(device, non_blocking=True), dataset.preprocess)
                 if on_image is not None:
                     for i, s in zip(ids, shown):
                         on_image(i, s)
                 run_halving(shown, x, ids)
+        if handoff is not None:
+            handoff.close()  # every chunk delivered (and the first error of any raised)
     finally:
+        if handoff is not None:
+            handoff.abandon()
         bar.close()
         dn.release()
     return len(done)

@@ -16,10 +16,11 @@ from typing import Any, Callable, List, Optional
 
 
 class BackgroundWriter:
-    """``submit(fn, *args)`` runs on ``threads`` worker threads (0: inline, in the caller)."""
+    """``submit(fn, *args)`` runs on ``threads`` worker threads (0: inline, in the caller), named
+    ``name``; with one thread the tasks run in the order submitted."""
 
-    def __init__(self, threads: int = 1, max_pending: int = 64):
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deconvis-writer") if threads > 0 else None
+    def __init__(self, threads: int = 1, max_pending: int = 64, name: str = "deconvis-writer"):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 0 else None
         self._slots = threading.BoundedSemaphore(max(1, max_pending))
         self._errors: List[BaseException] = []
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ channel: a tenth of the projection phase's work at ``k = 9``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import torch
 from deconvis.graph.erf import ERF
 from deconvis.graph.rf_geometry import clip_box
 from deconvis.io.atomic import write_image
-from deconvis.io.images import ImageDataset, UnreadableImage, normalize
+from deconvis.io.images import ImageDataset, UnreadableImage, normalize_batch
 from deconvis.io.rgb import swap_red_blue
 from deconvis.render.sheets import safe_name
 from deconvis.render.writer import BackgroundWriter
@@ -151,7 +152,8 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
     dtype, device = ctx.dtype, ctx.device
 
     def decode(batch: List[int]) -> Tuple[List[int], List[np.ndarray], Optional[torch.Tensor]]:
-        """The readable images of ``batch``: ids, displayed pixels, network input [N, 3, H, W]."""
+        """The readable images of ``batch``: ids, displayed pixels, and the pixels as one uint8
+        [N, H, W, 3] tensor (normalised on the main thread, whose torch ops run multi-threaded)."""
         chunk, shown = [], []
         for i in batch:
             try:
@@ -160,18 +162,21 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
                 log.warning("no ERF image for image %d: %s", i, exc)
                 continue
             chunk.append(i)
-        return chunk, shown, torch.stack([normalize(s, ctx.preprocess) for s in shown]) if shown else None
+        return chunk, shown, torch.from_numpy(np.stack(shown)) if shown else None
 
     batches = [ids[s:s + step] for s in range(0, len(ids), step)]
     reader = ThreadPoolExecutor(1, thread_name_prefix="deconvis-erf-decode")  # the next batch decodes meanwhile
+    fixed = contextlib.ExitStack()
     try:
+        fixed.enter_context(dn.fixed_weights())  # the model does not change meanwhile: filters prepared once
         ahead = reader.submit(decode, batches[0]) if batches else None
         for bi in range(len(batches)):
             chunk, shown, x = ahead.result()  # type: ignore[union-attr]
             ahead = reader.submit(decode, batches[bi + 1]) if bi + 1 < len(batches) else None
             if x is None:
                 continue
-            acts = dn.forward(x.to(device=device, dtype=dtype), layers=list(layers))
+            x = normalize_batch(x.to(device), ctx.preprocess)
+            acts = dn.forward(x.to(dtype=dtype), layers=list(layers))
             H, W = shown[0].shape[:2]
             for name, lr in layers.items():
                 sel = [(b, ci) for b, i in enumerate(chunk) for (l2, ci) in tops[i] if l2 is lr]
@@ -185,6 +190,7 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
                         writer.submit(_draw_one, run_dir, lr, ci, shown[b], m, box)
         writer.close()  # the first error of a drawing or a write, if any
     finally:
+        fixed.close()
         reader.shutdown(wait=True, cancel_futures=True)
         writer.abandon()  # after an error: drop the drawings not started, let the running ones finish
         dn.release()
