@@ -53,7 +53,7 @@ class VisualizeConfig(Config):
     channels: Optional[int] = option(None, "visualise only the first N channels of every layer")
     batch_size: int = option(32, "images per mining/projection batch")
     workers: Optional[int] = option(None, "DataLoader worker processes (decode + preprocess in parallel); unset/auto: "
-                                          "0 on the CPU, min(8, CPUs per process) on CUDA")
+                                          "0 on the CPU (one thread decodes ahead instead), min(8, CPUs per process) on CUDA")
     prefetch_factor: int = option(2, "batches each DataLoader worker loads ahead (with workers > 0)")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun each "
                              "process takes cuda:LOCAL_RANK")
