@@ -76,12 +76,11 @@ def unit_erf_maps(dn: Any, layer: str, units: torch.Tensor, acts: torch.Tensor, 
     u = units.to(acts.device)
     a = acts[u[:, 0], u[:, 1], u[:, 2], u[:, 3]].detach().to("cpu", torch.float64)
     mag = rec.detach().to("cpu", torch.float64).abs().sum(1)  # [M, rh, rw]
-    out: List[Optional[np.ndarray]] = []
-    for m in range(len(units)):
-        if a[m] == 0:
-            out.append(None)
-            continue
-        out.append(paste_window((mag[m] / a[m].abs()).numpy(), boxes[m].tolist(), size))
+    live = a != 0
+    mag = mag.div_(torch.where(live, a.abs(), torch.ones_like(a))[:, None, None])  # one division for all units
+    box_list = boxes.tolist()
+    out: List[Optional[np.ndarray]] = [paste_window(mag[m].numpy(), box_list[m], size) if ok else None
+                                       for m, ok in enumerate(live.tolist())]
     return out, boxes.cpu()
 
 
