@@ -74,11 +74,13 @@ def test_rf_torchvision_model_json(capsys):
     (["rf", "--model", "{file}:make", "--layer", "conv9"], "unknown layer 'conv9'"),
     (["erf", "--model", "{file}:make", "--layer", "nope", "--input-size", "16"], "unknown layer 'nope'"),
 ])
-def test_errors_one_line_exit_2(model_file, capsys, argv, needle):
+def test_errors_one_line_exit_2(model_file, capsys, argv, needle, tmp_path, monkeypatch):
     argv = [a.replace("{file}", model_file) for a in argv]
+    monkeypatch.chdir(tmp_path)  # (erf's default output folder is relative: outputs/erf-...)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("deconvis: error: ") and needle in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "outputs")  # a refused command makes no output folder
 
 
 def test_parse_size():

@@ -12,6 +12,7 @@ from deconvis import config as configbase
 from deconvis.config import Config, option
 from deconvis.errors import DeconvisError
 from deconvis.graph.erf import effective_receptive_field, path_count, write_heatmap, write_npy
+from deconvis.graph.rf import receptive_fields, resolve_layer
 from deconvis.io.atomic import ensure_writable_dir
 from deconvis.io.models import load_model
 
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise DeconvisError(f"--images {args.images} must be at least 1")
     out = args.out or os.path.join("outputs", f"erf-{_slug(args.model)}-{_slug(args.layer)}")
     loaded = load_model(args.model, args.weights, device="cpu")
+    # the layer is resolved before the folder is made: a wrong --layer leaves no empty folder behind
+    resolve_layer(loaded.model, receptive_fields(loaded.model, size), args.layer)
     ensure_writable_dir(out)  # before the work: an unusable --out fails in one line
     erf = effective_receptive_field(loaded.model, args.layer, size, n_random=args.images, seed=args.seed,
                                     batch=args.batch, channel=args.channel)
