@@ -11,10 +11,8 @@ channel: a tenth of the projection phase's work at ``k = 9``.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +22,7 @@ from deconvis.graph.erf import ERF
 from deconvis.graph.rf_geometry import clip_box
 from deconvis.io.atomic import write_image
 from deconvis.io.images import ImageDataset, UnreadableImage, normalize_batch
+from deconvis.io.prefetch import Prefetch
 from deconvis.io.rgb import swap_red_blue
 from deconvis.render.sheets import safe_name
 from deconvis.render.writer import BackgroundWriter
@@ -164,33 +163,27 @@ def erf_phase(ctx: Any, res: Results, run_dir: str) -> Dict[str, Any]:
         return chunk, shown, torch.from_numpy(np.stack(shown)) if shown else None
 
     batches = [ids[s:s + step] for s in range(0, len(ids), step)]
-    reader = ThreadPoolExecutor(1, thread_name_prefix="deconvis-erf-decode")  # the next batch decodes meanwhile
-    fixed = contextlib.ExitStack()
     try:
-        fixed.enter_context(dn.fixed_weights())  # the model does not change meanwhile: filters prepared once
-        ahead = reader.submit(decode, batches[0]) if batches else None
-        for bi in range(len(batches)):
-            chunk, shown, x = ahead.result()  # type: ignore[union-attr]
-            ahead = reader.submit(decode, batches[bi + 1]) if bi + 1 < len(batches) else None
-            if x is None:
-                continue
-            x = normalize_batch(x.to(device), ctx.preprocess)
-            acts = dn.forward(x.to(dtype=dtype), layers=list(layers))
-            H, W = shown[0].shape[:2]
-            for name, lr in layers.items():
-                sel = [(b, ci) for b, i in enumerate(chunk) for (l2, ci) in tops[i] if l2 is lr]
-                if not sel:
+        with dn.fixed_weights():  # the model does not change meanwhile: filters prepared once
+            # the next batch decodes on a thread meanwhile
+            for chunk, shown, x in Prefetch(map(decode, batches), depth=1, name="deconvis-erf-decode"):
+                if x is None:
                     continue
-                units = torch.tensor([[b, lr.units[ci].channel, lr.units[ci].winners[0].y, lr.units[ci].winners[0].x]
-                                      for b, ci in sel], dtype=torch.long)
-                maps, boxes = unit_erf_maps(dn, name, units, acts[name], (H, W))
-                for (b, ci), m, box in zip(sel, maps, boxes.tolist()):
-                    if m is not None:
-                        writer.submit(_draw_one, run_dir, lr, ci, shown[b], m, box)
+                x = normalize_batch(x.to(device), ctx.preprocess)
+                acts = dn.forward(x.to(dtype=dtype), layers=list(layers))
+                H, W = shown[0].shape[:2]
+                for name, lr in layers.items():
+                    sel = [(b, ci) for b, i in enumerate(chunk) for (l2, ci) in tops[i] if l2 is lr]
+                    if not sel:
+                        continue
+                    units = torch.tensor([[b, lr.units[ci].channel, lr.units[ci].winners[0].y,
+                                           lr.units[ci].winners[0].x] for b, ci in sel], dtype=torch.long)
+                    maps, boxes = unit_erf_maps(dn, name, units, acts[name], (H, W))
+                    for (b, ci), m, box in zip(sel, maps, boxes.tolist()):
+                        if m is not None:
+                            writer.submit(_draw_one, run_dir, lr, ci, shown[b], m, box)
         writer.close()  # the first error of a drawing or a write, if any
     finally:
-        fixed.close()
-        reader.shutdown(wait=True, cancel_futures=True)
         writer.abandon()  # after an error: drop the drawings not started, let the running ones finish
         dn.release()
     written = sum(1 for lr in res.layers for f in (lr.unit_extras or {}).get("erf") or [] if f)
