@@ -223,9 +223,12 @@ def test_displayed_dataset_through_normalized_gives_the_float_batches(folder):
     bad, i = ImageDataset(src, pp, displayed=True)[2]
     assert i == -3 and bad.shape == (8, 8, 3)
     plain = list(make_loader(ImageDataset(src, pp), batch_size=3))
-    norm = Normalized(make_loader(ImageDataset(src, pp, displayed=True), batch_size=3), pp)
-    assert len(norm) == len(plain)
-    for (x, ids), (y, ids2) in zip(plain, norm):
-        assert torch.equal(ids, ids2)
-        ok = ids >= 0  # (an unreadable image's pixels are placeholders, skipped by every reader)
-        assert torch.equal(x[ok], y[ok])
+    for read_ahead in (False, True):  # (True: the loader read on a thread, deconvis.io.prefetch)
+        norm = Normalized(make_loader(ImageDataset(src, pp, displayed=True), batch_size=3), pp, read_ahead=read_ahead)
+        assert len(norm) == len(plain)
+        got = list(norm)
+        assert len(got) == len(plain)
+        for (x, ids), (y, ids2) in zip(plain, got):
+            assert torch.equal(ids, ids2)
+            ok = ids >= 0  # (an unreadable image's pixels are placeholders, skipped by every reader)
+            assert torch.equal(x[ok], y[ok])

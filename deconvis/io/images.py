@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from deconvis.io.models import Preprocess
 from deconvis.io.pixels import (GREY, MAX_PIXELS, ImageTooLarge, UnreadableImage, crop_offset, denormalize,
                                 normalize, normalize_batch, preprocess_image, read_image, resized_size, to_rgb8, unnormalize)
+from deconvis.io.prefetch import Prefetch
 from deconvis.io.sources import (BUILTIN_SETS, CROP_SCALES, IMAGE_EXTS, FolderImages, ImageSource, ImagesSpec,
                                  LimitedImages, SKIMAGE_PHOTOS, SkimageImages, TorchvisionImages, open_images,
                                  parse_images_spec, photo_crops, skimage_photo)
@@ -87,17 +88,20 @@ class Normalized:
     """Batches ``(displayed uint8 [B, h, w, 3], ids [B])`` of a loader over an
     ``ImageDataset(..., displayed=True)`` as ``(input float32 [B, 3, h, w], ids)``: each batch moved
     to ``device`` as uint8, then normalised there (:func:`deconvis.io.pixels.normalize_batch`,
-    value for value the per-image :func:`normalize`). Iterable as often as the loader."""
+    value for value the per-image :func:`normalize`). ``read_ahead``: the loader is read on a
+    thread, the next batches decoding meanwhile (:class:`deconvis.io.prefetch.Prefetch`; for a
+    loader with no worker processes). Iterable as often as the loader."""
 
     def __init__(self, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], preprocess: Preprocess,
-                 device: "torch.device | str" = "cpu"):
+                 device: "torch.device | str" = "cpu", read_ahead: bool = False):
         self.loader, self.preprocess, self.device = loader, preprocess, torch.device(device)
+        self.read_ahead = bool(read_ahead)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for shown, ids in self.loader:
+        for shown, ids in Prefetch(self.loader) if self.read_ahead else self.loader:
             yield normalize_batch(shown.to(self.device, non_blocking=True), self.preprocess), ids
 
 

@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from deconvis.io.images import ImageDataset, Normalized, make_loader
-from deconvis.io.prefetch import Prefetch
 from deconvis.mining import TopK, mine
 from deconvis.mining.nonfinite import nonfinite_messages, nonfinite_summary
 from deconvis.mining.rerank import AMP_RTOL, PoolTopK, candidate_images, finish, pool_size, uncertain_channels
@@ -76,7 +75,7 @@ def rerank_part(ctx: Any, pool: TopK, poll: Optional[Callable[[], None]] = None)
     n_workers = workers(cfg, info)
     loader = make_loader(ImageDataset(ctx.source, ctx.preprocess, displayed=True), cfg.batch_size, n_workers,
                          pin_memory=ctx.device.type == "cuda", sampler=cands)
-    batches = Normalized(loader if n_workers > 0 else Prefetch(loader), ctx.preprocess, ctx.device)
+    batches = Normalized(loader, ctx.preprocess, ctx.device, read_ahead=n_workers == 0)
 
     def forward(x: torch.Tensor) -> Dict[str, torch.Tensor]:
         with tf32(False):

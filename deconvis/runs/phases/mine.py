@@ -14,7 +14,6 @@ from deconvis import mining
 from deconvis.errors import DeconvisError
 from deconvis.io.atomic import save_torch
 from deconvis.io.images import ImageDataset, Normalized, make_loader
-from deconvis.io.prefetch import Prefetch
 from deconvis.runs import distributed as dist_mod
 from deconvis.runs import precision
 from deconvis.runs.phases.prepare import Context, autocast
@@ -110,7 +109,7 @@ def mine_phase(ctx: Context, poll: Optional[Callable[[], None]] = None) -> Tuple
                          pin_memory=ctx.device.type == "cuda", sampler=sampler,
                          prefetch_factor=cfg.prefetch_factor, persistent_workers=workers > 0)
     # no worker processes: a thread decodes the next batches meanwhile (deconvis.io.prefetch)
-    batches = Normalized(loader if workers > 0 else Prefetch(loader), ctx.preprocess, ctx.device)
+    batches = Normalized(loader, ctx.preprocess, ctx.device, read_ahead=workers == 0)
     model = ctx.loaded.model
     n_skipped_before = len(topk.skipped)
     try:
