@@ -22,15 +22,16 @@ def test_same_items_in_order_read_ahead_on_another_thread():
     assert readers and all(t is not threading.current_thread() for t in readers)
 
 
+def _counted(n, read):
+    """0..n-1, each appended to ``read`` as it is read."""
+    for i in range(n):
+        read.append(i)
+        yield i
+
+
 def test_reads_ahead_of_a_slow_caller_but_no_further_than_depth():
     read = []
-
-    def source():
-        for i in range(50):
-            read.append(i)
-            yield i
-
-    it = iter(Prefetch(source(), depth=2))
+    it = iter(Prefetch(_counted(50, read), depth=2))
     assert next(it) == 0
     deadline = time.monotonic() + 5
     while len(read) < 4 and time.monotonic() < deadline:  # 0 taken, 1-2 queued, 3 waiting to be put
@@ -55,14 +56,8 @@ def test_an_error_reaches_the_caller_at_its_item():
 
 def test_a_caller_that_stops_early_stops_the_thread():
     read = []
-
-    def source():
-        for i in range(10_000):
-            read.append(i)
-            yield i
-
     before = {t.name for t in threading.enumerate()}
-    for x in Prefetch(source(), depth=2, name="pf-test-early"):
+    for x in Prefetch(_counted(10_000, read), depth=2, name="pf-test-early"):
         if x == 3:
             break
     assert "pf-test-early" not in {t.name for t in threading.enumerate()} - before

@@ -333,17 +333,19 @@ def sheet_block(layer, unit, run_dir: str, layout: SheetLayout, sprite: Optional
     if sprite is None and unit.sprite:
         sprite = read_rgb(os.path.join(run_dir, unit.sprite))
     tiles = channel_tiles(unit, run_dir, k, cell, sprite)
+
+    def own(t):  # a tile pair resized on its own
+        return None if t is None else (resize_tile(t[0], th, tw), resize_tile(t[1], th, tw), t[2])
+
     ch, cw = int(cell[0]), int(cell[1])
     if WHOLE_SPRITE_RESIZE and sprite is not None and sprite.shape[:2] == (2 * ch, k * cw) and (th, tw) != (ch, cw):
         # one resize of the whole sprite: every tile maps onto exactly th x tw output pixels, so no
         # output pixel straddles two tiles and the cut equals the tile's own resize (3x faster)
         small = resize_tile(sprite, 2 * th, k * tw)
-        return [None if t is None else
-                (sprites.cut(small, w.rank, 0, (th, tw)), sprites.cut(small, w.rank, 1, (th, tw)), t[2])
-                if w.rank < k else  # (a winner past k has its tiles from files: version-1 runs)
-                (resize_tile(t[0], th, tw), resize_tile(t[1], th, tw), t[2])
+        return [(sprites.cut(small, w.rank, 0, (th, tw)), sprites.cut(small, w.rank, 1, (th, tw)), t[2])
+                if t is not None and w.rank < k else own(t)  # (a winner past k: tiles from files, version-1 runs)
                 for w, t in zip(unit.winners, tiles)]
-    return [None if t is None else (resize_tile(t[0], th, tw), resize_tile(t[1], th, tw), t[2]) for t in tiles]
+    return [own(t) for t in tiles]
 
 
 def page_count(layer, per_sheet: int) -> int:
