@@ -485,3 +485,61 @@ def test_ties_between_identical_images_do_not_depend_on_batch_placement_or_world
         got = mined(world, bad).winners("l")
         assert got["images"][:, :2].tolist() == [[1, 6]] * 3, (world, bad)
         assert torch.equal(got["values"][:, 0], got["values"][:, 1]), (world, bad)  # an exact tie
+
+
+@pytest.mark.parametrize("share", [0.25, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lazy_positions_equal_the_eager_state(monkeypatch, seed, share):
+    """The CPU's lazy positions (maxima by ``amax``, positions only for the maps that can enter)
+    give the state of ``max`` with indices over every map: top-k and bottom-k, ties within and
+    across images, NaN and +inf maps, a re-rank's eligibility mask, a channels-last batch; and
+    the brute-force oracle's winners. ``share`` 1.0 takes the lazy form for every batch after the
+    first, 0.25 also falls back to the eager one where most pairs compete."""
+    from deconvis.mining import topk as topk_mod
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    a = torch.randint(-3, 5, (n, 6, 3, 5), generator=g).to(torch.float32)
+    a[5, 1, 0, 2] = float("nan")
+    a[17, 2, 1, 1] = float("inf")
+    a[23, 3] = float("-inf")
+    ids = torch.randperm(n, generator=g) + 100
+    eligible = torch.rand(n, 6, generator=g) > 0.3
+    sizes = [7, 1, 9, 3, 12, 8]  # ragged batches
+    monkeypatch.setattr(topk_mod, "LAZY_MAX_SHARE", share)
+
+    def stream(lazy: bool) -> TopK:
+        monkeypatch.setattr(topk_mod, "LAZY_POSITIONS", lazy)
+        t = TopK(["l", "m"], 4, bottom_k=3, bottom_of={"l": "pre"})
+        start = 0
+        for i, b in enumerate(sizes):
+            sl = slice(start, start + b)
+            part = a[sl].contiguous(memory_format=torch.channels_last) if i == 2 else a[sl]
+            acts = {"l": part.relu(), "m": part, "pre": part}
+            t.update(acts, ids[sl])
+            t.update_layer("m", part, ids[sl], eligible[sl])  # a re-rank's pool: only eligible pairs compete
+            start += b
+        return t
+
+    lazy, eager = stream(True), stream(False)
+    for t_a, t_b, layers in ((lazy, eager, ["l", "m"]), (lazy.bottom, eager.bottom, ["pre"])):
+        for layer in layers:
+            for f in ("values", "images", "ys", "xs"):
+                assert torch.equal(t_a.state[layer][f], t_b.state[layer][f]), (layer, f)
+            assert torch.equal(t_a.nonfinite[layer], t_b.nonfinite[layer])
+            assert torch.equal(t_a.nonfinite_first[layer], t_b.nonfinite_first[layer])
+    monkeypatch.setattr(topk_mod, "LAZY_POSITIONS", True)
+    assert as_rows(run_stream({"l": a.relu()}, 4, 6, ids=ids), "l") == \
+        oracle({"l": a.relu().numpy()}, ids.tolist(), 4)["l"]
+
+
+def test_positions_where_finds_first_extremum_only_where_asked():
+    from deconvis.mining.topk import channel_values, positions_where
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 3, (5, 4, 3, 6), generator=g).to(torch.float64)
+    need = torch.rand(5, 4, generator=g) > 0.5
+    for negate in (False, True):
+        vals, ys, xs = channel_maxima(a, negate)
+        assert torch.equal(channel_values(a, negate), vals)
+        py, px = positions_where(a, need, negate)
+        assert torch.equal(py[need], ys[need]) and torch.equal(px[need], xs[need])
+        assert not py[~need].any() and not px[~need].any()

@@ -72,6 +72,17 @@ def _select(values: Tensor, images: Tensor, ys: Tensor, xs: Tensor, k: int) -> T
     return tuple(t.gather(1, order) for t in (values, images, ys, xs))
 
 
+def _as_maps(act: Tensor) -> Tensor:
+    """``act`` as maps [N, C, h, w] (``[N, C]`` read as ``h = w = 1``); a clear error otherwise."""
+    if act.dim() == 2:
+        act = act[:, :, None, None]
+    if act.dim() != 4:
+        raise DeconvisError(f"mining needs activations [N, C, h, w] or [N, C], got shape {tuple(act.shape)}")
+    if act.shape[2] * act.shape[3] == 0:
+        raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
+    return act
+
+
 def channel_maxima(act: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Per image and channel, the maximum over positions and where it is (``negate``: the
     maximum of ``-act``, i.e. minus the minimum, at the first minimum, without negating the map).
@@ -80,19 +91,49 @@ def channel_maxima(act: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor, T
     (NaN where the map holds a NaN, ``+inf`` where it holds one: the reduction propagates them),
     ``ys [N, C]``, ``xs [N, C]`` (int64, first maximum in row-major order).
     """
-    if act.dim() == 2:
-        act = act[:, :, None, None]
-    if act.dim() != 4:
-        raise DeconvisError(f"mining needs activations [N, C, h, w] or [N, C], got shape {tuple(act.shape)}")
+    act = _as_maps(act)
     n, c, h, w = act.shape
-    if h * w == 0:
-        raise DeconvisError(f"activation map of shape {tuple(act.shape)} is empty")
     flat = act.reshape(n, c, h * w)
     vals, idx = flat.min(dim=2) if negate else flat.max(dim=2)  # ties: index of the first extremal value
     vals = vals.to(_value_dtype(act.device))
     if negate:
         vals = -vals
     return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
+
+
+#: on the CPU, find the position of a channel's maximum only where its value can enter the top-k
+#: (at least the current k-th value): the maxima come from one ``amax`` pass (about 9x faster than
+#: ``max`` with its indices), the positions from ``max`` over the few maps that compete. After the
+#: first batches few images beat the k-th best, so most positions are never looked for.
+LAZY_POSITIONS = True
+
+#: the lazy form falls back to one ``max`` with indices over every map when more than this share
+#: of the (image, channel) pairs compete (the first batches): gathering them would cost more
+LAZY_MAX_SHARE = 0.25
+
+
+def channel_values(act: Tensor, negate: bool = False) -> Tensor:
+    """The values of :func:`channel_maxima` [N, C] (float64; float32 on MPS) alone, without
+    their positions (NaN and ``+inf`` propagate the same way)."""
+    act = _as_maps(act)
+    vals = (act.amin(dim=(2, 3)) if negate else act.amax(dim=(2, 3))).to(_value_dtype(act.device))
+    return -vals if negate else vals
+
+
+def positions_where(act: Tensor, need: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor]:
+    """``ys, xs`` [N, C] (int64) of :func:`channel_maxima` where ``need`` (bool [N, C]) is set, 0
+    elsewhere: the first maximum (``negate``: minimum) in row-major order of each needed map."""
+    act = _as_maps(act)
+    n, c, h, w = act.shape
+    ys = torch.zeros((n, c), dtype=torch.int64, device=act.device)
+    xs = torch.zeros((n, c), dtype=torch.int64, device=act.device)
+    where = need.nonzero()  # [P, 2]
+    if len(where):
+        maps = act[where[:, 0], where[:, 1]].reshape(len(where), h * w)  # [P, h*w]
+        idx = (maps.min(dim=1) if negate else maps.max(dim=1)).indices  # ties: the first extremal value
+        ys[where[:, 0], where[:, 1]] = torch.div(idx, w, rounding_mode="floor")
+        xs[where[:, 0], where[:, 1]] = idx % w
+    return ys, xs
 
 
 class TopK:
@@ -181,9 +222,19 @@ class TopK:
             raise ValueError(f"{act.shape[0]} activations for {image_ids.shape[0]} image ids")
         if act.device != self.device:
             act = act.to(self.device)
-        vals, ys, xs = channel_maxima(act, negate)
-        ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
         st = self.state.get(layer)
+        if LAZY_POSITIONS and act.device.type == "cpu" and st is not None and act.shape[1] == st["values"].shape[0]:
+            vals = channel_values(act, negate)
+            need = vals >= st["values"][:, -1]  # [N, C]: may enter (ties too); NaN never does
+            if eligible is not None:
+                need &= eligible.to(device=self.device, dtype=torch.bool)
+            if need.sum() > LAZY_MAX_SHARE * need.numel():
+                vals, ys, xs = channel_maxima(act, negate)
+            else:
+                ys, xs = positions_where(act, need, negate)
+        else:
+            vals, ys, xs = channel_maxima(act, negate)
+        ids = image_ids.to(device=self.device, dtype=torch.int64, non_blocking=True)
         if st is None:
             st = self._empty(vals.shape[1], vals.dtype)
             self.nonfinite[layer] = torch.zeros(vals.shape[1], dtype=torch.int64, device=self.device)
