@@ -207,3 +207,6 @@ def test_to_uint8_scale_is_the_largest_magnitude_of_either_sign(dtype):
     got = to_uint8(rec.to(dtype)).astype(np.int64)
     assert np.abs(got - ref).max() <= (0 if dtype == torch.float64 else 1)
     assert got[1].min() == 1 and got[2].max() == 255
+    # a channels-last batch (the mirror's float32 windows on the CPU): the same tiles, bit for bit
+    cl = rec.to(dtype).contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(to_uint8(cl), to_uint8(rec.to(dtype)))

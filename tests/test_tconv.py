@@ -176,3 +176,59 @@ def test_one_position_signal_is_one_matrix_product(dtype, tol, monkeypatch):
         conv_transpose(g, w, (1, 1), **kw_args)
     conv_transpose(torch.randn(2, 6, 2, 1, generator=gen, dtype=dtype), weight, (1, 1))
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shuffle_crop_cl_equals_pixel_shuffle_cut_of_the_reordered_phases(dtype):
+    """_shuffle_crop_cl takes phases ordered (r_y, r_x, c), lying channels-last, and writes
+    exactly pixel_shuffle's crop of the same phases in pixel_shuffle's (c, r_y, r_x) order, in the
+    channels-last memory format."""
+    rng = random.Random(6)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(60):
+        s, C = rng.randint(2, 4), rng.randint(1, 3)
+        h, w, M = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 3)
+        y = torch.randn(M, C * s * s, h, w, generator=gen).to(dtype)  # (c, r_y, r_x) order
+        y_cl = y.view(M, C, s, s, h, w).permute(0, 2, 3, 1, 4, 5).reshape(M, s * s * C, h, w)
+        y_cl = y_cl.contiguous(memory_format=torch.channels_last)
+        top, left = rng.randint(0, h * s - 1), rng.randint(0, w * s - 1)
+        H, W = rng.randint(1, h * s - top), rng.randint(1, w * s - left)
+        got = tconv._shuffle_crop_cl(y_cl, s, top, left, H, W)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, F.pixel_shuffle(y, s)[:, :, top:top + H, left:left + W]), (s, h, w, top, left, H, W)
+
+
+def test_subpixel_channels_last_output_equals_conv_transpose2d(monkeypatch):
+    """float32 on the CPU, one group: the phases reordered for a channels-last output
+    (CHANNELS_LAST_OUT) give conv_transpose2d's numbers (float64 reference) and the same float32
+    bits as the contiguous-output path; grouped convs keep the contiguous layout. (Without output
+    padding the crop always lies inside the phase grid, so the channels-last output is taken.)"""
+    outs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(tconv, "CHANNELS_LAST_OUT", flag)
+        r = random.Random(7)
+        outs[flag] = []
+        cases = [_case(r) for _ in range(40)]
+        gen = torch.Generator().manual_seed(8)
+        for _ in range(20):  # one group, no output padding, several image channels: the reordered path
+            s, kh, kw_ = r.randint(2, 4), r.randint(1, 11), r.randint(1, 11)
+            g = torch.randn(2, r.randint(1, 9), r.randint(1, 9), r.randint(1, 9), dtype=torch.float64, generator=gen)
+            weight = torch.randn(g.shape[1], r.randint(2, 3), kh, kw_, dtype=torch.float64, generator=gen)
+            args = dict(stride=(s, s), padding=(r.randint(0, 3), r.randint(0, 3)), output_padding=(0, 0),
+                        dilation=(r.randint(1, 2), r.randint(1, 2)), groups=1)
+            try:
+                cases.append((g, weight, args, F.conv_transpose2d(g, weight, **args)))
+            except RuntimeError:  # an empty output
+                continue
+        for g, weight, kw, ref in cases:
+            got = subpixel_conv_transpose(g.float(), weight.float(), **kw)
+            assert got.shape == ref.shape, kw
+            assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4), kw
+            laid_cl = got.stride(1) == 1 and got.shape[1] > 1  # channels innermost in memory
+            if flag and kw["groups"] == 1 and kw["output_padding"] == (0, 0) and got.shape[1] > 1:
+                assert laid_cl, kw
+            if kw["groups"] > 1 or not flag:
+                assert not laid_cl, kw
+            outs[flag].append(got)
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.equal(a, b)

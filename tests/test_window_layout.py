@@ -77,3 +77,24 @@ def test_float32_windows_come_back_contiguous(batch_size, monkeypatch):
     dn64.forward(x.double())
     ref, _ = dn64.project_window("4", units)
     assert torch.allclose(rec.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("stem", ["3x3 stride 1", "11x11 stride 4"])
+def test_preserve_format_keeps_the_mirrors_channels_last_windows(stem):
+    """``memory_format=torch.preserve_format`` hands back the float32 windows in the layout the
+    mirror made them (channels-last on the CPU: the stride-1 stem's conv_transpose2d and the
+    stride-4 stem's sub-pixel form alike), dense, with the same values as the default contiguous
+    result, one chunk or several."""
+    torch.manual_seed(9)
+    first = nn.Conv2d(3, 8, 3, padding=1) if stem.startswith("3x3") else nn.Conv2d(3, 8, 11, 4, 2)
+    model = nn.Sequential(first, nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 67, 67)
+    dn = DeconvNet(model)
+    dn.forward(x)
+    units = dn.strongest("4", 2)
+    for batch_size in (None, 3):
+        ref, ref_boxes = dn.project_window("4", units, batch_size=batch_size)
+        got, boxes = dn.project_window("4", units, batch_size=batch_size, memory_format=torch.preserve_format)
+        assert ref.is_contiguous() and torch.equal(boxes, ref_boxes)
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.stride(1) == 1
+        assert torch.equal(got, ref)

@@ -73,6 +73,16 @@ def cut_boxes(rec: Tensor, boxes: Tensor) -> Tensor:
     return out
 
 
+def _dense(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``t`` contiguous in ``memory_format``; for ``torch.preserve_format``, ``t`` itself when it is
+    contiguous or channels-last contiguous, else a contiguous copy."""
+    if memory_format is torch.preserve_format:
+        if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+            return t
+        return t.contiguous()
+    return t.contiguous(memory_format=memory_format)
+
+
 class DeconvNet:
     """Zeiler-Fergus mirror of a CNN given as any torch.fx-traceable ``nn.Module``.
 
@@ -337,14 +347,17 @@ class DeconvNet:
 
     @torch.no_grad()
     def project_window(self, layer: str, units: UnitsLike, rule: Union[str, Rule] = "deconvnet",
-                       batch_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                       batch_size: Optional[int] = None, *,
+                       memory_format: torch.memory_format = torch.contiguous_format) -> Tuple[Tensor, Tensor]:
         """Fast path: each unit's reconstruction on its receptive-field box only.
 
         Returns (rec [M, C_in, rh, rw], boxes LongTensor [M, 4] = (y0, y1, x0, x1), half-open,
         unclipped, input pixels: the box of :meth:`RFTable.box`). ``rec`` is zero where the box
         runs past the image; pasted onto a zero image it equals :meth:`project` to round-off.
         Layers that see the whole image (through Linear, global pooling or a squeeze-excitation
-        gate) take the full path: their box is the image.
+        gate) take the full path: their box is the image. ``rec`` is contiguous in
+        ``memory_format``; ``torch.preserve_format`` keeps the layout the mirror produced (float32
+        on the CPU: often channels-last), dense either way, and saves a copy.
         """
         name = self._need_forward(layer)
         rule = Rule.parse(rule)
@@ -378,10 +391,10 @@ class DeconvNet:
             return rec, plan.box(u)
 
         parts = batched(run, units, batch_size, "projection batch")
-        if len(parts) == 1:  # one chunk: no copy (a cropped view is made contiguous)
-            return parts[0][0].contiguous(), parts[0][1]
-        # (contiguous: float32 windows travel channels-last on the CPU, and cat keeps their layout)
-        return torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts])
+        if len(parts) == 1:  # one chunk: no concatenation (a cropped view is made dense)
+            return _dense(parts[0][0], memory_format), parts[0][1]
+        # (float32 windows travel channels-last on the CPU, and cat keeps their layout)
+        return _dense(torch.cat([p[0] for p in parts]), memory_format), torch.cat([p[1] for p in parts])
 
     def strongest(self, layer: str, k: int = 1) -> Tensor:
         """The ``k`` strongest units per channel of ``layer`` over the last forward batch (all images

@@ -190,7 +190,8 @@ def project_jobs(
             for c0 in range(0, len(items), project_batch):
                 chunk = items[c0:c0 + project_batch]
                 units = torch.tensor([[b, j.channel, j.y, j.x] for b, j in chunk], dtype=torch.long)  # host
-                rec, boxes = dn.project_window(layer, units, rule=rule)
+                # (any dense layout: the tiles' stretch reads it as it is, channels-last is faster)
+                rec, boxes = dn.project_window(layer, units, rule=rule, memory_format=torch.preserve_format)
                 rec, boxes = _local_crop(dn, layer, rec, boxes, units, tuple(x.shape[-2:]), noted)  # SE-gated
                 if handoff is None:  # a device: the tiles' stretch runs there, 1 byte per pixel copied
                     rec = to_uint8_tensor(rec).cpu()                 # sync 1: uint8 tiles

@@ -71,7 +71,7 @@ def unit_erf_maps(dn: Any, layer: str, units: torch.Tensor, acts: torch.Tensor, 
     input's [H, W]): per unit
     float64 [H, W] = ``sum_c |d a / d x_c|`` on the whole input, None for a unit whose activation
     is 0 (it seeds nothing). Also the units' unclipped RF boxes, LongTensor [M, 4]."""
-    rec, boxes = dn.project_window(layer, units, rule="gradient")
+    rec, boxes = dn.project_window(layer, units, rule="gradient", memory_format=torch.preserve_format)
     u = units.to(acts.device)
     a = acts[u[:, 0], u[:, 1], u[:, 2], u[:, 3]].detach().to("cpu", torch.float64)
     mag = rec.detach().to("cpu", torch.float64).abs().sum(1)  # [M, rh, rw]
