@@ -242,3 +242,28 @@ def test_page_errors_are_collected(page, tmp_path):
     page.wait_for_load_state("load")
     text = "\n".join(page.errors.lines)
     assert "missing.png" in text and "console: boom" in text and "exception:" in text
+
+
+def test_page_environment_looks_up_fields_as_jinja_does():
+    """The pages' environment reads ``d.name`` of a plain dict as the item directly: the same text
+    as Jinja's own environment for items, a key that shadows a dict method (``d.items`` stays the
+    method), attributes of objects and dict subclasses, nested fields; a missing field still fails."""
+    import types
+
+    import jinja2
+
+    from deconvis.render.pages import environment
+
+    class Sub(dict):
+        label = "attr"
+
+    src = ("{{ d.a }} {{ d.b.c }} {% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %} "
+           "{{ d.keys is callable }} {{ o.x }} {{ s.label }} {{ s.n }} {{ d.__class__.__name__ }}")
+    ctx = dict(d={"a": 1, "b": {"c": "<x>"}, "items": "shadow", "keys": 5},
+               o=types.SimpleNamespace(x=2.5), s=Sub(n=3, label="item"))
+    plain = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    ours = environment()
+    assert ours.from_string(src).render(**ctx) == plain.from_string(src).render(**ctx)
+    assert ours.from_string("{{ d.items is callable }}").render(d={"items": 1}) == "True"  # the method
+    with pytest.raises(jinja2.UndefinedError):
+        ours.from_string("{{ d.missing }}").render(d={"a": 1})

@@ -31,12 +31,31 @@ def cell(value: Any) -> Markup:
     return Markup("<td>%s</td>") % escape(str(value))
 
 
+#: names a plain dict has as attributes (``d.items`` is the method, as Jinja resolves it)
+_DICT_ATTRS = frozenset(dir(dict))
+
+
+class _Environment(jinja2.Environment):
+    """Jinja's environment with ``d.name`` looked up as ``d[name]`` first for a plain ``dict``
+    whose type has no attribute ``name``: the same value Jinja finds (it tries the attribute, which
+    such a dict cannot have, then the item), without raising and catching an AttributeError on
+    every field of every page (a quarter of the unit pages' time)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRS:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     """The shared environment: templates from the package, autoescape on, undefined names fail."""
-    env = jinja2.Environment(loader=jinja2.PackageLoader("deconvis.render", "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = _Environment(loader=jinja2.PackageLoader("deconvis.render", "templates"),
+                       autoescape=True, undefined=jinja2.StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(script_json=script_json, cell=cell)
     return env
 
