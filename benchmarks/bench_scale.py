@@ -263,7 +263,8 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
     per phase, seconds of arithmetic per phase (:data:`ARITHMETIC_OPS`, and in the project phase
     :data:`PROJECTION_ARITHMETIC_OPS`; outermost op only, on the tensors the run itself computes),
     whole wall seconds, the seconds of :data:`PROJECTION_ARITHMETIC_OPS` among them). The
-    profiler's own overhead (a few us per op) is inside the wall times."""
+    profiler's own overhead (a few us per op) is inside the wall times; its start and its stop
+    (collecting the events) are not."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     wrapped = {"prepare": "_setup", "mine": "_mine", "project": "_project", "unit_extras": "extras_phase",
@@ -279,10 +280,12 @@ def profiled_run(cfg) -> Tuple[object, Dict[str, float], Dict[str, float], float
     try:
         for phase, name in wrapped.items():
             setattr(pipeline, name, wrap(phase, saved[name]))
-        t0 = time.perf_counter()
+        t_on = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()  # the run's wall: not the profiler's start-up or its teardown
             out = pipeline.run(cfg)
-        wall = time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+        print(f"(the profiler's start and stop around the run: {time.perf_counter() - t_on - wall:.1f} s, not counted)")
     finally:
         for name, fn in saved.items():
             setattr(pipeline, name, fn)

@@ -312,3 +312,35 @@ def test_thumbnails_come_from_the_projections_decode(tmp_path, monkeypatch):
     want = cv2.resize(shown, (unit_pages.THUMB_PX, unit_pages.THUMB_PX), interpolation=cv2.INTER_AREA)
     got = cv2.imread(os.path.join(folder, f"{i}.jpg"), cv2.IMREAD_COLOR)[:, :, ::-1]
     assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).mean() < 3  # blocky 5x: JPEG ~2
+
+
+def test_a_failing_thumbnail_write_fails_the_run(tmp_path, monkeypatch):
+    """The thumbnails are written on a thread of their own: an error there reaches the caller
+    (the projection ends with it), even on the last thumbnail (no later write to report it), and
+    no thumbnail is half-written."""
+    real = unit_pages.write_thumb
+    calls = []
+
+    def counting(run_dir, image, shown):
+        calls.append(image)
+        real(run_dir, image, shown)
+
+    monkeypatch.setattr(unit_pages, "write_thumb", counting)
+    pipeline.run(fx.tiny_config(tmp_path, run="clean"))
+    last = len(calls)
+    calls.clear()
+
+    def flaky(run_dir, image, shown):
+        calls.append(image)
+        if len(calls) == last:
+            raise OSError("disk full (planted)")
+        real(run_dir, image, shown)
+
+    monkeypatch.setattr(unit_pages, "write_thumb", flaky)
+    cfg = fx.tiny_config(tmp_path, run="flaky")
+    with pytest.raises(OSError, match="planted"):
+        pipeline.run(cfg)
+    assert len(calls) == last
+    folder = os.path.join(cfg.out, cfg.run, unit_pages.THUMBS_DIR)
+    names = os.listdir(folder)
+    assert names and all(re.fullmatch(r"\d+\.jpg", f) for f in names)  # no temporary file left
