@@ -305,7 +305,10 @@ def test_resume_after_interrupted_projection(tmp_path, monkeypatch, cut, progres
     done = json.load(open(os.path.join(run_dir, progress)))["channels"]
     assert done and all(os.path.isfile(os.path.join(run_dir, e[2])) for e in done)
     if progress != "projection.rank0.json":  # every top channel was done before the bottom-k started
-        done += json.load(open(os.path.join(run_dir, "projection.rank0.json")))["channels"]
+        top = json.load(open(os.path.join(run_dir, "projection.rank0.json")))["channels"]
+        # (the top-k's last sprites are written while the bottom-k projects: saved after its error too)
+        assert len(top) == sum(len(lr.units) for lr in ref.results.layers)
+        done += top
     monkeypatch.setattr(render, "crop_padded", real)
     monkeypatch.setattr(mining, "mine", lambda *a, **k: pytest.fail("re-mined"))
     out = pipeline.run(cfg)

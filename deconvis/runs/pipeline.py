@@ -45,11 +45,12 @@ what the ranks exchange is :mod:`deconvis.runs.ranks`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from deconvis.errors import DeconvisError
 from deconvis.io.atomic import ensure_writable_dir
@@ -202,12 +203,22 @@ def _project(ctx: Context, res: Results, poll) -> int:
     replay_b = projection_mod.new_replay(low, precision.bottom_replay_rtol(ctx)) if low is not None else None
     if jobs and info.enabled:
         ranks.main_log(info, "projecting %d units (rule %s) on %d processes", len(jobs), ctx.cfg.rule, info.world)
-    with dist_mod.phase(info, "projection"):
-        n = project_phase(ctx, res, mine, poll=poll, replay=replay) if mine else 0
-    if jobs_b:
-        ranks.main_log(info, "projecting the bottom-k: %d units", len(jobs_b))
-    with dist_mod.phase(info, "bottom-k projection"):
-        n_b = bottom.project(ctx, low, mine_b, poll=poll, replay=replay_b)
+    # one process: the top-k's last sprites and sheets are written while the bottom-k projects
+    finish: Optional[List[Callable[[], None]]] = [] if not info.enabled and mine_b else None
+    try:
+        with dist_mod.phase(info, "projection"):
+            n = project_phase(ctx, res, mine, poll=poll, replay=replay, defer=finish) if mine else 0
+        if jobs_b:
+            ranks.main_log(info, "projecting the bottom-k: %d units", len(jobs_b))
+        with dist_mod.phase(info, "bottom-k projection"):
+            n_b = bottom.project(ctx, low, mine_b, poll=poll, replay=replay_b)
+    except BaseException:
+        for f in finish or []:  # the top-k's progress is saved; the error to report is the one above
+            with contextlib.suppress(Exception):
+                f()
+        raise
+    for f in finish or []:
+        f()
     if replay_b is not None:
         replay.merge(replay_b)
     projection_mod.add_replay(res.stats, dist_mod.all_gather_objects(replay, info, "the replay check"), replay.rtol)

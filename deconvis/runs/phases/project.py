@@ -374,12 +374,16 @@ def _write_sprite(run_dir: str, entry: Entry, tiles: Dict[int, sprites.Tile], k:
 
 def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob]] = None,
                   poll: Optional[Callable[[], None]] = None, replay: Optional[Any] = None,
-                  prefix: str = "projection") -> int:
+                  prefix: str = "projection", defer: Optional[List[Callable[[], None]]] = None) -> int:
     """Project ``jobs`` (default: every winner not yet projected, see :func:`plan_projection`;
     whole channels), writing one sprite per channel and filling the boxes in ``res``; returns how
     many winners were projected. ``replay`` (a :class:`deconvis.render.projection.Replay`) receives
     the replay check. ``prefix``: this rank's progress file (``projection-bottom`` for the
-    bottom-k, :mod:`deconvis.runs.phases.bottom`)."""
+    bottom-k, :mod:`deconvis.runs.phases.bottom`). ``defer`` (a list): once every unit is
+    projected, the writing of the last sprites and sheets goes on on the writer thread and the
+    call that waits for it (and then saves the progress and records the sheets) is appended to
+    ``defer`` for the caller to make, instead of being waited for here (without ``defer``, or after
+    an error, it is made here)."""
     cfg, info = ctx.cfg, ctx.info
     if jobs is None:
         jobs = plan_projection(ctx, res)
@@ -443,24 +447,34 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
         if not os.path.isfile(os.path.join(ctx.run_dir, unit_pages.thumb_path(image))):
             thumbs.submit(unit_pages.write_thumb, ctx.run_dir, image, shown)
 
-    ok = False
-    try:
-        n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
-                                    batch_size=cfg.batch_size, project_batch=project_chunk(ctx), device=ctx.device,
-                                    dtype=ctx.dtype, sink=sink, progress=cfg.progress and info.is_main,
-                                    workers=precision.workers(cfg, info), replay=replay, on_image=thumb)
-        ok = True
-    finally:
+    def finish(ok: bool) -> None:
+        """Wait for the sprite writer, record the sheets (``ok``: every unit projected), save the progress."""
         try:
-            try:
-                writer.close()
-            finally:
-                thumbs.close()
+            writer.close()
             if ok and pages is not None:
                 pages.finish()
         finally:
             progress.save(force=True)  # what was written, even when the projection failed
             staging.close()
+
+    ok = False
+    try:
+        try:
+            n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
+                                        batch_size=cfg.batch_size, project_batch=project_chunk(ctx),
+                                        device=ctx.device, dtype=ctx.dtype, sink=sink,
+                                        progress=cfg.progress and info.is_main,
+                                        workers=precision.workers(cfg, info), replay=replay, on_image=thumb)
+        except BaseException:
+            thumbs.abandon()  # the projection's error is the one to report
+            raise
+        thumbs.close()  # (a later pass finds every thumbnail of this one on disk)
+        ok = True
+    finally:
+        if not (ok and defer is not None):
+            finish(ok)
+    if defer is not None:
+        defer.append(lambda: finish(True))
     return n
 
 
