@@ -459,16 +459,14 @@ def project_phase(ctx: Context, res: Results, jobs: Optional[List[render.TileJob
 
     ok = False
     try:
-        try:
+        # thumbnails all written at the end (a later pass finds them on disk), or after the
+        # projection's error dropped (its error is the one to report): BackgroundWriter's exit
+        with thumbs:
             n = projection.project_jobs(ctx.dn, ImageDataset(ctx.source, ctx.preprocess), jobs, rule=cfg.rule,
                                         batch_size=cfg.batch_size, project_batch=project_chunk(ctx),
                                         device=ctx.device, dtype=ctx.dtype, sink=sink,
                                         progress=cfg.progress and info.is_main,
                                         workers=precision.workers(cfg, info), replay=replay, on_image=thumb)
-        except BaseException:
-            thumbs.abandon()  # the projection's error is the one to report
-            raise
-        thumbs.close()  # (a later pass finds every thumbnail of this one on disk)
         ok = True
     finally:
         if not (ok and defer is not None):
