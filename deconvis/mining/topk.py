@@ -83,6 +83,11 @@ def _as_maps(act: Tensor) -> Tensor:
     return act
 
 
+def _row_col(idx: Tensor, w: int) -> Tuple[Tensor, Tensor]:
+    """Row and column (int64) of flat row-major positions ``idx`` in maps ``w`` wide."""
+    return torch.div(idx, w, rounding_mode="floor"), idx % w
+
+
 def channel_maxima(act: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Per image and channel, the maximum over positions and where it is (``negate``: the
     maximum of ``-act``, i.e. minus the minimum, at the first minimum, without negating the map).
@@ -98,7 +103,7 @@ def channel_maxima(act: Tensor, negate: bool = False) -> Tuple[Tensor, Tensor, T
     vals = vals.to(_value_dtype(act.device))
     if negate:
         vals = -vals
-    return vals, torch.div(idx, w, rounding_mode="floor"), idx % w
+    return (vals,) + _row_col(idx, w)
 
 
 #: on the CPU, find the position of a channel's maximum only where its value can enter the top-k
@@ -131,8 +136,9 @@ def positions_where(act: Tensor, need: Tensor, negate: bool = False) -> Tuple[Te
     if len(where):
         maps = act[where[:, 0], where[:, 1]].reshape(len(where), h * w)  # [P, h*w]
         idx = (maps.min(dim=1) if negate else maps.max(dim=1)).indices  # ties: the first extremal value
-        ys[where[:, 0], where[:, 1]] = torch.div(idx, w, rounding_mode="floor")
-        xs[where[:, 0], where[:, 1]] = idx % w
+        rows, cols = _row_col(idx, w)
+        ys[where[:, 0], where[:, 1]] = rows
+        xs[where[:, 0], where[:, 1]] = cols
     return ys, xs
 
 
